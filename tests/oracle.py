@@ -1,0 +1,146 @@
+"""Build tiny models and adapters with transformers/PEFT, and the reference (oracle) results.
+
+Every adapter parameter is given non-zero random values (PEFT initialises B to zero, which would
+make any merge look right), the adapter is saved, and the oracle is PEFT itself: the base loaded
+from disk, the adapter loaded with ``PeftModel.from_pretrained``, ``merge_and_unload()``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wsurgery.checkpoint import open_checkpoint
+
+
+def tiny_llama(dtype=torch.float32, tie=False, vocab=96, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def tiny_gpt2(dtype=torch.float32, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=80, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    return GPT2LMHeadModel(cfg).to(dtype)
+
+
+def tiny_bert(dtype=torch.float32, seed=0, head=False):
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=70, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=40, max_position_embeddings=40, num_labels=3)
+    return (BertForSequenceClassification(cfg) if head else BertModel(cfg)).to(dtype)
+
+
+class ConvNet(nn.Module):
+    """A small conv net: Conv1d, Conv2d (3x3 and 1x1), Conv3d, Linear and Embedding layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 12)
+        self.c1 = nn.Conv1d(3, 8, 3)
+        self.c2 = nn.Conv2d(4, 10, 3, padding=1)
+        self.pw = nn.Conv2d(10, 6, 1)
+        self.c3 = nn.Conv3d(2, 5, (2, 3, 3))
+        self.fc = nn.Linear(12, 7)
+
+
+def conv_net(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return ConvNet().to(dtype)
+
+
+def save_base(model: nn.Module, folder: Path, max_shard_size: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.save_pretrained(folder, **kwargs)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors",
+                  metadata={"format": "pt"})
+    return folder
+
+
+def randomize_adapter(peft_model, seed: int = 1, std: float = 0.2) -> None:
+    """Give every trainable adapter parameter a non-zero random value (magnitudes stay positive)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if not p.requires_grad:
+                continue
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * std
+            if "magnitude" in name:
+                p.copy_((p.float() * (1 + noise.abs())).to(p.dtype))
+            elif "lora_E" in name:
+                p.copy_((noise + 0.5).to(p.dtype))
+            else:
+                p.copy_((p.float() + noise).to(p.dtype))
+
+
+def make_adapter(base_model: nn.Module, config, folder: Path, seed: int = 1, adapter_dtype=None) -> Path:
+    from peft import get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base_model), config)
+    if adapter_dtype is not None:
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.to(adapter_dtype)
+    randomize_adapter(model, seed)
+    model.save_pretrained(folder)
+    return folder
+
+
+def oracle_merge(fresh_base: nn.Module, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """PEFT's merge of the saved adapter into ``fresh_base`` (a model with the saved base weights)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(fresh_base, adapter_dir)
+    merged = model.merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def load_all(folder: Path) -> dict[str, torch.Tensor]:
+    ckpt = open_checkpoint(folder)
+    return {n: ckpt.read(n) for n in ckpt.tensors}
+
+
+def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance between two bf16 tensors in units in the last place."""
+    def ordered(x):
+        i = x.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(i < 0, -(i & 0x7FFF), i)
+    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0
+
+
+def assert_close_to(ours: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], *, rel: float = 1e-5,
+                    ulps: int = 1) -> None:
+    """fp32: max abs error <= rel * max|expected|; bf16/fp16: at most ``ulps`` units in the last place."""
+    missing = set(ours) - set(expected)
+    assert not missing, f"tensors we wrote that PEFT's model does not have: {sorted(missing)}"
+    for name, got in ours.items():
+        want = expected[name]
+        assert got.shape == want.shape, f"{name}: shape {list(got.shape)} != {list(want.shape)}"
+        assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+        if got.dtype in (torch.bfloat16, torch.float16):
+            d = bf16_ulps(got, want) if got.dtype == torch.bfloat16 else int(
+                (got.view(torch.int16).int() - want.view(torch.int16).int()).abs().max())
+            assert d <= ulps, f"{name}: {d} ulps from PEFT (allowed {ulps})"
+        elif got.is_floating_point():
+            err = (got.double() - want.double()).abs().max().item()
+            bound = rel * max(want.double().abs().max().item(), 1e-30)
+            assert err <= bound, f"{name}: max abs error {err:.3g} > {bound:.3g}"
+        else:
+            assert torch.equal(got, want), f"{name}: differs"

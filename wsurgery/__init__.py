@@ -1,0 +1,16 @@
+"""wsurgery: surgery on model weight files, straight on the checkpoint tensors.
+
+    >>> import wsurgery
+    >>> wsurgery.merge("base-model/", "my-lora/", "merged/")
+    >>> wsurgery.inspect("my-lora/")
+"""
+
+from .api import merge, unmerge
+from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
+from .describe import inspect
+from .merge import Result
+
+__version__ = "0.1.0"
+
+__all__ = ["InputError", "NotInvertibleError", "Result", "UnsupportedError", "WsurgeryError", "inspect",
+           "merge", "unmerge", "__version__"]

@@ -1,0 +1,114 @@
+"""Load a PEFT adapter folder and group its tensors by the module they change.
+
+Key rules (PEFT strips the adapter name before saving): per-module tensors are
+``base_model.model.<module>.<param>`` where ``<param>`` starts with a name the method owns
+(``lora_A.weight``); tensors held by the whole model are ``base_model.<name>``; anything else is a
+full tensor that replaces a base tensor (``modules_to_save``, saved biases, or a ``.base_layer.``
+copy of a targeted embedding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.reader import _load_bin
+from ..checkpoint.safetensors_file import read_header, read_tensor
+from ..errors import InputError
+from ..methods import Method, ModuleParams, Patch, ReplacePatch, get_method
+from .config import AdapterConfig, load_config
+
+MODEL_PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."
+
+
+@dataclass
+class Replacement:
+    tensor: torch.Tensor
+    key: str
+    is_base_copy: bool  # a ``.base_layer.`` copy of the base tensor itself, saved alongside the adapter
+
+
+@dataclass
+class Adapter:
+    """A PEFT adapter, read and grouped; tensors are small enough to hold in memory."""
+
+    folder: Path
+    file: Path
+    config: AdapterConfig
+    method: Method
+    modules: dict[str, ModuleParams] = field(default_factory=dict)
+    replacements: dict[str, Replacement] = field(default_factory=dict)  # adapter-side full tensor name
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    num_tensors: int = 0
+    num_parameters: int = 0
+    dtypes: set[torch.dtype] = field(default_factory=set)
+
+    def patches(self) -> list[Patch]:
+        """One patch per changed module or replaced tensor, replacements first."""
+        out: list[Patch] = []
+        for name, rep in self.replacements.items():
+            module, _, role = name.rpartition(".")
+            out.append(ReplacePatch(module, role, rep.tensor, rep.key, rep.is_base_copy))
+        for params in self.modules.values():
+            out.append(self.method.patch(params))
+        return out
+
+
+def _read_adapter_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    st = folder / "adapter_model.safetensors"
+    if st.is_file():
+        infos, _ = read_header(st)
+        return st, {name: read_tensor(info) for name, info in infos.items()}
+    pt = folder / "adapter_model.bin"
+    if pt.is_file():
+        return pt, {k: v.clone() for k, v in _load_bin(pt).items()}
+    raise InputError(f"{folder}: no adapter_model.safetensors or adapter_model.bin next to adapter_config.json")
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read ``adapter_config.json`` and the adapter weights, and group them by module."""
+    folder = Path(path)
+    if folder.is_file() and folder.name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{path}: no such adapter folder")
+    config = load_config(folder)
+    method = get_method(config)
+    method.check_config(config)
+    file, tensors = _read_adapter_tensors(folder)
+    if not tensors:
+        raise InputError(f"{file}: holds no tensors")
+    adapter = Adapter(folder, file, config, method)
+    for key, tensor in tensors.items():
+        adapter.num_tensors += 1
+        adapter.num_parameters += tensor.numel()
+        adapter.dtypes.add(tensor.dtype)
+        if key.startswith(MODEL_PREFIX):
+            rest = key[len(MODEL_PREFIX):]
+        elif key.startswith(SHARED_PREFIX):
+            adapter.shared[key[len(SHARED_PREFIX):]] = tensor
+            continue
+        else:
+            rest = key  # very old PEFT and some tools save without the prefix
+        parts = rest.split(".")
+        cut = next((i for i, p in enumerate(parts) if p in method.param_names), None)
+        if cut is not None and cut > 0:
+            module, param = ".".join(parts[:cut]), ".".join(parts[cut:])
+            params = adapter.modules.setdefault(module, ModuleParams(module, {}, config))
+            params.tensors[param] = tensor
+        else:
+            is_copy = "base_layer" in parts
+            name = ".".join(p for p in parts if p != "base_layer")
+            if "." not in name:
+                raise InputError(f"{file}: tensor {key!r} names no module; cannot tell what it changes")
+            if name in adapter.replacements:
+                raise InputError(f"{file}: tensors {adapter.replacements[name].key!r} and {key!r} both replace {name}")
+            adapter.replacements[name] = Replacement(tensor, key, is_copy)
+    if adapter.shared:
+        names = ", ".join(sorted(adapter.shared)[:3])
+        raise InputError(f"{file}: holds model-wide tensors ({names}) that {config.peft_type} does not use; "
+                         "the adapter file and its config disagree")
+    return adapter

@@ -1,0 +1,55 @@
+"""The Python API behind the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .adapters import load_adapter
+from .checkpoint import open_checkpoint, parse_size
+from .checkpoint.dtypes import parse_user_dtype
+from .hub import resolve
+from .merge import Result, execute, plan
+
+
+def _prepare(dtype: str | torch.dtype | None, max_shard_size: str | int | None):
+    if isinstance(dtype, str):
+        dtype = parse_user_dtype(dtype)
+    if isinstance(max_shard_size, str):
+        max_shard_size = parse_size(max_shard_size)
+    return dtype, max_shard_size
+
+
+def merge(base: str | Path, adapter: str | Path, out: str | Path, *, scale: float = 1.0,
+          dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
+          overwrite: bool = False, progress: bool = True) -> Result:
+    """Merge a PEFT adapter into a base checkpoint and write the merged model folder ``out``.
+
+    ``base`` is a model folder, a ``.safetensors``/``.bin`` file, an index file or a Hub repo id;
+    ``adapter`` a PEFT adapter folder or repo id. ``scale`` multiplies the adapter's change
+    (W + scale·ΔW). The output keeps the base's tensor names, shapes, dtypes (unless ``dtype``) and
+    sharding (unless ``max_shard_size``), and is written atomically: on any error ``out`` is not created.
+    """
+    dtype, max_shard_size = _prepare(dtype, max_shard_size)
+    ckpt = open_checkpoint(resolve(base))
+    ad = load_adapter(resolve(adapter, kind="adapter"))
+    job = plan(ckpt, [(ad, scale)], "merge")
+    return execute(job, Path(out), dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                   progress=progress, extra_inputs=[ad.folder])
+
+
+def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, scale: float = 1.0,
+            dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
+            overwrite: bool = False, progress: bool = True) -> Result:
+    """Undo ``merge``: subtract the adapter's change from a merged checkpoint.
+
+    Exact (up to rounding) for additive methods. Refuses, before writing anything, where the
+    original weights cannot be recovered from the files (DoRA, ``modules_to_save``, saved biases).
+    """
+    dtype, max_shard_size = _prepare(dtype, max_shard_size)
+    ckpt = open_checkpoint(resolve(merged))
+    ad = load_adapter(resolve(adapter, kind="adapter"))
+    job = plan(ckpt, [(ad, scale)], "unmerge")
+    return execute(job, Path(out), dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                   progress=progress, extra_inputs=[ad.folder])

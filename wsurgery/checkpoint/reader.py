@@ -1,0 +1,188 @@
+"""Open a model checkpoint in any of the layouts ``save_pretrained`` writes, without loading it.
+
+Supported: a single ``.safetensors`` file; a folder with ``model.safetensors``; a folder with shards
+and a ``*.safetensors.index.json``; legacy ``pytorch_model.bin`` (+ ``pytorch_model.bin.index.json``),
+read with ``torch.load(weights_only=True, mmap=True)`` so that only the tensor asked for is paged in.
+Every shard header is read and validated on open, so a broken checkpoint fails before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .safetensors_file import TensorInfo, read_header, read_tensor
+
+SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+
+
+@dataclass
+class Checkpoint:
+    """The tensors of a model, listed from headers; data is read one tensor at a time."""
+
+    folder: Path  # where config.json and friends live
+    shards: list[Path]  # in order
+    tensors: dict[str, TensorInfo]  # in shard order, then file order
+    format: str  # "safetensors" or "bin"
+    index_file: Path | None = None
+    side_files: bool = True  # whether ``folder`` holds this model's config/tokenizer files
+    metadata: dict[str, str] = field(default_factory=dict)
+    _bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+
+    def shard_of(self, name: str) -> Path:
+        return self.tensors[name].file
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor; the only place tensor data enters memory."""
+        info = self.tensors[name]
+        if self.format == "safetensors":
+            return read_tensor(info)
+        return self._read_bin(info)
+
+    def _read_bin(self, info: TensorInfo) -> torch.Tensor:
+        if self._bin_cache is None or self._bin_cache[0] != info.file:
+            self._bin_cache = (info.file, _load_bin(info.file))
+        return self._bin_cache[1][info.name].clone()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def config(self) -> dict | None:
+        path = self.folder / "config.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a checkpoint file or folder and validate every shard header."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.name.endswith(SAFETENSORS_INDEX_SUFFIX) or path.name == BIN_INDEX_NAME:
+            return _open_index(path)
+        if path.suffix == ".safetensors":
+            ckpt = _open_safetensors([path], path.parent, None)
+        elif path.suffix in (".bin", ".pt", ".pth"):
+            ckpt = _open_bin([path], path.parent, None)
+        else:
+            raise InputError(f"{path}: not a checkpoint file (expected .safetensors, .bin or an index .json)")
+        # A lone file carries its folder's config only if that folder is a model folder.
+        ckpt.side_files = (path.parent / "config.json").is_file()
+        return ckpt
+
+    indexes = sorted(p for p in path.glob("*" + SAFETENSORS_INDEX_SUFFIX) if not p.name.startswith("adapter"))
+    if len(indexes) > 1:
+        raise InputError(f"{path}: several safetensors index files ({', '.join(p.name for p in indexes)}); "
+                         "pass the one to use")
+    if indexes:
+        return _open_index(indexes[0])
+    singles = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_model"))
+    if (path / "model.safetensors").is_file():
+        singles = [path / "model.safetensors"]
+    if len(singles) == 1:
+        return _open_safetensors(singles, path, None)
+    if len(singles) > 1:
+        raise InputError(f"{path}: several .safetensors files and no index ({', '.join(p.name for p in singles)}); "
+                         "pass the file to use")
+    if (path / BIN_INDEX_NAME).is_file():
+        return _open_index(path / BIN_INDEX_NAME)
+    if (path / "pytorch_model.bin").is_file():
+        return _open_bin([path / "pytorch_model.bin"], path, None)
+    if (path / "adapter_config.json").is_file():
+        raise InputError(f"{path}: this is an adapter folder, not a model checkpoint")
+    raise InputError(f"{path}: no model weights found (expected model.safetensors, a safetensors index, "
+                     "or pytorch_model.bin)")
+
+
+def _open_index(index_path: Path) -> Checkpoint:
+    folder = index_path.parent
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise InputError(f"{index_path}: not a valid index (needs a JSON object with a 'weight_map')") from None
+    shard_names: list[str] = []
+    for tensor_name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise InputError(f"{index_path}: tensor {tensor_name!r} maps to {shard!r}, not a file name")
+        if shard not in shard_names:
+            shard_names.append(shard)
+    folder_resolved = folder.resolve()
+    shards: list[Path] = []
+    for shard in shard_names:
+        p = folder / shard
+        if Path(shard).is_absolute() or folder_resolved not in p.resolve().parents:
+            raise InputError(f"{index_path}: shard {shard!r} lies outside the checkpoint folder; refusing it")
+        if not p.is_file():
+            raise InputError(f"{index_path}: names shard {shard!r}, which does not exist in {folder}")
+        shards.append(p)
+    shards.sort(key=lambda p: shard_names.index(p.name))
+    is_bin = index_path.name == BIN_INDEX_NAME or all(p.suffix == ".bin" for p in shards)
+    ckpt = _open_bin(shards, folder, index_path) if is_bin else _open_safetensors(shards, folder, index_path)
+    for tensor_name, shard in weight_map.items():
+        info = ckpt.tensors.get(tensor_name)
+        if info is None:
+            raise InputError(f"{index_path}: names tensor {tensor_name!r} in {shard}, but that shard lacks it")
+        if info.file.name != Path(shard).name:
+            raise InputError(f"{index_path}: tensor {tensor_name!r} is listed in {shard} but found in {info.file.name}")
+    return ckpt
+
+
+def _open_safetensors(shards: list[Path], folder: Path, index: Path | None) -> Checkpoint:
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    for shard in shards:
+        infos, meta = read_header(shard)
+        metadata = metadata or meta
+        for name, info in infos.items():
+            if name in tensors:
+                raise InputError(f"{shard}: tensor {name!r} is also in {tensors[name].file.name}")
+            tensors[name] = info
+    return Checkpoint(folder, shards, tensors, "safetensors", index, metadata)
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # old (pre-zip) serialization cannot be memory-mapped
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: cannot load as a PyTorch weights file ({first})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise InputError(f"{path}: not a state dict of tensors")
+    return sd
+
+
+def _open_bin(shards: list[Path], folder: Path, index: Path | None) -> Checkpoint:
+    tensors: dict[str, TensorInfo] = {}
+    ckpt = Checkpoint(folder, shards, tensors, "bin", index)
+    for shard in shards:
+        sd = _load_bin(shard)
+        for name, t in sd.items():
+            tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), shard, -1)
+        ckpt._bin_cache = (shard, sd)
+    return ckpt

@@ -1,0 +1,203 @@
+"""Read and write the safetensors format one tensor at a time.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header naming every tensor's
+dtype, shape and byte range, then the raw bytes. Because the header says where every tensor lives,
+a tensor can be read with one positioned read, and a file can be written by laying out the header
+first and then dropping each tensor's bytes into place, in any order. Nothing here ever holds more
+than one tensor in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
+
+# The safetensors crate refuses headers above 100 MB; so do we, before allocating anything.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, known without reading its data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the data in ``file`` (-1 when not addressable, e.g. .bin)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: every tensor's dtype, shape and byte range.
+
+    Validation covers everything that can go wrong before data is touched: a truncated file, a
+    header length past the end, JSON garbage, unknown dtypes, byte ranges that disagree with the
+    shape, overlap, or point past the end of the file.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise InputError(f"{path}: not a safetensors file (only {size} bytes); the file is truncated")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise InputError(
+                    f"{path}: corrupt safetensors header length {header_len} for a {size}-byte file; "
+                    "the file is truncated or not safetensors"
+                )
+            header_bytes = f.read(header_len)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: safetensors header is not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
+
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    data_size = size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        try:
+            dtype_s, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(d) for d in shape)
+            begin, end = int(begin), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: header entry for tensor {name!r} is malformed; the file is corrupt") from None
+        dtype = SAFETENSORS_TO_TORCH.get(dtype_s)
+        if dtype is None:
+            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {dtype_s!r}")
+        if any(d < 0 for d in shape):
+            raise InputError(f"{path}: tensor {name!r} has a negative dimension in shape {list(shape)}")
+        expected = math.prod(shape) * itemsize(dtype)
+        if begin < 0 or end < begin or end - begin != expected:
+            raise InputError(
+                f"{path}: tensor {name!r} spans bytes [{begin}, {end}) but {dtype_s}{list(shape)} needs "
+                f"{expected}; the file is corrupt"
+            )
+        if end > data_size:
+            raise InputError(
+                f"{path}: tensor {name!r} ends at byte {end} of the data section but the file has only "
+                f"{data_size}; the file is truncated"
+            )
+        spans.append((begin, end, name))
+        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin)
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise InputError(f"{path}: tensors {n0!r} and {n1!r} overlap; the file is corrupt")
+    # Keep the file's own order (by offset): writing in that order keeps output files alike.
+    ordered = {name: tensors[name] for _, _, name in spans}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: safetensors __metadata__ is not an object; the file is corrupt")
+    return ordered, {str(k): str(v) for k, v in metadata.items()}
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read exactly one tensor's bytes with a positioned read into a fresh tensor."""
+    out = torch.empty(info.shape, dtype=info.dtype)
+    if info.nbytes == 0:
+        return out
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:]], info.offset + done)
+            if n <= 0:
+                raise InputError(f"{info.file}: unexpected end of file while reading tensor {info.name!r}")
+            done += n
+    finally:
+        os.close(fd)
+    return out
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: known before its data exists."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file whose header is laid out in advance.
+
+    The file is created at its final size; ``write`` puts one tensor's bytes at its offset, so
+    tensors may arrive in any order and none is ever buffered. ``close`` checks that every tensor
+    announced in the header was written.
+    """
+
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+        self.path = path
+        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        self._slots: dict[str, tuple[int, TensorSpec]] = {}
+        pos = 0
+        for spec in specs:
+            if spec.dtype not in TORCH_TO_SAFETENSORS:
+                raise InputError(f"cannot write tensor {spec.name!r}: dtype {spec.dtype} has no safetensors name")
+            header[spec.name] = {
+                "dtype": TORCH_TO_SAFETENSORS[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [pos, pos + spec.nbytes],
+            }
+            self._slots[spec.name] = (pos, spec)
+            pos += spec.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as safetensors does
+        self._data_start = 8 + len(blob)
+        self.total_bytes = pos
+        self._pending = set(self._slots)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(self._fd, struct.pack("<Q", len(blob)) + blob)
+        os.ftruncate(self._fd, self._data_start + pos)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        offset, spec = self._slots[name]
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise AssertionError(
+                f"tensor {name!r} is {tensor.dtype}{list(tensor.shape)}, announced {spec.dtype}{list(spec.shape)}"
+            )
+        if spec.nbytes:
+            data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < len(data):
+                done += os.pwrite(self._fd, data[done:], self._data_start + offset + done)
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        os.close(self._fd)
+        if self._pending:
+            raise AssertionError(f"{self.path}: tensors announced but never written: {sorted(self._pending)[:5]}")
+
+    def abort(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass

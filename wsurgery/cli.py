@@ -1,0 +1,109 @@
+"""The ``wsurgery`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__, api
+from .describe import format_text, inspect
+from .errors import WsurgeryError
+
+
+
+common_output = [
+    click.option("--dtype", default=None, help="Output dtype for floating-point tensors (float32, float16, bfloat16). "
+                                               "Default: keep each tensor's dtype."),
+    click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB). Default: the base's sharding."),
+    click.option("--scale", default=1.0, type=float, show_default=True, help="Merge scale·ΔW instead of ΔW."),
+    click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+]
+
+
+def with_output_options(f):
+    for option in reversed(common_output):
+        f = option(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wsurgery")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """Surgery on model weight files: merge, unmerge and inspect adapters, tensor by tensor."""
+
+
+@cli.command("inspect")
+@click.argument("path")
+@click.option("--base", default=None, help="With an adapter: the base checkpoint, to show the exact tensors changed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def inspect_cmd(path: str, base: str | None, as_json: bool) -> None:
+    """Show what is in a checkpoint (PATH: folder, file or repo id) or a PEFT adapter."""
+    info = inspect(path, base=base)
+    click.echo(json.dumps(info, indent=2) if as_json else format_text(info))
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("adapter")
+@click.argument("out")
+@with_output_options
+def merge(base: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet) -> None:
+    """Merge ADAPTER into BASE and write the merged model to the new folder OUT."""
+    r = api.merge(base, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
+                  overwrite=overwrite, progress=not quiet)
+    if not quiet:
+        click.echo(f"merged {r.modules} module(s), {r.changed_tensors} tensor(s) changed of {r.tensors}; "
+                   f"wrote {r.out} ({len(r.shards)} shard(s), {r.bytes_written:,} bytes)", err=True)
+
+
+@cli.command()
+@click.argument("merged")
+@click.argument("adapter")
+@click.argument("out")
+@with_output_options
+def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet) -> None:
+    """Subtract ADAPTER from the merged model MERGED and write the result to the new folder OUT."""
+    r = api.unmerge(merged, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
+                    overwrite=overwrite, progress=not quiet)
+    if not quiet:
+        click.echo(f"unmerged {r.modules} module(s), {r.changed_tensors} tensor(s) changed of {r.tensors}; "
+                   f"wrote {r.out} ({len(r.shards)} shard(s), {r.bytes_written:,} bytes)", err=True)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: errors become one line on stderr and a non-zero exit, unless --debug."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="wsurgery", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("wsurgery: interrupted; no output was left behind", err=True)
+        sys.exit(130)
+    except WsurgeryError as e:
+        if debug:
+            raise
+        click.echo(f"wsurgery: error: {_one_line(e)}", err=True)
+        sys.exit(1)
+    except Exception as e:  # a bug, or an OS error we did not anticipate: still one line
+        if debug:
+            raise
+        click.echo(f"wsurgery: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for details)",
+                   err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""``inspect``: what is in a checkpoint or an adapter, as a dict (for --json) or a short text."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .adapters import Adapter, load_adapter, map_modules
+from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint.dtypes import dtype_name
+from .hub import resolve
+
+
+def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
+    """Describe a checkpoint, or an adapter (with ``base``: also the base tensors it will change)."""
+    local = resolve(path, kind="adapter")
+    if (local / "adapter_config.json").is_file() or local.name == "adapter_config.json":
+        base_ckpt = open_checkpoint(resolve(base)) if base is not None else None
+        return describe_adapter(load_adapter(local), base_ckpt)
+    return describe_checkpoint(open_checkpoint(resolve(path)))
+
+
+def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
+    dtypes = Counter(dtype_name(t.dtype) for t in ckpt.tensors.values())
+    return {
+        "type": "checkpoint",
+        "format": ckpt.format,
+        "folder": str(ckpt.folder),
+        "shards": [{"file": p.name, "tensors": sum(1 for t in ckpt.tensors.values() if t.file == p),
+                    "bytes": sum(t.nbytes for t in ckpt.tensors.values() if t.file == p)} for p in ckpt.shards],
+        "index": ckpt.index_file.name if ckpt.index_file else None,
+        "num_tensors": len(ckpt.tensors),
+        "num_parameters": ckpt.num_parameters,
+        "total_bytes": ckpt.total_bytes,
+        "dtypes": dict(dtypes),
+        "tensors": [{"name": t.name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "shard": t.file.name}
+                    for t in ckpt.tensors.values()],
+    }
+
+
+def describe_adapter(adapter: Adapter, base: Checkpoint | None = None) -> dict[str, Any]:
+    config = adapter.config
+    patches = adapter.patches()
+    mapping = None
+    if base is not None:
+        mapping = map_modules([p.module for p in patches], base.tensors, f"adapter {adapter.folder}", "the base")
+    modules = []
+    for p in patches:
+        target = mapping[p.module] if mapping is not None else p.module
+        modules.append({
+            "module": p.module,
+            "base_tensors": [f"{target}.{r}" if target else r for r in p.roles],
+            **p.describe(),
+            "unmerge": "exact" if p.why_not_invertible() is None else "impossible: " + p.why_not_invertible(),
+        })
+    not_invertible = [m for m in modules if m["unmerge"] != "exact"]
+    return {
+        "type": "adapter",
+        "folder": str(adapter.folder),
+        "file": adapter.file.name,
+        "peft_type": config.peft_type,
+        "peft_version": config.raw.get("peft_version"),
+        "base_model": config.base_model,
+        "target_modules": config.raw.get("target_modules"),
+        "modules_to_save": config.modules_to_save,
+        "method": adapter.method.summary(config),
+        "num_tensors": adapter.num_tensors,
+        "num_parameters": adapter.num_parameters,
+        "dtypes": sorted(dtype_name(d) for d in adapter.dtypes),
+        "merge": "yes",
+        "unmerge": "exact" if not not_invertible else f"impossible for {len(not_invertible)} module(s)",
+        "modules": modules,
+    }
+
+
+def format_text(info: dict[str, Any]) -> str:
+    """A human-readable summary of ``inspect``'s dict."""
+    lines: list[str] = []
+    if info["type"] == "checkpoint":
+        lines.append(f"checkpoint  {info['folder']}  ({info['format']}, {len(info['shards'])} shard(s)"
+                     + (f", index {info['index']}" if info["index"] else "") + ")")
+        lines.append(f"tensors     {info['num_tensors']}   parameters {info['num_parameters']:,}   "
+                     f"bytes {info['total_bytes']:,}")
+        lines.append("dtypes      " + ", ".join(f"{k}: {v}" for k, v in info["dtypes"].items()))
+        for s in info["shards"]:
+            lines.append(f"  {s['file']:<40} {s['tensors']:>6} tensors {s['bytes']:>16,} bytes")
+        lines.append("")
+        width = max((len(t["name"]) for t in info["tensors"]), default=10)
+        for t in info["tensors"]:
+            lines.append(f"  {t['name']:<{width}}  {t['dtype']:<9} {str(t['shape']):<20} {t['shard']}")
+        return "\n".join(lines)
+    lines.append(f"adapter     {info['folder']}  ({info['file']})")
+    lines.append(f"method      {info['peft_type']}   PEFT {info['peft_version'] or 'unknown (< 0.18)'}   "
+                 + "  ".join(f"{k}={v}" for k, v in info["method"].items()))
+    lines.append(f"base model  {info['base_model']}")
+    lines.append(f"targets     {info['target_modules']}")
+    if info["modules_to_save"]:
+        lines.append(f"modules_to_save {info['modules_to_save']}")
+    lines.append(f"tensors     {info['num_tensors']}   parameters {info['num_parameters']:,}   "
+                 f"dtypes {', '.join(info['dtypes'])}")
+    lines.append(f"merge       {info['merge']}   unmerge {info['unmerge']}")
+    lines.append("")
+    for m in info["modules"]:
+        facts = "  ".join(f"{k}={m[k]:.6g}" if isinstance(m[k], float) else f"{k}={m[k]}"
+                          for k in ("kind", "rank", "alpha", "scaling", "dora", "shape") if k in m)
+        lines.append(f"  {', '.join(m['base_tensors'])}  {facts}")
+    return "\n".join(lines)

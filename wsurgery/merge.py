@@ -1,0 +1,195 @@
+"""The streaming merge engine: plan everything from headers and configs, then touch each tensor once.
+
+``plan`` validates the whole job (files, key mapping, shapes, invertibility) before anything is
+written, so bad input costs a second, not a pass over the model. ``execute`` then walks the base in
+file order: untouched tensors are copied (cast if ``dtype`` asks), each changed module's tensors are
+read together, upcast to float32, patched, rounded once to the output dtype and written into their
+pre-laid-out place. Peak memory is a few copies of the largest changed tensor, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import Adapter, map_modules
+from .checkpoint import (Checkpoint, CheckpointWriter, TensorSpec, atomic_output_dir, check_output_path,
+                         copy_side_files, plan_shards)
+from .checkpoint.dtypes import dtype_name
+from .checkpoint.reader import BIN_INDEX_NAME, SAFETENSORS_INDEX_SUFFIX
+from .errors import InputError, NotInvertibleError
+from .methods import AdditivePatch, Patch
+
+# Tensor names whose row count is the vocabulary size recorded in config.json.
+_INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                             "tok_embeddings.weight", "shared.weight")
+
+
+@dataclass
+class ModuleJob:
+    """All patches (from every adapter, in order) that change one base module."""
+
+    module: str
+    tensors: dict[str, str] = field(default_factory=dict)  # role -> base tensor name
+    patches: list[tuple[Patch, float]] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    base: Checkpoint
+    direction: str  # "merge" or "unmerge"
+    jobs: dict[str, ModuleJob]  # by base module
+    owner: dict[str, str]  # base tensor name -> base module of its job
+    out_shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def changed_tensors(self) -> list[str]:
+        return list(self.owner)
+
+
+@dataclass
+class Result:
+    """What a merge or unmerge wrote."""
+
+    out: Path
+    tensors: int
+    changed_tensors: int
+    modules: int
+    bytes_written: int
+    shards: list[str]
+
+
+def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str = "merge") -> Plan:
+    """Map every adapter onto the base and check every shape and precondition; write nothing."""
+    jobs: dict[str, ModuleJob] = {}
+    shapes: dict[str, tuple[int, ...]] = {n: t.shape for n, t in base.tensors.items()}
+    base_desc = f"base {base.index_file or (base.shards[0] if len(base.shards) == 1 else base.folder)}"
+    for adapter, scale in adapters:
+        patches = sorted(adapter.patches(), key=lambda p: p.priority)
+        mapping = map_modules([p.module for p in patches], base.tensors, f"adapter {adapter.folder}", base_desc)
+        for patch in patches:
+            module = mapping[patch.module]
+            job = jobs.setdefault(module, ModuleJob(module))
+            for role in patch.roles:
+                name = f"{module}.{role}" if module else role
+                if name not in base.tensors:
+                    raise InputError(f"adapter {adapter.folder}: changes {name}, but {base_desc} has no such tensor "
+                                     f"(it has {', '.join(sorted(r for r in _roles(base, module)))})")
+                job.tensors[role] = name
+            role_shapes = {r: shapes[job.tensors[r]] for r in patch.roles}
+            patch.check(role_shapes)
+            for r, s in patch.output_shapes(role_shapes).items():
+                shapes[job.tensors[r]] = s
+            if direction == "unmerge":
+                reason = patch.why_not_invertible()
+                if reason is None and scale != 1.0 and not isinstance(patch, AdditivePatch):
+                    reason = "--scale other than 1 can only be unmerged for additive changes"
+                if reason is not None:
+                    raise NotInvertibleError(f"cannot unmerge {adapter.folder} at {module}: {reason}")
+            job.patches.append((patch, scale))
+    owner = {name: job.module for job in jobs.values() for name in job.tensors.values()}
+    if direction == "unmerge":
+        for job in jobs.values():
+            job.patches.reverse()
+    return Plan(base, direction, jobs, owner, shapes)
+
+
+def _roles(base: Checkpoint, module: str) -> list[str]:
+    prefix = module + "."
+    return [n[len(prefix):] for n in base.tensors if n.startswith(prefix) and "." not in n[len(prefix):]] or ["nothing"]
+
+
+def _output_layout(base: Checkpoint) -> tuple[dict[str, str], str, str]:
+    """(tensor -> output shard name, single-file name, index name) mirroring the base's layout."""
+    if base.format == "safetensors":
+        assignment = {n: t.file.name for n, t in base.tensors.items()}
+        single = base.shards[0].name if len(base.shards) == 1 else "model.safetensors"
+        index = base.index_file.name if base.index_file is not None else "model" + SAFETENSORS_INDEX_SUFFIX
+        return assignment, single, index
+    renamed = {p.name: p.name.replace("pytorch_model", "model").removesuffix(".bin") + ".safetensors"
+               for p in base.shards}
+    assignment = {n: renamed[t.file.name] for n, t in base.tensors.items()}
+    return assignment, "model.safetensors", "model" + SAFETENSORS_INDEX_SUFFIX
+
+
+def _output_dtype(src: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    return requested if requested is not None and src.is_floating_point else src
+
+
+def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shard_size: int | None = None,
+            overwrite: bool = False, progress: bool = True, extra_inputs: list[Path] = ()) -> Result:
+    """Write the planned result to ``out`` atomically."""
+    base = plan.base
+    check_output_path(out, [base.folder, *base.shards, *extra_inputs], overwrite)
+    specs = [TensorSpec(n, _output_dtype(t.dtype, dtype), plan.out_shapes[n]) for n, t in base.tensors.items()]
+    assignment, single, index_name = _output_layout(base)
+    shards = plan_shards(specs, assignment, max_shard_size, single)
+    sharded = len(shards) > 1
+    spec_of = {s.name: s for s in specs}
+    done_jobs: set[str] = set()
+    with atomic_output_dir(out, overwrite) as tmp:
+        writer = CheckpointWriter(tmp, shards, index_name if sharded else None)
+        try:
+            bar = tqdm(total=base.total_bytes, unit="B", unit_scale=True, disable=not progress,
+                       desc=plan.direction, leave=False)
+            for name, info in base.tensors.items():
+                job_name = plan.owner.get(name)
+                if job_name is None:
+                    t = base.read(name)
+                    writer.write(name, t.to(spec_of[name].dtype))
+                    bar.update(info.nbytes)
+                elif job_name not in done_jobs:
+                    done_jobs.add(job_name)
+                    job = plan.jobs[job_name]
+                    for tensor_name, tensor in _run_job(base, job, plan.direction).items():
+                        writer.write(tensor_name, tensor.to(spec_of[tensor_name].dtype))
+                        bar.update(base.tensors[tensor_name].nbytes)
+            bar.close()
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        if base.side_files:
+            copy_side_files(base.folder, tmp)
+        _update_config(tmp / "config.json", plan, dtype)
+    return Result(out, len(specs), len(plan.owner), len(plan.jobs), writer.total_bytes, [s[0] for s in shards])
+
+
+def _run_job(base: Checkpoint, job: ModuleJob, direction: str) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for role, name in job.tensors.items():
+        t = base.read(name)
+        tensors[role] = t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t
+        del t
+    for patch, scale in job.patches:
+        sub = {r: tensors[r] for r in patch.roles}
+        sub = patch.merge(sub, scale) if direction == "merge" else patch.unmerge(sub, scale)
+        tensors.update(sub)
+    return {job.tensors[r]: t for r, t in tensors.items()}
+
+
+def _update_config(path: Path, plan: Plan, dtype: torch.dtype | None) -> None:
+    """Keep config.json true to the written weights: vocabulary size and dtype."""
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return
+    changed = False
+    for name in plan.owner:
+        if name.endswith(_INPUT_EMBEDDING_SUFFIXES) and plan.out_shapes[name] != plan.base.tensors[name].shape:
+            if "vocab_size" in config:
+                config["vocab_size"] = plan.out_shapes[name][0]
+                changed = True
+    if dtype is not None:
+        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+        for k in keys:
+            config[k] = dtype_name(dtype)
+        changed = True
+    if changed:
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,72 @@
+"""AdaLoRA (``peft_type: ADALORA``): ΔW = B·(A ⊙ E) · α / (init_r + 1e-5).
+
+The divisor is the *initial* rank from the config even after rank pruning: PEFT never saves
+``ranknum`` and restores it as ``init_r`` on load, while the saved A/E/B may be truncated per layer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import InputError
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Tensors, register
+
+if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
+    from ..adapters.config import AdapterConfig
+
+
+class AdaLoraPatch(AdditivePatch):
+    def __init__(self, module: str, A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, alpha: float,
+                 factor: float, transposed: bool):
+        super().__init__(module, ("weight",))
+        self.A, self.E, self.B, self.alpha, self.factor, self.transposed = A, E, B, alpha, factor, transposed
+        self.numel = B.shape[0] * A.shape[1]
+
+    def check(self, shapes: Shapes) -> None:
+        w = shapes["weight"]
+        if len(w) > 2:  # SVDConv2d: A is (r, in·kh·kw)
+            ok = w[0] == self.B.shape[0] and self.numel == torch.Size(w).numel()
+        else:
+            want = (self.B.shape[0], self.A.shape[1])
+            ok = w == (want[::-1] if self.transposed else want)
+        if not ok:
+            raise InputError(f"{self.module}: AdaLoRA change is {self.B.shape[0]}x{self.A.shape[1]} but the base "
+                             f"weight is {list(w)}; was the adapter trained on another model?")
+        self._shape = w
+
+    def delta(self) -> Tensors:
+        A, E, B = (x.to(torch.float32) for x in (self.A, self.E, self.B))
+        d = (B @ (A * E)).mul_(self.factor)
+        if self.transposed:
+            d = d.T
+        return {"weight": d.reshape(self._shape)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "adalora", "rank": self.A.shape[0], "alpha": self.alpha, "scaling": self.factor}
+
+
+@register
+class AdaLora(Method):
+    peft_types = ("ADALORA",)
+    param_names = frozenset({"lora_A", "lora_B", "lora_E"})
+
+    def init_r(self, config: AdapterConfig) -> int:
+        return int(config.get("init_r", 12))
+
+    def summary(self, config: AdapterConfig) -> dict[str, Any]:
+        return {"init_r": self.init_r(config), "scaling_rule": "lora_alpha/(init_r+1e-5)"}
+
+    def patch(self, params: ModuleParams) -> Patch:
+        config = params.config
+        A, E, B = params.require("lora_A", "lora_E", "lora_B")
+        if not (A.shape[0] == E.shape[0] == B.shape[1]):
+            raise InputError(f"{config.path.parent}: module {params.module!r}: lora_A {list(A.shape)}, lora_E "
+                             f"{list(E.shape)} and lora_B {list(B.shape)} disagree on the rank")
+        init_r = self.init_r(config)
+        alpha = float(config.get("lora_alpha", 8))
+        scaling = alpha if alpha > 0 else float(init_r)
+        # PEFT keeps ranknum as a float32 parameter: divide by float32(init_r) + 1e-5 as it does.
+        ranknum = float(torch.tensor(float(init_r), dtype=torch.float32) + 1e-5)
+        return AdaLoraPatch(params.module, A, E, B, scaling, scaling / ranknum, bool(config.get("fan_in_fan_out", False)))

@@ -1,0 +1,191 @@
+"""The interface every fine-tuning method implements, and the registry that finds it by peft_type.
+
+A method turns the tensors an adapter saved for one module into a ``Patch``: an object that knows
+which base tensors of that module it changes (its *roles*: ``weight``, ``bias``, ...) and how to
+apply the change to them, undo it, and, where the change is additive, give the dense delta. The
+merge engine never looks inside a patch: adding a method means adding one module that registers
+itself here.
+
+Contract: ``apply``/``revert`` receive fresh float32 (float64 for float64 bases) tensors that they
+may change in place, and return the results in the same precision; the engine reads base tensors,
+upcasts, calls the patch, and rounds once to the output dtype. In-place updates keep peak memory
+near two float32 copies of the largest changed tensor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..errors import InputError, NotInvertibleError, UnsupportedError
+
+if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
+    from ..adapters.config import AdapterConfig
+
+Shapes = dict[str, tuple[int, ...]]
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class ModuleParams:
+    """One adapter's saved tensors for one module: ``{"lora_A.weight": ..., "lora_B.weight": ...}``."""
+
+    module: str  # module path as the adapter names it, without ``base_model.model.``
+    tensors: dict[str, torch.Tensor]
+    config: AdapterConfig
+
+    def require(self, *names: str) -> list[torch.Tensor]:
+        missing = [n for n in names if n not in self.tensors]
+        if missing:
+            raise InputError(
+                f"{self.config.path.parent}: module {self.module!r} has {sorted(self.tensors)} but lacks "
+                f"{missing}; the adapter file is incomplete"
+            )
+        return [self.tensors[n] for n in names]
+
+
+class Patch(ABC):
+    """What one adapter does to the tensors of one base module."""
+
+    #: Replacements (modules_to_save, saved biases) run before method patches on the same module.
+    priority: ClassVar[int] = 1
+
+    def __init__(self, module: str, roles: tuple[str, ...]):
+        self.module = module
+        self.roles = roles
+
+    # -- validation, before any data is read ---------------------------------------------------
+    def check(self, shapes: Shapes) -> None:
+        """Raise ``InputError`` if the base tensors' shapes do not fit this patch."""
+
+    def output_shapes(self, shapes: Shapes) -> Shapes:
+        """Shapes after the change (only replacements of resized embeddings differ)."""
+        return dict(shapes)
+
+    # -- the change itself ---------------------------------------------------------------------
+    @abstractmethod
+    def apply(self, tensors: Tensors) -> Tensors:
+        """Merged tensors from base tensors (float32 in, float32 out)."""
+
+    def revert(self, tensors: Tensors) -> Tensors:
+        """Base tensors from merged ones; raises ``NotInvertibleError`` where that is impossible."""
+        raise NotInvertibleError(f"{self.module}: {self.why_not_invertible()}")
+
+    def delta(self) -> Tensors | None:
+        """The dense additive change per role, for methods whose change does not depend on W."""
+        return None
+
+    def why_not_invertible(self) -> str | None:
+        """None if ``revert`` works; otherwise the reason, phrased for the user."""
+        return "this change cannot be undone from the files alone"
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for ``inspect``: rank, alpha, scaling, layer kind..."""
+        return {}
+
+    # -- scaled application, shared by all methods -----------------------------------------------
+    def merge(self, tensors: Tensors, scale: float) -> Tensors:
+        """``W + scale·ΔW``, where ΔW is this patch's effective change of W."""
+        d = self.delta()
+        if d is not None:
+            return _add(tensors, d, scale)
+        if scale == 1.0:
+            return self.apply(tensors)
+        before = {r: t.clone() for r, t in tensors.items()}
+        after = self.apply(tensors)
+        return {r: torch.lerp(before[r], after[r], scale) for r in after}
+
+    def unmerge(self, tensors: Tensors, scale: float) -> Tensors:
+        """Undo ``merge(·, scale)``."""
+        d = self.delta()
+        if d is not None:
+            return _add(tensors, d, -scale)
+        if scale == 1.0:
+            return self.revert(tensors)
+        raise NotInvertibleError(
+            f"{self.module}: unmerging with --scale other than 1 needs an additive change; this one is not"
+        )
+
+
+def _add(tensors: Tensors, delta: Tensors, alpha: float) -> Tensors:
+    """In place: tensors[role] += alpha·delta[role]."""
+    for role, change in delta.items():
+        tensors[role].add_(change, alpha=alpha)
+    return tensors
+
+
+class AdditivePatch(Patch):
+    """A change ``W' = W + ΔW`` with ΔW independent of W: exact inverse by subtraction."""
+
+    @abstractmethod
+    def delta(self) -> Tensors: ...
+
+    def apply(self, tensors: Tensors) -> Tensors:
+        return _add(tensors, self.delta(), 1.0)
+
+    def revert(self, tensors: Tensors) -> Tensors:
+        return _add(tensors, self.delta(), -1.0)
+
+    def why_not_invertible(self) -> str | None:
+        return None
+
+
+class Method(ABC):
+    """A fine-tuning method: turns saved per-module tensors into patches."""
+
+    #: ``peft_type`` values this method handles.
+    peft_types: ClassVar[tuple[str, ...]] = ()
+    #: The first key component of every per-module tensor this method saves (``lora_A``...).
+    param_names: ClassVar[frozenset[str]] = frozenset()
+
+    def check_config(self, config: AdapterConfig) -> None:
+        """Refuse configs whose options this implementation does not cover, before any work."""
+
+    @abstractmethod
+    def patch(self, params: ModuleParams) -> Patch:
+        """The patch for one module."""
+
+    def summary(self, config: AdapterConfig) -> dict[str, Any]:
+        """Method-wide facts for ``inspect`` (variant, scaling rule...)."""
+        return {}
+
+
+_REGISTRY: dict[str, Method] = {}
+_NOT_MERGEABLE: dict[str, str] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available for its peft_types."""
+    instance = cls()
+    for peft_type in cls.peft_types:
+        if peft_type in _REGISTRY:
+            raise RuntimeError(f"two methods register peft_type {peft_type}")
+        _REGISTRY[peft_type] = instance
+    return cls
+
+
+def register_not_mergeable(peft_type: str, reason: str) -> None:
+    """Record a method that has no weight-space merge, with the reason shown to users."""
+    _NOT_MERGEABLE[peft_type] = reason
+
+
+def get_method(config: AdapterConfig) -> Method:
+    peft_type = config.peft_type
+    if peft_type in _NOT_MERGEABLE:
+        raise UnsupportedError(f"{config.path}: {peft_type} cannot be merged into weights: {_NOT_MERGEABLE[peft_type]}")
+    method = _REGISTRY.get(peft_type)
+    if method is None:
+        known = ", ".join(sorted(_REGISTRY))
+        raise UnsupportedError(f"{config.path}: peft_type {peft_type!r} is not supported (supported: {known})")
+    return method
+
+
+def registered() -> dict[str, Method]:
+    return dict(_REGISTRY)
+
+
+def not_mergeable() -> dict[str, str]:
+    return dict(_NOT_MERGEABLE)
