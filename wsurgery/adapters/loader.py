@@ -26,9 +26,14 @@ SHARED_PREFIX = "base_model."
 
 @dataclass
 class Replacement:
+    """A full tensor the adapter saved for one base tensor."""
+
     tensor: torch.Tensor
     key: str
-    is_base_copy: bool  # a ``.base_layer.`` copy of the base tensor itself, saved alongside the adapter
+    # True for a copy of the frozen base tensor itself (``.base_layer.weight`` of a targeted or
+    # resized embedding, ``.original_module.`` of a modules_to_save wrapper): undoing the adapter
+    # leads back to exactly this tensor. False for trained values (modules_to_save, biases).
+    is_base_copy: bool
 
 
 @dataclass
@@ -40,7 +45,7 @@ class Adapter:
     config: AdapterConfig
     method: Method
     modules: dict[str, ModuleParams] = field(default_factory=dict)
-    replacements: dict[str, Replacement] = field(default_factory=dict)  # adapter-side full tensor name
+    replacements: dict[str, list[Replacement]] = field(default_factory=dict)  # by adapter-side tensor name
     shared: dict[str, torch.Tensor] = field(default_factory=dict)
     num_tensors: int = 0
     num_parameters: int = 0
@@ -49,9 +54,13 @@ class Adapter:
     def patches(self) -> list[Patch]:
         """One patch per changed module or replaced tensor, replacements first."""
         out: list[Patch] = []
-        for name, rep in self.replacements.items():
+        for name, reps in self.replacements.items():
             module, _, role = name.rpartition(".")
-            out.append(ReplacePatch(module, role, rep.tensor, rep.key, rep.is_base_copy))
+            trained = [r for r in reps if not r.is_base_copy]
+            copies = [r for r in reps if r.is_base_copy]
+            new = trained[0] if trained else copies[0]
+            original = copies[0].tensor if copies else None
+            out.append(ReplacePatch(module, role, new.tensor, new.key, original))
         for params in self.modules.values():
             out.append(self.method.patch(params))
         return out
@@ -100,13 +109,18 @@ def load_adapter(path: str | Path) -> Adapter:
             params = adapter.modules.setdefault(module, ModuleParams(module, {}, config))
             params.tensors[param] = tensor
         else:
-            is_copy = "base_layer" in parts
-            name = ".".join(p for p in parts if p != "base_layer")
+            # LoRA freezes the wrapped weight, so a saved ``base_layer.weight`` is the base's own tensor;
+            # biases under ``base_layer`` are trained (bias="all"/"lora_only").
+            is_copy = "original_module" in parts or ("base_layer" in parts and parts[-1] != "bias")
+            name = ".".join(p for p in parts if p not in ("base_layer", "original_module", "modules_to_save"))
             if "." not in name:
                 raise InputError(f"{file}: tensor {key!r} names no module; cannot tell what it changes")
-            if name in adapter.replacements:
-                raise InputError(f"{file}: tensors {adapter.replacements[name].key!r} and {key!r} both replace {name}")
-            adapter.replacements[name] = Replacement(tensor, key, is_copy)
+            reps = adapter.replacements.setdefault(name, [])
+            for other in reps:
+                if other.is_base_copy == is_copy and not torch.equal(other.tensor, tensor):
+                    raise InputError(f"{file}: tensors {other.key!r} and {key!r} both replace {name} with "
+                                     "different values; the adapter file is inconsistent")
+            reps.append(Replacement(tensor, key, is_copy))
     if adapter.shared:
         names = ", ".join(sorted(adapter.shared)[:3])
         raise InputError(f"{file}: holds model-wide tensors ({names}) that {config.peft_type} does not use; "

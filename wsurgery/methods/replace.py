@@ -17,14 +17,15 @@ class ReplacePatch(Patch):
 
     priority: ClassVar[int] = 0
 
-    def __init__(self, module: str, role: str, tensor: torch.Tensor, key: str, is_base_copy: bool = False):
+    def __init__(self, module: str, role: str, tensor: torch.Tensor, key: str,
+                 original: torch.Tensor | None = None):
         super().__init__(module, (role,))
         self.role = role
         self.tensor = tensor
         self.key = key  # the adapter key it came from, for messages
-        # A ``.base_layer.`` copy is the (possibly resized) base tensor the adapter was trained on:
-        # undoing the adapter's other changes leads back to exactly this tensor.
-        self.is_base_copy = is_base_copy
+        # The base tensor as the adapter saw it, when the adapter saved a copy (``original_module``,
+        # or a ``base_layer.weight`` of a targeted or resized embedding): then unmerging is exact.
+        self.original = original
 
     def check(self, shapes: Shapes) -> None:
         base = shapes[self.role]
@@ -54,12 +55,12 @@ class ReplacePatch(Patch):
         return super().merge(tensors, scale)
 
     def revert(self, tensors: Tensors) -> Tensors:
-        if self.is_base_copy:
-            return self.apply(tensors)
+        if self.original is not None:
+            return {**tensors, self.role: self.original.to(torch.float32)}
         return super().revert(tensors)
 
     def why_not_invertible(self) -> str | None:
-        if self.is_base_copy:
+        if self.original is not None:
             return None
         return (
             f"the adapter replaces {self.module}.{self.role} outright (modules_to_save or a saved bias) and does "
