@@ -11,8 +11,10 @@ import copy
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+import wsurgery
 from wsurgery.checkpoint import open_checkpoint
 
 
@@ -158,3 +160,35 @@ def assert_close_to(ours: dict[str, torch.Tensor], expected: dict[str, torch.Ten
             assert err <= bound, f"{name}: max abs error {err:.3g} > {bound:.3g}"
         else:
             assert torch.equal(got, want), f"{name}: differs"
+
+
+def reload(model, folder, dtype):
+    """The base as PEFT's users load it: from the saved files (plain torch modules: same class, state dict)."""
+    if not hasattr(model, "from_pretrained"):
+        fresh = type(model)().to(dtype)
+        fresh.load_state_dict(load_file(folder / "model.safetensors"))
+        return fresh
+    return type(model).from_pretrained(folder, dtype=dtype)
+
+
+def run_case(tmp_path, model, config, *, dtype=torch.float32, shard=None, adapter_dtype=None, check_unmerge=True,
+             ulps=1, unmerge_rel=1e-5):
+    """Save ``model`` and a randomised adapter for ``config``; check our merge against PEFT's, every
+    untouched tensor bit for bit, and (``check_unmerge``) that unmerging gives the base back."""
+    base_dir = save_base(model, tmp_path / "base", shard)
+    adapter_dir = make_adapter(model, config, tmp_path / "adapter", adapter_dtype=adapter_dtype)
+    expected = oracle_merge(reload(model, base_dir, dtype), adapter_dir)
+    result = wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+    merged = load_all(tmp_path / "merged")
+    base = load_all(base_dir)
+    assert_close_to(merged, expected, ulps=ulps, base=base)
+    # Untouched tensors are copied bit for bit; the changed ones really changed.
+    changed = {n for n in merged if not torch.equal(merged[n], base[n])}
+    assert changed, "the merge changed nothing"
+    assert len(changed) == result.changed_tensors
+    if check_unmerge:
+        wsurgery.unmerge(tmp_path / "merged", adapter_dir, tmp_path / "unmerged", progress=False)
+        unmerged = load_all(tmp_path / "unmerged")
+        # W' = round(W + ΔW), then round(W' - ΔW): one rounding each way, at the operands' magnitude.
+        assert_close_to(unmerged, base, base=merged, ulps=2, rel=unmerge_rel)
+    return base_dir, adapter_dir, merged

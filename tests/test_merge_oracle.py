@@ -17,41 +17,11 @@ from peft import AdaLoraConfig, LoraConfig
 from safetensors.torch import load_file
 
 import wsurgery
-from oracle import (ConvNet, assert_close_to, conv_net, load_all, make_adapter, oracle_merge, save_base,
+from oracle import (assert_close_to, conv_net, load_all, make_adapter, oracle_merge, reload, run_case, save_base,
                     tiny_bert, tiny_gpt2, tiny_llama)
 from wsurgery.checkpoint import open_checkpoint
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def reload(model, folder, dtype):
-    """The base as PEFT's users load it: from the saved files."""
-    if isinstance(model, ConvNet):
-        fresh = ConvNet().to(dtype)
-        fresh.load_state_dict(load_file(folder / "model.safetensors"))
-        return fresh
-    return type(model).from_pretrained(folder, dtype=dtype)
-
-
-def run_case(tmp_path, model, config, *, dtype=torch.float32, shard=None, adapter_dtype=None, check_unmerge=True,
-             ulps=1):
-    base_dir = save_base(model, tmp_path / "base", shard)
-    adapter_dir = make_adapter(model, config, tmp_path / "adapter", adapter_dtype=adapter_dtype)
-    expected = oracle_merge(reload(model, base_dir, dtype), adapter_dir)
-    result = wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
-    merged = load_all(tmp_path / "merged")
-    base = load_all(base_dir)
-    assert_close_to(merged, expected, ulps=ulps, base=base)
-    # Untouched tensors are copied bit for bit; the changed ones really changed.
-    changed = {n for n in merged if not torch.equal(merged[n], base[n])}
-    assert changed, "the merge changed nothing"
-    assert len(changed) == result.changed_tensors
-    if check_unmerge:
-        wsurgery.unmerge(tmp_path / "merged", adapter_dir, tmp_path / "unmerged", progress=False)
-        unmerged = load_all(tmp_path / "unmerged")
-        # W' = round(W + ΔW), then round(W' - ΔW): one rounding each way, at the operands' magnitude.
-        assert_close_to(unmerged, base, base=merged, ulps=2)
-    return base_dir, adapter_dir, merged
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
@@ -21,6 +23,20 @@ common_output = [
     click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
 ]
+
+
+@contextmanager
+def _closing_progress_bars() -> Iterator[None]:
+    """On any error (Ctrl-C included) close the progress bar it left open: else the error message
+    would be printed on the bar's line, and the bar would linger until the process ends."""
+    try:
+        yield
+    except BaseException:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+        raise
 
 
 def with_output_options(f):
@@ -53,8 +69,10 @@ def inspect_cmd(path: str, base: str | None, as_json: bool) -> None:
 @with_output_options
 def merge(base: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet) -> None:
     """Merge ADAPTER into BASE and write the merged model to the new folder OUT."""
-    r = api.merge(base, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
-                  overwrite=overwrite, progress=not quiet)
+    with _closing_progress_bars():
+        r = api.merge(base, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
+                      overwrite=overwrite, progress=not quiet)
+    _print_notes(r.notes)
     if not quiet:
         click.echo(f"merged {r.modules} module(s), {r.changed_tensors} tensor(s) changed of {r.tensors}; "
                    f"wrote {r.out} ({len(r.shards)} shard(s), {r.bytes_written:,} bytes)", err=True)
@@ -67,15 +85,27 @@ def merge(base: str, adapter: str, out: str, dtype, max_shard_size, scale, overw
 @with_output_options
 def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet) -> None:
     """Subtract ADAPTER from the merged model MERGED and write the result to the new folder OUT."""
-    r = api.unmerge(merged, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
-                    overwrite=overwrite, progress=not quiet)
+    with _closing_progress_bars():
+        r = api.unmerge(merged, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
+                        overwrite=overwrite, progress=not quiet)
+    _print_notes(r.notes)
     if not quiet:
         click.echo(f"unmerged {r.modules} module(s), {r.changed_tensors} tensor(s) changed of {r.tensors}; "
                    f"wrote {r.out} ({len(r.shards)} shard(s), {r.bytes_written:,} bytes)", err=True)
 
 
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        click.echo(f"wsurgery: note: {note}", err=True)
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"wsurgery: {_one_line(message)}", err=True)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,19 +120,20 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo("wsurgery: interrupted; no output was left behind", err=True)
-        sys.exit(130)
+        _fail("interrupted; no output was left behind", 130)
     except WsurgeryError as e:
         if debug:
             raise
-        click.echo(f"wsurgery: error: {_one_line(e)}", err=True)
-        sys.exit(1)
-    except Exception as e:  # a bug, or an OS error we did not anticipate: still one line
+        _fail(f"error: {e}")
+    except OSError as e:  # disk full, permissions...: about the user's system, not a bug
         if debug:
             raise
-        click.echo(f"wsurgery: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for details)",
-                   err=True)
-        sys.exit(1)
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(f"error: {where}{e.strerror or e}")
+    except Exception as e:  # a bug: still one line
+        if debug:
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for details)")
 
 
 if __name__ == "__main__":

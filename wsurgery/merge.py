@@ -20,7 +20,7 @@ from .adapters import Adapter, map_modules
 from .checkpoint import (Checkpoint, CheckpointWriter, TensorSpec, atomic_output_dir, check_output_path,
                          copy_side_files, plan_shards)
 from .checkpoint.dtypes import dtype_name
-from .checkpoint.reader import BIN_INDEX_NAME, SAFETENSORS_INDEX_SUFFIX
+from .checkpoint.reader import SAFETENSORS_INDEX_SUFFIX
 from .errors import InputError, NotInvertibleError
 from .methods import AdditivePatch, Patch
 
@@ -35,7 +35,7 @@ class ModuleJob:
 
     module: str
     tensors: dict[str, str] = field(default_factory=dict)  # role -> base tensor name
-    patches: list[tuple[Patch, float]] = field(default_factory=list)
+    patches: list[tuple[Patch, float, tuple[str, ...]]] = field(default_factory=list)  # patch, scale, roles
 
 
 @dataclass
@@ -61,6 +61,7 @@ class Result:
     modules: int
     bytes_written: int
     shards: list[str]
+    notes: list[str] = field(default_factory=list)
 
 
 def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str = "merge") -> Plan:
@@ -74,13 +75,17 @@ def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str
         for patch in patches:
             module = mapping[patch.module]
             job = jobs.setdefault(module, ModuleJob(module))
-            for role in patch.roles:
+            roles = []
+            for role in (*patch.roles, *patch.optional_roles):
                 name = f"{module}.{role}" if module else role
                 if name not in base.tensors:
+                    if role in patch.optional_roles:
+                        continue
                     raise InputError(f"adapter {adapter.folder}: changes {name}, but {base_desc} has no such tensor "
                                      f"(it has {', '.join(sorted(r for r in _roles(base, module)))})")
                 job.tensors[role] = name
-            role_shapes = {r: shapes[job.tensors[r]] for r in patch.roles}
+                roles.append(role)
+            role_shapes = {r: shapes[job.tensors[r]] for r in roles}
             patch.check(role_shapes)
             for r, s in patch.output_shapes(role_shapes).items():
                 shapes[job.tensors[r]] = s
@@ -90,12 +95,17 @@ def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str
                     reason = "--scale other than 1 can only be unmerged for additive changes"
                 if reason is not None:
                     raise NotInvertibleError(f"cannot unmerge {adapter.folder} at {module}: {reason}")
-            job.patches.append((patch, scale))
+            job.patches.append((patch, scale, tuple(roles)))
     owner = {name: job.module for job in jobs.values() for name in job.tensors.values()}
     if direction == "unmerge":
         for job in jobs.values():
             job.patches.reverse()
     return Plan(base, direction, jobs, owner, shapes)
+
+
+def notes(plan: Plan) -> list[str]:
+    """What the patches had to say after running (residuals of approximate inverses, ...)."""
+    return [f"{job.module}: {n}" for job in plan.jobs.values() for patch, _, _ in job.patches for n in patch.notes]
 
 
 def _roles(base: Checkpoint, module: str) -> list[str]:
@@ -156,7 +166,8 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
         if base.side_files:
             copy_side_files(base.folder, tmp)
         _update_config(tmp / "config.json", plan, dtype)
-    return Result(out, len(specs), len(plan.owner), len(plan.jobs), writer.total_bytes, [s[0] for s in shards])
+    return Result(out, len(specs), len(plan.owner), len(plan.jobs), writer.total_bytes, [s[0] for s in shards],
+                  notes(plan))
 
 
 def _run_job(base: Checkpoint, job: ModuleJob, direction: str) -> dict[str, torch.Tensor]:
@@ -165,8 +176,8 @@ def _run_job(base: Checkpoint, job: ModuleJob, direction: str) -> dict[str, torc
         t = base.read(name)
         tensors[role] = t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t
         del t
-    for patch, scale in job.patches:
-        sub = {r: tensors[r] for r in patch.roles}
+    for patch, scale, roles in job.patches:
+        sub = {r: tensors[r] for r in roles}
         sub = patch.merge(sub, scale) if direction == "merge" else patch.unmerge(sub, scale)
         tensors.update(sub)
     return {job.tensors[r]: t for r, t in tensors.items()}

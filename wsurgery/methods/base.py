@@ -53,13 +53,19 @@ class Patch(ABC):
     #: Replacements (modules_to_save, saved biases) run before method patches on the same module.
     priority: ClassVar[int] = 1
 
-    def __init__(self, module: str, roles: tuple[str, ...]):
+    def __init__(self, module: str, roles: tuple[str, ...], optional_roles: tuple[str, ...] = ()):
         self.module = module
-        self.roles = roles
+        self.roles = roles  # base tensors (relative to the module) that must exist
+        self.optional_roles = optional_roles  # changed too where the base has them (e.g. a bias)
+        self.notes: list[str] = []  # facts worth telling the user after the run (e.g. a residual)
 
     # -- validation, before any data is read ---------------------------------------------------
     def check(self, shapes: Shapes) -> None:
-        """Raise ``InputError`` if the base tensors' shapes do not fit this patch."""
+        """Raise ``InputError`` if the base tensors' shapes do not fit this patch.
+
+        ``shapes`` holds every role in ``roles`` and those of ``optional_roles`` the base has;
+        ``apply``/``revert`` later receive tensors for exactly these roles.
+        """
 
     def output_shapes(self, shapes: Shapes) -> Shapes:
         """Shapes after the change (only replacements of resized embeddings differ)."""
@@ -111,9 +117,10 @@ class Patch(ABC):
 
 
 def _add(tensors: Tensors, delta: Tensors, alpha: float) -> Tensors:
-    """In place: tensors[role] += alpha·delta[role]."""
+    """In place: tensors[role] += alpha·delta[role], for the roles the base has."""
     for role, change in delta.items():
-        tensors[role].add_(change, alpha=alpha)
+        if role in tensors:
+            tensors[role].add_(change, alpha=alpha)
     return tensors
 
 
