@@ -11,5 +11,8 @@ register_not_mergeable("CARTRIDGE", "it learns a key/value prefix (a cartridge) 
 register_not_mergeable("ADAPTION_PROMPT", "it adds gated prompt attention at run time; no weight changes")
 register_not_mergeable("XLORA", "a classifier mixes its LoRAs per token at run time; merge its constituent LoRA "
                                 "adapters one by one instead")
-register_not_mergeable("LILY", "a data-dependent router picks among shared projections per input")
+register_not_mergeable("LILY", "a data-dependent router mixes shared projections per batch at run time; PEFT cannot "
+                              "merge it either")
 register_not_mergeable("SHADOW", "it runs a parallel shadow network; PEFT refuses to merge it too")
+register_not_mergeable("POLY", "a router mixes its LoRA modules according to the task id of each input; a static "
+                              "merge for one fixed task is possible but not implemented yet")
