@@ -1,0 +1,241 @@
+"""BOFT (``peft_type: BOFT``): butterfly orthogonal fine-tuning on Linear and Conv2d weights.
+
+``boft_R (N, D, b, b)`` holds N butterfly factors of D full b×b matrices each (``D·b = in``, where a
+Conv2d weight ``(out, c, k, k)`` counts ``in = c·k·k`` in its (c, kh, kw) flatten order), and
+``boft_s`` one scale per output feature (``(out, 1)`` for Linear, ``(1, out)`` for Conv2d).
+
+Every block is turned into a rotation by PEFT's exact Cayley map, ``S = ½(R − Rᵀ)``,
+``Q = (I − S)(I + S)⁻¹``; factor i is ``M_i = P_i·blockdiag(Q_i,·)·P_iᵀ`` with PEFT's butterfly
+permutation ``P_i`` (the identity for i = 0), the rotation is ``M = M_{N−1}⋯M_1·M_0`` and
+
+    W' = (W·Mᵀ) ⊙ s   (s scales output rows).
+
+N is read from the tensor, never from the config: PEFT silently forces ``boft_n_butterfly_factor``
+to 1 when its CUDA extension does not build, so the same config can save N = 1 or N > 1.
+
+Each factor is applied as a column permutation plus a block-diagonal multiply (no dense in×in
+matrix). Unmerge divides by s (refused if any s is 0) and undoes the factors in reverse order with
+a block-wise float64 solve, i.e. the exact inverse of the float32 blocks that the merge applied,
+not their transpose.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import InputError, NotInvertibleError, UnsupportedError
+from .base import Method, ModuleParams, Patch, Shapes, Tensors, register
+
+if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
+    from ..adapters.config import AdapterConfig
+
+# A rotation whose blocks deviate more than this from orthogonal (max |Q Qᵀ − I|) earns a note.
+ORTHO_NOTE_THRESHOLD = 1e-6
+
+
+def block_butterfly_perm(n: int, b: int, r: int, n_butterfly_factor: int) -> torch.Tensor:
+    """PEFT's ``BOFTLayer.block_butterfly_perm``, ported line by line.
+
+    ``n`` is the size, ``b`` the number of groups after permuting, ``r`` the base chunk size (half a
+    block) and ``n_butterfly_factor`` PEFT's zero-based factor count (N − 1): 0 gives the identity.
+    Inside each group of n/b entries, the chunks of r are reordered evens first, then odds.
+    """
+    if n_butterfly_factor == 0:
+        return torch.arange(n)
+    if b * r * 2 > n:
+        raise ValueError("Invalid number of blocks!")
+    block_size = int(n // b)
+    indices = torch.arange(n)
+
+    def sort_block(b, r):
+        step = b / r
+        initial_order = torch.arange(b)
+        sorted_order = torch.empty(b, dtype=torch.long)
+        evens = torch.arange(0, step, 2)
+        odds = torch.arange(1, step, 2)
+        sorted_seq = torch.cat((evens, odds), dim=0)
+        for i, pos in enumerate(sorted_seq):
+            sorted_order[int(i * r): int(i * r + r)] = initial_order[int(pos * r): int(pos * r + r)]
+        return sorted_order
+
+    sorted_order = sort_block(block_size, r)
+    for i in range(0, n, block_size):
+        block_end = i + block_size
+        tmp_indices = indices[i:block_end]
+        indices[i:block_end] = tmp_indices[sorted_order]
+    return indices
+
+
+def butterfly_perms(n: int, N: int, D: int, b: int) -> list[torch.Tensor | None]:
+    """``perm`` of every level as PEFT builds ``boft_P`` (``P[j, perm[j]] = 1``); None for the identity."""
+    perms: list[torch.Tensor | None] = []
+    for i in range(N):
+        perm = block_butterfly_perm(n, int(D / (2 ** i)), int(b / 2), N - 1)
+        perms.append(None if torch.equal(perm, torch.arange(n)) else perm)
+    return perms
+
+
+def cayley(R: torch.Tensor) -> torch.Tensor:
+    """PEFT's ``cayley_batch``: ``Q = (I − S)(I + S)⁻¹`` with ``S = ½(R − Rᵀ)``, here in float64."""
+    R = R.to(torch.float64)
+    S = 0.5 * (R - R.transpose(-1, -2))
+    eye = torch.eye(R.shape[-1], dtype=torch.float64).expand_as(S)
+    return torch.linalg.solve(eye + S, eye - S, left=False)
+
+
+def _permute_cols(W: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return W if index is None else W.index_select(1, index)
+
+
+def rotate_rows(W: torch.Tensor, blocks: torch.Tensor, perms: list[torch.Tensor | None]) -> torch.Tensor:
+    """``W·Mᵀ`` for ``M = M_{N−1}⋯M_0``, ``M_i = P_i·blockdiag(blocks[i])·P_iᵀ``; W is (rows, n).
+
+    ``W·M_iᵀ = ((W·P_i)·Bᵀ)·P_iᵀ``: ``W·P_i`` takes columns ``perm⁻¹``, ``X·P_iᵀ`` takes columns ``perm``.
+    """
+    rows, n = W.shape
+    _, D, b, _ = blocks.shape
+    for i in range(blocks.shape[0]):
+        perm = perms[i]
+        inv = None if perm is None else torch.argsort(perm)
+        X = _permute_cols(W, inv).reshape(rows, D, b)
+        W = torch.einsum("odk,djk->odj", X, blocks[i]).reshape(rows, n)
+        W = _permute_cols(W, perm)
+    return W
+
+
+def unrotate_rows(W: torch.Tensor, blocks: torch.Tensor, perms: list[torch.Tensor | None]) -> torch.Tensor:
+    """The exact inverse of ``rotate_rows``: ``W·M⁻ᵀ``, solving every block in float64."""
+    rows, n = W.shape
+    _, D, b, _ = blocks.shape
+    W = W.to(torch.float64)
+    for i in reversed(range(blocks.shape[0])):
+        perm = perms[i]
+        inv = None if perm is None else torch.argsort(perm)
+        X = _permute_cols(W, inv).reshape(rows, D, b).transpose(0, 1)  # (D, rows, b)
+        # Y·Bᵀ = X  ⇒  Y = X·B⁻ᵀ, per block
+        Y = torch.linalg.solve(blocks[i].to(torch.float64).transpose(-1, -2), X, left=False)
+        W = _permute_cols(Y.transpose(0, 1).reshape(rows, n), perm)
+    return W
+
+
+class BoftPatch(Patch):
+    def __init__(self, module: str, R: torch.Tensor, s: torch.Tensor, config_factors: int | None):
+        super().__init__(module, ("weight",))
+        self.R, self.s = R, s
+        self.N, self.D, self.b = R.shape[0], R.shape[1], R.shape[2]
+        self.n = self.D * self.b
+        self.config_factors = config_factors
+        self.perms = butterfly_perms(self.n, self.N, self.D, self.b)
+        self._blocks: torch.Tensor | None = None
+        self._deviation: float | None = None
+        # Linear saves s as (out, 1), Conv2d as (1, out); check() settles it from the base weight.
+        self.kind: str | None = ("linear" if s.shape[0] > 1 else "conv2d") if s.numel() > 1 else None
+
+    # -- the rotation ----------------------------------------------------------------------------
+    @property
+    def blocks(self) -> torch.Tensor:
+        """The float32 Cayley blocks (N, D, b, b) that the merge applies (computed once)."""
+        if self._blocks is None:
+            Q = cayley(self.R.reshape(-1, self.b, self.b)).to(torch.float32)
+            Qd = Q.to(torch.float64)
+            eye = torch.eye(self.b, dtype=torch.float64)
+            self._deviation = (Qd @ Qd.transpose(-1, -2) - eye).abs().max().item()
+            if self._deviation > ORTHO_NOTE_THRESHOLD:
+                self.notes.append(f"BOFT rotation is {self._deviation:.2e} from orthogonal (max |R R^T - I| over "
+                                  "its blocks); unmerge uses the exact inverse")
+            self._blocks = Q.reshape(self.N, self.D, self.b, self.b)
+        return self._blocks
+
+    @property
+    def orthogonality_deviation(self) -> float:
+        self.blocks  # noqa: B018 (computes it)
+        return self._deviation
+
+    # -- validation --------------------------------------------------------------------------------
+    def check(self, shapes: Shapes) -> None:
+        w = shapes["weight"]
+        s_shape = tuple(self.s.shape)
+        if len(w) == 2:
+            self.kind, want_s = "linear", (w[0], 1)
+        elif len(w) == 4:
+            if w[2] != w[3]:
+                raise UnsupportedError(f"{self.module}: BOFT needs a square Conv2d kernel (PEFT flattens the weight "
+                                       f"with kernel_size[0]²), the base weight is {list(w)}")
+            self.kind, want_s = "conv2d", (1, w[0])
+        else:
+            raise InputError(f"{self.module}: BOFT changes Linear (2-D) or Conv2d (4-D) weights, but the base weight "
+                             f"is {list(w)}")
+        fan_in = math.prod(w[1:])
+        if fan_in != self.n:
+            what = "in_channels·k·k" if self.kind == "conv2d" else "in_features"
+            raise InputError(f"{self.module}: boft_R {list(self.R.shape)} rotates {self.D}·{self.b} = {self.n} inputs "
+                             f"but the base weight {list(w)} has {what} = {fan_in}; was the adapter trained on "
+                             "another model?")
+        if s_shape != want_s:
+            raise InputError(f"{self.module}: boft_s is {list(s_shape)}, expected {list(want_s)} for the "
+                             f"{self.kind} base weight {list(w)}")
+
+    # -- the change ---------------------------------------------------------------------------------
+    def apply(self, tensors: Tensors) -> Tensors:
+        W = tensors["weight"]
+        shape, dtype = W.shape, W.dtype
+        out = rotate_rows(W.reshape(shape[0], -1), self.blocks.to(dtype), self.perms)
+        out.mul_(self.s.to(dtype).reshape(-1, 1))
+        return {"weight": out.reshape(shape)}
+
+    def revert(self, tensors: Tensors) -> Tensors:
+        reason = self.why_not_invertible()
+        if reason is not None:
+            raise NotInvertibleError(f"{self.module}: {reason}")
+        W = tensors["weight"]
+        shape, dtype = W.shape, W.dtype
+        X = W.reshape(shape[0], -1).to(torch.float64) / self.s.to(torch.float64).reshape(-1, 1)
+        out = unrotate_rows(X, self.blocks, self.perms)
+        return {"weight": out.reshape(shape).to(dtype)}
+
+    def why_not_invertible(self) -> str | None:
+        zeros = int((self.s == 0).sum())
+        if zeros:
+            return (f"boft_s has {zeros} zero entr{'y' if zeros == 1 else 'ies'}, which zeroed those output rows; "
+                    "they cannot be recovered from the merged weights. Keep the base checkpoint and merge from it "
+                    "again instead")
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        s = self.s.to(torch.float32)
+        return {"kind": self.kind, "butterfly_factors": self.N, "block_num": self.D, "block_size": self.b,
+                "in_features": self.n, "scale_min": s.min().item(), "scale_max": s.max().item(),
+                "orthogonality_deviation": self.orthogonality_deviation,
+                "config_butterfly_factor": self.config_factors}
+
+
+@register
+class Boft(Method):
+    peft_types = ("BOFT",)
+    param_names = frozenset({"boft_R", "boft_s"})
+
+    def summary(self, config: AdapterConfig) -> dict[str, Any]:
+        return {"boft_block_size": config.get("boft_block_size", 0), "boft_block_num": config.get("boft_block_num", 0),
+                "boft_n_butterfly_factor (config)": config.get("boft_n_butterfly_factor", 1),
+                "rotation": "Cayley (I-S)(I+S)^-1 per block, butterfly permutations; W' = (W M^T) * s"}
+
+    def patch(self, params: ModuleParams) -> Patch:
+        R, s = params.require("boft_R", "boft_s")
+        where = f"{params.config.path.parent}: module {params.module!r}"
+        if R.ndim != 4 or R.shape[2] != R.shape[3] or 0 in R.shape:
+            raise InputError(f"{where}: boft_R is {list(R.shape)}, expected (factors, blocks, b, b)")
+        if s.ndim != 2 or 1 not in s.shape:
+            raise InputError(f"{where}: boft_s is {list(s.shape)}, expected (out, 1) or (1, out)")
+        N, D, b = R.shape[0], R.shape[1], R.shape[2]
+        if N > 1:  # PEFT's own constraints for butterfly factors > 1 (it refuses other shapes)
+            if b % 2 or D % 2:
+                raise InputError(f"{where}: boft_R {list(R.shape)} has {N} butterfly factors, which need an even "
+                                 "block size and block count (PEFT refuses others)")
+            if D % (2 ** (N - 1)):
+                raise InputError(f"{where}: boft_R {list(R.shape)}: {N} butterfly factors need the block count {D} "
+                                 f"to be a multiple of 2^{N - 1} (PEFT refuses others)")
+        factors = params.config.get("boft_n_butterfly_factor")
+        return BoftPatch(params.module, R, s, int(factors) if factors is not None else None)
