@@ -222,3 +222,15 @@ def test_refuses_adapter_for_another_base(saved, tmp_path):
     other_dir = save_base(other, tmp_path / "other")
     refuse(other_dir, loha, tmp_path / "o1", "'fc'", "[9, 12]", "hada_w1_a [7, 2]")
     refuse(other_dir, lokr, tmp_path / "o2", "'fc'", "[9, 12]")
+
+
+def test_inspect_reports_layout_rank_and_scaling(saved):
+    from wsurgery.describe import inspect
+
+    _, loha, lokr = saved
+    mods = {m["module"]: m for m in inspect(lokr)["modules"]}
+    assert (mods["c2"]["kind"], mods["c2"]["rank"], mods["c2"]["scaling"]) == ("lokr/w1:full,w2:full", 3, 4 / 3)
+    assert (mods["fc"]["kind"], mods["fc"]["rank"]) == ("lokr/w1:full,w2:decomposed", 2)
+    info = inspect(loha)
+    assert info["unmerge"] == "exact"
+    assert {m["module"]: m["kind"] for m in info["modules"]} == {"c2": "loha/cp", "fc": "loha/flat"}

@@ -109,8 +109,9 @@ class LohaPatch(AdditivePatch):
         return {"weight": d.reshape(self._weight_shape)}
 
     def describe(self) -> dict[str, Any]:
-        kind = "linear" if self._weight_shape is None or len(self._weight_shape) == 2 else "conv"
-        return {"kind": kind, "form": "cp" if self.cp else "flat", "rank": self.rank, "alpha": self.alpha,
+        # Called before check() too (inspect without a base): only what the tensors themselves tell.
+        form = "cp" if self.cp else "flat"
+        return {"kind": f"loha/{form}", "form": form, "rank": self.rank, "alpha": self.alpha,
                 "scaling": self.scaling}
 
 

@@ -129,8 +129,9 @@ class LokrPatch(AdditivePatch):
     def describe(self) -> dict[str, Any]:
         w1 = "full" if "lokr_w1" in self.t else "decomposed"
         w2 = "full" if "lokr_w2" in self.t else ("cp" if "lokr_t2" in self.t else "decomposed")
-        kind = "linear" if self._weight_shape is None or len(self._weight_shape) == 2 else "conv"
-        return {"kind": kind, "w1": w1, "w2": w2, "rank": self.rank, "alpha": self.alpha, "scaling": self.scaling}
+        # Called before check() too (inspect without a base): only what the tensors and config tell.
+        return {"kind": f"lokr/w1:{w1},w2:{w2}", "w1": w1, "w2": w2, "rank": self.rank, "alpha": self.alpha,
+                "scaling": self.scaling}
 
 
 @register
