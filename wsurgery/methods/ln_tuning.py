@@ -60,7 +60,9 @@ class LnTuningPatch(Patch):
                 "save the original tensors; take them from the base checkpoint instead of unmerging")
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "replace module", "tensors": {r: list(p.tensor.shape) for r, p in self.parts.items()}}
+        shapes = {r: list(p.tensor.shape) for r, p in self.parts.items()}
+        return {"kind": f"replace module ({', '.join(shapes)})", "shape": next(iter(shapes.values())),
+                "tensors": shapes}
 
 
 @register

@@ -82,11 +82,11 @@ class TokenPatch(Patch):
                 "the original rows; take those rows from the base checkpoint instead of unmerging")
 
     def describe(self) -> dict[str, Any]:
-        out = {"kind": "token rows", "tokens": len(self.indices), "indices": self.indices[:16],
-               "width": self.rows.shape[1]}
+        kind = f"replace {len(self.indices)} token row(s)"
         if self.tied_module:
-            out["tied_copy_of"] = self.tied_module
-        return out
+            kind += f" (PEFT's tied copy saved for {self.tied_module})"
+        return {"kind": kind, "indices": self.indices[:16], "shape": list(self.rows.shape),
+                "tied_module": self.tied_module}
 
 
 def _check_indices(indices: list[int], rows: torch.Tensor, key: str) -> None:
