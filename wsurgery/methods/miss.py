@@ -1,0 +1,262 @@
+"""MiSS (``peft_type: MISS``, key ``miss_block``) and its predecessor Bone (``peft_type: BONE``, key
+``bone_block``, PEFT 0.14-0.18): the same mathematics on ``nn.Linear`` weights ``W (out, in)``.
+
+* default (``init_weights`` True/False): ``miss_block (r, out)``; ``W[o, i] += block[i mod r, o]``.
+  When ``r`` does not divide ``in`` the trailing partial block gets the first ``in mod r`` rows
+  (PEFT's forward zero-pads the input to a multiple of r, which is the same thing). Additive.
+* ``mini`` (MiSS only): ``miss_block (r, mini_r)`` tiled along ``out``:
+  ``W[o, i] += block[i mod r, o mod mini_r]``; needs ``out % mini_r == 0``. Additive.
+* ``bat`` (Block-Affine Transformation): ``miss_block (out/r, r, r)``; W is cut into r x r tiles
+  ``W_ij`` (i: output tile, j: input tile) and ``W'_ij = W_ij + W_ij B_i + B_i = W_ij (I + B_i) + B_i``.
+  Needs r to divide both dimensions (PEFT refuses otherwise). Depends on W; unmerge solves
+  ``W_ij = (W'_ij - B_i)(I + B_i)^-1`` in float64, which exists only where ``I + B_i`` is invertible.
+
+The mode comes from each adapter's own ``init_weights`` (not from whatever adapter was loaded
+first into a layer: PEFT <= 0.21.2 keeps one ``miss_fn`` per layer, huggingface/peft#3379), and
+must agree with the saved block's shape.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import InputError, NotInvertibleError, UnsupportedError
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Tensors, register
+
+if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
+    from ..adapters.config import AdapterConfig
+
+# A block I + B_i whose smallest singular value is below this fraction of its largest is treated
+# as singular: solving with it would amplify the rounding of the merged weight beyond any use.
+_SINGULAR_RTOL = 1e-12
+
+
+def _linear_shape(module: str, key: str, shapes: Shapes) -> tuple[int, int]:
+    w = shapes["weight"]
+    if len(w) != 2:
+        raise InputError(f"{module}: {key} applies to nn.Linear weights (out, in), but the base weight is "
+                         f"{list(w)}; MiSS/Bone have no Conv or Embedding layers")
+    return w[0], w[1]
+
+
+class MissBlockPatch(AdditivePatch):
+    """Default and ``mini`` modes: ``W[o, i] += block[i mod r, o mod c]`` with ``block (r, c)``."""
+
+    def __init__(self, module: str, key: str, block: torch.Tensor, mode: str):
+        super().__init__(module, ("weight",))
+        self.key, self.block, self.mode = key, block, mode
+        self.r, self.cols = block.shape
+        self._shape: tuple[int, int] | None = None
+
+    def check(self, shapes: Shapes) -> None:
+        out, inp = _linear_shape(self.module, self.key, shapes)
+        if self.mode == "mini":
+            if out % self.cols:
+                raise InputError(f"{self.module}: {self.key} is {list(self.block.shape)} (mini_r={self.cols}), but "
+                                 f"the base weight's out_features {out} is not a multiple of mini_r "
+                                 f"(PEFT refuses this too); was the adapter trained on another model?")
+        elif self.cols != out:
+            raise InputError(f"{self.module}: {self.key} is {list(self.block.shape)}, expected (r, out_features="
+                             f"{out}) for base weight {list(shapes['weight'])}; was the adapter trained on another "
+                             "model?")
+        if self.r > inp:
+            raise InputError(f"{self.module}: {self.key} has r={self.r} > in_features={inp} of base weight "
+                             f"{list(shapes['weight'])}; PEFT refuses r > in_features")
+        self._shape = (out, inp)
+
+    def _full_block(self, dtype: torch.dtype) -> torch.Tensor:
+        """``(r, out)``: the block tiled along out (a no-op outside mini mode)."""
+        out = self._shape[0]
+        b = self.block.to(dtype)
+        return b.repeat(1, out // self.cols) if self.cols != out else b
+
+    def _add(self, tensors: Tensors, alpha: float) -> Tensors:
+        W = tensors["weight"]
+        if self._shape is None:
+            self.check({"weight": tuple(W.shape)})
+        out, inp = W.shape
+        bt = self._full_block(W.dtype).T  # (out, r)
+        n = inp // self.r
+        if n:  # full r-wide column blocks, without a dense (out, in) delta
+            W[:, : n * self.r].view(out, n, self.r).add_(bt[:, None, :], alpha=alpha)
+        rem = inp - n * self.r
+        if rem:
+            W[:, n * self.r:].add_(bt[:, :rem], alpha=alpha)
+        return tensors
+
+    def delta(self) -> Tensors:
+        if self._shape is None:
+            raise RuntimeError(f"{self.module}: check() must run before delta()")
+        inp = self._shape[1]
+        reps = -(-inp // self.r)
+        return {"weight": self._full_block(torch.float32).T.repeat(1, reps)[:, :inp].contiguous()}
+
+    def apply(self, tensors: Tensors) -> Tensors:
+        return self._add(tensors, 1.0)
+
+    def revert(self, tensors: Tensors) -> Tensors:
+        return self._add(tensors, -1.0)
+
+    def merge(self, tensors: Tensors, scale: float) -> Tensors:
+        return self._add(tensors, scale)
+
+    def unmerge(self, tensors: Tensors, scale: float) -> Tensors:
+        return self._add(tensors, -scale)
+
+    def describe(self) -> dict[str, Any]:
+        d = {"kind": "linear", "mode": self.mode, "rank": self.r}
+        if self.mode == "mini":
+            d["mini_r"] = self.cols
+        return d
+
+
+class MissBatPatch(Patch):
+    """``bat``: ``W'_ij = W_ij (I + B_i) + B_i`` on r x r tiles, ``block (out/r, r, r)``."""
+
+    def __init__(self, module: str, key: str, block: torch.Tensor):
+        super().__init__(module, ("weight",))
+        self.key, self.block = key, block
+        self.r = block.shape[-1]
+        self._cond: torch.Tensor | None = None  # per block: condition number of I + B_i (inf if singular)
+
+    def check(self, shapes: Shapes) -> None:
+        out, inp = _linear_shape(self.module, self.key, shapes)
+        r = self.r
+        if out % r or inp % r:
+            raise InputError(f"{self.module}: {self.key} (bat) uses {r}x{r} tiles but the base weight is "
+                             f"{list(shapes['weight'])}; r must divide both in and out features (PEFT refuses too)")
+        if self.block.shape[0] != out // r:
+            raise InputError(f"{self.module}: {self.key} (bat) is {list(self.block.shape)}, expected "
+                             f"({out // r}, {r}, {r}) for base weight {list(shapes['weight'])}; was the adapter "
+                             "trained on another model?")
+
+    def _tiles(self, W: torch.Tensor) -> torch.Tensor:
+        """``(out/r, in/r, r, r)`` view: ``[i, j]`` is tile W_ij."""
+        out, inp = W.shape
+        r = self.r
+        return W.view(out // r, r, inp // r, r).permute(0, 2, 1, 3)
+
+    def _change(self, W: torch.Tensor) -> torch.Tensor:
+        """``W_ij B_i + B_i`` for every tile, in W's layout (PEFT's delta, same operation order)."""
+        B = self.block.to(W.dtype)
+        d = torch.einsum("ijab,ibc->ijac", self._tiles(W), B).add_(B[:, None])
+        return d.permute(0, 2, 1, 3).reshape(W.shape)
+
+    def apply(self, tensors: Tensors) -> Tensors:
+        return self.merge(tensors, 1.0)
+
+    def merge(self, tensors: Tensors, scale: float) -> Tensors:
+        W = tensors["weight"]
+        W.add_(self._change(W), alpha=scale)
+        return tensors
+
+    def conditions(self) -> torch.Tensor:
+        """Condition number of ``I + B_i`` per output tile row (float64; inf where singular)."""
+        if self._cond is None:
+            M = torch.eye(self.r, dtype=torch.float64) + self.block.to(torch.float64)
+            s = torch.linalg.svdvals(M)
+            smax, smin = s[..., 0], s[..., -1]
+            cond = smax / smin
+            self._cond = torch.where(smin <= _SINGULAR_RTOL * smax, torch.full_like(cond, float("inf")), cond)
+        return self._cond
+
+    def why_not_invertible(self) -> str | None:
+        cond = self.conditions()
+        bad = torch.nonzero(~torch.isfinite(cond)).flatten().tolist()
+        if bad:
+            return (f"I + {self.key}[{bad[0]}] is singular ({len(bad)} of {len(cond)} tile rows), so W cannot be "
+                    "solved from W' = W(I+B) + B; only the original base checkpoint can give W back")
+        return None
+
+    def revert(self, tensors: Tensors) -> Tensors:
+        reason = self.why_not_invertible()
+        if reason is not None:
+            raise NotInvertibleError(f"{self.module}: {reason}")
+        W = tensors["weight"]
+        Wm = W.to(torch.float64)
+        B = self.block.to(torch.float64)
+        eye = torch.eye(self.r, dtype=torch.float64)
+        tiles = self._tiles(Wm)  # (out/r, in/r, r, r)
+        # X (I + B_i) = W'_ij - B_i, solved per tile.
+        X = torch.linalg.solve((eye + B)[:, None], tiles - B[:, None], left=False)
+        X = X.to(W.dtype)  # the solution as it is handed back; the residual includes that rounding
+        Xd = X.to(torch.float64)
+        remerged = Xd @ B[:, None] + B[:, None] + Xd
+        residual = (remerged - tiles).abs().max().item()
+        scale = max(tiles.abs().max().item(), 1e-30)
+        self.notes.append(f"{self.key} (bat) unmerge solved W = (W' - B)(I + B)^-1 per {self.r}x{self.r} tile in "
+                          f"float64: re-merging it (in float64, after rounding to {str(W.dtype).removeprefix('torch.')}) reproduces the merged weight to max abs {residual:.3g} "
+                          f"(relative {residual / scale:.3g}); max cond(I+B) = {self.conditions().max().item():.3g}, "
+                          "which bounds how much the merged file's rounding is amplified")
+        W.copy_(X.permute(0, 2, 1, 3).reshape(W.shape))
+        return tensors
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "linear", "mode": "bat", "rank": self.r, "tile_rows": self.block.shape[0],
+                "max_cond_I_plus_B": self.conditions().max().item()}
+
+
+class _MissFamily(Method):
+    key: str = ""
+    modes: tuple[str, ...] = ()
+
+    def mode(self, config: AdapterConfig) -> str:
+        init = config.raw.get("init_weights", True)
+        if isinstance(init, str):
+            if init not in self.modes:
+                raise UnsupportedError(f"{config.path}: {config.peft_type} init_weights={init!r} is unknown (known: "
+                                       f"True, False, {', '.join(repr(m) for m in self.modes)})")
+            return init
+        return "default"
+
+    def check_config(self, config: AdapterConfig) -> None:
+        self.mode(config)
+
+    def summary(self, config: AdapterConfig) -> dict[str, Any]:
+        mode = self.mode(config)
+        s = {"mode": mode, "r": config.get("r")}
+        if mode == "mini":
+            s["mini_r"] = config.get("mini_r")
+        return s
+
+    def patch(self, params: ModuleParams) -> Patch:
+        config, t = params.config, params.tensors
+        extra = sorted(set(t) - {self.key})
+        if extra:
+            raise InputError(f"{config.path.parent}: module {params.module!r} has {extra} besides {self.key}; "
+                             f"{config.peft_type} saves only {self.key} per module")
+        (block,) = params.require(self.key)
+        mode = self.mode(config)
+        where = f"{config.path.parent}: module {params.module!r}: {self.key}"
+        if mode == "bat":
+            if block.ndim != 3 or block.shape[1] != block.shape[2] or 0 in block.shape:
+                raise InputError(f"{where} is {list(block.shape)}, but init_weights='bat' saves (out/r, r, r)")
+            return MissBatPatch(params.module, self.key, block)
+        if block.ndim != 2 or 0 in block.shape:
+            hint = " (a bat block: is init_weights in adapter_config.json right?)" if block.ndim == 3 else ""
+            raise InputError(f"{where} is {list(block.shape)}, but init_weights={config.raw.get('init_weights', True)!r}"
+                             f" saves a 2-D block{hint}")
+        if mode == "mini":
+            mini_r = config.get("mini_r", 1)
+            if block.shape[1] != mini_r:
+                raise InputError(f"{where} is {list(block.shape)} but the config has mini_r={mini_r}; "
+                                 "the adapter file is inconsistent")
+        return MissBlockPatch(params.module, self.key, block, mode)
+
+
+@register
+class Miss(_MissFamily):
+    peft_types = ("MISS",)
+    param_names = frozenset({"miss_block"})
+    key = "miss_block"
+    modes = ("bat", "mini")
+
+
+@register
+class Bone(_MissFamily):
+    peft_types = ("BONE",)
+    param_names = frozenset({"bone_block"})
+    key = "bone_block"
+    modes = ("bat",)
