@@ -77,6 +77,37 @@ def _read_adapter_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     raise InputError(f"{folder}: no adapter_model.safetensors or adapter_model.bin next to adapter_config.json")
 
 
+class _ReadTracker(dict):
+    """A module's saved tensors that remember which of them the method read, so none is ignored."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        self.read.add(key)
+        return value
+
+    def get(self, key, default=None):
+        if key in self:
+            self.read.add(key)
+        return super().get(key, default)
+
+
+def _check_all_used(adapter: Adapter, keys: dict[tuple[str, str], str]) -> None:
+    """Build every module's patch once, now, and refuse tensors the method never looked at."""
+    for module, params in adapter.modules.items():
+        params.tensors = tracker = _ReadTracker(params.tensors)
+        adapter.method.patch(params)
+        unused = sorted(set(tracker) - tracker.read)
+        params.tensors = dict(tracker)
+        if unused:
+            shown = ", ".join(repr(keys[(module, u)]) for u in unused[:3])
+            raise InputError(f"{adapter.file}: tensor(s) {shown} mean nothing to {adapter.config.peft_type} "
+                             "and would be ignored; the adapter file is damaged or does not match its config")
+
+
 def load_adapter(path: str | Path) -> Adapter:
     """Read ``adapter_config.json`` and the adapter weights, and group them by module."""
     folder = Path(path)
@@ -91,6 +122,7 @@ def load_adapter(path: str | Path) -> Adapter:
     if not tensors:
         raise InputError(f"{file}: holds no tensors")
     adapter = Adapter(folder, file, config, method)
+    keys: dict[tuple[str, str], str] = {}  # (module, param) -> the key in the file, for messages
     for key, tensor in tensors.items():
         adapter.num_tensors += 1
         adapter.num_parameters += tensor.numel()
@@ -108,6 +140,7 @@ def load_adapter(path: str | Path) -> Adapter:
             module, param = ".".join(parts[:cut]), ".".join(parts[cut:])
             params = adapter.modules.setdefault(module, ModuleParams(module, {}, config))
             params.tensors[param] = tensor
+            keys[(module, param)] = key
         else:
             # LoRA freezes the wrapped weight, so a saved ``base_layer.weight`` is the base's own tensor;
             # biases under ``base_layer`` are trained (bias="all"/"lora_only").
@@ -125,4 +158,5 @@ def load_adapter(path: str | Path) -> Adapter:
         names = ", ".join(sorted(adapter.shared)[:3])
         raise InputError(f"{file}: holds model-wide tensors ({names}) that {config.peft_type} does not use; "
                          "the adapter file and its config disagree")
+    _check_all_used(adapter, keys)
     return adapter

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
-import zipfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,18 +163,29 @@ def _open_safetensors(shards: list[Path], folder: Path, index: Path | None) -> C
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):  # old (pre-zip) serialization cannot be memory-mapped
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path}: cannot load as a PyTorch weights file ({first})") from None
+        with warnings.catch_warnings():  # torch warns (on stderr, over several lines) about odd pickles
+            warnings.simplefilter("ignore")
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # old (pre-zip) serialization cannot be memory-mapped
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise InputError(f"{path}: holds Python objects other than tensors, which wsurgery does not unpickle "
+                             "(that could run arbitrary code); re-save the weights as safetensors") from None
+        raise InputError(f"{path}: cannot load as a PyTorch weights file ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 -- garbage makes the unpickler fail in any way (IndexError, OSError, ...)
+        raise InputError(f"{path}: cannot load as a PyTorch weights file ({_first_line(e)}); "
+                         "the file is corrupt or truncated") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise InputError(f"{path}: not a state dict of tensors")
     return sd
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _open_bin(shards: list[Path], folder: Path, index: Path | None) -> Checkpoint:

@@ -187,8 +187,11 @@ class SafetensorsWriter:
         if spec.nbytes:
             data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
             done = 0
-            while done < len(data):
-                done += os.pwrite(self._fd, data[done:], self._data_start + offset + done)
+            try:
+                while done < len(data):
+                    done += os.pwrite(self._fd, data[done:], self._data_start + offset + done)
+            except OSError as e:  # say which file (and so which disk) failed
+                raise OSError(e.errno, f"{e.strerror} (writing tensor {name!r})", str(self.path)) from None
         self._pending.discard(name)
 
     def close(self) -> None:
