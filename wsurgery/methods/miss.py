@@ -76,6 +76,8 @@ class MissBlockPatch(AdditivePatch):
         W = tensors["weight"]
         if self._shape is None:
             self.check({"weight": tuple(W.shape)})
+        if not W.is_contiguous():  # the blockwise views below need row-major storage
+            W = tensors["weight"] = W.contiguous()
         out, inp = W.shape
         bt = self._full_block(W.dtype).T  # (out, r)
         n = inp // self.r
@@ -112,6 +114,15 @@ class MissBlockPatch(AdditivePatch):
         return d
 
 
+def _stored_precision(W: torch.Tensor) -> tuple[str, int]:
+    """The narrowest float type holding every value of W (the merged file's dtype, before upcasting), and its
+    mantissa bits."""
+    for dtype, bits in ((torch.bfloat16, 7), (torch.float16, 10), (torch.float32, 23)):
+        if dtype.itemsize <= W.dtype.itemsize and torch.equal(W.to(dtype).to(W.dtype), W):
+            return str(dtype).removeprefix("torch."), bits
+    return str(W.dtype).removeprefix("torch."), 52 if W.dtype == torch.float64 else 23
+
+
 class MissBatPatch(Patch):
     """``bat``: ``W'_ij = W_ij (I + B_i) + B_i`` on r x r tiles, ``block (out/r, r, r)``."""
 
@@ -136,7 +147,7 @@ class MissBatPatch(Patch):
         """``(out/r, in/r, r, r)`` view: ``[i, j]`` is tile W_ij."""
         out, inp = W.shape
         r = self.r
-        return W.view(out // r, r, inp // r, r).permute(0, 2, 1, 3)
+        return W.reshape(out // r, r, inp // r, r).permute(0, 2, 1, 3)
 
     def _change(self, W: torch.Tensor) -> torch.Tensor:
         """``W_ij B_i + B_i`` for every tile, in W's layout (PEFT's delta, same operation order)."""
@@ -186,10 +197,19 @@ class MissBatPatch(Patch):
         remerged = Xd @ B[:, None] + B[:, None] + Xd
         residual = (remerged - tiles).abs().max().item()
         scale = max(tiles.abs().max().item(), 1e-30)
-        self.notes.append(f"{self.key} (bat) unmerge solved W = (W' - B)(I + B)^-1 per {self.r}x{self.r} tile in "
-                          f"float64: re-merging it (in float64, after rounding to {str(W.dtype).removeprefix('torch.')}) reproduces the merged weight to max abs {residual:.3g} "
-                          f"(relative {residual / scale:.3g}); max cond(I+B) = {self.conditions().max().item():.3g}, "
-                          "which bounds how much the merged file's rounding is amplified")
+        # The merged file was rounded to some precision; that rounding E comes back as E (I+B_i)^-1.
+        precision, bits = _stored_precision(W)
+        inv_norm = torch.linalg.inv(eye + B).abs().sum(-2).amax(-1)  # ||(I+B_i)^-1||_1 per tile row
+        band_max = tiles.abs().amax(dim=(1, 2, 3))
+        bound = (torch.exp2(torch.floor(torch.log2(band_max.clamp_min(1e-30))) - bits) / 2 * inv_norm).max().item()
+        w_max = max(Xd.abs().max().item(), 1e-30)
+        dtype = str(W.dtype).removeprefix("torch.")
+        self.notes.append(
+            f"{self.key} (bat) unmerge is approximate: W = (W' - B)(I + B)^-1 solved per {self.r}x{self.r} tile in "
+            f"float64; re-merging the solution (rounded to {dtype}) reproduces the merged weight to max abs "
+            f"{residual:.3g} (relative {residual / scale:.3g}); the merged weight's own {precision} rounding, "
+            f"amplified by (I+B)^-1 (max cond {self.conditions().max().item():.3g}), can leave W off by up to "
+            f"{bound:.3g} ({bound / w_max:.3g} of max|W|)")
         W.copy_(X.permute(0, 2, 1, 3).reshape(W.shape))
         return tensors
 
