@@ -21,7 +21,7 @@ from .checkpoint import (Checkpoint, CheckpointWriter, TensorSpec, atomic_output
                          copy_side_files, plan_shards)
 from .checkpoint.dtypes import dtype_name
 from .checkpoint.reader import SAFETENSORS_INDEX_SUFFIX
-from .errors import InputError, NotInvertibleError
+from .errors import InputError, NotInvertibleError, WsurgeryError
 from .methods import AdditivePatch, Patch
 
 # Tensor names whose row count is the vocabulary size recorded in config.json.
@@ -86,7 +86,10 @@ def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str
                 job.tensors[role] = name
                 roles.append(role)
             role_shapes = {r: shapes[job.tensors[r]] for r in roles}
-            patch.check(role_shapes)
+            try:
+                patch.check(role_shapes)
+            except WsurgeryError as e:
+                raise type(e)(f"adapter {adapter.folder}: {e}") from None
             for r, s in patch.output_shapes(role_shapes).items():
                 shapes[job.tensors[r]] = s
             if direction == "unmerge":
@@ -144,21 +147,18 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
     with atomic_output_dir(out, overwrite) as tmp:
         writer = CheckpointWriter(tmp, shards, index_name if sharded else None)
         try:
-            bar = tqdm(total=base.total_bytes, unit="B", unit_scale=True, disable=not progress,
-                       desc=plan.direction, leave=False)
-            for name, info in base.tensors.items():
-                job_name = plan.owner.get(name)
-                if job_name is None:
-                    t = base.read(name)
-                    writer.write(name, t.to(spec_of[name].dtype))
-                    bar.update(info.nbytes)
-                elif job_name not in done_jobs:
-                    done_jobs.add(job_name)
-                    job = plan.jobs[job_name]
-                    for tensor_name, tensor in _run_job(base, job, plan.direction).items():
-                        writer.write(tensor_name, tensor.to(spec_of[tensor_name].dtype))
-                        bar.update(base.tensors[tensor_name].nbytes)
-            bar.close()
+            with tqdm(total=base.total_bytes, unit="B", unit_scale=True, disable=not progress,
+                      desc=plan.direction, leave=False) as bar:
+                for name, info in base.tensors.items():
+                    job_name = plan.owner.get(name)
+                    if job_name is None:
+                        writer.write(name, base.read(name).to(spec_of[name].dtype))
+                        bar.update(info.nbytes)
+                    elif job_name not in done_jobs:
+                        done_jobs.add(job_name)
+                        for tensor_name, tensor in _run_job(base, plan.jobs[job_name], plan.direction).items():
+                            writer.write(tensor_name, tensor.to(spec_of[tensor_name].dtype))
+                            bar.update(base.tensors[tensor_name].nbytes)
             writer.close()
         except BaseException:
             writer.abort()
