@@ -52,9 +52,10 @@ def describe_adapter(adapter: Adapter, base: Checkpoint | None = None) -> dict[s
             "module": p.module,
             "base_tensors": [f"{target}.{r}" if target else r for r in p.roles],
             **p.describe(),
-            "unmerge": "exact" if p.why_not_invertible() is None else "impossible: " + p.why_not_invertible(),
+            "unmerge": p.unmerge_status(),
         })
-    not_invertible = [m for m in modules if m["unmerge"] != "exact"]
+    not_invertible = [m for m in modules if m["unmerge"].startswith("impossible")]
+    approximate = [m for m in modules if m["unmerge"] == "approximate"]
     return {
         "type": "adapter",
         "folder": str(adapter.folder),
@@ -69,7 +70,8 @@ def describe_adapter(adapter: Adapter, base: Checkpoint | None = None) -> dict[s
         "num_parameters": adapter.num_parameters,
         "dtypes": sorted(dtype_name(d) for d in adapter.dtypes),
         "merge": "yes",
-        "unmerge": "exact" if not not_invertible else f"impossible for {len(not_invertible)} module(s)",
+        "unmerge": (f"impossible for {len(not_invertible)} module(s)" if not_invertible
+                    else f"approximate for {len(approximate)} module(s)" if approximate else "exact"),
         "modules": modules,
     }
 
@@ -102,7 +104,9 @@ def format_text(info: dict[str, Any]) -> str:
     lines.append(f"merge       {info['merge']}   unmerge {info['unmerge']}")
     lines.append("")
     for m in info["modules"]:
-        facts = "  ".join(f"{k}={m[k]:.6g}" if isinstance(m[k], float) else f"{k}={m[k]}"
-                          for k in ("kind", "rank", "alpha", "scaling", "dora", "shape") if k in m)
+        facts = "  ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in m.items() if k not in ("module", "base_tensors", "unmerge"))
+        if m["unmerge"] != "exact":
+            facts += f"  unmerge={m['unmerge'].split(':')[0]}"
         lines.append(f"  {', '.join(m['base_tensors'])}  {facts}")
     return "\n".join(lines)

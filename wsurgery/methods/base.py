@@ -52,6 +52,8 @@ class Patch(ABC):
 
     #: Replacements (modules_to_save, saved biases) run before method patches on the same module.
     priority: ClassVar[int] = 1
+    #: True where ``revert`` solves for W numerically (its residual goes to ``notes``).
+    approximate_inverse: ClassVar[bool] = False
 
     def __init__(self, module: str, roles: tuple[str, ...], optional_roles: tuple[str, ...] = ()):
         self.module = module
@@ -91,6 +93,13 @@ class Patch(ABC):
     def describe(self) -> dict[str, Any]:
         """Facts for ``inspect``: rank, alpha, scaling, layer kind..."""
         return {}
+
+    def unmerge_status(self) -> str:
+        """``exact``, ``approximate`` or ``impossible: <reason>``, for ``inspect``."""
+        reason = self.why_not_invertible()
+        if reason is not None:
+            return f"impossible: {reason}"
+        return "approximate" if self.approximate_inverse else "exact"
 
     # -- scaled application, shared by all methods -----------------------------------------------
     def merge(self, tensors: Tensors, scale: float) -> Tensors:

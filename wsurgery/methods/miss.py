@@ -126,6 +126,8 @@ def _stored_precision(W: torch.Tensor) -> tuple[str, int]:
 class MissBatPatch(Patch):
     """``bat``: ``W'_ij = W_ij (I + B_i) + B_i`` on r x r tiles, ``block (out/r, r, r)``."""
 
+    approximate_inverse = True
+
     def __init__(self, module: str, key: str, block: torch.Tensor):
         super().__init__(module, ("weight",))
         self.key, self.block = key, block
