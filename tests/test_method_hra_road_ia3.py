@@ -7,15 +7,29 @@ Every adapter parameter is random and non-trivial: HRA's reflections are not PEF
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from oracle import (
+    assert_close_to,
+    conv_net,
+    load_all,
+    make_adapter,
+    oracle_merge,
+    reload,
+    run_case,
+    save_base,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    ulp,
+)
 from peft import HRAConfig, IA3Config, RoadConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import wsurgery
-from oracle import (assert_close_to, ulp, conv_net, load_all, make_adapter, oracle_merge, reload, run_case, save_base,
-                    tiny_bert, tiny_gpt2, tiny_llama)
 from wsurgery.errors import InputError, NotInvertibleError
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -213,7 +227,6 @@ def test_road_refuses_variant_that_does_not_fit(tmp_path):
     adapter_dir = make_adapter(tiny_llama(), RoadConfig(variant="road_2", group_size=16, target_modules=["q_proj"]),
                                tmp_path / "adapter")
     # The same vector read with another variant in the config no longer fits the layer.
-    import json
     cfg_path = adapter_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["variant"] = "road_4"
@@ -286,8 +299,8 @@ def test_ia3_grouped_conv(tmp_path):
 def test_ia3_zero_scale_merges_but_refuses_unmerge(tmp_path):
     cfg = IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
     key = "base_model.model.model.layers.1.mlp.down_proj.ia3_l"
-    _, adapter_dir, base, merged = _oracle_case(tmp_path, tiny_llama(), cfg,
-                                                edit=lambda t: t[key].__setitem__((0, 7), 0.0))
+    _, adapter_dir, _, merged = _oracle_case(tmp_path, tiny_llama(), cfg,
+                                             edit=lambda t: t[key].__setitem__((0, 7), 0.0))
     assert (merged["model.layers.1.mlp.down_proj.weight"][:, 7] == 0).all()
     with pytest.raises(NotInvertibleError,
                        match=r"layers\.1\.mlp\.down_proj: ia3_l is 0 .* 1 input feature\(s\) \(e\.g\. index 7\)"):
@@ -299,7 +312,6 @@ def test_ia3_feedforward_rule_that_contradicts_shapes(tmp_path):
     base_dir = save_base(tiny_llama(), tmp_path / "base")
     cfg = IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
     adapter_dir = make_adapter(tiny_llama(), cfg, tmp_path / "adapter")
-    import json
     path = adapter_dir / "adapter_config.json"
     raw = json.loads(path.read_text())
     raw["feedforward_modules"] = ["q_proj"]

@@ -35,7 +35,7 @@ class HraPatch(Patch):
         self.rank = u.shape[1]
         self._core: tuple[torch.Tensor, torch.Tensor] | None = None
         self._inverse: torch.Tensor | None = None
-        self._kind = "linear"
+        self._kind: str | None = None  # known once check() has seen the base weight
 
     # -- the operator ----------------------------------------------------------------------------
     def _directions(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +116,7 @@ class HraPatch(Patch):
                 hint = " (PEFT sizes hra_u by kernel_size[0]² and so cannot merge non-square kernels)"
             raise InputError(f"{self.module}: hra_u is {list(self.u.shape)}, so HRA needs a weight with "
                              f"{n} inputs per output, but the base weight is {list(w)}{hint}")
-        if len(w) > 2:
-            self._kind = "conv"
+        self._kind = "conv2d" if len(w) > 2 else "linear"
         self._directions()  # refuse a damaged hra_u before any data is read
 
     def apply(self, tensors: Tensors) -> Tensors:
@@ -125,6 +124,10 @@ class HraPatch(Patch):
         return {"weight": self._transform(tensors["weight"], T)}
 
     def revert(self, tensors: Tensors) -> Tensors:
+        deviation = self.orthogonality_deviation()
+        if deviation > 1e-5:
+            self.notes.append(f"HRA: H is {deviation:.2g} from orthogonal (|HᵀH − I|₂); unmerge applied its exact "
+                              "inverse, not the reversed reflections")
         return {"weight": self._transform(tensors["weight"], self._inverse_core())}
 
     def why_not_invertible(self) -> str | None:
@@ -135,7 +138,8 @@ class HraPatch(Patch):
         return None
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self._kind, "rank": self.rank, "apply_GS": self.apply_gs,
+        kind = {"kind": self._kind} if self._kind else {}
+        return {**kind, "rank": self.rank, "inputs": self.u.shape[0], "apply_GS": self.apply_gs,
                 "orthogonality_deviation": self.orthogonality_deviation()}
 
 

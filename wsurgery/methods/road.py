@@ -49,7 +49,7 @@ class RoadPatch(Patch):
     def __init__(self, module: str, variant: str, group: int, theta: torch.Tensor, alpha: torch.Tensor):
         super().__init__(module, ("weight",), optional_roles=("bias",))
         self.variant, self.group, self.theta, self.alpha = variant, group, theta, alpha
-        self.out = int(round(theta.numel() / _LENGTH[variant]))
+        self.out = round(theta.numel() / _LENGTH[variant])
         self._cols: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- coefficients ------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ class RoadPatch(Patch):
 
     def revert(self, tensors: Tensors) -> Tensors:
         a, b, c, d = self.blocks()
-        det = a * d + b * c
+        det = self.determinants()
         # [[a, −b], [c, d]]⁻¹ = [[d, b], [−c, a]] / det
         inv = (d / det, -b / det, -c / det, a / det)  # in _rotate's (a, b, c, d) convention
         cond = self.condition()
