@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import json
 
+import oracle
 import pytest
 import torch
+from oracle import load_all, run_case
 from peft import BOFTConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import oracle
 import wsurgery
-from oracle import load_all, run_case
-from wsurgery.adapters import load_adapter
 from wsurgery.errors import InputError, NotInvertibleError
+from wsurgery.methods import boft
 
 LLAMA = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -48,6 +48,9 @@ def randomize_boft(peft_model, seed: int = 1, std: float = 0.08) -> None:
                 p.copy_((noise * std).to(p.dtype))
             elif "boft_s" in name:
                 p.copy_((1 + 0.1 * noise).to(p.dtype))
+            elif name.endswith("bias"):  # bias="boft_only"/"all": trained biases, saved and replaced
+                p.copy_((p.float() + 0.1 * noise).to(p.dtype))
+                continue
             else:
                 raise AssertionError(f"unexpected trainable parameter {name}")
             seen.add(name.split(".")[-2])
@@ -178,11 +181,26 @@ def test_conv2d_block_size(tmp_path, peft_boft, dtype, factors):
     assert tensors["base_model.model.fc.boft_s"].shape == (7, 1)
 
 
-def test_conv2d_block_num_two_factors(tmp_path, peft_boft):
+def test_conv2d_block_num_two_factors(tmp_path, peft_boft, monkeypatch):
     peft_boft(2)
+    monkeypatch.setattr(boft, "CHUNK_ELEMENTS", 100)  # one output row per chunk, merge and unmerge
     cfg = BOFTConfig(boft_block_size=0, boft_block_num=6, boft_n_butterfly_factor=2, target_modules=["conv"])
     _, adapter_dir, _ = run_case(tmp_path, boft_conv_net(), cfg)
     _check_saved_shapes(adapter_dir, 2, block_size=12, block_num=6)
+
+
+def test_bf16_adapter_on_fp32_conv_net_with_trained_biases(tmp_path, peft_boft):
+    """A bf16-saved adapter (PEFT upcasts it to fp32 on load) and bias="boft_only" (the trained biases of
+    the targeted layers replace the base's; unmerging those is refused: the originals are not saved)."""
+    peft_boft(2)
+    cfg = BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["conv", "fc"], bias="boft_only")
+    _, adapter_dir, _ = run_case(tmp_path, boft_conv_net(), cfg, adapter_dtype=torch.bfloat16,
+                                 check_unmerge=False)
+    tensors = _check_saved_shapes(adapter_dir, 2)
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert "base_model.model.conv.base_layer.bias" in tensors
+    with pytest.raises(NotInvertibleError, match=r"replaces (conv|fc)\.bias"):
+        wsurgery.unmerge(tmp_path / "merged", adapter_dir, tmp_path / "unmerged", progress=False)
 
 
 # -- the CPU quirk, inspect, unmerge refusal, bad input ------------------------------------------------------------

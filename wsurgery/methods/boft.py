@@ -86,38 +86,64 @@ def cayley(R: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye + S, eye - S, left=False)
 
 
+# Rows are rotated independently, so the weight is processed in row chunks of about this many
+# elements, in place: peak memory stays near one copy of the weight plus a few chunks.
+CHUNK_ELEMENTS = 1 << 22
+
+
 def _permute_cols(W: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return W if index is None else W.index_select(1, index)
 
 
-def rotate_rows(W: torch.Tensor, blocks: torch.Tensor, perms: list[torch.Tensor | None]) -> torch.Tensor:
-    """``W·Mᵀ`` for ``M = M_{N−1}⋯M_0``, ``M_i = P_i·blockdiag(blocks[i])·P_iᵀ``; W is (rows, n).
+def _factors(X: torch.Tensor, blocks: torch.Tensor, perms: list[torch.Tensor | None], levels) -> torch.Tensor:
+    """``X·(P_i·blockdiag(blocks[i])·P_iᵀ)ᵀ`` for each level i in ``levels``, in that order; X is (rows, n).
 
-    ``W·M_iᵀ = ((W·P_i)·Bᵀ)·P_iᵀ``: ``W·P_i`` takes columns ``perm⁻¹``, ``X·P_iᵀ`` takes columns ``perm``.
+    ``X·(P·B·Pᵀ)ᵀ = ((X·P)·Bᵀ)·Pᵀ``: ``X·P`` takes the columns ``perm⁻¹``, ``Y·Pᵀ`` the columns ``perm``
+    (``P[j, perm[j]] = 1``), and ``·Bᵀ`` is one small product per block.
     """
-    rows, n = W.shape
+    rows, n = X.shape
     _, D, b, _ = blocks.shape
-    for i in range(blocks.shape[0]):
+    for i in levels:
         perm = perms[i]
-        inv = None if perm is None else torch.argsort(perm)
-        X = _permute_cols(W, inv).reshape(rows, D, b)
-        W = torch.einsum("odk,djk->odj", X, blocks[i]).reshape(rows, n)
-        W = _permute_cols(W, perm)
+        X = _permute_cols(X, None if perm is None else torch.argsort(perm)).reshape(rows, D, b)
+        X = torch.einsum("odk,djk->odj", X, blocks[i]).reshape(rows, n)
+        X = _permute_cols(X, perm)
+    return X
+
+
+def rotate_rows(W: torch.Tensor, blocks: torch.Tensor, perms: list[torch.Tensor | None],
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+    """In place: ``W ← (W·Mᵀ) ⊙ scale`` for ``M = M_{N−1}⋯M_0``, ``M_i = P_i·blockdiag(blocks[i])·P_iᵀ``."""
+    rows, n = W.shape
+    blocks = blocks.to(W.dtype)
+    step = max(1, CHUNK_ELEMENTS // max(n, 1))
+    for start in range(0, rows, step):
+        chunk = W[start:start + step]
+        out = _factors(chunk, blocks, perms, range(blocks.shape[0]))
+        if scale is not None:
+            out = out * scale[start:start + step].to(W.dtype).reshape(-1, 1)
+        chunk.copy_(out)
     return W
 
 
-def unrotate_rows(W: torch.Tensor, blocks: torch.Tensor, perms: list[torch.Tensor | None]) -> torch.Tensor:
-    """The exact inverse of ``rotate_rows``: ``W·M⁻ᵀ``, solving every block in float64."""
+def unrotate_rows(W: torch.Tensor, blocks: torch.Tensor, perms: list[torch.Tensor | None],
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
+    """In place, the exact inverse of ``rotate_rows``: ``W ← (W ⊘ scale)·M⁻ᵀ``, in float64.
+
+    Every block is inverted by a float64 solve (``B⁻¹ = solve(B, I)``, not ``Bᵀ``: this undoes the
+    float32 blocks the merge applied, whether or not they are exactly orthogonal), and the factors
+    are undone in reverse order: ``M⁻ᵀ = M_{N−1}⁻ᵀ⋯M_0⁻ᵀ`` applied to the right, last level first.
+    """
     rows, n = W.shape
-    _, D, b, _ = blocks.shape
-    W = W.to(torch.float64)
-    for i in reversed(range(blocks.shape[0])):
-        perm = perms[i]
-        inv = None if perm is None else torch.argsort(perm)
-        X = _permute_cols(W, inv).reshape(rows, D, b).transpose(0, 1)  # (D, rows, b)
-        # Y·Bᵀ = X  ⇒  Y = X·B⁻ᵀ, per block
-        Y = torch.linalg.solve(blocks[i].to(torch.float64).transpose(-1, -2), X, left=False)
-        W = _permute_cols(Y.transpose(0, 1).reshape(rows, n), perm)
+    B = blocks.to(torch.float64)
+    inv = torch.linalg.solve(B, torch.eye(B.shape[-1], dtype=torch.float64).expand_as(B))
+    step = max(1, CHUNK_ELEMENTS // max(n, 1))
+    for start in range(0, rows, step):
+        chunk = W[start:start + step]
+        X = chunk.to(torch.float64)
+        if scale is not None:
+            X = X / scale[start:start + step].to(torch.float64).reshape(-1, 1)
+        chunk.copy_(_factors(X, inv, perms, reversed(range(B.shape[0]))))
     return W
 
 
@@ -180,21 +206,17 @@ class BoftPatch(Patch):
 
     # -- the change ---------------------------------------------------------------------------------
     def apply(self, tensors: Tensors) -> Tensors:
-        W = tensors["weight"]
-        shape, dtype = W.shape, W.dtype
-        out = rotate_rows(W.reshape(shape[0], -1), self.blocks.to(dtype), self.perms)
-        out.mul_(self.s.to(dtype).reshape(-1, 1))
-        return {"weight": out.reshape(shape)}
+        W = tensors["weight"].contiguous()
+        rotate_rows(W.view(W.shape[0], -1), self.blocks, self.perms, self.s.reshape(-1))
+        return {"weight": W}
 
     def revert(self, tensors: Tensors) -> Tensors:
         reason = self.why_not_invertible()
         if reason is not None:
             raise NotInvertibleError(f"{self.module}: {reason}")
-        W = tensors["weight"]
-        shape, dtype = W.shape, W.dtype
-        X = W.reshape(shape[0], -1).to(torch.float64) / self.s.to(torch.float64).reshape(-1, 1)
-        out = unrotate_rows(X, self.blocks, self.perms)
-        return {"weight": out.reshape(shape).to(dtype)}
+        W = tensors["weight"].contiguous()
+        unrotate_rows(W.view(W.shape[0], -1), self.blocks, self.perms, self.s.reshape(-1))
+        return {"weight": W}
 
     def why_not_invertible(self) -> str | None:
         zeros = int((self.s == 0).sum())
