@@ -17,9 +17,8 @@ from safetensors.torch import load_file, save_file
 import wsurgery
 from oracle import (assert_close_to, load_all, make_adapter, oracle_merge, reload, run_case, save_base, tiny_bert,
                     tiny_llama)
-from wsurgery.adapters import load_adapter
-from wsurgery.errors import InputError, NotInvertibleError
-from wsurgery.methods.trainable_tokens import TokenPatch, token_indices_for, token_patch
+from wsurgery.errors import InputError, NotInvertibleError, UnsupportedError
+from wsurgery.methods.trainable_tokens import token_indices_for
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 TOKENS = [0, 5, 7, 90]  # first and near-last rows included
@@ -117,9 +116,9 @@ def test_trainable_tokens_scale_moves_only_the_rows(tmp_path):
     assert_close_to(load_all(tmp_path / "half"), half)
 
 
-def test_tied_copy_is_folded_and_reproduces_peft_on_a_stored_head(tmp_path):
-    """A tied model whose checkpoint stores ``lm_head.weight`` too: PEFT changes the head's rows as well.
-    The folded tied-copy patch names the head (``tied_module``); applied there it gives PEFT's head."""
+def test_tied_model_whose_checkpoint_stores_the_head(tmp_path):
+    """A tied model whose checkpoint stores ``lm_head.weight`` too: PEFT changes the head's rows as well,
+    through the tied copy it saves under ``lm_head``; here that copy applies to the stored head."""
     model = tiny_llama(tie=True)
     base_dir = save_base(model, tmp_path / "base")
     weights = load_file(base_dir / "model.safetensors")
@@ -128,36 +127,35 @@ def test_tied_copy_is_folded_and_reproduces_peft_on_a_stored_head(tmp_path):
     adapter_dir = make_adapter(model, TrainableTokensConfig(token_indices=TOKENS), tmp_path / "adapter")
     expected = oracle_merge(reload(model, base_dir, torch.float32), adapter_dir)
     assert not torch.equal(expected["lm_head.weight"], weights["lm_head.weight"])
-
-    patches = load_adapter(adapter_dir).patches()
-    tied = [p for p in patches if isinstance(p, TokenPatch) and p.tied_module]
-    assert [(p.module, p.tied_module) for p in tied] == [("model.embed_tokens", "lm_head")]
-    head = token_patch("lm_head", tied[0].rows, tied[0].indices).apply({"weight": weights["lm_head.weight"].clone()})
-    assert_close_to({"lm_head.weight": head["weight"]}, expected)
+    wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+    assert_close_to(load_all(tmp_path / "merged"), expected)
 
 
-def test_lora_trainable_token_indices_rows_match_peft(tmp_path):
-    """The helpers the LoRA loader will use: ``token_indices_for`` + ``token_patch`` on the
-    ``token_adapter`` tensors of a LoRA adapter give PEFT's merged embedding and head."""
-    model = tiny_llama()
-    option = {"embed_tokens": [1, 4, 9], "lm_head": [2, 3]}
-    base_dir = save_base(model, tmp_path / "base")
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_lora_with_trainable_token_indices(tmp_path, tie):
+    """LoRA's ``trainable_token_indices`` (a dict of layer -> rows) saves ``token_adapter`` tensors inside
+    the LoRA adapter; they merge with the LoRA, as PEFT does."""
+    option = {"embed_tokens": [1, 4, 9]} if tie else {"embed_tokens": [1, 4, 9], "lm_head": [2, 3]}
     cfg = LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=option)
-    adapter_dir = make_adapter(model, cfg, tmp_path / "adapter")
-    expected = oracle_merge(reload(model, base_dir, torch.float32), adapter_dir)
-    base = load_all(base_dir)
-    saved = json.loads((adapter_dir / "adapter_config.json").read_text())["trainable_token_indices"]
-    for module in ("model.embed_tokens", "lm_head"):
-        delta = _adapter_tensors(adapter_dir)[f"base_model.model.{module}.token_adapter.trainable_tokens_delta"]
-        patch = token_patch(module, delta, token_indices_for(saved, module))
-        got = patch.apply({"weight": base[f"{module}.weight"].clone()})["weight"]
-        assert not torch.equal(got, base[f"{module}.weight"])
-        assert_close_to({f"{module}.weight": got}, expected)
+    _, _, merged = run_case(tmp_path, tiny_llama(tie=tie), cfg, check_unmerge=False)
+    base = load_all(tmp_path / "base")
+    emb = "model.embed_tokens.weight"
+    assert (merged[emb] != base[emb]).any(dim=1).nonzero().flatten().tolist() == [1, 4, 9]
     assert token_indices_for([7, 8], "model.embed_tokens") == [7, 8]
     with pytest.raises(InputError, match="names no layer"):
         token_indices_for(option, "model.layers.0.mlp.up_proj")
     with pytest.raises(InputError, match="several"):
         token_indices_for({"tokens": [1], "embed_tokens": [2]}, "model.embed_tokens")
+
+
+def test_lora_on_a_tied_head_that_the_checkpoint_does_not_store_is_refused(tmp_path):
+    """PEFT would fold the head's LoRA into the shared embedding (changing the input side too)."""
+    model = tiny_llama(tie=True)
+    base_dir = save_base(model, tmp_path / "base")
+    adapter_dir = make_adapter(model, LoraConfig(r=2, target_modules=["lm_head", "q_proj"]), tmp_path / "adapter")
+    with pytest.raises(UnsupportedError, match="ties to model.embed_tokens"):
+        wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+    assert not (tmp_path / "merged").exists()
 
 
 def _tokens_adapter(tmp_path, indices=TOKENS):

@@ -21,12 +21,25 @@ from .checkpoint import (Checkpoint, CheckpointWriter, TensorSpec, atomic_output
                          copy_side_files, plan_shards)
 from .checkpoint.dtypes import dtype_name
 from .checkpoint.reader import SAFETENSORS_INDEX_SUFFIX
-from .errors import InputError, NotInvertibleError, WsurgeryError
+from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
 from .methods import AdditivePatch, Patch
 
 # Tensor names whose row count is the vocabulary size recorded in config.json.
 _INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                              "tok_embeddings.weight", "shared.weight")
+# Output heads that tied checkpoints leave out (the input embedding serves as the head).
+_OUTPUT_HEADS = ("lm_head", "embed_out", "output")
+
+
+def tied_heads(base: Checkpoint) -> dict[str, str]:
+    """``{head module: input-embedding module}`` for heads a tied checkpoint does not store."""
+    if not (base.config or {}).get("tie_word_embeddings", True):
+        return {}
+    embeddings = [n for n in base.tensors if n.endswith(_INPUT_EMBEDDING_SUFFIXES)]
+    if len(embeddings) != 1:
+        return {}
+    embedding = embeddings[0].rpartition(".")[0]
+    return {head: embedding for head in _OUTPUT_HEADS if f"{head}.weight" not in base.tensors}
 
 
 @dataclass
@@ -69,11 +82,20 @@ def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str
     jobs: dict[str, ModuleJob] = {}
     shapes: dict[str, tuple[int, ...]] = {n: t.shape for n, t in base.tensors.items()}
     base_desc = f"base {base.index_file or (base.shards[0] if len(base.shards) == 1 else base.folder)}"
+    tied = tied_heads(base)
     for adapter, scale in adapters:
         patches = sorted(adapter.patches(), key=lambda p: p.priority)
-        mapping = map_modules([p.module for p in patches], base.tensors, f"adapter {adapter.folder}", base_desc)
+        mapping = map_modules([p.module for p in patches], [*base.tensors, *(f"{h}.weight" for h in tied)],
+                              f"adapter {adapter.folder}", base_desc)
         for patch in patches:
             module = mapping[patch.module]
+            if module in tied:
+                if any(mapping[q.module] == tied[module] and patch.same_change(q) for q in patches):
+                    continue  # PEFT's second copy of a change to the tied pair: applied once, via the embedding
+                raise UnsupportedError(
+                    f"adapter {adapter.folder}: changes {module}, which {base_desc} ties to {tied[module]} and does "
+                    "not store; PEFT would fold the change into the shared tensor and so change the input "
+                    f"embedding as well. Store an untied {module}.weight in the base to merge it")
             job = jobs.setdefault(module, ModuleJob(module))
             roles = []
             for role in (*patch.roles, *patch.optional_roles):

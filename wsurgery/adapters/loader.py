@@ -18,6 +18,8 @@ from ..checkpoint.reader import _load_bin
 from ..checkpoint.safetensors_file import read_header, read_tensor
 from ..errors import InputError
 from ..methods import Method, ModuleParams, Patch, ReplacePatch, get_method
+from ..methods.trainable_tokens import PARAM as TOKENS_PARAM
+from ..methods.trainable_tokens import token_indices_for, token_patch
 from .config import AdapterConfig, load_config
 
 MODEL_PREFIX = "base_model.model."
@@ -38,7 +40,12 @@ class Replacement:
 
 @dataclass
 class Adapter:
-    """A PEFT adapter, read and grouped; tensors are small enough to hold in memory."""
+    """A PEFT adapter, read and grouped; tensors are small enough to hold in memory.
+
+    Besides the method's own per-module tensors, PEFT's auxiliary wrappers that any method may carry
+    become patches too: ``modules_to_save`` and saved biases (``replacements``) and trainable tokens
+    (``tokens``).
+    """
 
     folder: Path
     file: Path
@@ -47,6 +54,7 @@ class Adapter:
     modules: dict[str, ModuleParams] = field(default_factory=dict)
     replacements: dict[str, list[Replacement]] = field(default_factory=dict)  # by adapter-side tensor name
     shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: list[Patch] = field(default_factory=list)  # ``trainable_token_indices`` rows, any method
     num_tensors: int = 0
     num_parameters: int = 0
     dtypes: set[torch.dtype] = field(default_factory=set)
@@ -61,6 +69,7 @@ class Adapter:
             new = trained[0] if trained else copies[0]
             original = copies[0].tensor if copies else None
             out.append(ReplacePatch(module, role, new.tensor, new.key, original))
+        out.extend(self.tokens)
         for params in self.modules.values():
             out.append(self.method.patch(params))
         return out
@@ -135,6 +144,12 @@ def load_adapter(path: str | Path) -> Adapter:
         else:
             rest = key  # very old PEFT and some tools save without the prefix
         parts = rest.split(".")
+        if parts[-2:] == ["token_adapter", TOKENS_PARAM]:
+            # PEFT's TrainableTokens wrapper, which any method may carry (``trainable_token_indices``).
+            module = ".".join(parts[:-2])
+            indices = token_indices_for(config.get("trainable_token_indices"), module, str(config.path))
+            adapter.tokens.append(token_patch(module, tensor, indices, key))
+            continue
         cut = next((i for i, p in enumerate(parts) if p in method.param_names), None)
         if cut is not None and cut > 0:
             module, param = ".".join(parts[:cut]), ".".join(parts[cut:])

@@ -94,6 +94,10 @@ class Patch(ABC):
         """Facts for ``inspect``: rank, alpha, scaling, layer kind..."""
         return {}
 
+    def same_change(self, other: Patch) -> bool:
+        """True if ``other`` makes exactly this change (PEFT saves some changes twice for tied weights)."""
+        return False
+
     def unmerge_status(self) -> str:
         """``exact``, ``approximate`` or ``impossible: <reason>``, for ``inspect``."""
         reason = self.why_not_invertible()

@@ -29,7 +29,7 @@ _NO_MERGE_OPTIONS = {
     "arrow_config": "Arrow routes each token between several LoRAs at run time",
 }
 # Options this release does not cover yet; refusing beats a silently wrong merge.
-_NOT_YET = ("use_bdlora", "kasa_config", "target_parameters", "layer_replication", "trainable_token_indices")
+_NOT_YET = ("use_bdlora", "kasa_config", "target_parameters", "layer_replication")
 
 
 class LoraPatch(AdditivePatch):

@@ -8,9 +8,9 @@ only (``trainable_tokens_original`` is never saved), so unmerging is impossible 
 
 Tied embeddings (``tie_word_embeddings``): PEFT puts a second layer, tied to the embedding's, on the
 output head and merges both; the head then holds the same new rows. PEFT 0.21 also saves the tied
-layer's tensor under the head's name (``lm_head.trainable_tokens_delta``, the same tensor). A tied
-checkpoint usually stores no ``lm_head.weight`` at all (the embedding is the head), so such a tied copy
-is folded onto the embedding it duplicates: see ``TokenPatch.tied_module``.
+layer's tensor under the head's name (``lm_head.trainable_tokens_delta``, the same tensor). Each saved
+tensor becomes a patch of its own module; where a tied checkpoint stores no head, the engine sees that
+the head's patch makes the same change as the embedding's (``same_change``) and applies it once.
 
 Reuse: LoRA's ``trainable_token_indices`` option saves the same tensor as
 ``<embedding>.token_adapter.trainable_tokens_delta`` inside a LoRA adapter. ``token_patch`` builds the
@@ -20,9 +20,6 @@ patch for such a tensor, and ``token_indices_for`` resolves LoRA's option (a lis
 
 from __future__ import annotations
 
-import functools
-import re
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,17 +36,16 @@ PARAM = "trainable_tokens_delta"
 class TokenPatch(Patch):
     """``W[indices] = rows`` on a ``(V, d)`` embedding or output-head weight."""
 
-    def __init__(self, module: str, rows: torch.Tensor, indices: list[int], key: str | None = None,
-                 tied_module: str | None = None):
+    def __init__(self, module: str, rows: torch.Tensor, indices: list[int], key: str | None = None):
         super().__init__(module, ("weight",))
         self.rows = rows
         self.indices = list(indices)
         self.key = key or f"{module}.{PARAM}"  # the adapter key, for messages
-        # Set when this patch is PEFT's tied copy for another module (usually ``lm_head``), folded onto
-        # the embedding it duplicates. An engine that knows the base may instead apply it to
-        # ``tied_module`` where the base stores that tensor separately (then PEFT changes both).
-        self.tied_module = tied_module
         _check_indices(self.indices, rows, self.key)
+
+    def same_change(self, other: Patch) -> bool:
+        return (isinstance(other, TokenPatch) and other.indices == self.indices
+                and torch.equal(other.rows, self.rows))
 
     def check(self, shapes: Shapes) -> None:
         w = shapes["weight"]
@@ -82,11 +78,8 @@ class TokenPatch(Patch):
                 "the original rows; take those rows from the base checkpoint instead of unmerging")
 
     def describe(self) -> dict[str, Any]:
-        kind = f"replace {len(self.indices)} token row(s)"
-        if self.tied_module:
-            kind += f" (PEFT's tied copy saved for {self.tied_module})"
-        return {"kind": kind, "indices": self.indices[:16], "shape": list(self.rows.shape),
-                "tied_module": self.tied_module}
+        return {"kind": f"replace {len(self.indices)} token row(s)", "indices": self.indices[:16],
+                "shape": list(self.rows.shape)}
 
 
 def _check_indices(indices: list[int], rows: torch.Tensor, key: str) -> None:
@@ -138,53 +131,6 @@ def token_indices_for(option: list[int] | dict[str, list[int]] | None, module: s
     raise InputError(f"{where}: saved token rows for {module!r} but has no trainable_token_indices in its config")
 
 
-def _is_targeted(target_modules: str | list[str] | None, module: str) -> bool:
-    """PEFT's ``check_target_module_exists`` rule: a string is a full-match regex, a list is matched by
-    equality or a ``.name`` suffix."""
-    if target_modules is None:
-        return True
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, module) is not None
-    return module in target_modules or any(module.endswith(f".{t}") for t in target_modules)
-
-
-@functools.lru_cache(maxsize=16)
-def _token_tensors(folder: str, stamp: tuple) -> dict[str, torch.Tensor]:
-    """Every token tensor in the adapter file, by module path (prefix stripped); they are small."""
-    from ..adapters.loader import MODEL_PREFIX  # late: adapters import methods
-
-    path = Path(folder)
-    suffix = "." + PARAM
-    st = path / "adapter_model.safetensors"
-    if st.is_file():
-        from ..checkpoint.safetensors_file import read_header, read_tensor
-
-        infos = read_header(st)[0]
-        found = {n: read_tensor(info) for n, info in infos.items() if n.endswith(suffix)}
-    else:
-        from ..checkpoint.reader import _load_bin
-
-        found = {n: t for n, t in _load_bin(path / "adapter_model.bin").items() if n.endswith(suffix)}
-    return {n.removeprefix(MODEL_PREFIX)[: -len(suffix)]: t for n, t in found.items()}
-
-
-def _tied_source(config: AdapterConfig, module: str, rows: torch.Tensor) -> str:
-    """The targeted embedding whose tied copy ``module`` is (same rows), or ``InputError``."""
-    folder = config.path.parent
-    stamps = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.glob("adapter_model.*")))
-    targets = config.raw.get("target_modules")
-    saved = _token_tensors(str(folder), stamps)
-    sources = [m for m in saved if m != module and _is_targeted(targets, m)]
-    if len(sources) != 1:
-        raise InputError(f"{folder}: token rows saved for {module!r}, which target_modules ({targets!r}) does not "
-                         f"name, and {'no' if not sources else 'several'} targeted embedding(s) it could be tied to "
-                         f"({sources}); the adapter file and its config disagree")
-    if not torch.equal(saved[sources[0]], rows):
-        raise InputError(f"{folder}: token rows saved for {module!r} (not targeted, so a tied copy) differ from "
-                         f"those of {sources[0]!r}; the adapter file is inconsistent")
-    return sources[0]
-
-
 @register
 class TrainableTokens(Method):
     peft_types = ("TRAINABLE_TOKENS",)
@@ -202,14 +148,7 @@ class TrainableTokens(Method):
         if extra:
             raise InputError(f"{params.config.path.parent}: module {params.module!r} has unexpected tensor(s) "
                              f"{extra} next to {PARAM}; the adapter file is damaged")
-        indices = params.config.get("token_indices")
-        key = f"{params.module}.{PARAM}"
-        if _is_targeted(params.config.raw.get("target_modules"), params.module):
-            return TokenPatch(params.module, rows, indices, key)
-        # Not targeted: PEFT's tied copy on the output head (same tensor, same indices). A tied checkpoint
-        # stores the head as the embedding, so the change goes there.
-        source = _tied_source(params.config, params.module, rows)
-        return TokenPatch(source, rows, indices, key, tied_module=params.module)
+        return TokenPatch(params.module, rows, params.config.get("token_indices"), f"{params.module}.{PARAM}")
 
     def summary(self, config: AdapterConfig) -> dict[str, Any]:
         indices = config.get("token_indices") or []
