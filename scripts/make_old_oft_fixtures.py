@@ -34,24 +34,24 @@ def cases(version: str) -> dict[str, dict]:
     """Fixture name -> OFTConfig kwargs (plus ``_std``: per-module std of the random adapter values)."""
     if version.startswith("0.13."):  # r = number of blocks; b = ceil(out/r) on the output side
         return {
-            "plain": dict(r=4, target_modules=TARGETS),
+            "plain": {"r": 4, "target_modules": TARGETS},
             # coft radius eps*b^2/sqrt(p); conv gets small values so that it stays inside the ball
-            "coft-share": dict(r=4, coft=True, eps=0.02, block_share=True, target_modules=TARGETS,
-                               _std={"conv": 0.01}),
+            "coft-share": {"r": 4, "coft": True, "eps": 0.02, "block_share": True,
+                           "target_modules": TARGETS, "_std": {"conv": 0.01}},
         }
     if version.startswith("0.15."):
         return {
-            "plain": dict(oft_block_size=4, r=0, target_modules=TARGETS),
-            "coft-share": dict(oft_block_size=4, r=0, coft=True, eps=0.02, block_share=True,
-                               target_modules=TARGETS, _std={"conv": 0.005}),
+            "plain": {"oft_block_size": 4, "r": 0, "target_modules": TARGETS},
+            "coft-share": {"oft_block_size": 4, "r": 0, "coft": True, "eps": 0.02, "block_share": True,
+                           "target_modules": TARGETS, "_std": {"conv": 0.005}},
         }
     if version.startswith("0.17."):
         return {
-            "neumann": dict(oft_block_size=4, r=0, target_modules=TARGETS),  # default: 5 terms, legacy series
-            "neumann7-coft": dict(oft_block_size=4, r=0, num_cayley_neumann_terms=7, coft=True, eps=0.5,
-                                  target_modules=TARGETS, _std={"fc2": 0.02}),
-            "exact-share": dict(oft_block_size=4, r=0, use_cayley_neumann=False, block_share=True,
-                                target_modules=TARGETS),
+            "neumann": {"oft_block_size": 4, "r": 0, "target_modules": TARGETS},  # default: 5 terms, legacy series
+            "neumann7-coft": {"oft_block_size": 4, "r": 0, "num_cayley_neumann_terms": 7, "coft": True,
+                              "eps": 0.5, "target_modules": TARGETS, "_std": {"fc2": 0.02}},
+            "exact-share": {"oft_block_size": 4, "r": 0, "use_cayley_neumann": False, "block_share": True,
+                            "target_modules": TARGETS},
         }
     raise SystemExit(f"no cases for peft {version}")
 
@@ -115,7 +115,6 @@ def coft_report(folder: Path, kwargs: dict, version: str) -> dict | None:
     """How many saved blocks lie outside the COFT ball (and get projected), so a fixture shows it tests both."""
     if not kwargs.get("coft"):
         return None
-    import torch
     from safetensors.torch import load_file
 
     tensors = load_file(folder / "adapter" / "adapter_model.safetensors")

@@ -65,9 +65,12 @@ def _unmerge_close(tmp_path, adapter_dir, base_dir, *, ulps: float):
 def test_llama_linear(tmp_path, dtype, neumann):
     cfg = OFTConfig(oft_block_size=8, r=0, target_modules=LLAMA_LINEAR, use_cayley_neumann=neumann)
     bf16 = dtype == torch.bfloat16
-    base_dir, adapter_dir, merged = run_case(tmp_path, tiny_llama(dtype), cfg, dtype=dtype, check_unmerge=not bf16)
+    base_dir, adapter_dir, _ = run_case(tmp_path, tiny_llama(dtype), cfg, dtype=dtype, check_unmerge=not bf16)
     if bf16:
-        _unmerge_close(tmp_path, adapter_dir, base_dir, ulps=4)
+        _unmerge_close(tmp_path, adapter_dir, base_dir, ulps=2)
+    notes = wsurgery.unmerge(tmp_path / "merged", adapter_dir, tmp_path / "unmerged2", progress=False).notes
+    told = [n for n in notes if "not orthogonal" in n and "exact inverse of every block" in n]
+    assert len(told) == (14 if neumann else 0), notes  # one per module
     adapter = load_adapter(adapter_dir)
     info = adapter.patches()[0].describe()
     assert info["block_size"] == 8 and info["stored_blocks"] in (4, 6)
@@ -116,9 +119,9 @@ def test_conv2d_linear_embedding(tmp_path, dtype):
     # Conv1d/Conv3d are not OFT targets in PEFT.
     cfg = OFTConfig(oft_block_size=4, r=0, target_modules=["c2", "pw", "fc", "emb"])
     bf16 = dtype == torch.bfloat16
-    base_dir, adapter_dir, merged = run_case(tmp_path, conv_net(dtype), cfg, dtype=dtype, check_unmerge=not bf16)
+    base_dir, adapter_dir, _ = run_case(tmp_path, conv_net(dtype), cfg, dtype=dtype, check_unmerge=not bf16)
     if bf16:
-        _unmerge_close(tmp_path, adapter_dir, base_dir, ulps=4)
+        _unmerge_close(tmp_path, adapter_dir, base_dir, ulps=2)
     shapes = {k: tuple(v.shape) for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
     assert shapes["base_model.model.pw.oft_R.weight"] == (2, 10)  # b = 5
     assert shapes["base_model.model.emb.oft_embedding_R.weight"] == (3, 6)
@@ -281,3 +284,26 @@ def test_bad_adapter_tensors():
         patch.check({"weight": (3, 2, 4)})
     with pytest.raises(UnsupportedError, match="square kernel"):
         patch.check({"weight": (3, 2, 2, 4)})
+
+
+def test_v13_singular_cut_block_refuses_unmerge():
+    """peft<=0.13 cuts the last block of the output-side rotation to its corner, which can be singular:
+    with S = [[0, 1], [-1, 0]] the Cayley rotation is [[0, -1], [1, 0]] and its 1x1 corner is 0."""
+    from wsurgery.adapters.config import AdapterConfig
+    from wsurgery.methods.base import ModuleParams
+    from wsurgery.methods.oft import Oft
+
+    cfg = AdapterConfig(Path("/x/adapter_config.json"), {"peft_type": "OFT", "r": 2})
+    M = torch.zeros(2, 2, 2)
+    M[0, 0, 1] = 0.3
+    M[1, 0, 1] = 2.0
+    patch = Oft().patch(ModuleParams("m", {"oft_r": M}, cfg))
+    patch.check({"weight": (3, 5)})
+    assert "singular" in patch.why_not_invertible()
+    W = torch.randn(3, 5)
+    merged = patch.apply({"weight": W.clone()})["weight"]
+    assert torch.equal(merged[2], torch.zeros(5))  # the corner is 0: row 2 is lost, as in PEFT
+    with pytest.raises(NotInvertibleError, match="cut last block.*singular"):
+        patch.revert({"weight": merged})
+    patch.check({"weight": (4, 5)})  # no cut block: invertible
+    assert patch.why_not_invertible() is None

@@ -38,7 +38,9 @@ if TYPE_CHECKING:  # adapters import methods; the config is only needed for type
 
 ORTHOGONALITY_NOTE = 1e-6  # report max|R R^T - I| above this
 _CHUNK = 1 << 22  # elements of W rotated at once (16 MB of float32), so memory stays near one copy of W
-_NEUMANN_CHANGED = (0, 18)  # peft 0.18.0 changed the Cayley-Neumann series
+_NEUMANN_CHANGED = (0, 18)
+_ILL_CONDITIONED = 1e3  # note the condition number of the inverse above this
+_SINGULAR = 1e12  # refuse to unmerge above this  # peft 0.18.0 changed the Cayley-Neumann series
 
 FORMAT_NAMES = {
     "v16": "peft>=0.16 (oft_R triangle vector)",
@@ -114,7 +116,8 @@ def rotate_columns(W: torch.Tensor, A: torch.Tensor) -> None:
         if A.shape[0] == 1:  # block_share: one matrix for every block, a plain matmul
             x.view(-1, b).copy_(x.reshape(-1, b) @ A[0].T)
         else:
-            x.copy_(torch.einsum("okj,kij->oki", x.view(-1, nblk, b), A).reshape(x.shape))
+            x = x.view(-1, nblk, b)
+            x.copy_(torch.einsum("okj,kij->oki", x, A))
 
 
 def rotate_rows(W: torch.Tensor, A: torch.Tensor, last: torch.Tensor | None) -> None:
@@ -156,6 +159,7 @@ class OftPatch(Patch):
         self.weight_shape: tuple[int, ...] | None = None
         self._R: torch.Tensor | None = None  # (p, b, b) float64 rotation blocks, after COFT
         self._noted: set[str] = set()
+        self._cond: tuple[float, float] | None = None
 
     # -- geometry ---------------------------------------------------------------------------------
     @property
@@ -193,7 +197,7 @@ class OftPatch(Patch):
             raise InputError(f"{self.module}: oft_s has {self.scale.numel()} entries but the base weight "
                              f"{list(shape)} has {shape[0]} output features")
         if self.weight_shape is not None and self.weight_shape != shape:
-            self._R = None
+            self._R = self._cond = None
         self.weight_shape = shape
 
     # -- the rotation -----------------------------------------------------------------------------
@@ -271,38 +275,49 @@ class OftPatch(Patch):
         self._note_orthogonality("merged")
         return {"weight": W}
 
+    def _conditions(self) -> tuple[float, float]:
+        """Largest condition number of the blocks the merge used, and of the cut last block (peft<=0.13)."""
+        if self._cond is None:
+            A, last = self._action()
+            if self.fmt == "v13" and not self.share:
+                A = A[:self.weight_shape[0] // self.block]
+            blocks = torch.linalg.cond(A).max().item() if A.numel() and A.shape[0] else 1.0
+            cut = torch.linalg.cond(last).item() if last is not None else 1.0
+            self._cond = (blocks, cut)
+        return self._cond
+
     def why_not_invertible(self) -> str | None:
         if self.scale is not None and bool((self.scale == 0).any()):
             zeros = int((self.scale == 0).sum())
             return (f"oft_s has {zeros} zero entr{'y' if zeros == 1 else 'ies'}, so those output rows were "
                     "zeroed by the merge and are lost; only the base checkpoint has them")
+        if self.weight_shape is None and (self.fmt == "v13" or self._needs_shape()):
+            return None  # decided once the base shape is known (check() runs before any unmerge)
+        blocks, cut = self._conditions()
+        for cond, what in ((blocks, "a rotation block"), (cut, "the cut last block of this peft<=0.13 rotation")):
+            if not math.isfinite(cond) or cond > _SINGULAR:
+                return (f"{what} is singular (condition number {cond:.3g}), so the merge lost information; "
+                        "only the base checkpoint has it")
         return None
 
     def revert(self, tensors: Tensors) -> Tensors:
-        reason = self.why_not_invertible()
-        if reason:
-            raise NotInvertibleError(f"{self.module}: {reason}")
         W = tensors["weight"].contiguous()
         if self.weight_shape is None:
             self.check({"weight": tuple(W.shape)})
+        reason = self.why_not_invertible()
+        if reason:
+            raise NotInvertibleError(f"{self.module}: {reason}")
         W2 = W.view(W.shape[0], -1)
         if self.scale is not None:
             W2.div_(self.scale.to(W.dtype)[:, None])
         A, last = self._action()
-        Ainv = torch.linalg.inv(A)
-        last_inv = None
-        if last is not None:
-            cond = torch.linalg.cond(last).item()
-            if not math.isfinite(cond) or cond > 1e12:
-                raise NotInvertibleError(
-                    f"{self.module}: the last, cut block of this peft<=0.13 rotation ({last.shape[0]}x{last.shape[0]} "
-                    f"corner of a {self.block}x{self.block} rotation) is singular (condition {cond:.3g}), so the "
-                    "merge lost information; only the base checkpoint has those rows")
-            if cond > 1e3:
-                self.notes.append(f"the cut last block of the peft<=0.13 rotation has condition number {cond:.3g}; "
-                                  "the unmerged rows carry rounding errors amplified by that much")
-            last_inv = torch.linalg.inv(last)
-        self._rotate(W2, Ainv, last_inv)
+        if self.fmt == "v13" and not self.share:
+            A = A[:W2.shape[0] // self.block]
+        blocks, cut = self._conditions()
+        if max(blocks, cut) > _ILL_CONDITIONED:
+            self.notes.append(f"the inverse rotation has condition number {max(blocks, cut):.3g}; the unmerged "
+                              "weight carries the merged file's rounding errors amplified up to that much")
+        self._rotate(W2, torch.linalg.inv(A), None if last is None else torch.linalg.inv(last))
         self._note_orthogonality("unmerged")
         return {"weight": W}
 
@@ -325,8 +340,9 @@ class OftPatch(Patch):
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {
             "format": FORMAT_NAMES[self.fmt],
-            "kind": self.kind if self.kind == "embedding" or self.weight_shape is None
-            else ("conv2d" if len(self.weight_shape) == 4 else "linear"),
+            "kind": self.kind if self.kind == "embedding"
+            else "linear or conv2d" if self.weight_shape is None
+            else "conv2d" if len(self.weight_shape) == 4 else "linear",
             "side": "output" if self.fmt == "v13" else "input",
             "block_size": self.block,
             "stored_blocks": self.stored_blocks,
@@ -351,12 +367,21 @@ class Oft(Method):
     param_names = frozenset({"oft_R", "oft_embedding_R", "oft_r", "oft_s"})
 
     def summary(self, config: AdapterConfig) -> dict[str, Any]:
-        return {
-            "use_cayley_neumann": bool(config.get("use_cayley_neumann", True)),
-            "neumann_series": self._series(config),
-            "block_share": bool(config.get("block_share", False)),
-            "coft": bool(config.get("coft", False)),
-        }
+        raw = config.raw
+        info: dict[str, Any] = {}
+        if "oft_block_size" not in raw:
+            info["config_format"] = "peft<=0.13 (exact Cayley, output side)"
+        elif "use_cayley_neumann" not in raw:
+            info["config_format"] = "peft 0.14-0.15 (exact Cayley, oft_s scale)"
+        else:
+            neumann = bool(config.get("use_cayley_neumann", True))
+            info["cayley"] = "neumann" if neumann else "exact"
+            if neumann:
+                info["neumann_terms"] = int(config.get("num_cayley_neumann_terms", 5))
+                info["neumann_series"] = self._series(config)
+        info["block_share"] = bool(config.get("block_share", False))
+        info["coft"] = bool(config.get("coft", False))
+        return info
 
     @staticmethod
     def _series(config: AdapterConfig) -> str:
