@@ -307,3 +307,15 @@ def test_v13_singular_cut_block_refuses_unmerge():
         patch.revert({"weight": merged})
     patch.check({"weight": (4, 5)})  # no cut block: invertible
     assert patch.why_not_invertible() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-base", "bf16-base"])
+def test_bf16_saved_adapter(tmp_path, dtype):
+    """An adapter saved in bf16: PEFT upcasts it to fp32 on load, so R is built from the bf16 values in fp32."""
+    cfg = OFTConfig(oft_block_size=4, r=0, target_modules=["c2", "fc", "emb"])
+    bf16 = dtype == torch.bfloat16
+    base_dir, adapter_dir, _ = run_case(tmp_path, conv_net(dtype), cfg, dtype=dtype, adapter_dtype=torch.bfloat16,
+                                        check_unmerge=not bf16)
+    if bf16:
+        _unmerge_close(tmp_path, adapter_dir, base_dir, ulps=2)
+    assert {t.dtype for t in load_file(adapter_dir / "adapter_model.safetensors").values()} == {torch.bfloat16}
