@@ -6,8 +6,9 @@ Three formats, told apart by the saved keys (the block size always comes from th
   the strict upper triangle, row-major ``triu_indices(b, b, 1)``, of a skew matrix Q. With ``coft``
   each block's Q is first projected onto the Frobenius ball of radius ``eps/sqrt(p)``. The rotation is
   the Cayley-Neumann series (``use_cayley_neumann``, ``num_cayley_neumann_terms`` t; the series
-  changed in 0.18, and configs without ``peft_version`` are older) or the exact Cayley map
-  ``(I - Q)(I + Q)^-1`` (note: the series approximates the *transpose* of that). It acts on the input
+  changed in 0.18, and configs without ``peft_version`` are older: for those we use the old series,
+  matching what peft 0.16/0.17 merged, whereas peft >= 0.18 only warns and applies the new one) or the
+  exact Cayley map ``(I - Q)(I + Q)^-1`` (the series approximates the *transpose* of that). It acts on the input
   side: Linear ``W' = W R^T``, Conv2d the same on W viewed as ``(out, in*k*k)`` (flatten order c, kh,
   kw), Embedding ``E' = E R``.
 * **peft 0.14.0-0.15.2** ``oft_r (p, b, b)`` full matrices plus ``oft_s (out, 1)``:
