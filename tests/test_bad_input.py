@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -38,8 +37,7 @@ import wsurgery.checkpoint.safetensors_file as st_file
 from wsurgery.cli import main
 from wsurgery.errors import InputError
 
-# ``wsurgery.merge`` the attribute is the API function; the engine module is reached by name.
-engine = importlib.import_module("wsurgery.merge")
+import wsurgery.engine as engine
 
 TARGETS = ["q_proj", "v_proj"]
 LAYERS = 2

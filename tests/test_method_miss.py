@@ -22,7 +22,7 @@ import wsurgery
 from oracle import assert_close_to, load_all, make_adapter, oracle_merge, reload, run_case, save_base, tiny_llama
 from wsurgery.adapters import load_adapter
 from wsurgery.checkpoint import open_checkpoint
-from wsurgery.merge import execute, plan
+from wsurgery.engine import execute, plan
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "old-bone"

@@ -8,7 +8,7 @@
 from .api import merge, unmerge
 from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
 from .describe import inspect
-from .merge import Result
+from .engine import Result
 
 __version__ = "0.1.0"
 

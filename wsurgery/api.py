@@ -10,7 +10,7 @@ from .adapters import load_adapter
 from .checkpoint import open_checkpoint, parse_size
 from .checkpoint.dtypes import parse_user_dtype
 from .hub import resolve
-from .merge import Result, execute, plan
+from .engine import Result, execute, plan
 
 
 def _prepare(dtype: str | torch.dtype | None, max_shard_size: str | int | None):
