@@ -13,12 +13,17 @@ from .hub import resolve
 from .engine import Result, execute, plan
 
 
-def _prepare(dtype: str | torch.dtype | None, max_shard_size: str | int | None):
+def _run(direction: str, base: str | Path, adapter: str | Path, out: str | Path, scale: float,
+         dtype: str | torch.dtype | None, max_shard_size: str | int | None, overwrite: bool, progress: bool) -> Result:
     if isinstance(dtype, str):
         dtype = parse_user_dtype(dtype)
     if isinstance(max_shard_size, str):
         max_shard_size = parse_size(max_shard_size)
-    return dtype, max_shard_size
+    ckpt = open_checkpoint(resolve(base))
+    ad = load_adapter(resolve(adapter, kind="adapter"))
+    job = plan(ckpt, [(ad, scale)], direction)
+    return execute(job, Path(out), dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                   progress=progress, extra_inputs=[ad.folder])
 
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path, *, scale: float = 1.0,
@@ -31,12 +36,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, *, scale: floa
     (W + scale·ΔW). The output keeps the base's tensor names, shapes, dtypes (unless ``dtype``) and
     sharding (unless ``max_shard_size``), and is written atomically: on any error ``out`` is not created.
     """
-    dtype, max_shard_size = _prepare(dtype, max_shard_size)
-    ckpt = open_checkpoint(resolve(base))
-    ad = load_adapter(resolve(adapter, kind="adapter"))
-    job = plan(ckpt, [(ad, scale)], "merge")
-    return execute(job, Path(out), dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                   progress=progress, extra_inputs=[ad.folder])
+    return _run("merge", base, adapter, out, scale, dtype, max_shard_size, overwrite, progress)
 
 
 def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, scale: float = 1.0,
@@ -47,9 +47,4 @@ def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, scale: 
     Exact (up to rounding) for additive methods. Refuses, before writing anything, where the
     original weights cannot be recovered from the files (DoRA, ``modules_to_save``, saved biases).
     """
-    dtype, max_shard_size = _prepare(dtype, max_shard_size)
-    ckpt = open_checkpoint(resolve(merged))
-    ad = load_adapter(resolve(adapter, kind="adapter"))
-    job = plan(ckpt, [(ad, scale)], "unmerge")
-    return execute(job, Path(out), dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                   progress=progress, extra_inputs=[ad.folder])
+    return _run("unmerge", merged, adapter, out, scale, dtype, max_shard_size, overwrite, progress)

@@ -11,6 +11,7 @@ import click
 
 from . import __version__, api
 from .describe import format_text, inspect
+from .engine import Result
 from .errors import WsurgeryError
 
 
@@ -72,10 +73,7 @@ def merge(base: str, adapter: str, out: str, dtype, max_shard_size, scale, overw
     with _closing_progress_bars():
         r = api.merge(base, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
                       overwrite=overwrite, progress=not quiet)
-    _print_notes(r.notes)
-    if not quiet:
-        click.echo(f"merged {r.modules} module(s), {r.changed_tensors} tensor(s) changed of {r.tensors}; "
-                   f"wrote {r.out} ({len(r.shards)} shard(s), {r.bytes_written:,} bytes)", err=True)
+    _report("merged", r, quiet)
 
 
 @cli.command()
@@ -88,15 +86,16 @@ def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, o
     with _closing_progress_bars():
         r = api.unmerge(merged, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
                         overwrite=overwrite, progress=not quiet)
-    _print_notes(r.notes)
-    if not quiet:
-        click.echo(f"unmerged {r.modules} module(s), {r.changed_tensors} tensor(s) changed of {r.tensors}; "
-                   f"wrote {r.out} ({len(r.shards)} shard(s), {r.bytes_written:,} bytes)", err=True)
+    _report("unmerged", r, quiet)
 
 
-def _print_notes(notes: list[str]) -> None:
-    for note in notes:
+def _report(verb: str, r: Result, quiet: bool) -> None:
+    """Notes always (they can matter, e.g. an approximate inverse); the summary unless --quiet."""
+    for note in r.notes:
         click.echo(f"wsurgery: note: {note}", err=True)
+    if not quiet:
+        click.echo(f"{verb} {r.modules} module(s), {r.changed_tensors} tensor(s) changed of {r.tensors}; "
+                   f"wrote {r.out} ({len(r.shards)} shard(s), {r.bytes_written:,} bytes)", err=True)
 
 
 def _one_line(text: str) -> str:
