@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,13 +15,14 @@ from .engine import Result, execute, plan
 
 
 def _run(direction: str, base: str | Path, adapter: str | Path, out: str | Path, scale: float,
-         dtype: str | torch.dtype | None, max_shard_size: str | int | None, overwrite: bool, progress: bool) -> Result:
+         dtype: str | torch.dtype | None, max_shard_size: str | int | None, overwrite: bool, progress: bool,
+         options: dict[str, Any] | None) -> Result:
     if isinstance(dtype, str):
         dtype = parse_user_dtype(dtype)
     if isinstance(max_shard_size, str):
         max_shard_size = parse_size(max_shard_size)
     ckpt = open_checkpoint(resolve(base))
-    ad = load_adapter(resolve(adapter, kind="adapter"))
+    ad = load_adapter(resolve(adapter, kind="adapter"), options)
     job = plan(ckpt, [(ad, scale)], direction)
     return execute(job, Path(out), dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                    progress=progress, extra_inputs=[ad.folder])
@@ -28,23 +30,24 @@ def _run(direction: str, base: str | Path, adapter: str | Path, out: str | Path,
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path, *, scale: float = 1.0,
           dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
-          overwrite: bool = False, progress: bool = True) -> Result:
+          overwrite: bool = False, progress: bool = True, options: dict[str, Any] | None = None) -> Result:
     """Merge a PEFT adapter into a base checkpoint and write the merged model folder ``out``.
 
     ``base`` is a model folder, a ``.safetensors``/``.bin`` file, an index file or a Hub repo id;
     ``adapter`` a PEFT adapter folder or repo id. ``scale`` multiplies the adapter's change
     (W + scale·ΔW). The output keeps the base's tensor names, shapes, dtypes (unless ``dtype``) and
     sharding (unless ``max_shard_size``), and is written atomically: on any error ``out`` is not created.
+    ``options`` are method-specific choices, e.g. ``{"task_id": 2}`` for Poly.
     """
-    return _run("merge", base, adapter, out, scale, dtype, max_shard_size, overwrite, progress)
+    return _run("merge", base, adapter, out, scale, dtype, max_shard_size, overwrite, progress, options)
 
 
 def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, scale: float = 1.0,
             dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
-            overwrite: bool = False, progress: bool = True) -> Result:
+            overwrite: bool = False, progress: bool = True, options: dict[str, Any] | None = None) -> Result:
     """Undo ``merge``: subtract the adapter's change from a merged checkpoint.
 
     Exact (up to rounding) for additive methods. Refuses, before writing anything, where the
     original weights cannot be recovered from the files (DoRA, ``modules_to_save``, saved biases).
     """
-    return _run("unmerge", merged, adapter, out, scale, dtype, max_shard_size, overwrite, progress)
+    return _run("unmerge", merged, adapter, out, scale, dtype, max_shard_size, overwrite, progress, options)

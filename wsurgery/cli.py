@@ -23,7 +23,14 @@ common_output = [
     click.option("--scale", default=1.0, type=float, show_default=True, help="Merge scale·ΔW instead of ΔW."),
     click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    click.option("--task-id", type=int, default=None, help="Poly: merge the routed change for this task."),
+    click.option("--mha-single-out-proj", is_flag=True, default=None,
+                 help="LoRA on nn.MultiheadAttention: add the out_proj change once (PEFT adds it twice)."),
 ]
+
+
+def _options(task_id: int | None, mha_single_out_proj: bool | None) -> dict:
+    return {"task_id": task_id, "mha_single_out_proj": mha_single_out_proj}
 
 
 @contextmanager
@@ -68,11 +75,12 @@ def inspect_cmd(path: str, base: str | None, as_json: bool) -> None:
 @click.argument("adapter")
 @click.argument("out")
 @with_output_options
-def merge(base: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet) -> None:
+def merge(base: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet, task_id,
+          mha_single_out_proj) -> None:
     """Merge ADAPTER into BASE and write the merged model to the new folder OUT."""
     with _closing_progress_bars():
         r = api.merge(base, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
-                      overwrite=overwrite, progress=not quiet)
+                      overwrite=overwrite, progress=not quiet, options=_options(task_id, mha_single_out_proj))
     _report("merged", r, quiet)
 
 
@@ -81,11 +89,12 @@ def merge(base: str, adapter: str, out: str, dtype, max_shard_size, scale, overw
 @click.argument("adapter")
 @click.argument("out")
 @with_output_options
-def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet) -> None:
+def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet, task_id,
+            mha_single_out_proj) -> None:
     """Subtract ADAPTER from the merged model MERGED and write the result to the new folder OUT."""
     with _closing_progress_bars():
         r = api.unmerge(merged, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
-                        overwrite=overwrite, progress=not quiet)
+                        overwrite=overwrite, progress=not quiet, options=_options(task_id, mha_single_out_proj))
     _report("unmerged", r, quiet)
 
 

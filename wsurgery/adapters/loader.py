@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..checkpoint.reader import _load_bin
 from ..checkpoint.safetensors_file import read_header, read_tensor
-from ..errors import InputError
-from ..methods import Method, ModuleParams, Patch, ReplacePatch, get_method
+from ..errors import InputError, UnsupportedError
+from ..methods import AdapterContext, Method, ModuleParams, Patch, ReplacePatch, get_method
 from ..methods.trainable_tokens import PARAM as TOKENS_PARAM
 from ..methods.trainable_tokens import token_indices_for, token_patch
 from .config import AdapterConfig, load_config
@@ -53,8 +54,9 @@ class Adapter:
     method: Method
     modules: dict[str, ModuleParams] = field(default_factory=dict)
     replacements: dict[str, list[Replacement]] = field(default_factory=dict)  # by adapter-side tensor name
-    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    context: AdapterContext = field(default_factory=AdapterContext)
     tokens: list[Patch] = field(default_factory=list)  # ``trainable_token_indices`` rows, any method
+    method_patches: list[Patch] = field(default_factory=list)  # built once, by ``load_adapter``
     num_tensors: int = 0
     num_parameters: int = 0
     dtypes: set[torch.dtype] = field(default_factory=set)
@@ -69,10 +71,7 @@ class Adapter:
             new = trained[0] if trained else copies[0]
             original = copies[0].tensor if copies else None
             out.append(ReplacePatch(module, role, new.tensor, new.key, original))
-        out.extend(self.tokens)
-        for params in self.modules.values():
-            out.append(self.method.patch(params))
-        return out
+        return out + self.tokens + self.method_patches
 
 
 def _read_adapter_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -104,21 +103,32 @@ class _ReadTracker(dict):
         return super().get(key, default)
 
 
-def _check_all_used(adapter: Adapter, keys: dict[tuple[str, str], str]) -> None:
-    """Build every module's patch once, now, and refuse tensors the method never looked at."""
+def _build_patches(adapter: Adapter, keys: dict[tuple[str, str], str]) -> None:
+    """Build every module's patch, and refuse saved tensors the method never looked at."""
+    shared = adapter.context.shared = _ReadTracker(adapter.context.shared)
     for module, params in adapter.modules.items():
         params.tensors = tracker = _ReadTracker(params.tensors)
-        adapter.method.patch(params)
+        adapter.method_patches.append(adapter.method.patch(params))
         unused = sorted(set(tracker) - tracker.read)
         params.tensors = dict(tracker)
         if unused:
             shown = ", ".join(repr(keys[(module, u)]) for u in unused[:3])
             raise InputError(f"{adapter.file}: tensor(s) {shown} mean nothing to {adapter.config.peft_type} "
                              "and would be ignored; the adapter file is damaged or does not match its config")
+    unused = sorted(set(shared) - shared.read)
+    adapter.context.shared = dict(shared)
+    if unused:
+        shown = ", ".join(repr(SHARED_PREFIX + u) for u in unused[:3])
+        raise InputError(f"{adapter.file}: model-wide tensor(s) {shown} mean nothing to {adapter.config.peft_type} "
+                         "and would be ignored; the adapter file is damaged or does not match its config")
 
 
-def load_adapter(path: str | Path) -> Adapter:
-    """Read ``adapter_config.json`` and the adapter weights, and group them by module."""
+def load_adapter(path: str | Path, options: dict[str, Any] | None = None) -> Adapter:
+    """Read ``adapter_config.json`` and the adapter weights, group them by module and build the patches.
+
+    ``options`` are user choices for methods that need them (e.g. Poly's ``task_id``); an option
+    the adapter's method does not understand is an error rather than silently ignored.
+    """
     folder = Path(path)
     if folder.is_file() and folder.name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
         folder = folder.parent
@@ -130,7 +140,11 @@ def load_adapter(path: str | Path) -> Adapter:
     file, tensors = _read_adapter_tensors(folder)
     if not tensors:
         raise InputError(f"{file}: holds no tensors")
-    adapter = Adapter(folder, file, config, method)
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    unknown = sorted(set(options) - method.option_names)
+    if unknown:
+        raise UnsupportedError(f"{folder}: option(s) {', '.join(unknown)} do not apply to {config.peft_type} adapters")
+    adapter = Adapter(folder, file, config, method, context=AdapterContext(options=options))
     keys: dict[tuple[str, str], str] = {}  # (module, param) -> the key in the file, for messages
     for key, tensor in tensors.items():
         adapter.num_tensors += 1
@@ -139,7 +153,11 @@ def load_adapter(path: str | Path) -> Adapter:
         if key.startswith(MODEL_PREFIX):
             rest = key[len(MODEL_PREFIX):]
         elif key.startswith(SHARED_PREFIX):
-            adapter.shared[key[len(SHARED_PREFIX):]] = tensor
+            name = key[len(SHARED_PREFIX):]
+            if name.split(".")[0] not in method.shared_names:
+                raise InputError(f"{file}: holds model-wide tensor {key!r}, which {config.peft_type} does not use; "
+                                 "the adapter file and its config disagree")
+            adapter.context.shared[name] = tensor
             continue
         else:
             rest = key  # very old PEFT and some tools save without the prefix
@@ -153,7 +171,7 @@ def load_adapter(path: str | Path) -> Adapter:
         cut = next((i for i, p in enumerate(parts) if p in method.param_names), None)
         if cut is not None and cut > 0:
             module, param = ".".join(parts[:cut]), ".".join(parts[cut:])
-            params = adapter.modules.setdefault(module, ModuleParams(module, {}, config))
+            params = adapter.modules.setdefault(module, ModuleParams(module, {}, config, adapter.context))
             params.tensors[param] = tensor
             keys[(module, param)] = key
         else:
@@ -169,9 +187,6 @@ def load_adapter(path: str | Path) -> Adapter:
                     raise InputError(f"{file}: tensors {other.key!r} and {key!r} both replace {name} with "
                                      "different values; the adapter file is inconsistent")
             reps.append(Replacement(tensor, key, is_copy))
-    if adapter.shared:
-        names = ", ".join(sorted(adapter.shared)[:3])
-        raise InputError(f"{file}: holds model-wide tensors ({names}) that {config.peft_type} does not use; "
-                         "the adapter file and its config disagree")
-    _check_all_used(adapter, keys)
+    adapter.context.modules = tuple(adapter.modules)
+    _build_patches(adapter, keys)
     return adapter

@@ -15,7 +15,7 @@ near two float32 copies of the largest changed tensor.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -30,12 +30,28 @@ Tensors = dict[str, torch.Tensor]
 
 
 @dataclass
+class AdapterContext:
+    """What all modules of one adapter share; the same object is handed to each of its ``ModuleParams``."""
+
+    #: Model-wide tensors saved as ``base_model.<name>`` (``vera_A``, ``vblora_vector_bank``...).
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Options the user gave for this run (``task_id``...); only names in ``Method.option_names``.
+    options: dict[str, Any] = field(default_factory=dict)
+    #: Every module path the adapter changes, in the adapter file's order.
+    modules: tuple[str, ...] = ()
+    #: Room for state a method derives once per adapter (regenerated projections, index maps...).
+    #: Patches may fill it during ``check`` (all checks run before the first ``apply``).
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ModuleParams:
     """One adapter's saved tensors for one module: ``{"lora_A.weight": ..., "lora_B.weight": ...}``."""
 
     module: str  # module path as the adapter names it, without ``base_model.model.``
     tensors: dict[str, torch.Tensor]
     config: AdapterConfig
+    context: AdapterContext = field(default_factory=AdapterContext)
 
     def require(self, *names: str) -> list[torch.Tensor]:
         missing = [n for n in names if n not in self.tensors]
@@ -160,6 +176,10 @@ class Method(ABC):
     peft_types: ClassVar[tuple[str, ...]] = ()
     #: The first key component of every per-module tensor this method saves (``lora_A``...).
     param_names: ClassVar[frozenset[str]] = frozenset()
+    #: The first component (after ``base_model.``) of model-wide tensors it saves (``vera_A``...).
+    shared_names: ClassVar[frozenset[str]] = frozenset()
+    #: User options it understands (``task_id``...), passed through ``AdapterContext.options``.
+    option_names: ClassVar[frozenset[str]] = frozenset()
 
     def check_config(self, config: AdapterConfig) -> None:
         """Refuse configs whose options this implementation does not cover, before any work."""
