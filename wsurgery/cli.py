@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ from . import __version__, api
 from .describe import format_text, inspect
 from .engine import Result
 from .errors import WsurgeryError
+from .methods import not_mergeable
+from .support import support_markdown, support_rows
 
 
 
@@ -68,6 +71,17 @@ def inspect_cmd(path: str, base: str | None, as_json: bool) -> None:
     """Show what is in a checkpoint (PATH: folder, file or repo id) or a PEFT adapter."""
     info = inspect(path, base=base)
     click.echo(json.dumps(info, indent=2) if as_json else format_text(info))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a Markdown table.")
+def methods(as_json: bool) -> None:
+    """List the supported methods: layers, merge, unmerge and the PEFT versions tested."""
+    if as_json:
+        rows = [dataclasses.asdict(r) for r in support_rows()]
+        click.echo(json.dumps({"mergeable": rows, "refused": not_mergeable()}, indent=2))
+    else:
+        click.echo(support_markdown(), nl=False)
 
 
 @cli.command()

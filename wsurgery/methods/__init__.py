@@ -7,7 +7,7 @@ import importlib
 import pkgutil
 
 from .base import (AdapterContext, AdditivePatch, Method, ModuleParams, Patch, get_method, not_mergeable, register,
-                   register_not_mergeable, registered)
+                   register_not_mergeable, registered, Support)
 from .replace import ReplacePatch
 
 for _info in pkgutil.iter_modules(__path__):
@@ -15,4 +15,4 @@ for _info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["AdapterContext", "AdditivePatch", "Method", "ModuleParams", "Patch", "ReplacePatch", "get_method",
-           "not_mergeable", "register", "register_not_mergeable", "registered"]
+           "not_mergeable", "register", "register_not_mergeable", "registered", "Support"]

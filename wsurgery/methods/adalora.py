@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -51,6 +51,8 @@ class AdaLoraPatch(AdditivePatch):
 class AdaLora(Method):
     peft_types = ("ADALORA",)
     param_names = frozenset({"lora_A", "lora_B", "lora_E"})
+    support = (Support("AdaLoRA (incl. rank-pruned)", "Linear, Conv1D, Conv2d", "exact (÷ init_r + 1e-5)", "exact",
+                       "0.21.2"),)
 
     def init_r(self, config: AdapterConfig) -> int:
         return int(config.get("init_r", 12))

@@ -169,6 +169,17 @@ class AdditivePatch(Patch):
         return None
 
 
+@dataclass(frozen=True)
+class Support:
+    """One row of the support table (README, ``wsurgery methods``), declared next to the code it describes."""
+
+    name: str  # what users call it, e.g. "DoRA (LoRA with use_dora)"
+    layers: str  # e.g. "Linear, Conv1D, Embedding, Conv1d/2d/3d"
+    merge: str  # "exact" or how it is done
+    unmerge: str  # "exact", "approximate (...)" or "refused: <why>"
+    peft_versions: str  # the PEFT releases the tests compare against
+
+
 class Method(ABC):
     """A fine-tuning method: turns saved per-module tensors into patches."""
 
@@ -180,6 +191,8 @@ class Method(ABC):
     shared_names: ClassVar[frozenset[str]] = frozenset()
     #: User options it understands (``task_id``...), passed through ``AdapterContext.options``.
     option_names: ClassVar[frozenset[str]] = frozenset()
+    #: Rows for the support table.
+    support: ClassVar[tuple[Support, ...]] = ()
 
     def check_config(self, config: AdapterConfig) -> None:
         """Refuse configs whose options this implementation does not cover, before any work."""

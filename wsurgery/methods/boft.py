@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, NotInvertibleError, UnsupportedError
-from .base import Method, ModuleParams, Patch, Shapes, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -238,6 +238,8 @@ class BoftPatch(Patch):
 class Boft(Method):
     peft_types = ("BOFT",)
     param_names = frozenset({"boft_R", "boft_s"})
+    support = (Support("BOFT (any number of butterfly factors)", "Linear, Conv2d", "exact, factor by factor",
+                       "exact (refused where boft_s has a zero)", "0.21.2"),)
 
     def summary(self, config: AdapterConfig) -> dict[str, Any]:
         return {"boft_block_size": config.get("boft_block_size", 0), "boft_block_num": config.get("boft_block_num", 0),

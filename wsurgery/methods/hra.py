@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import Method, ModuleParams, Patch, Shapes, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
 
 
 class HraPatch(Patch):
@@ -147,6 +147,7 @@ class HraPatch(Patch):
 class Hra(Method):
     peft_types = ("HRA",)
     param_names = frozenset({"hra_u"})
+    support = (Support("HRA (incl. apply_GS)", "Linear, Conv2d", "exact", "exact", "0.21.2"),)
 
     def summary(self, config) -> dict[str, Any]:
         return {"apply_GS": bool(config.get("apply_GS", False)), "rule": "W' = W·H (input-side reflections)"}

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, NotInvertibleError
-from .base import Method, ModuleParams, Patch, Shapes, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
 
 
 def is_feedforward(config, module: str) -> bool:
@@ -128,6 +128,8 @@ class Ia3Patch(Patch):
 class Ia3(Method):
     peft_types = ("IA3",)
     param_names = frozenset({"ia3_l"})
+    support = (Support("IA3 (feed-forward and attention side)", "Linear, Conv1D, Conv2d/3d", "exact",
+                       "exact division (refused where a scale is 0)", "0.21.2"),)
 
     def summary(self, config) -> dict[str, Any]:
         return {"feedforward_modules": config.raw.get("feedforward_modules"),

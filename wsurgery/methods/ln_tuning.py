@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import Method, ModuleParams, Patch, Shapes, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
 from .replace import ReplacePatch
 
 PARAM = "ln_tuning_layers"
@@ -69,6 +69,8 @@ class LnTuningPatch(Patch):
 class LnTuning(Method):
     peft_types = ("LN_TUNING",)
     param_names = frozenset({PARAM})
+    support = (Support("LN tuning", "norm layers (weight, bias)", "replaces the tensors",
+                       "refused: the originals are not saved", "0.21.2"),)
 
     def patch(self, params: ModuleParams) -> Patch:
         prefix = PARAM + "."

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -119,6 +119,7 @@ class LohaPatch(AdditivePatch):
 class Loha(Method):
     peft_types = ("LOHA",)
     param_names = frozenset({*_FLAT, *_CP})
+    support = (Support("LoHa", "Linear, Conv1d/2d (flat and CP)", "exact", "exact", "0.21.2"),)
 
     def summary(self, config: AdapterConfig) -> dict[str, Any]:
         return {"scaling_rule": "alpha/r", "use_effective_conv2d": bool(config.get("use_effective_conv2d", False))}

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
 from .loha import config_rank_alpha
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
@@ -138,6 +138,7 @@ class LokrPatch(AdditivePatch):
 class Lokr(Method):
     peft_types = ("LOKR",)
     param_names = frozenset(_NAMES)
+    support = (Support("LoKr (full/decomposed factors, CP)", "Linear, Conv1d/2d", "exact", "exact", "0.21.2"),)
 
     def summary(self, config: AdapterConfig) -> dict[str, Any]:
         return {"scaling_rule": "alpha/r (r from the config, also when both factors are full)",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -121,6 +121,12 @@ class DoraPatch(Patch):
 class Lora(Method):
     peft_types = ("LORA",)
     param_names = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
+    support = (
+        Support("LoRA (incl. rsLoRA, rank/alpha patterns, lora_bias, trainable_token_indices)",
+                "Linear, Conv1D (fan_in_fan_out), Embedding, Conv1d/2d/3d", "exact", "exact", "0.21.2"),
+        Support("DoRA (LoRA with use_dora)", "Linear, Conv1D, Embedding, Conv1d/2d/3d", "exact",
+                "refused: the norm of W+ΔW is not in the files", "0.21.2"),
+    )
 
     def check_config(self, config: AdapterConfig) -> None:
         for option, reason in _NO_MERGE_OPTIONS.items():

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, NotInvertibleError, UnsupportedError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -274,6 +274,8 @@ class Miss(_MissFamily):
     param_names = frozenset({"miss_block"})
     key = "miss_block"
     modes = ("bat", "mini")
+    support = (Support("MiSS (default, mini, bat)", "Linear", "exact (partial last block as PEFT)",
+                       "default/mini exact; bat approximate (float64 solve per tile, residual reported)", "0.21.2"),)
 
 
 @register
@@ -282,3 +284,5 @@ class Bone(_MissFamily):
     param_names = frozenset({"bone_block"})
     key = "bone_block"
     modes = ("bat",)
+    support = (Support("Bone (PEFT 0.14-0.18: default, bat)", "Linear", "exact",
+                       "default exact; bat approximate (residual reported)", "0.17.1, 0.15.2"),)

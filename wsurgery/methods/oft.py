@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, NotInvertibleError, UnsupportedError
-from .base import Method, ModuleParams, Patch, Shapes, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -366,6 +366,10 @@ class OftPatch(Patch):
 class Oft(Method):
     peft_types = ("OFT",)
     param_names = frozenset({"oft_R", "oft_embedding_R", "oft_r", "oft_s"})
+    support = (Support("OFT (oft_R >=0.16 both Neumann series and exact Cayley; oft_r+oft_s 0.14-0.15; "
+                       "output-side <=0.13; block_share, coft)", "Linear, Conv2d, Embedding",
+                       "exact, block by block", "exact (inverse of each block; orthogonality deviation reported)",
+                       "0.21.2, 0.17.1, 0.15.2, 0.13.2"),)
 
     def summary(self, config: AdapterConfig) -> dict[str, Any]:
         raw = config.raw

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .base import Method, ModuleParams, Patch, Shapes, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
 
 _LENGTH = {"road_1": 0.5, "road_2": 1, "road_4": 2}  # parameter count per output feature
 
@@ -147,6 +147,8 @@ class RoadPatch(Patch):
 class Road(Method):
     peft_types = ("ROAD",)
     param_names = frozenset({"road_theta", "road_alpha"})
+    support = (Support("RoAd (road_1/2/4)", "Linear (weight and bias)", "exact",
+                       "exact (refused on a singular 2x2 block)", "0.21.2"),)
 
     def summary(self, config) -> dict[str, Any]:
         return {"variant": config.get("variant", "road_1"), "group_size": int(config.get("group_size", 64)),

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError
-from .base import Method, ModuleParams, Patch, Shapes, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -135,6 +135,8 @@ def token_indices_for(option: list[int] | dict[str, list[int]] | None, module: s
 class TrainableTokens(Method):
     peft_types = ("TRAINABLE_TOKENS",)
     param_names = frozenset({PARAM})
+    support = (Support("trainable tokens", "Embedding, output head (tied too)", "replaces the rows",
+                       "refused: the original rows are not saved", "0.21.2"),)
 
     def check_config(self, config: AdapterConfig) -> None:
         indices = config.get("token_indices")
