@@ -5,9 +5,10 @@ For each model size it (1) generates, once, a synthetic Llama-shaped bf16 checkp
 ``save_pretrained`` writes (``config.json``, ``model-0000k-of-0000n.safetensors``, the index) and a
 rank-16 PEFT LoRA adapter on every linear layer, cached under ``bench-work/<size>/``; (2) reads every
 input file once so that all timed runs are warm-cache (the OS page cache cannot be dropped here);
-(3) times each variant in a subprocess under ``/usr/bin/time -v``, several repetitions, interleaved,
-each started once the CPUs are quiet (other work on a shared machine skews wall times; the CPUs' load
-just before each run is recorded, and CPU seconds are reported next to wall seconds):
+(3) times each variant in a subprocess under ``/usr/bin/time -v``, several repetitions, interleaved.
+Other work on a shared machine skews wall times, so each run starts once the CPUs are quiet, the CPU
+time other processes took during it is recorded, a run they disturbed is redone (``--retries``), and
+CPU seconds are reported next to wall seconds. The variants:
 
   a  copy   streaming read + write of every tensor, unchanged, with wsurgery's reader and writer
   b  merge  ``wsurgery merge BASE ADAPTER OUT --quiet``
@@ -241,41 +242,53 @@ _CPU_RE = re.compile(r"(?:User|System) time \(seconds\):\s*(\d+(?:\.\d+)?)")
 class Run:
     wall_s: float
     peak_rss_bytes: int
-    cpu_s: float  # user + system
-    busy_before: float  # fraction of all CPUs busy with other work just before the run
+    cpu_s: float  # user + system of the measured command
+    others: float  # share of all CPUs that other processes kept busy while it ran
 
 
-def timed(cmd: list[str], busy_before: float) -> Run:
-    """Run ``cmd`` under ``/usr/bin/time -v`` and parse wall time, peak RSS and CPU time."""
+def busy_cpu_seconds() -> float:
+    """CPU seconds spent busy (not idle, not waiting on I/O) on all CPUs since boot."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(cmd: list[str]) -> Run:
+    """Run ``cmd`` under ``/usr/bin/time -v``; parse wall time, peak RSS and CPU time, and gauge contention."""
+    busy0 = busy_cpu_seconds()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], check=False, capture_output=True, text=True)
+    busy1 = busy_cpu_seconds()
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
     wall, rss, cpu = _WALL_RE.search(proc.stderr), _RSS_RE.search(proc.stderr), _CPU_RE.findall(proc.stderr)
     if wall is None or rss is None or len(cpu) != 2:
         sys.exit(f"cannot parse /usr/bin/time output:\n{proc.stderr}")
     hours, minutes, seconds = wall.groups()
-    return Run(int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds), int(rss.group(1)) * 1024,
-               sum(float(c) for c in cpu), busy_before)
+    wall_s = int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds)
+    cpu_s = sum(float(c) for c in cpu)
+    others = max(busy1 - busy0 - cpu_s, 0.0) / (max(wall_s, 0.01) * (os.cpu_count() or 1))
+    return Run(wall_s, int(rss.group(1)) * 1024, cpu_s, others)
 
 
-def cpu_busy(interval: float = 1.0) -> float:
-    """Fraction of all CPUs busy (not idle, not waiting on I/O) over ``interval`` seconds."""
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields[:8]), fields[3] + fields[4]  # total, idle + iowait
-    total0, idle0 = sample()
-    time.sleep(interval)
-    total1, idle1 = sample()
-    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
-
-
-def wait_quiet(threshold: float, max_wait: float) -> float:
-    """Wait until other processes leave the CPUs mostly idle (or ``max_wait`` passes); return the load seen."""
+def wait_quiet(threshold: float, max_wait: float) -> None:
+    """Wait until other processes leave the CPUs mostly idle, or ``max_wait`` seconds pass."""
     deadline = time.monotonic() + max_wait
-    busy = cpu_busy()
-    while busy > threshold and time.monotonic() < deadline:
-        busy = cpu_busy(2.0)
-    return busy
+    while True:
+        busy0 = busy_cpu_seconds()
+        time.sleep(1.0)
+        if (busy_cpu_seconds() - busy0) / (os.cpu_count() or 1) <= threshold or time.monotonic() > deadline:
+            return
+
+
+def measure(cmd: list[str], out: Path, quiet_threshold: float, max_wait: float, retries: int) -> Run:
+    """One repetition: run on quiet CPUs; rerun (up to ``retries`` times) if other work took over the CPUs."""
+    attempts: list[Run] = []
+    for _ in range(1 + retries):
+        remove(out)
+        wait_quiet(quiet_threshold, max_wait)
+        attempts.append(timed(cmd))
+        if attempts[-1].others <= quiet_threshold:
+            break
+    return min(attempts, key=lambda r: r.others)
 
 
 def warm_up(*folders: Path) -> None:
@@ -328,7 +341,7 @@ def remove(path: Path) -> None:
 
 
 def bench_size(name: str, size: ModelSize, repeats: int, peft_repeats: int, quiet_threshold: float,
-               max_wait: float) -> dict:
+               max_wait: float, retries: int) -> dict:
     base, adapter = ensure_data(name, size)
     warm_up(base, adapter)
     outs = {v: WORK / name / f"out-{v}" for v in ("copy", "merge", "peft")}
@@ -346,11 +359,10 @@ def bench_size(name: str, size: ModelSize, repeats: int, peft_repeats: int, quie
         for variant, cmd in commands.items():
             if rep >= (peft_repeats if variant == "peft" else repeats):
                 continue
-            remove(outs[variant])
-            run = timed(cmd, wait_quiet(quiet_threshold, max_wait))
+            run = measure(cmd, outs[variant], quiet_threshold, max_wait, retries)
             runs[variant].append(run)
             print(f"[{name}] rep {rep + 1} {variant:5s} {run.wall_s:7.1f} s  {run.peak_rss_bytes / 1e6:8.0f} MB  "
-                  f"cpu {run.cpu_s:6.1f} s  (CPUs {run.busy_before:.0%} busy before)", flush=True)
+                  f"cpu {run.cpu_s:6.1f} s  (other processes: {run.others:.0%} of the CPUs)", flush=True)
             if variant == "copy":
                 remove(outs["copy"])  # the last merge and PEFT outputs are kept for the comparison
     ulps = compare_outputs(size, outs["merge"], outs["peft"])
@@ -364,7 +376,7 @@ def bench_size(name: str, size: ModelSize, repeats: int, peft_repeats: int, quie
                     "peak_rss_mb": statistics.median(x.peak_rss_bytes for x in r) / 1e6,
                     "cpu_s": statistics.median(x.cpu_s for x in r),
                     "runs": [{"wall_s": x.wall_s, "peak_rss_mb": round(x.peak_rss_bytes / 1e6), "cpu_s": x.cpu_s,
-                              "cpus_busy_before": round(x.busy_before, 2)} for x in r]}
+                              "others_cpu_share": round(x.others, 2)} for x in r]}
                 for v, r in runs.items()}
     merge_rss_bound_mb = (3 * largest_fp32 + 0.6e9) / 1e6
     ratios = {
@@ -431,7 +443,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peft-repeats", type=int, default=None, help="repetitions of the PEFT variant "
                         "(default: --repeats)")
     parser.add_argument("--quiet-threshold", type=float, default=0.25, help="before each timed run, wait until "
-                        "at most this fraction of the CPUs is busy with other work (default 0.25)")
+                        "at most this fraction of the CPUs is busy with other work; rerun a repetition during which "
+                        "other work took more (default 0.25)")
+    parser.add_argument("--retries", type=int, default=2, help="reruns of a repetition disturbed by other work; "
+                        "the least disturbed attempt counts (default 2)")
     parser.add_argument("--max-wait", type=float, default=120.0, help="longest wait for quiet CPUs, in seconds, "
                         "before running anyway (default 120)")
     args = parser.parse_args(argv)
@@ -444,8 +459,8 @@ def main(argv: list[str] | None = None) -> None:
     peft_repeats = args.peft_repeats or args.repeats
     WORK.mkdir(exist_ok=True)
     code_before = code_state()
-    results = {name: bench_size(name, SIZES[name], args.repeats, peft_repeats, args.quiet_threshold, args.max_wait)
-               for name in args.sizes}
+    results = {name: bench_size(name, SIZES[name], args.repeats, peft_repeats, args.quiet_threshold, args.max_wait,
+                                args.retries) for name in args.sizes}
     code_after = code_state()
     print_report(results, args.repeats, peft_repeats)
     print(f"\nwsurgery at commit {code_before['commit'][:12]}, sources {code_before['wsurgery_sources_sha256']}")
