@@ -1,0 +1,56 @@
+"""BEFT (``peft_type: BEFT``): a trained bias added to the bias of ``nn.Linear`` layers.
+
+``bias' = bias + beft_bias.flatten()`` with ``beft_bias (1, out)``. The weight is not touched.
+PEFT refuses to merge into a layer without a bias (it would have to create one, which the
+architecture may not accept), and so do we. Additive: exact unmerge.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import InputError, UnsupportedError
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+
+
+class BeftPatch(AdditivePatch):
+    def __init__(self, module: str, bias: torch.Tensor):
+        # Only the bias changes; it is "optional" so that a missing bias reaches check() and gets a clear refusal.
+        super().__init__(module, (), optional_roles=("bias",))
+        self.bias = bias
+
+    def check(self, shapes: Shapes) -> None:
+        if "bias" not in shapes:
+            raise UnsupportedError(f"{self.module}: BEFT adds beft_bias to the layer's bias, but the base layer has no "
+                                   "bias tensor; PEFT refuses to merge it too ('Base layer has no bias'). Use a base "
+                                   "whose layer has a bias, or keep the adapter unmerged")
+        if tuple(shapes["bias"]) != (self.bias.numel(),):
+            raise InputError(f"{self.module}: beft_bias is {list(self.bias.shape)} but the base bias is "
+                             f"{list(shapes['bias'])}; was the adapter trained on another model?")
+
+    def delta(self) -> Tensors:
+        return {"bias": self.bias.to(torch.float32).flatten()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "linear", "features": self.bias.numel(), "changes": "bias only"}
+
+
+@register
+class Beft(Method):
+    peft_types = ("BEFT",)
+    param_names = frozenset({"beft_bias"})
+    support = (Support("BEFT (bias only)", "Linear with a bias", "exact",
+                       "exact (refused, like PEFT, where the base has no bias)", "0.21.2"),)
+
+    def summary(self, config) -> dict[str, Any]:
+        return {"rule": "bias += beft_bias"}
+
+    def patch(self, params: ModuleParams) -> Patch:
+        (bias,) = params.require("beft_bias")
+        shape_ok = bias.ndim == 1 or (bias.ndim == 2 and bias.shape[0] == 1)
+        if not shape_ok or bias.numel() == 0 or not bias.is_floating_point():
+            raise InputError(f"{params.config.path.parent}: module {params.module!r}: beft_bias is {list(bias.shape)} "
+                             f"{bias.dtype}; expected a float (1, out_features) tensor")
+        return BeftPatch(params.module, bias)
