@@ -11,7 +11,7 @@ import json
 
 import pytest
 from peft import (AdaptionPromptConfig, CartridgeConfig, CPTConfig, LilyConfig, LoraConfig,
-                  MultitaskPromptTuningConfig, PolyConfig, PrefixTuningConfig, PromptEncoderConfig,
+                  MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig,
                   PromptTuningConfig, ShadowConfig, XLoraConfig, get_peft_model)
 from peft.utils.peft_types import PeftType
 
@@ -33,8 +33,6 @@ CASES = {
                               cpt_tokens_type_mask=[1, 2, 3]), "virtual tokens"),
     "CARTRIDGE": (lambda: CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), "prefix"),
     "LILY": (lambda: LilyConfig(target_modules=["q_proj", "v_proj"], r=2), "router"),
-    "POLY": (lambda: PolyConfig(target_modules=["q_proj"], r=2, n_tasks=2, n_skills=2, n_splits=1),
-             "one fixed task is possible"),
     "SHADOW": (lambda: ShadowConfig(task_type="CAUSAL_LM", r=2), "shadow network"),
     "XLORA": (None, "constituent LoRA adapters one by one"),  # built from a saved LoRA below
 }

@@ -14,5 +14,3 @@ register_not_mergeable("XLORA", "a classifier mixes its LoRAs per token at run t
 register_not_mergeable("LILY", "a data-dependent router mixes shared projections per batch at run time; PEFT cannot "
                               "merge it either")
 register_not_mergeable("SHADOW", "it runs a parallel shadow network; PEFT refuses to merge it too")
-register_not_mergeable("POLY", "a router mixes its LoRA modules according to the task id of each input; a static "
-                              "merge for one fixed task is possible but not implemented yet")
