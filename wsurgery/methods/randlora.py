@@ -113,7 +113,7 @@ class RandLoraPatch(AdditivePatch):
         if self.projections.ignored_note is not None:
             self.notes.append(self.projections.ignored_note)
             self.projections.ignored_note = None  # told once per adapter
-        sliced_A, sliced_B = as_peft_buffer(self, A[:, :nb, :lo], B[:hi, :nb, :])
+        sliced_A, sliced_B = as_peft_buffer(self, self.projections, A[:, :nb, :lo], B[:hi, :nb, :])
         lam = self.lam.to(torch.float32)
         gamma = self.gamma.to(torch.float32)
         update_A = (lam[:, :, None] * sliced_A * gamma[None]).flatten(end_dim=1)  # (r·nb, lo), row k·nb+b

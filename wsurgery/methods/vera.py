@@ -92,15 +92,18 @@ class SharedProjections:
         return self._memo[key]
 
 
-def as_peft_buffer(patch: Patch, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """The shared projections as PEFT holds them for this layer, upcast to float32.
+def as_peft_buffer(patch: Patch, projections: SharedProjections, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Slices of the shared projections as PEFT holds them when it merges, in float32.
 
-    PEFT keeps the projections in buffers that it casts to the base layer's dtype (and loads saved ones
-    into), so on a bf16/fp16 base it merges with rounded projections. The engine does not tell patches
-    the base dtype yet; where it sets ``patch.base_dtypes`` (role -> dtype) we round the same way.
+    PEFT builds the projections when it injects the adapter and casts them to the base layer's dtype
+    there (``_move_adapter_to_device_of_base_layer``), then back to float32 (``autocast_adapter_dtype``);
+    saved projections are loaded afterwards into those float32 buffers, at full precision. So on a
+    bf16/fp16 base, *regenerated* projections are rounded to that dtype and saved ones are not. The engine
+    does not tell patches the base dtype yet; where it sets ``patch.base_dtypes`` (role -> dtype) we round
+    the same way, otherwise regenerated projections stay at generation precision.
     """
     dtype = (getattr(patch, "base_dtypes", None) or {}).get("weight")
-    low = dtype is not None and dtype.is_floating_point and dtype.itemsize < 4
+    low = projections.regenerated and dtype is not None and dtype.is_floating_point and dtype.itemsize < 4
     return [(t.to(dtype) if low else t).to(torch.float32) for t in tensors]
 
 
@@ -208,7 +211,7 @@ class VeraPatch(AdditivePatch):
             self.notes.append(self.projections.ignored_note)
             self.projections.ignored_note = None  # told once per adapter
         r = self.rank
-        sliced_A, sliced_B = as_peft_buffer(self, A[:r, : self.in_features], B[: self.out_features, :])
+        sliced_A, sliced_B = as_peft_buffer(self, self.projections, A[:r, : self.in_features], B[: self.out_features, :])
         lambda_b = self.lambda_b.to(torch.float32).unsqueeze(-1)
         lambda_d = self.lambda_d[:r].to(torch.float32).unsqueeze(-1)
         d = (lambda_b * sliced_B) @ (lambda_d * sliced_A)
