@@ -129,11 +129,14 @@ class SupertuningTopkPatch(Patch):
         scores = W.abs().flatten()
         top = torch.topk(scores, k=self.values.numel(), largest=self.select_top)
         v = top.values
-        ties = int((v[1:] == v[:-1]).sum()) if v.numel() > 1 else 0
-        if ties:
-            self.notes.append(f"SuperTuning indices recomputed from |W| (not saved): {ties} tie(s) among the selected "
-                              "magnitudes; which value lands on which tied entry follows torch.topk's tie order, as in "
-                              "PEFT on CPU")
+        inside = int((v[1:] == v[:-1]).sum()) if v.numel() > 1 else 0
+        edge = v.numel() > 0 and int((scores == v[-1]).sum()) > int((v == v[-1]).sum())
+        if inside or edge:
+            what = [f"{inside} tie(s) among the selected |W|"] if inside else []
+            if edge:
+                what.append("a tie at the selection boundary")
+            self.notes.append(f"SuperTuning indices recomputed from |W| (not saved): {' and '.join(what)}; which value "
+                              "lands on which tied entry follows torch.topk's tie order (PEFT's on CPU)")
         return top.indices
 
     def merge(self, tensors: Tensors, scale: float) -> Tensors:
