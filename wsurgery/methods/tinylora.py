@@ -24,6 +24,12 @@ We recover ``k`` from the files instead:
   groups coincide (tiny u·r² in low precision), or when P was not saved (``save_projection=False``) and
   more than one layer is targeted.
 
+A single targeted layer without saved P is position 0: P is regenerated, and rounded to bf16/fp16 when
+the saved SVD factors are (PEFT rounds P to the dtype of the base it loads into; a note says so).
+
+``fan_in_fan_out`` is one flag for the whole model: a layer whose base weight is ``(out, in)`` as saved
+(an Embedding next to GPT-2's Conv1D layers) is not transposed; a square one follows the flag.
+
 Additive: unmerge subtracts the same ΔW.
 """
 
