@@ -46,10 +46,11 @@ def expected_n(config: AdapterConfig, module: str, rule: str) -> int | None:
     """``n_frequency`` for ``module`` from the config, by FourierFT's (``rule="fourierft"``) or the
     generic PEFT pattern rule; None where the config gives no number."""
     patterns = config.raw.get("n_frequency_pattern") or {}
-    if rule == "fourierft":
-        key = next((k for k in patterns if re.match(rf".*\.{k}$", module)), module)
-    else:
-        key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module)), module)
+    template = r".*\.{}$" if rule == "fourierft" else r"(.*\.)?({})$"
+    try:
+        key = next((k for k in patterns if re.match(template.format(k), module)), module)
+    except re.error as e:
+        raise InputError(f"{config.path}: n_frequency_pattern holds an invalid regular expression ({e})") from None
     n = patterns.get(key, config.raw.get("n_frequency"))
     return int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else None
 
