@@ -1,0 +1,221 @@
+"""HiRA (``peft_type: HIRA``): a Hadamard high-rank update ``W' = W + W ⊙ ΔW`` with ``ΔW = B·A``.
+
+* Linear: ``hira_A (r, in)``, ``hira_B (out, r)``, ``ΔW = B A`` (out, in); transformers' Conv1D stores
+  W as (in, out), so ``ΔW`` is transposed there. No scaling factor.
+* Embedding: ``hira_embedding_A (r, V)``, ``hira_embedding_B (d, r)``, ``ΔE = (B A)ᵀ`` (V, d).
+* Conv1d/2d/3d (groups = 1): A and B shaped like LoRA's, ``hira_A (r, in, k…)``, ``hira_B (out, r, 1…)``;
+  ``ΔW[o, i, k…] = Σ_r B[o, r] A[r, i, k…]`` (PEFT gets the same by a convolution).
+
+The change depends on W but is an elementwise scale ``W' = W ⊙ (1 + ΔW)``: unmerge divides by
+``1 + ΔW`` exactly, and is refused where ``1 + ΔW = 0`` (the merge zeroed those weights). PEFT itself
+unmerges from a cached copy of the base.
+
+Linear or Conv1D: PEFT picks the layout from the layer's type, not from ``fan_in_fan_out`` in the
+saved config (it warns and overrides the flag). A tensor tool sees only shapes: a non-square weight
+tells by its shape; a square one follows the other 2-D modules of the same adapter when they all
+agree, else the config's ``fan_in_fan_out``; when they disagree (a model mixing nn.Linear and
+Conv1D) a square weight is refused rather than guessed. DEFT shares this rule (:class:`Layout`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import InputError, NotInvertibleError
+from .base import (
+    AdapterContext,
+    Method,
+    ModuleParams,
+    Patch,
+    Shapes,
+    Support,
+    Tensors,
+    register,
+)
+
+if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
+    from ..adapters.config import AdapterConfig
+
+# 1 + ΔW smaller than this makes an unmerge amplify the merged file's rounding by more than 1/this.
+_AMPLIFICATION_NOTE = 1e-2
+
+
+class Layout:
+    """Whether each 2-D weight of one adapter is stored (out, in) like nn.Linear or (in, out) like Conv1D.
+
+    ``check`` calls ``observe`` for every module before any ``apply``: non-square weights are evidence,
+    square ones are decided once all evidence is in (``transposed``), and refused during the checks
+    when the evidence is mixed (``observe`` raises for any square module already seen, or seen later).
+    """
+
+    def __init__(self, method: str, fan_in_fan_out: bool):
+        self.method, self.fan_in_fan_out = method, fan_in_fan_out
+        self.evidence: dict[bool, list[str]] = {False: [], True: []}  # transposed? -> modules
+        self.square: list[str] = []
+
+    @staticmethod
+    def of(context: AdapterContext, method: str, fan_in_fan_out: bool) -> Layout:
+        key = f"{method.lower()}_layout"
+        if key not in context.cache:
+            context.cache[key] = Layout(method, fan_in_fan_out)
+        return context.cache[key]
+
+    def observe(self, module: str, transposed: bool | None) -> None:
+        """``transposed`` as the shapes say, or None for a square weight (decided later)."""
+        if transposed is None:
+            if module not in self.square:
+                self.square.append(module)
+        elif module not in self.evidence[transposed]:
+            self.evidence[transposed].append(module)
+        if self.square and self.evidence[False] and self.evidence[True]:
+            raise InputError(
+                f"{self.square[0]}: its {self.method} weight is square, and this adapter's other modules are stored "
+                f"both (out, in) like nn.Linear (e.g. {self.evidence[False][0]}) and (in, out) like Conv1D (e.g. "
+                f"{self.evidence[True][0]}); PEFT picks the layout by layer type, which the files do not record, so "
+                "wsurgery cannot tell how to apply the change to this module")
+
+    def transposed(self, module: str, by_shape: bool | None) -> bool:
+        if by_shape is not None:
+            return by_shape
+        if self.evidence[True] and not self.evidence[False]:
+            return True
+        if self.evidence[False] and not self.evidence[True]:
+            return False
+        return self.fan_in_fan_out
+
+    @staticmethod
+    def by_shape(weight: tuple[int, ...], out: int, inp: int | None) -> bool | None:
+        """True/False where the shape decides, None where it cannot (square), raise nothing (callers check)."""
+        if inp is None:  # only out is known (DEFT's PaRa): the axis of length out
+            if weight[0] == out and weight[1] != out:
+                return False
+            if weight[1] == out and weight[0] != out:
+                return True
+            return None
+        if out == inp:
+            return None
+        return tuple(weight) == (inp, out)
+
+
+class HiraPatch(Patch):
+    """W' = W + W ⊙ ΔW, ΔW = B·A in the layout the base stores."""
+
+    def __init__(self, module: str, kind: str, A: torch.Tensor, B: torch.Tensor, layout: Layout):
+        super().__init__(module, ("weight",))
+        self.kind, self.A, self.B, self.layout = kind, A, B, layout
+        self.rank = A.shape[0]
+        self._by_shape: bool | None = None  # Linear/Conv1D: transposed as the base shape says (None: square)
+        self._checked = False
+        self._zeros: int | None = None
+
+    def logical_shape(self) -> tuple[int, ...]:
+        """The weight shape PEFT's layer has (out, in[, k…]); (V, d) for embeddings."""
+        if self.kind == "embedding":  # A (r, V), B (d, r)
+            return (self.A.shape[1], self.B.shape[0])
+        if self.kind == "conv":  # A (r, in, k...), B (out, r, 1...)
+            return (self.B.shape[0], *self.A.shape[1:])
+        return (self.B.shape[0], self.A.shape[1])
+
+    def check(self, shapes: Shapes) -> None:
+        w = tuple(shapes["weight"])
+        want = self.logical_shape()
+        if self.kind == "linear":
+            out, inp = want
+            ok = len(w) == 2 and w in ((out, inp), (inp, out))
+        else:
+            ok = w == want
+        if not ok:
+            what = {"embedding": "an embedding (V, d)", "conv": "a convolution (out, in, k...)",
+                    "linear": "a linear layer (out, in), or (in, out) for Conv1D"}[self.kind]
+            grouped = (self.kind == "conv" and len(w) == len(want) and w[0] == want[0] and w[2:] == want[2:])
+            hint = " (HiRA does not support grouped convolutions)" if grouped else ""
+            raise InputError(f"{self.module}: hira_B·hira_A gives {list(want)} for {what}, but the base weight is "
+                             f"{list(w)}{hint}; was the adapter trained on another model?")
+        if self.kind == "linear":
+            self._by_shape = Layout.by_shape(w, *want)
+            self.layout.observe(self.module, self._by_shape)
+        self._checked = True
+
+    def transposed(self) -> bool:
+        return self.kind == "linear" and self.layout.transposed(self.module, self._by_shape)
+
+    def product(self) -> torch.Tensor:
+        """B·A in float32, in PEFT's logical layout ((out, in[, k…]), or (d, V) for embeddings)."""
+        A = self.A.to(torch.float32)
+        B = self.B.to(torch.float32)
+        if self.kind == "conv":
+            return torch.einsum("or,ri...->oi...", B.flatten(1), A)
+        return B @ A
+
+    def weight_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        d = self.product()
+        if self.kind == "embedding" or self.transposed():
+            d = d.T
+        return d.to(dtype)
+
+    def apply(self, tensors: Tensors) -> Tensors:
+        W = tensors["weight"]
+        d = self.weight_delta(W.dtype).mul_(W)  # W ⊙ ΔW, as PEFT adds it
+        return {"weight": W.add_(d)}
+
+    def zero_factors(self) -> int:
+        """How many elements of 1 + ΔW are 0 (those weights were wiped by the merge); layout-free."""
+        if self._zeros is None:
+            self._zeros = int((self.product() == -1).sum())
+        return self._zeros
+
+    def why_not_invertible(self) -> str | None:
+        zeros = self.zero_factors()
+        if zeros:
+            return (f"1 + hira_B·hira_A is 0 for {zeros} weight element(s), so the merge set them to 0 and they "
+                    "cannot be divided back; only the base checkpoint can restore them")
+        return None
+
+    def revert(self, tensors: Tensors) -> Tensors:
+        reason = self.why_not_invertible()
+        if reason is not None:
+            raise NotInvertibleError(f"{self.module}: {reason}")
+        W = tensors["weight"]
+        factor = self.weight_delta(W.dtype).add_(1.0)
+        smallest = float(factor.abs().min()) if factor.numel() else 1.0
+        if smallest < _AMPLIFICATION_NOTE:
+            self.notes.append(f"HiRA unmerge divides by 1 + hira_B·hira_A, whose smallest magnitude is "
+                              f"{smallest:.3g}: the merged file's rounding grows by up to {1 / smallest:.3g}x there")
+        return {"weight": W.div_(factor)}
+
+    def describe(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {"kind": self.kind, "rank": self.rank}
+        if self.kind == "linear" and self._checked:
+            facts["layout"] = "(in, out) Conv1D" if self.transposed() else "(out, in) Linear"
+        return facts
+
+
+@register
+class Hira(Method):
+    peft_types = ("HIRA",)
+    param_names = frozenset({"hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B"})
+    support = (
+        Support("HiRA (Hadamard high-rank: W + W⊙BA)", "Linear, Conv1D, Embedding, Conv1d/2d/3d", "exact",
+                "exact division by 1 + BA (refused where 1 + BA = 0)", "0.21.2"),
+    )
+
+    def summary(self, config: AdapterConfig) -> dict[str, Any]:
+        return {"update": "W + W⊙(B·A)", "fan_in_fan_out": bool(config.get("fan_in_fan_out", False))}
+
+    def patch(self, params: ModuleParams) -> Patch:
+        t = params.tensors
+        if "hira_embedding_A" in t or "hira_embedding_B" in t:
+            A, B = params.require("hira_embedding_A", "hira_embedding_B")
+            kind = "embedding"
+            ok = A.ndim == 2 and B.ndim == 2 and B.shape[1] == A.shape[0]
+        else:
+            A, B = params.require("hira_A", "hira_B")
+            kind = "conv" if A.ndim > 2 else "linear"
+            ok = B.ndim == A.ndim and B.shape[1] == A.shape[0] and all(s == 1 for s in B.shape[2:])
+        if not ok or A.shape[0] == 0:
+            raise InputError(f"{params.config.path.parent}: module {params.module!r}: hira A is {list(A.shape)} and "
+                             f"hira B is {list(B.shape)}, which do not multiply; the adapter file is inconsistent")
+        layout = Layout.of(params.context, "HiRA", bool(params.config.get("fan_in_fan_out", False)))
+        return HiraPatch(params.module, kind, A, B, layout)
