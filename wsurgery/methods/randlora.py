@@ -137,7 +137,9 @@ class RandLora(Method):
     param_names = frozenset({"randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B"})
     shared_names = frozenset({"randlora_A", "randlora_B"})
     support = (Support("RandLoRA (dense, sparse, very_sparse; saved or PRNG-regenerated bases)",
-                       "Linear, Conv1D (fan_in_fan_out)", "exact", "exact",
+                       "Linear, Conv1D (fan_in_fan_out)",
+                       "exact (regenerated sparse bases on a bf16/fp16 base: ~2 ulps off PEFT, which rounds them)",
+                       "exact",
                        "0.21.2 (regenerated dense bases: bf16 draw, as PEFT on CPU/bf16 GPUs)"),)
 
     def summary(self, config: AdapterConfig) -> dict[str, Any]:
@@ -147,6 +149,9 @@ class RandLora(Method):
         return {"r": r, "randlora_alpha": config.get("randlora_alpha", 640),
                 "scaling": float(config.get("randlora_alpha", 640)) / r, "bases": variant,
                 "save_projection": bool(config.get("save_projection", True)),
+                **({} if config.get("save_projection", True) else {"regeneration": (
+                    "float32 torch.rand" if variant != "dense" else
+                    "bfloat16 kaiming_uniform_ (as PEFT on CPU / bf16 GPUs; PEFT on fp16-only GPUs draws float16)")}),
                 "projection_prng_key": config.get("projection_prng_key", 0),
                 "fan_in_fan_out": bool(config.get("fan_in_fan_out", False))}
 

@@ -10,6 +10,11 @@ shapes every patch records in ``check``, before the first ``apply``). There is n
 
 The change is additive and independent of W, so unmerge subtracts it again (exact up to rounding).
 
+On a bf16/fp16 base PEFT merges with *regenerated* projections rounded to the base dtype (saved ones
+keep full precision; see ``as_peft_buffer``). We reproduce that where the engine tells the patch the
+base dtype (``patch.base_dtypes``); without it, regenerated projections stay float32 and the result is
+up to ~16 bf16 ulps elementwise (two bf16 steps at the tensor's largest entry) from PEFT's, not 1 ulp.
+
 ``SharedProjections`` (the saved-or-regenerated state of one adapter, kept in ``AdapterContext.cache``)
 is shared with PVeRA and RandLoRA.
 """
@@ -274,5 +279,6 @@ class Vera(_VeraFamily):
     peft_types = ("VERA",)
     param_names = frozenset({"vera_lambda_b", "vera_lambda_d"})
     shared_names = frozenset({"vera_A", "vera_B"})
-    support = (Support("VeRA (saved or PRNG-regenerated projections)", "Linear, Conv1D (fan_in_fan_out)", "exact",
+    support = (Support("VeRA (saved or PRNG-regenerated projections)", "Linear, Conv1D (fan_in_fan_out)",
+                       "exact (regenerated projections on a bf16/fp16 base: up to ~16 bf16 ulps off PEFT, which rounds them)",
                        "exact", "0.21.2"),)
