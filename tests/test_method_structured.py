@@ -277,6 +277,6 @@ def test_beft_refuses_a_layer_without_bias_as_peft_does(tmp_path):
     adapter_dir = make_adapter(model, BeftConfig(target_modules=["v_proj"]), tmp_path / "adapter")
     with pytest.raises(ValueError, match="no bias"):
         oracle_merge(reload(model, base_dir, torch.float32), adapter_dir)
-    with pytest.raises(UnsupportedError, match=r"v_proj: BEFT adds beft_bias to the layer's bias, but the base layer "
-                                               "has no bias tensor"):
+    with pytest.raises(InputError, match=r"changes model\.layers\.0\.self_attn\.v_proj\.bias, but .* has no such "
+                                         r"tensor \(it has weight\)"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)

@@ -11,21 +11,18 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, UnsupportedError
+from ..errors import InputError
 from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
 
 
 class BeftPatch(AdditivePatch):
     def __init__(self, module: str, bias: torch.Tensor):
-        # Only the bias changes; it is "optional" so that a missing bias reaches check() and gets a clear refusal.
-        super().__init__(module, (), optional_roles=("bias",))
+        # Only the bias changes. It is a required role: where the base layer has none, the engine refuses before
+        # anything is read ("changes <module>.bias, but the base has no such tensor"), as PEFT refuses the merge.
+        super().__init__(module, ("bias",))
         self.bias = bias
 
     def check(self, shapes: Shapes) -> None:
-        if "bias" not in shapes:
-            raise UnsupportedError(f"{self.module}: BEFT adds beft_bias to the layer's bias, but the base layer has no "
-                                   "bias tensor; PEFT refuses to merge it too ('Base layer has no bias'). Use a base "
-                                   "whose layer has a bias, or keep the adapter unmerged")
         if tuple(shapes["bias"]) != (self.bias.numel(),):
             raise InputError(f"{self.module}: beft_bias is {list(self.bias.shape)} but the base bias is "
                              f"{list(shapes['bias'])}; was the adapter trained on another model?")
@@ -41,8 +38,8 @@ class BeftPatch(AdditivePatch):
 class Beft(Method):
     peft_types = ("BEFT",)
     param_names = frozenset({"beft_bias"})
-    support = (Support("BEFT (bias only)", "Linear with a bias", "exact",
-                       "exact (refused, like PEFT, where the base has no bias)", "0.21.2"),)
+    support = (Support("BEFT (bias only)", "Linear with a bias",
+                       "exact (refused, like PEFT, where the base layer has no bias)", "exact", "0.21.2"),)
 
     def summary(self, config) -> dict[str, Any]:
         return {"rule": "bias += beft_bias"}
