@@ -108,6 +108,7 @@ def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str
                 job.tensors[role] = name
                 roles.append(role)
             role_shapes = {r: shapes[job.tensors[r]] for r in roles}
+            patch.base_dtypes = {r: base.tensors[job.tensors[r]].dtype for r in roles}
             try:
                 patch.check(role_shapes)
             except WsurgeryError as e:

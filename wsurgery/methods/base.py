@@ -76,6 +76,9 @@ class Patch(ABC):
         self.roles = roles  # base tensors (relative to the module) that must exist
         self.optional_roles = optional_roles  # changed too where the base has them (e.g. a bias)
         self.notes: list[str] = []  # facts worth telling the user after the run (e.g. a residual)
+        # The base tensors' stored dtypes by role, set by the engine before ``check``: PEFT rounds some
+        # regenerated state (e.g. VeRA's projections) to the base dtype, and so must we.
+        self.base_dtypes: dict[str, torch.dtype] = {}
 
     # -- validation, before any data is read ---------------------------------------------------
     def check(self, shapes: Shapes) -> None:

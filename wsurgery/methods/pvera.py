@@ -37,8 +37,7 @@ class Pvera(_VeraFamily):
     param_names = frozenset({"pvera_lambda_b", "pvera_lambda_d"})
     shared_names = frozenset({"pvera_A", "pvera_B"})
     support = (Support("PVeRA (mean path; saved or PRNG-regenerated projections)", "Linear, Conv1D (fan_in_fan_out)",
-                       "exact, mean μ path as PEFT (regenerated projections on a bf16/fp16 base: up to ~16 bf16 "
-                       "ulps off PEFT, which rounds them)", "exact", "0.21.2"),)
+                       "exact, mean μ path as PEFT", "exact", "0.21.2"),)
 
     label = "PVeRA"
     prefix = "pvera"

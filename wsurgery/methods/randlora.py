@@ -138,7 +138,7 @@ class RandLora(Method):
     shared_names = frozenset({"randlora_A", "randlora_B"})
     support = (Support("RandLoRA (dense, sparse, very_sparse; saved or PRNG-regenerated bases)",
                        "Linear, Conv1D (fan_in_fan_out)",
-                       "exact (regenerated sparse bases on a bf16/fp16 base: ~2 ulps off PEFT, which rounds them)",
+                       "exact",
                        "exact",
                        "0.21.2 (regenerated dense bases: bf16 draw, as PEFT on CPU/bf16 GPUs)"),)
 

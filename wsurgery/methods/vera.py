@@ -11,9 +11,8 @@ shapes every patch records in ``check``, before the first ``apply``). There is n
 The change is additive and independent of W, so unmerge subtracts it again (exact up to rounding).
 
 On a bf16/fp16 base PEFT merges with *regenerated* projections rounded to the base dtype (saved ones
-keep full precision; see ``as_peft_buffer``). We reproduce that where the engine tells the patch the
-base dtype (``patch.base_dtypes``); without it, regenerated projections stay float32 and the result is
-up to ~16 bf16 ulps elementwise (two bf16 steps at the tensor's largest entry) from PEFT's, not 1 ulp.
+keep full precision; see ``as_peft_buffer``). We reproduce that from the base dtype the engine hands
+each patch (``patch.base_dtypes``).
 
 ``SharedProjections`` (the saved-or-regenerated state of one adapter, kept in ``AdapterContext.cache``)
 is shared with PVeRA and RandLoRA.
@@ -103,11 +102,9 @@ def as_peft_buffer(patch: Patch, projections: SharedProjections, *tensors: torch
     PEFT builds the projections when it injects the adapter and casts them to the base layer's dtype
     there (``_move_adapter_to_device_of_base_layer``), then back to float32 (``autocast_adapter_dtype``);
     saved projections are loaded afterwards into those float32 buffers, at full precision. So on a
-    bf16/fp16 base, *regenerated* projections are rounded to that dtype and saved ones are not. The engine
-    does not tell patches the base dtype yet; where it sets ``patch.base_dtypes`` (role -> dtype) we round
-    the same way, otherwise regenerated projections stay at generation precision.
+    bf16/fp16 base, *regenerated* projections are rounded to that dtype and saved ones are not.
     """
-    dtype = (getattr(patch, "base_dtypes", None) or {}).get("weight")
+    dtype = patch.base_dtypes.get("weight")
     low = projections.regenerated and dtype is not None and dtype.is_floating_point and dtype.itemsize < 4
     return [(t.to(dtype) if low else t).to(torch.float32) for t in tensors]
 
@@ -280,5 +277,4 @@ class Vera(_VeraFamily):
     param_names = frozenset({"vera_lambda_b", "vera_lambda_d"})
     shared_names = frozenset({"vera_A", "vera_B"})
     support = (Support("VeRA (saved or PRNG-regenerated projections)", "Linear, Conv1D (fan_in_fan_out)",
-                       "exact (regenerated projections on a bf16/fp16 base: up to ~16 bf16 ulps off PEFT, which rounds them)",
-                       "exact", "0.21.2"),)
+                       "exact", "exact", "0.21.2"),)
