@@ -136,6 +136,10 @@ class HiraPatch(Patch):
         if self.kind == "linear":
             self._by_shape = Layout.by_shape(w, *want)
             self.layout.observe(self.module, self._by_shape)
+        if self.kind == "conv" and len(w) == 5 and w[2:4] == (1, 1) and not self._checked:
+            self.notes.append(f"a Conv3d kernel {list(w[2:])}: PEFT 0.21.2's HiRA fails on it (its 1x1 shortcut "
+                              "squeezes the wrong axes), so no PEFT result exists to compare with; merged with the "
+                              "formula PEFT uses for every other kernel, ΔW[o,i,k] = Σ_r B[o,r]·A[r,i,k]")
         self._checked = True
 
     def transposed(self) -> bool:
