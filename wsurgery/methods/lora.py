@@ -1,13 +1,32 @@
 """LoRA (``peft_type: LORA``) with rsLoRA, rank/alpha patterns, ``lora_bias`` and DoRA, on Linear,
-transformers' Conv1D (``fan_in_fan_out``), Embedding and Conv1d/2d/3d.
+transformers' Conv1D (``fan_in_fan_out``), Embedding and Conv1d/2d/3d; plus the layers and variants
+that change where or how ΔW lands: ``nn.MultiheadAttention``, ``target_parameters`` (raw parameters,
+fused MoE expert stacks), BD-LoRA (``use_bdlora``) and KaSA (``kasa_config``).
 
 ΔW = s·B·A with s = α/r (α/√r with rsLoRA); r is read from the tensor shapes, α from
 ``alpha_pattern`` or ``lora_alpha``. DoRA renormalises each output feature of W + ΔW to the saved
 magnitude, so its change depends on W and cannot be undone from the files.
+
+* MultiheadAttention: ``<mha>.lora_A/B`` change ``in_proj_weight`` (3E, E) and
+  ``<mha>.base_layer.out_proj.lora_A/B`` change ``out_proj.weight``, both with the MHA's own α. PEFT
+  <= 0.21.2 adds the out_proj change twice (``MultiheadAttention.merge`` adds it, then calls
+  ``out_proj.merge`` which adds it again; the unmerged forward merges the same way, so adapters were
+  trained with it): we add it twice too, or once with the option ``mha_single_out_proj``.
+* ``target_parameters``: ``<module>.lora_A/B`` (nested wrappers: ``<module>.base_layer[...].lora_A/B``)
+  change a parameter of ``<module>`` named in ``target_parameters``. 2-D: ΔW = s·B·A. 3-D (E experts):
+  A is (E·r, in) expert-major, B is (out, E·r) with the expert index fastest; the stack is laid out
+  (E, out, in) or (E, in, out) depending on the PEFT release and the module's ``is_transposed`` (see
+  ``_expert_layout``). Which saved wrapper belongs to which parameter, and the layout, are solved from
+  the shapes; what the shapes leave open is refused rather than guessed.
+* BD-LoRA: A (r, in/nb) or B (out, r/nb) hold nb diagonal blocks stacked vertically; they are
+  expanded to the block-diagonal matrix and merged as LoRA.
+* KaSA: ΔW = s·B·diag(lora_diag)·A, applied to the base *after* PEFT's destructive SVD truncation
+  (drop the r smallest singular components, fp32 SVD); unmerge cannot restore the dropped part.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -28,17 +47,42 @@ _NO_MERGE_OPTIONS = {
     "alora_invocation_tokens": "activated LoRA only applies after its invocation tokens, which depends on the input",
     "arrow_config": "Arrow routes each token between several LoRAs at run time",
 }
-# Options this release does not cover yet; refusing beats a silently wrong merge.
-_NOT_YET = ("use_bdlora", "kasa_config", "target_parameters", "layer_replication")
+# Options this release does not cover; refusing beats a silently wrong merge.
+_NOT_YET = {
+    "layer_replication": "the merged model has more layers than the base (PEFT appends copies of layers that share "
+                         "the base weights, and its merge adds every copy's change to the one shared tensor); "
+                         "wsurgery writes exactly the base's tensors and cannot add or renumber layers",
+}
+# PEFT's LoRA variants that replace the plain B·A change; PEFT refuses any two of them together.
+_VARIANTS = ("use_dora", "use_bdlora", "kasa_config")
+_MHA_OUT = ".base_layer.out_proj"
+#: The last PEFT release whose MultiheadAttention merge was checked (adds the out_proj change twice).
+_MHA_CHECKED = (0, 21, 2)
+
+
+def _variant_on(config: AdapterConfig, name: str) -> bool:
+    """PEFT turns any sub-config that is not None (even ``{}``) into an active variant."""
+    value = config.raw.get(name)
+    return value is not None and value is not False
+
+
+def _scaling(config: AdapterConfig, alpha: float, rank: int) -> float:
+    return alpha / math.sqrt(rank) if config.get("use_rslora", False) else alpha / rank
 
 
 class LoraPatch(AdditivePatch):
-    """ΔW = s·B·A in the layout the base stores (transposed for Conv1D, (V, d) for embeddings)."""
+    """ΔW = s·B·A in the layout the base stores (transposed for Conv1D, (V, d) for embeddings).
+
+    ``role`` is the base tensor changed (``in_proj_weight`` for MultiheadAttention), ``factor`` how
+    many times PEFT adds the weight change (2 for MultiheadAttention's out_proj in PEFT <= 0.21.2).
+    """
 
     def __init__(self, module: str, kind: str, A: torch.Tensor, B: torch.Tensor, alpha: float, scaling: float,
-                 bias: torch.Tensor | None = None):
-        super().__init__(module, ("weight", "bias") if bias is not None else ("weight",))
+                 bias: torch.Tensor | None = None, *, role: str = "weight", factor: float = 1.0,
+                 facts: dict[str, Any] | None = None):
+        super().__init__(module, (role, "bias") if bias is not None else (role,))
         self.kind, self.A, self.B, self.alpha, self.scaling, self.bias = kind, A, B, alpha, scaling, bias
+        self.role, self.factor, self.facts = role, factor, dict(facts or {})
         self.rank = A.shape[0]
 
     def weight_shape(self) -> tuple[int, ...]:
@@ -52,13 +96,15 @@ class LoraPatch(AdditivePatch):
 
     def check(self, shapes: Shapes) -> None:
         want = self.weight_shape()
-        if shapes["weight"] != want:
+        have = shapes[self.role]
+        if have != want:
             hint = ""
-            if shapes["weight"] == want[::-1]:
+            if have == want[::-1]:
                 hint = " (transposed: is fan_in_fan_out set right in adapter_config.json?)"
+            what = "weight" if self.role == "weight" else self.role
             raise InputError(
-                f"{self.module}: the adapter's change has shape {list(want)} but the base weight is "
-                f"{list(shapes['weight'])}{hint}; was the adapter trained on another model?"
+                f"{self.module}: the adapter's change has shape {list(want)} but the base {what} is "
+                f"{list(have)}{hint}; was the adapter trained on another model?"
             )
         if self.bias is not None and shapes.get("bias") != tuple(self.bias.shape):
             raise InputError(f"{self.module}: lora_B.bias is {list(self.bias.shape)} but the base bias is "
@@ -71,17 +117,17 @@ class LoraPatch(AdditivePatch):
             d = torch.einsum("or,ri...->oi...", B.flatten(1), A)
         else:
             d = B @ A
-        d.mul_(self.scaling)
+        d.mul_(self.scaling * self.factor)
         return d.T if self.kind in ("embedding", "conv1d_transposed") else d
 
     def delta(self) -> Tensors:
-        d = {"weight": self.weight_delta()}
+        d = {self.role: self.weight_delta()}
         if self.bias is not None:
             d["bias"] = self.bias.to(torch.float32) * self.scaling
         return d
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "scaling": self.scaling}
+        return {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "scaling": self.scaling, **self.facts}
 
 
 class DoraPatch(Patch):
@@ -117,24 +163,256 @@ class DoraPatch(Patch):
         return {**self.lora.describe(), "dora": True}
 
 
+class KasaPatch(Patch):
+    """KaSA: W' = truncate(W) + s·B·diag(lora_diag)·A (+ s·lora_B.bias), Linear only.
+
+    PEFT replaces the base weight by its rank-(k − r) SVD approximation (k = min(out, in), fp32 SVD,
+    the r smallest singular components dropped) when it creates the layer, before training; the
+    adapter is relative to that truncated weight, so the merge truncates too.
+    """
+
+    def __init__(self, module: str, A: torch.Tensor, B: torch.Tensor, diag: torch.Tensor, alpha: float,
+                 scaling: float, bias: torch.Tensor | None = None):
+        super().__init__(module, ("weight", "bias") if bias is not None else ("weight",))
+        self.A, self.B, self.diag, self.alpha, self.scaling, self.bias = A, B, diag, alpha, scaling, bias
+        self.rank = A.shape[0]
+
+    def check(self, shapes: Shapes) -> None:
+        want = (self.B.shape[0], self.A.shape[1])
+        if shapes["weight"] != want:
+            raise InputError(f"{self.module}: the adapter's change has shape {list(want)} but the base weight is "
+                             f"{list(shapes['weight'])}; was the adapter trained on another model?")
+        if self.rank >= min(want):
+            raise InputError(f"{self.module}: KaSA rank {self.rank} must be below min(out, in) = {min(want)}; PEFT "
+                             "refuses this layer too")
+        if self.bias is not None and shapes.get("bias") != tuple(self.bias.shape):
+            raise InputError(f"{self.module}: lora_B.bias is {list(self.bias.shape)} but the base bias is "
+                             f"{list(shapes['bias']) if 'bias' in shapes else 'missing'}")
+
+    def weight_delta(self) -> torch.Tensor:
+        B = self.B.to(torch.float32) * self.diag.to(torch.float32)
+        return (B @ self.A.to(torch.float32)).mul_(self.scaling)
+
+    def apply(self, tensors: Tensors) -> Tensors:
+        W = tensors["weight"]
+        # PEFT: torch.linalg.svd of the fp32 weight, keep the largest k − r components, (U·S)·Vh.
+        U, S, Vh = torch.linalg.svd(W.to(torch.float32), full_matrices=False)
+        keep = min(W.shape) - self.rank
+        truncated = (U[:, :keep] * S[:keep]) @ Vh[:keep, :]
+        del U, S, Vh
+        out = {"weight": W.copy_(truncated.to(W.dtype)).add_(self.weight_delta())}
+        if self.bias is not None:
+            out["bias"] = tensors["bias"].add_(self.bias.to(torch.float32), alpha=self.scaling)
+        return out
+
+    def why_not_invertible(self) -> str | None:
+        return ("KaSA truncated the base weight by SVD (dropping its r smallest singular components) before "
+                "training; those components are not in the adapter files, so unmerging could only return to the "
+                "truncated weight, not the original. Keep the base checkpoint and merge from it again instead")
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "linear", "variant": "kasa", "rank": self.rank, "alpha": self.alpha, "scaling": self.scaling,
+                "base_truncation": f"SVD, the {self.rank} smallest singular components dropped"}
+
+
+def _expert_layout(version: tuple[int, ...] | None, transposed: bool) -> str:
+    """How PEFT lays out a 3-D (E, ·, ·) parameter's change: "oi" = (E, out, in), "io" = (E, in, out).
+
+    PEFT <= 0.18 always read the stack as (E, in, out). 0.19.0 swapped to (E, out, in) when the module
+    had ``is_transposed=True`` (backwards); 0.19.1 and later use (E, out, in) unless ``is_transposed``
+    (transformers' GPT-OSS, Aria), which is what the experts kernels assume. No ``peft_version`` in
+    the config means PEFT <= 0.17.
+    """
+    if version is None or version < (0, 19, 0):
+        return "io"
+    if version[:3] == (0, 19, 0):
+        return "oi" if transposed else "io"
+    return "io" if transposed else "oi"
+
+
+def _layout_name(layout: str, ndim: int) -> str:
+    if ndim == 2:
+        return "(out, in)"
+    return "(E, out, in)" if layout == "oi" else "(E, in, out)"
+
+
+def _fits(A: tuple[int, ...], B: tuple[int, ...], shape: tuple[int, ...], version, transposed: bool) -> str | None:
+    """The layout in which a wrapper with factors of shapes A, B changes a parameter of ``shape``, or None."""
+    if len(A) != 2 or len(B) != 2 or A[0] != B[1]:
+        return None
+    if len(shape) == 2:
+        return "oi" if shape == (B[0], A[1]) else None
+    if len(shape) != 3 or shape[0] == 0 or A[0] % shape[0]:
+        return None
+    if shape[0] == 1:  # one expert: PEFT adds B·A as it is (broadcast over the expert axis)
+        layout = "oi"
+    else:
+        layout = _expert_layout(version, transposed)
+    want = (B[0], A[1]) if layout == "oi" else (A[1], B[0])
+    return layout if shape[1:] == want else None
+
+
+class ParamLoraPatch(AdditivePatch):
+    """LoRA on a raw parameter (``target_parameters``): one PEFT ``ParamWrapper``.
+
+    Several wrappers on one module are nested (``<m>.lora_A``, ``<m>.base_layer.lora_A``...), in the
+    order the module registers its parameters, which the files do not record; ``check`` solves which
+    wrapper changes which parameter from the shapes, jointly for all wrappers of the module.
+    """
+
+    def __init__(self, module: str, depth: int, A: torch.Tensor, B: torch.Tensor, candidates: tuple[str, ...],
+                 params: ModuleParams):
+        super().__init__(module, (), candidates)
+        self.depth, self.A, self.B, self.candidates = depth, A, B, candidates
+        self.config, self.context = params.config, params.context
+        self.where = f"{params.config.path.parent}: module {params.module!r}"
+        group = params.context.cache.setdefault("lora_param_wrappers", {}).setdefault(module, {})
+        group[depth] = (tuple(A.shape), tuple(B.shape))
+        self.param: str | None = None
+        self.layout = "oi"
+        self.experts = 1
+        self.ndim = 2
+        self.rank = A.shape[0]
+        self.alpha = self.scaling = None
+        self.transposed_from: str | None = None
+
+    def _solve(self, shapes: Shapes) -> dict[int, tuple[str, str]]:
+        """{depth: (parameter, layout)} for every wrapper of this module, or raise if not unique."""
+        group = self.context.cache["lora_param_wrappers"][self.module]
+        depths = sorted(group)
+        present = [c for c in self.candidates if c in shapes]
+        listed = ", ".join(f"{c} {list(shapes[c])}" for c in present) or "none of " + ", ".join(self.candidates)
+        saved = "; ".join(f"lora_A {list(group[d][0])}, lora_B {list(group[d][1])}" for d in depths)
+        if len(present) != len(depths):
+            raise InputError(f"{self.where}: the adapter holds {len(depths)} LoRA(s) for raw parameters of "
+                             f"{self.module} but target_parameters names {len(present)} that the base has ({listed})")
+        version = self.config.peft_version
+        option = self.context.options.get("experts_transposed")
+        by_transposed: dict[bool, set[tuple[tuple[str, str], ...]]] = {}
+        for transposed in ((False, True) if option is None else (bool(option),)):
+            found = by_transposed.setdefault(transposed, set())
+            for perm in itertools.permutations(present):
+                layouts = [_fits(*group[d], shapes[p], version, transposed) for d, p in zip(depths, perm)]
+                if all(layouts):
+                    found.add(tuple(zip(perm, layouts)))
+        solutions = set().union(*by_transposed.values())
+        if not solutions:
+            release = ".".join(map(str, version)) if version else "<= 0.17"
+            raise InputError(f"{self.where}: the saved LoRA factors ({saved}) fit none of the targeted base "
+                             f"parameters ({listed}) as PEFT {release} lays them out; was the adapter trained on "
+                             "another model?")
+        if any(len(found) > 1 for found in by_transposed.values()):
+            raise UnsupportedError(
+                f"{self.where}: the saved LoRA factors ({saved}) fit the base parameters ({listed}) in more than one "
+                "way: PEFT nests one wrapper per parameter in the module's parameter registration order, which the "
+                "files do not record, and these shapes cannot tell the wrappers apart")
+        if len(solutions) > 1:
+            raise UnsupportedError(
+                f"{self.where}: the saved LoRA factors ({saved}) fit the square expert stack(s) ({listed}) in more "
+                f"than one way: PEFT {'.'.join(map(str, version))} lays a stack out as (E, out, in) or (E, in, out) "
+                "depending on the model class's is_transposed (True for GPT-OSS and Aria), which the files do not "
+                "record. Pass the option experts_transposed=True or False")
+        (sol,) = solutions
+        stacked = any(len(shapes[p]) == 3 and shapes[p][0] > 1 for p, _ in sol)
+        if stacked and version is not None and version >= (0, 19, 0):
+            if option is not None:
+                self.transposed_from = f"is_transposed={bool(option)}, from the option experts_transposed"
+            elif sum(sol in found for found in by_transposed.values()) == 1:
+                transposed = next(t for t, found in by_transposed.items() if sol in found)
+                self.transposed_from = f"is_transposed={transposed}, read from the shapes"
+        return dict(zip(depths, sol))
+
+    def check(self, shapes: Shapes) -> None:
+        self.param, self.layout = self._solve(shapes)[self.depth]
+        shape = shapes[self.param]
+        self.ndim = len(shape)
+        self.experts = shape[0] if self.ndim == 3 else 1
+        self.rank = self.A.shape[0] // self.experts
+        key = f"{self.module}.{self.param}"  # PEFT matches alpha_pattern against the parameter's full name
+        a = self.config.pattern("alpha_pattern", key)
+        self.alpha = float(a if a is not None else self.config.get("lora_alpha", 8))
+        self.scaling = _scaling(self.config, self.alpha, self.rank)
+
+    def delta(self) -> Tensors:
+        if self.param is None:
+            raise RuntimeError(f"{self.module}: check() must run before the change is computed")
+        A = self.A.to(torch.float32)
+        B = self.B.to(torch.float32)
+        if self.ndim == 2 or self.experts == 1:
+            d = B @ A
+            if self.ndim == 3:
+                d = d.unsqueeze(0)
+        else:
+            E = self.experts
+            A3 = A.reshape(E, -1, A.shape[-1])  # (E, r, in): expert-major rows
+            B3 = B.reshape(B.shape[0], -1, E)  # (out, r, E): expert index fastest in B's columns
+            d = torch.einsum("ore,eri->eoi" if self.layout == "oi" else "ore,eri->eio", B3, A3)
+        return {self.param: d.mul_(self.scaling)}
+
+    def describe(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {"kind": "parameter (target_parameters)", "wrapper_depth": self.depth}
+        if self.param is None:  # before check(): the base shapes decide
+            facts["parameter"] = " or ".join(f"{self.module}.{c}" for c in self.candidates)
+            facts["rank_x_experts"] = self.A.shape[0]
+        else:
+            facts.update({"parameter": f"{self.module}.{self.param}", "layout": _layout_name(self.layout, self.ndim),
+                          "experts": self.experts, "rank": self.rank, "alpha": self.alpha, "scaling": self.scaling})
+            if self.transposed_from:
+                facts["expert_layout_from"] = self.transposed_from
+        return facts
+
+
+def _targeted_parameters(config: AdapterConfig, module: str) -> tuple[str, ...]:
+    """Parameter names of ``module`` that ``target_parameters`` selects (PEFT's suffix rule on ``module.param``)."""
+    names = []
+    for target in config.get("target_parameters") or []:
+        param = str(target).rpartition(".")[2]
+        key = f"{module}.{param}"
+        if key == target or key.endswith("." + str(target)):
+            names.append(param)
+    return tuple(dict.fromkeys(names))
+
+
+def _block_diagonal(M: torch.Tensor, nblocks: int, what: str, where: str) -> torch.Tensor:
+    if M.shape[0] % nblocks:
+        raise InputError(f"{where}: BD-LoRA {what} has {M.shape[0]} rows, not divisible into nblocks={nblocks}")
+    return torch.block_diag(*torch.chunk(M, nblocks, dim=0))
+
+
 @register
 class Lora(Method):
     peft_types = ("LORA",)
-    param_names = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
+    param_names = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                             "lora_diag"})
+    option_names = frozenset({"mha_single_out_proj", "experts_transposed"})
     support = (
         Support("LoRA (incl. rsLoRA, rank/alpha patterns, lora_bias, trainable_token_indices)",
                 "Linear, Conv1D (fan_in_fan_out), Embedding, Conv1d/2d/3d", "exact", "exact", "0.21.2"),
         Support("DoRA (LoRA with use_dora)", "Linear, Conv1D, Embedding, Conv1d/2d/3d", "exact",
                 "refused: the norm of W+ΔW is not in the files", "0.21.2"),
+        Support("LoRA on nn.MultiheadAttention", "in_proj_weight, out_proj.weight (+ lora_bias on out_proj)",
+                "exact; out_proj change added twice as PEFT <= 0.21.2 does (once with --mha-single-out-proj)",
+                "exact", "0.21.2"),
+        Support("LoRA target_parameters (raw nn.Parameter, fused MoE experts)",
+                "2-D and 3-D (E, out, in) / is_transposed (E, in, out) parameters, nested wrappers",
+                "exact; both fused-expert layouts (PEFT <= 0.18 / 0.19.0 / >= 0.19.1) by peft_version",
+                "exact", "0.17.1, 0.18.1, 0.19.0, 0.21.2"),
+        Support("BD-LoRA (LoRA with use_bdlora)", "Linear", "exact", "exact", "0.21.2"),
+        Support("KaSA (LoRA with kasa_config)", "Linear", "exact (incl. PEFT's SVD truncation of the base)",
+                "refused: the SVD truncation dropped base components that are not in the files", "0.21.2"),
     )
 
     def check_config(self, config: AdapterConfig) -> None:
         for option, reason in _NO_MERGE_OPTIONS.items():
             if config.get(option):
                 raise UnsupportedError(f"{config.path}: LoRA with {option} cannot be merged into weights: {reason}")
-        for option in _NOT_YET:
+        for option, reason in _NOT_YET.items():
             if config.get(option):
-                raise UnsupportedError(f"{config.path}: LoRA with {option} is not supported yet")
+                raise UnsupportedError(f"{config.path}: LoRA with {option} is not supported: {reason}")
+        variants = [v for v in _VARIANTS if (config.get(v) if v == "use_dora" else _variant_on(config, v))]
+        if len(variants) > 1:
+            raise UnsupportedError(f"{config.path}: LoRA with both {variants[0]} and {variants[1]} is not a "
+                                   "combination PEFT can build")
         init = config.get("init_lora_weights", True)
         if isinstance(init, str) and init.startswith(_BASE_MUTATING_INITS):
             raise UnsupportedError(
@@ -144,19 +422,40 @@ class Lora(Method):
             )
 
     def summary(self, config: AdapterConfig) -> dict[str, Any]:
-        return {
+        facts = {
             "scaling_rule": "lora_alpha/sqrt(r)" if config.get("use_rslora", False) else "lora_alpha/r",
             "dora": bool(config.get("use_dora", False)),
             "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
             "lora_bias": bool(config.get("lora_bias", False)),
         }
+        if _variant_on(config, "use_bdlora"):
+            facts["bdlora"] = dict(config.raw["use_bdlora"]) if isinstance(config.raw["use_bdlora"], dict) else True
+        if _variant_on(config, "kasa_config"):
+            facts["kasa"] = "base truncated by SVD before ΔW = s·B·diag(lora_diag)·A"
+        if config.get("target_parameters"):
+            facts["target_parameters"] = list(config.get("target_parameters"))
+        return facts
 
     def alpha(self, config: AdapterConfig, module: str) -> float:
         a = config.pattern("alpha_pattern", module)
         return float(a if a is not None else config.get("lora_alpha", 8))
 
     def patch(self, params: ModuleParams) -> Patch:
-        config, t = params.config, params.tensors
+        config, t, module = params.config, params.tensors, params.module
+        where = f"{config.path.parent}: module {module!r}"
+        parts = module.split(".")
+        plain = ".".join(p for p in parts if p != "base_layer")  # the module as the base names it
+        targeted = _targeted_parameters(config, plain) if config.get("target_parameters") else ()
+        if targeted and "lora_A.weight" in t:
+            return self._param_patch(params, plain, targeted, where)
+        if module.endswith(_MHA_OUT):
+            return self._mha_patch(params, module[: -len(_MHA_OUT)], out_proj=True)
+        if module + _MHA_OUT in params.context.modules:
+            return self._mha_patch(params, module, out_proj=False)
+        if "base_layer" in parts:
+            raise InputError(f"{where}: a LoRA inside another wrapper ('base_layer'), which is neither "
+                             "MultiheadAttention's out_proj nor a parameter named in target_parameters")
+
         if "lora_embedding_A" in t or "lora_embedding_B" in t:
             A, B = params.require("lora_embedding_A", "lora_embedding_B")
             kind = "embedding"
@@ -168,18 +467,122 @@ class Lora(Method):
                 kind = "conv1d_transposed"
             else:
                 kind = "linear"
+        facts: dict[str, Any] = {}
+        if _variant_on(config, "use_bdlora"):
+            A, B, facts = self._bdlora(config, module, kind, A, B, where)
         rank = A.shape[0]
         if rank == 0 or B.shape[-1 if kind == "embedding" else 1] != rank:
-            raise InputError(f"{config.path.parent}: module {params.module!r}: lora_A has rank {rank} but lora_B "
+            raise InputError(f"{config.path.parent}: module {module!r}: lora_A has rank {rank} but lora_B "
                              f"has shape {list(B.shape)}; the adapter file is inconsistent")
-        alpha = self.alpha(config, params.module)
-        scaling = alpha / math.sqrt(rank) if config.get("use_rslora", False) else alpha / rank
-        lora = LoraPatch(params.module, kind, A, B, alpha, scaling, t.get("lora_B.bias"))
+        alpha = self.alpha(config, module)
+        scaling = _scaling(config, alpha, rank)
+        if _variant_on(config, "kasa_config") or "lora_diag" in t:
+            return self._kasa_patch(params, kind, A, B, alpha, scaling, where)
+        lora = LoraPatch(module, kind, A, B, alpha, scaling, t.get("lora_B.bias"), facts=facts)
         magnitude = t.get("lora_magnitude_vector", t.get("lora_magnitude_vector.weight"))
         if magnitude is not None or config.get("use_dora", False):
             if magnitude is None:
                 params.require("lora_magnitude_vector")
             if lora.bias is not None:
-                raise UnsupportedError(f"{params.module}: DoRA with lora_bias is not a valid PEFT configuration")
+                raise UnsupportedError(f"{module}: DoRA with lora_bias is not a valid PEFT configuration")
             return DoraPatch(lora, magnitude)
         return lora
+
+    # -- variants and special layers ---------------------------------------------------------------
+    @staticmethod
+    def _refuse_variants(config: AdapterConfig, t: dict, where: str, layer: str) -> None:
+        """PEFT refuses every variant (DoRA, BD-LoRA, KaSA) on MultiheadAttention and raw parameters."""
+        for v in _VARIANTS:
+            if config.get(v) if v == "use_dora" else _variant_on(config, v):
+                raise UnsupportedError(f"{where}: LoRA with {v} on {layer} is not a combination PEFT can build")
+        for name in ("lora_magnitude_vector", "lora_magnitude_vector.weight", "lora_diag"):
+            if name in t:
+                raise UnsupportedError(f"{where}: {name} on {layer}; PEFT has no such variant there")
+
+    def _mha_patch(self, params: ModuleParams, mha: str, out_proj: bool) -> Patch:
+        config, t = params.config, params.tensors
+        where = f"{config.path.parent}: module {params.module!r}"
+        self._refuse_variants(config, t, where, "nn.MultiheadAttention")
+        A, B = params.require("lora_A.weight", "lora_B.weight")
+        rank = A.shape[0]
+        if rank == 0 or A.ndim != 2 or B.ndim != 2 or B.shape[1] != rank:
+            raise InputError(f"{where}: lora_A {list(A.shape)} and lora_B {list(B.shape)} do not form a LoRA pair")
+        alpha = self.alpha(config, mha)  # out_proj's LoRA is created with the MultiheadAttention's r and α
+        scaling = _scaling(config, alpha, rank)
+        facts: dict[str, Any] = {"layer": "nn.MultiheadAttention"}
+        bias = t.get("lora_B.bias")
+        if not out_proj:
+            facts["changes"] = "in_proj_weight"
+            patch = LoraPatch(mha, "linear", A, B, alpha, scaling, role="in_proj_weight", facts=facts)
+            if bias is not None and bool(bias.any()):
+                # MultiheadAttention.merge and its forward use only the in_proj weight change: PEFT never adds
+                # this bias (it stays at its zero init in training); adding it would differ from PEFT.
+                patch.notes.append("lora_B.bias for in_proj is ignored, as PEFT's MultiheadAttention ignores it "
+                                   "(in merge and forward)")
+                patch.facts["in_proj_lora_bias"] = "ignored, as in PEFT"
+            return patch
+        single = bool(params.context.options.get("mha_single_out_proj", False))
+        factor = 1.0 if single else 2.0
+        facts["changes"] = "out_proj.weight" + (", out_proj.bias" if bias is not None else "")
+        facts["out_proj_factor"] = int(factor)
+        facts["out_proj_rule"] = (
+            "W + 1·ΔW (option mha_single_out_proj; PEFT <= 0.21.2 adds it twice)" if single else
+            "W + 2·ΔW, as PEFT <= 0.21.2 merges (and trains) it; --mha-single-out-proj adds it once")
+        patch = LoraPatch(f"{mha}.out_proj", "linear", A, B, alpha, scaling, bias, factor=factor, facts=facts)
+        version = config.peft_version
+        if not single and version is not None and version > _MHA_CHECKED:
+            patch.notes.append(
+                f"saved by PEFT {'.'.join(map(str, version))}, newer than {'.'.join(map(str, _MHA_CHECKED))}: the "
+                "out_proj change was added twice as PEFT <= 0.21.2 does; if that release fixed it (PEFT PR #3774), "
+                "merge again with --mha-single-out-proj")
+        return patch
+
+    def _param_patch(self, params: ModuleParams, plain: str, targeted: tuple[str, ...], where: str) -> Patch:
+        config, t = params.config, params.tensors
+        self._refuse_variants(config, t, where, "a raw parameter (target_parameters)")
+        for option in ("fan_in_fan_out", "lora_bias"):
+            if config.get(option):
+                raise UnsupportedError(f"{where}: {option} with target_parameters; PEFT refuses this combination")
+        if "lora_B.bias" in t:
+            raise UnsupportedError(f"{where}: lora_B.bias on a raw parameter; PEFT has no bias there")
+        A, B = params.require("lora_A.weight", "lora_B.weight")
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] == 0 or B.shape[1] != A.shape[0]:
+            raise InputError(f"{where}: lora_A {list(A.shape)} and lora_B {list(B.shape)} do not form a LoRA pair")
+        depth = params.module.split(".").count("base_layer")
+        return ParamLoraPatch(plain, depth, A, B, targeted, params)
+
+    @staticmethod
+    def _bdlora(config: AdapterConfig, module: str, kind: str, A: torch.Tensor, B: torch.Tensor,
+                where: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Expand BD-LoRA's stacked diagonal blocks of A or B to the full block-diagonal matrix."""
+        bd = config.raw["use_bdlora"] if isinstance(config.raw["use_bdlora"], dict) else {}
+        on_a = any(p in module for p in bd.get("target_modules_bd_a") or [])
+        on_b = any(p in module for p in bd.get("target_modules_bd_b") or [])
+        nblocks = int(bd.get("nblocks", 1) or 1)
+        if kind not in ("linear", "conv1d_transposed"):
+            raise UnsupportedError(f"{where}: BD-LoRA (use_bdlora) on a {kind} layer; PEFT only builds it on Linear")
+        if on_a and on_b:
+            raise UnsupportedError(f"{where}: matches both BD-LoRA A and B patterns; PEFT refuses this")
+        if not (on_a or on_b):
+            if bd.get("match_strict", True):
+                raise UnsupportedError(f"{where}: matches neither BD-LoRA pattern while match_strict is set; PEFT "
+                                       "refuses this")
+            return A, B, {"bdlora": "none (plain LoRA)"}
+        if on_a:
+            return _block_diagonal(A, nblocks, "lora_A", where), B, {"bdlora": f"A block-diagonal, {nblocks} blocks"}
+        return A, _block_diagonal(B, nblocks, "lora_B", where), {"bdlora": f"B block-diagonal, {nblocks} blocks"}
+
+    @staticmethod
+    def _kasa_patch(params: ModuleParams, kind: str, A: torch.Tensor, B: torch.Tensor, alpha: float,
+                    scaling: float, where: str) -> Patch:
+        config, t = params.config, params.tensors
+        if not _variant_on(config, "kasa_config"):
+            raise InputError(f"{where}: the adapter holds lora_diag but its config has no kasa_config")
+        if kind != "linear":
+            raise UnsupportedError(f"{where}: KaSA (kasa_config) on a {kind} layer; PEFT only builds it on nn.Linear")
+        (diag,) = params.require("lora_diag")
+        if diag.numel() != A.shape[0]:
+            raise InputError(f"{where}: lora_diag has {diag.numel()} entries but the rank is {A.shape[0]}")
+        if "lora_magnitude_vector" in t:
+            raise UnsupportedError(f"{where}: KaSA with DoRA is not a combination PEFT can build")
+        return KasaPatch(params.module, A, B, diag.flatten(), alpha, scaling, t.get("lora_B.bias"))
