@@ -291,3 +291,20 @@ def test_console_script_entry_point():
 
     (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "wsurgery"]
     assert ep.load() is main
+
+
+def test_method_options_reach_the_method_or_are_refused(env, tmp_path, capsys):
+    """--task-id means nothing to LoRA: one-line refusal, no output. --experts-not-transposed is a LoRA option."""
+    code, _, err = run_cli(["merge", str(env.base), str(env.adapter), str(tmp_path / "out"), "--task-id", "2"],
+                           capsys)
+    assert code == 1 and err.strip().count("\n") == 0
+    assert "task_id do not apply to LORA" in err and not (tmp_path / "out").exists()
+    ok(["merge", str(env.base), str(env.adapter), str(tmp_path / "out2"), "--experts-not-transposed", "-q"], capsys)
+    assert (tmp_path / "out2" / "model.safetensors").is_file()
+
+
+def test_methods_table(capsys):
+    out, _ = ok(["methods"], capsys)
+    assert out.startswith("| method |") and "| LoRA" in out and "`PROMPT_TUNING`" in out
+    rows = json.loads(ok(["methods", "--json"], capsys)[0])
+    assert {"name", "layers", "merge", "unmerge", "peft_versions"} <= set(rows["mergeable"][0])

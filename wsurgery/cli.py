@@ -29,11 +29,14 @@ common_output = [
     click.option("--task-id", type=int, default=None, help="Poly: merge the routed change for this task."),
     click.option("--mha-single-out-proj", is_flag=True, default=None,
                  help="LoRA on nn.MultiheadAttention: add the out_proj change once (PEFT adds it twice)."),
+    click.option("--experts-transposed/--experts-not-transposed", default=None,
+                 help="LoRA on square fused-expert stacks (PEFT >= 0.19): the stack is stored (E, in, out) / "
+                      "(E, out, in); needed only where the files cannot tell."),
 ]
 
 
-def _options(task_id: int | None, mha_single_out_proj: bool | None) -> dict:
-    return {"task_id": task_id, "mha_single_out_proj": mha_single_out_proj}
+def _options(task_id: int | None, mha_single_out_proj: bool | None, experts_transposed: bool | None) -> dict:
+    return {"task_id": task_id, "mha_single_out_proj": mha_single_out_proj, "experts_transposed": experts_transposed}
 
 
 @contextmanager
@@ -90,11 +93,11 @@ def methods(as_json: bool) -> None:
 @click.argument("out")
 @with_output_options
 def merge(base: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet, task_id,
-          mha_single_out_proj) -> None:
+          mha_single_out_proj, experts_transposed) -> None:
     """Merge ADAPTER into BASE and write the merged model to the new folder OUT."""
     with _closing_progress_bars():
         r = api.merge(base, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
-                      overwrite=overwrite, progress=not quiet, options=_options(task_id, mha_single_out_proj))
+                      overwrite=overwrite, progress=not quiet, options=_options(task_id, mha_single_out_proj, experts_transposed))
     _report("merged", r, quiet)
 
 
@@ -104,11 +107,11 @@ def merge(base: str, adapter: str, out: str, dtype, max_shard_size, scale, overw
 @click.argument("out")
 @with_output_options
 def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet, task_id,
-            mha_single_out_proj) -> None:
+            mha_single_out_proj, experts_transposed) -> None:
     """Subtract ADAPTER from the merged model MERGED and write the result to the new folder OUT."""
     with _closing_progress_bars():
         r = api.unmerge(merged, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
-                        overwrite=overwrite, progress=not quiet, options=_options(task_id, mha_single_out_proj))
+                        overwrite=overwrite, progress=not quiet, options=_options(task_id, mha_single_out_proj, experts_transposed))
     _report("unmerged", r, quiet)
 
 
