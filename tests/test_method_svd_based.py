@@ -18,7 +18,10 @@ Two documented exceptions:
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from oracle import (
@@ -39,6 +42,7 @@ from safetensors.torch import load_file, save_file
 import wsurgery
 from wsurgery.adapters.loader import load_adapter
 from wsurgery.errors import InputError, NotInvertibleError, UnsupportedError
+from wsurgery.methods.adamss import kmeans_random_lloyd
 from wsurgery.methods.frod import category
 
 LLAMA = ["k_proj", "down_proj"]  # (16, 32) and (32, 48)
@@ -247,3 +251,71 @@ def test_frod_singular_v_uses_pinv(tmp_path):
             layer.self_attn.q_proj.weight[:, 5] = 0
     _, adapter_dir, _ = run_case(tmp_path, model, _frod_config(["q_proj"]), check_unmerge=False)
     assert all(p.describe()["V_singular"] for p in load_adapter(adapter_dir).patches())
+
+
+# -- AdaMSS ----------------------------------------------------------------------------------------------
+# PEFT's AdaMSS needs scikit-learn, which the test environment does not have: its adapters and merges
+# come from fixtures/adamss (scripts/make_adamss_fixtures.py ran PEFT 0.21.2 with scikit-learn 1.9.1).
+
+ADAMSS = Path(__file__).resolve().parent.parent / "fixtures" / "adamss"
+ADAMSS_CASES = ["fp32", "bf16", "dynamic-rank-seed", "many-subspaces-repeated-rows"]
+
+
+def test_adamss_kmeans_matches_scikit_learn():
+    data = load_file(ADAMSS / "kmeans.safetensors")
+    n = len([k for k in data if k.startswith("X.")])
+    assert n == 54
+    for i in range(n):
+        labels, _ = kmeans_random_lloyd(data[f"X.{i}"].numpy(), int(data[f"k.{i}"]))
+        assert np.array_equal(labels, data[f"labels.{i}"].numpy()), f"data set {i}"
+
+
+@pytest.mark.parametrize("case", ADAMSS_CASES)
+def test_adamss_fixture(tmp_path, case):
+    folder = ADAMSS / case
+    sizes = json.loads((ADAMSS / "cases.json").read_text())["cases"][case]["cluster_sizes"]
+    wsurgery.merge(folder / "base", folder / "adapter", tmp_path / "merged", progress=False)
+    merged, base = load_all(tmp_path / "merged"), load_all(folder / "base")
+    assert sorted(_changed(merged, base)) == ["fc1.bias", "fc1.weight", "fc2.weight", "fc3.bias", "fc3.weight"]
+    assert_close_to(merged, load_file(folder / "expected.safetensors"), base=base)
+    adapter = load_adapter(folder / "adapter")
+    info = {p.module: p.describe() for p in adapter.patches()}
+    assert {m: i["rows_per_subspace"] for m, i in info.items()} == sizes
+    _refuses_unmerge(tmp_path, folder / "adapter", "clustering of the original")
+
+
+def _copy_adamss(tmp_path, case="fp32"):
+    shutil.copytree(ADAMSS / case, tmp_path / case)
+    return tmp_path / case
+
+
+def test_adamss_refuses_a_clustering_it_cannot_reproduce(tmp_path):
+    """The adapter's subspace sizes are the check: move one row from block 0 to block 1 of fc3."""
+    folder = _copy_adamss(tmp_path)
+    file = folder / "adapter" / "adapter_model.safetensors"
+    t = load_file(file)
+    b0, b1 = t["base_model.model.fc3.adamss_B.0"], t["base_model.model.fc3.adamss_B.1"]
+    t["base_model.model.fc3.adamss_B.0"], t["base_model.model.fc3.adamss_B.1"] = b0[1:], torch.cat([b1, b0[:1]])
+    save_file(t, file)
+    with pytest.raises(UnsupportedError, match="fc3: AdaMSS's row clustering.*cannot be reproduced"):
+        wsurgery.merge(folder / "base", folder / "adapter", tmp_path / "merged", progress=False)
+
+
+def test_adamss_refuses_another_base(tmp_path):
+    folder = _copy_adamss(tmp_path)
+    file = folder / "base" / "model.safetensors"
+    t = load_file(file)
+    t["fc2.weight"] = torch.randn(t["fc2.weight"].shape, generator=torch.Generator().manual_seed(9)) * 0.1
+    save_file(t, file)
+    with pytest.raises(UnsupportedError, match="fc2: .*(adamss_newB|clustering)"):
+        wsurgery.merge(folder / "base", folder / "adapter", tmp_path / "merged", progress=False)
+
+
+def test_adamss_bias_column_must_match(tmp_path):
+    folder = _copy_adamss(tmp_path)
+    file = folder / "base" / "model.safetensors"
+    t = load_file(file)
+    del t["fc1.bias"]  # PEFT saw a bias here: newB has in + 1 columns
+    save_file(t, file)
+    with pytest.raises(InputError, match=r"fc1: adamss_newB is \[8, 25\].*without a bias needs 24 columns"):
+        wsurgery.merge(folder / "base", folder / "adapter", tmp_path / "merged", progress=False)
