@@ -251,7 +251,7 @@ class AdamssPatch(Patch):
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"kind": "linear", "r": self.r, "subspaces": len(self.B), "rows_per_subspace": self.sizes,
-                                "ranks": [a.shape[0] for a in self.A], "bias_column": self.has_bias_column,
+                                "ranks": [a.shape[0] for a in self.A], "newB_columns": self.newB.shape[1],
                                 "scatter_index": "recomputed (svd_lowrank + KMeans reproduction)"}
         if self.margin is not None:
             info["min_assignment_margin"] = self.margin

@@ -13,6 +13,10 @@
   cast to fp32. We do the same, and then PEFT's ``W + (U (S + L) V^T - W)`` in fp32. V's LU
   factorisation is computed once per category.
 
+PEFT itself rebuilds U at load time from a V it recomputes from the base (the saved V only replaces it
+afterwards, for the ``V^T`` factor); on the machine that trained the adapter the two are identical. We
+rebuild U from the saved V, so both factors come from the same V wherever the merge runs.
+
 Projections saved with ``save_projection=false`` cannot be rebuilt here: PEFT recomputes V from a joint
 QR/eigen-decomposition of *all* targeted base weights of a category, and a patch only sees its own
 module's weight. Such adapters are refused at load time.
@@ -147,7 +151,8 @@ class Frod(Method):
     shared_names = frozenset({"frod_V", "frod_s_indices", "frod_s_size"})
     support = (
         Support("FRoD (saved projections)", "Linear, Conv1D",
-                "exact (U rebuilt from the base in float64 as PEFT does)",
+                "fp32 exact (U rebuilt from the base and the saved V in float64 as PEFT does); bf16/fp16 bases: the "
+                "correctly rounded result, up to ~160 ulps from PEFT, which rebuilds W' in the base dtype",
                 "refused: the initial λ (column norms of W V^-T) is not saved", "0.21.2"),
         Support("FRoD with save_projection=false", "-",
                 "refused: V is a joint decomposition of all targeted base weights of a category", "-", "0.21.2"),

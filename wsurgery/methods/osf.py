@@ -108,8 +108,9 @@ class Osf(Method):
     param_names = frozenset({"osf_svd_params"})
     support = (
         Support("OSF (orthogonal subspace fine-tuning)", "Linear",
-                "exact (fp32 SVD of the base recomputed as PEFT does; ambiguous only for a repeated singular value "
-                "at the cut)",
+                "fp32 exact (PEFT's fp32 SVD of the base, recomputed); bf16/fp16 bases: the correctly rounded result, "
+                "up to ~15 ulps from PEFT, which rounds the SVD factors to the base dtype; ill-defined only for a "
+                "repeated singular value at the cut",
                 "refused: the original low singular part of W is not saved (PEFT refuses too)", "0.21.2"),
     )
 

@@ -151,7 +151,8 @@ class Psoft(Method):
         Support("PSOFT (exact Cayley and Cayley-Neumann, free R, magnitude vectors; psoft/pissa init; full and "
                 "lowrank SVD)", "Linear",
                 "exact (A, B rebuilt by the same SVD call on the fp32 base; ill-defined only for repeated singular "
-                "values among the first r+1)",
+                "values among the first r+1); lowrank SVD ~1e-5 (torch.svd_lowrank's rounding depends on memory "
+                "alignment, so PEFT's own result varies that much between loads)",
                 "refused: A and B need the SVD of the original W, which the merged W does not determine", "0.21.2"),
     )
 
