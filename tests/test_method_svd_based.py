@@ -319,3 +319,23 @@ def test_adamss_bias_column_must_match(tmp_path):
     save_file(t, file)
     with pytest.raises(InputError, match=r"fc1: adamss_newB is \[8, 25\].*without a bias needs 24 columns"):
         wsurgery.merge(folder / "base", folder / "adapter", tmp_path / "merged", progress=False)
+
+
+def test_osf_notes_a_repeated_singular_value_at_the_cut():
+    from wsurgery.methods.osf import OsfPatch
+
+    g = torch.Generator().manual_seed(0)
+    Q1, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
+    Q2, _ = torch.linalg.qr(torch.randn(10, 10, generator=g))
+    S = torch.tensor([5.0, 4.0, 3.0, 3.0, 2.0, 1.5, 1.0, 0.8, 0.5, 0.2])  # S[2] == S[3]: the cut after k=3
+    W = (Q1[:, :10] * S) @ Q2.T
+    low = 10 - 3
+    patch = OsfPatch("m", torch.randn(12, low, generator=g), torch.rand(low, generator=g), torch.randn(low, 10,
+                                                                                                      generator=g))
+    patch.check({"weight": (12, 10)})
+    patch.apply({"weight": W.clone()})
+    assert patch.describe()["relative_gap_at_cut"] < 1e-5
+    assert len(patch.notes) == 1 and "nearly equal" in patch.notes[0]
+    clear = OsfPatch("m", patch.U_low[:, 1:], patch.S_low[1:], patch.V_low[1:])  # k = 4: a clear gap
+    clear.apply({"weight": W.clone()})
+    assert clear.notes == [] and clear.describe()["relative_gap_at_cut"] > 0.1
