@@ -10,6 +10,7 @@ pre-laid-out place. Peak memory is a few copies of the largest changed tensor, w
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,6 +168,7 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
     sharded = len(shards) > 1
     spec_of = {s.name: s for s in specs}
     done_jobs: set[str] = set()
+    scratch = _Scratch()
     with atomic_output_dir(out, overwrite) as tmp:
         writer = CheckpointWriter(tmp, shards, index_name if sharded else None)
         try:
@@ -175,12 +177,14 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
                 for name, info in base.tensors.items():
                     job_name = plan.owner.get(name)
                     if job_name is None:
-                        writer.write(name, base.read(name).to(spec_of[name].dtype))
+                        if base.format != "safetensors" or not writer.copy_from(name, info):
+                            raw = base.read(name, scratch.take("read", info.shape, info.dtype))
+                            writer.write(name, scratch.cast("out", raw, spec_of[name].dtype))
                         bar.update(info.nbytes)
                     elif job_name not in done_jobs:
                         done_jobs.add(job_name)
-                        for tensor_name, tensor in _run_job(base, plan.jobs[job_name], plan.direction).items():
-                            writer.write(tensor_name, tensor.to(spec_of[tensor_name].dtype))
+                        for tensor_name, tensor in _run_job(base, plan.jobs[job_name], plan.direction, scratch).items():
+                            writer.write(tensor_name, scratch.cast("out", tensor, spec_of[tensor_name].dtype))
                             bar.update(base.tensors[tensor_name].nbytes)
             writer.close()
         except BaseException:
@@ -193,12 +197,36 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
                   notes(plan))
 
 
-def _run_job(base: Checkpoint, job: ModuleJob, direction: str) -> dict[str, torch.Tensor]:
+class _Scratch:
+    """Reusable flat buffers, one per use: allocating fresh memory for every tensor costs as much page
+    faulting as the arithmetic itself. A buffer's contents live until the next ``take`` of its use."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, use: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._buffers.get((use, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self._buffers[(use, dtype)] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
+
+    def cast(self, use: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``t`` in ``dtype`` (itself if it already is), contiguous."""
+        if t.dtype == dtype:
+            return t.contiguous()
+        return self.take(use, tuple(t.shape), dtype).copy_(t)
+
+
+def _run_job(base: Checkpoint, job: ModuleJob, direction: str, scratch: _Scratch) -> dict[str, torch.Tensor]:
     tensors = {}
     for role, name in job.tensors.items():
-        t = base.read(name)
-        tensors[role] = t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t
-        del t
+        info = base.tensors[name]
+        raw = base.read(name, scratch.take(f"read:{role}", info.shape, info.dtype))
+        if raw.is_floating_point():
+            tensors[role] = scratch.cast(f"work:{role}", raw, torch.promote_types(raw.dtype, torch.float32))
+        else:
+            tensors[role] = raw.clone()
     for patch, scale, roles in job.patches:
         sub = {r: tensors[r] for r in roles}
         sub = patch.merge(sub, scale) if direction == "merge" else patch.unmerge(sub, scale)

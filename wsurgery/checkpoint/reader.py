@@ -39,17 +39,15 @@ class Checkpoint:
     def shard_of(self, name: str) -> Path:
         return self.tensors[name].file
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor; the only place tensor data enters memory."""
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor (into ``out`` if given); the only place tensor data enters memory."""
         info = self.tensors[name]
         if self.format == "safetensors":
-            return read_tensor(info)
-        return self._read_bin(info)
-
-    def _read_bin(self, info: TensorInfo) -> torch.Tensor:
+            return read_tensor(info, out)
         if self._bin_cache is None or self._bin_cache[0] != info.file:
             self._bin_cache = (info.file, _load_bin(info.file))
-        return self._bin_cache[1][info.name].clone()
+        src = self._bin_cache[1][info.name]  # memory-mapped: only this tensor's pages are read
+        return src.clone() if out is None else out.copy_(src)
 
     @property
     def total_bytes(self) -> int:

@@ -9,6 +9,7 @@ than one tensor in memory.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -114,9 +115,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return ordered, {str(k): str(v) for k, v in metadata.items()}
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read exactly one tensor's bytes with a positioned read into a fresh tensor."""
-    out = torch.empty(info.shape, dtype=info.dtype)
+def read_tensor(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read exactly one tensor's bytes with a positioned read, into ``out`` (contiguous, right shape and
+    dtype: lets callers reuse buffers) or into a fresh tensor."""
+    if out is None:
+        out = torch.empty(info.shape, dtype=info.dtype)
     if info.nbytes == 0:
         return out
     view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
@@ -193,6 +196,32 @@ class SafetensorsWriter:
             except OSError as e:  # say which file (and so which disk) failed
                 raise OSError(e.errno, f"{e.strerror} (writing tensor {name!r})", str(self.path)) from None
         self._pending.discard(name)
+
+    def copy_from(self, name: str, src: TensorInfo) -> bool:
+        """Copy a tensor's bytes from another safetensors file inside the kernel (``copy_file_range``),
+        without passing them through memory. False where the OS cannot; then the caller writes."""
+        offset, spec = self._slots[name]
+        if (src.dtype, src.shape) != (spec.dtype, spec.shape) or src.offset < 0 or not hasattr(os, "copy_file_range"):
+            return False
+        fd = os.open(src.file, os.O_RDONLY)
+        try:
+            done = 0
+            while done < spec.nbytes:
+                n = os.copy_file_range(fd, self._fd, spec.nbytes - done, src.offset + done,
+                                       self._data_start + offset + done)
+                if n <= 0:
+                    if done == 0:
+                        return False
+                    raise InputError(f"{src.file}: unexpected end of file while copying tensor {name!r}")
+                done += n
+        except OSError as e:
+            if done == 0 and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                return False
+            raise OSError(e.errno, f"{e.strerror} (copying tensor {name!r})", str(self.path)) from None
+        finally:
+            os.close(fd)
+        self._pending.discard(name)
+        return True
 
     def close(self) -> None:
         os.close(self._fd)

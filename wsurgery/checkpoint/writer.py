@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .safetensors_file import SafetensorsWriter, TensorSpec
+from .safetensors_file import SafetensorsWriter, TensorInfo, TensorSpec
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -84,6 +84,10 @@ class CheckpointWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._where[name].write(name, tensor)
+
+    def copy_from(self, name: str, src: TensorInfo) -> bool:
+        """Copy an unchanged tensor file-to-file in the kernel where possible (see SafetensorsWriter)."""
+        return self._where[name].copy_from(name, src)
 
     def close(self) -> None:
         for w in self._writers:

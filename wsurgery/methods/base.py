@@ -125,11 +125,19 @@ class Patch(ABC):
         return "approximate" if self.approximate_inverse else "exact"
 
     # -- scaled application, shared by all methods -----------------------------------------------
+    def add_scaled(self, tensors: Tensors, alpha: float) -> Tensors | None:
+        """``tensors += alpha·ΔW`` in place where the change has a dense delta, else None.
+
+        Additive methods may override this to avoid materialising ΔW (LoRA adds B·A with one addmm_).
+        """
+        d = self.delta()
+        return None if d is None else _add(tensors, d, alpha)
+
     def merge(self, tensors: Tensors, scale: float) -> Tensors:
         """``W + scale·ΔW``, where ΔW is this patch's effective change of W."""
-        d = self.delta()
-        if d is not None:
-            return _add(tensors, d, scale)
+        added = self.add_scaled(tensors, scale)
+        if added is not None:
+            return added
         if scale == 1.0:
             return self.apply(tensors)
         before = {r: t.clone() for r, t in tensors.items()}
@@ -138,9 +146,9 @@ class Patch(ABC):
 
     def unmerge(self, tensors: Tensors, scale: float) -> Tensors:
         """Undo ``merge(·, scale)``."""
-        d = self.delta()
-        if d is not None:
-            return _add(tensors, d, -scale)
+        added = self.add_scaled(tensors, -scale)
+        if added is not None:
+            return added
         if scale == 1.0:
             return self.revert(tensors)
         raise NotInvertibleError(
@@ -163,10 +171,10 @@ class AdditivePatch(Patch):
     def delta(self) -> Tensors: ...
 
     def apply(self, tensors: Tensors) -> Tensors:
-        return _add(tensors, self.delta(), 1.0)
+        return self.add_scaled(tensors, 1.0)
 
     def revert(self, tensors: Tensors) -> Tensors:
-        return _add(tensors, self.delta(), -1.0)
+        return self.add_scaled(tensors, -1.0)
 
     def why_not_invertible(self) -> str | None:
         return None

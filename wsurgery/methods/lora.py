@@ -126,6 +126,21 @@ class LoraPatch(AdditivePatch):
             d["bias"] = self.bias.to(torch.float32) * self.scaling
         return d
 
+    def add_scaled(self, tensors: Tensors, alpha: float) -> Tensors:
+        """W += alpha·s·B·A as one ``addmm_`` into W: no dense ΔW is built (the merge's hot path)."""
+        W = tensors[self.role]
+        A, B = self.A.to(W.dtype), self.B.to(W.dtype)
+        a = alpha * self.scaling * self.factor
+        if self.kind == "conv":
+            W.view(W.shape[0], -1).addmm_(B.flatten(1), A.flatten(1), alpha=a)
+        elif self.kind in ("embedding", "conv1d_transposed"):  # W holds (B·A)ᵀ = Aᵀ·Bᵀ
+            W.addmm_(A.T, B.T, alpha=a)
+        else:
+            W.addmm_(B, A, alpha=a)
+        if self.bias is not None and "bias" in tensors:
+            tensors["bias"].add_(self.bias.to(W.dtype) * self.scaling, alpha=alpha)
+        return tensors
+
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "scaling": self.scaling, **self.facts}
 
