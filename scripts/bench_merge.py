@@ -14,6 +14,10 @@ CPU seconds are reported next to wall seconds. The variants:
   b  merge  ``wsurgery merge BASE ADAPTER OUT --quiet``
   c  peft   transformers from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained
 
+With ``--methods oft boft`` it also times multiplicative merges on the same base, with adapters in
+PEFT's storage format on the same layers: OFT (``oft_R``, block size 32, Cayley-Neumann) and BOFT
+(block size 8, 2 butterfly factors), reported against the LoRA merge (target: within 2x).
+
 and reports median wall time and median peak RSS, the ratios b/a and c/b, the memory bound for b,
 and, as a sanity check of the benchmark itself, the bf16 ulp distance between b's and c's tensors.
 The table is printed and written to ``bench-work/results.json``.
@@ -23,6 +27,7 @@ Usage (from the repository root):
     python scripts/bench_merge.py                      # both sizes, 3 repetitions
     python scripts/bench_merge.py --sizes small --repeats 5
     python scripts/bench_merge.py --peft-repeats 1     # fewer repetitions of the slow PEFT variant only
+    python scripts/bench_merge.py --sizes large --methods oft boft
 
 Helper modes, run by the benchmark in subprocesses:
 
@@ -172,6 +177,67 @@ def generate_adapter(size: ModelSize, base: Path, folder: Path, gen: torch.Gener
         "use_qalora": False, "peft_version": "0.21.2",
     }
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+OFT_BLOCK, BOFT_BLOCK, BOFT_FACTORS = 32, 8, 2
+
+
+def _linear_layers(size: ModelSize) -> dict[str, tuple[int, ...]]:
+    return {n.removesuffix(".weight"): s for n, s in size.shapes().items()
+            if n.removesuffix(".weight").rsplit(".", 1)[-1] in TARGET_MODULES}
+
+
+def generate_oft_adapter(size: ModelSize, base: Path, folder: Path, gen: torch.Generator) -> None:
+    """OFT as PEFT >= 0.18 saves it: ``oft_R.weight`` (in/b, b(b-1)/2), Cayley-Neumann, 5 terms."""
+    from safetensors.torch import save_file
+
+    tri = OFT_BLOCK * (OFT_BLOCK - 1) // 2
+    tensors = {f"base_model.model.{m}.oft_R.weight": 0.01 * torch.randn(s[1] // OFT_BLOCK, tri, generator=gen)
+               for m, s in _linear_layers(size).items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "OFT", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base), "r": 0,
+              "oft_block_size": OFT_BLOCK, "target_modules": sorted(TARGET_MODULES), "module_dropout": 0.0,
+              "bias": "none", "block_share": False, "coft": False, "eps": 6e-5, "use_cayley_neumann": True,
+              "num_cayley_neumann_terms": 5, "fan_in_fan_out": False, "init_weights": True,
+              "modules_to_save": None, "inference_mode": True, "peft_version": "0.21.2"}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def generate_boft_adapter(size: ModelSize, base: Path, folder: Path, gen: torch.Generator) -> None:
+    """BOFT as PEFT saves it: ``boft_R`` (factors, in/b, b, b) and ``boft_s`` (out, 1)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for m, (out_f, in_f) in _linear_layers(size).items():
+        tensors[f"base_model.model.{m}.boft_R"] = 0.01 * torch.randn(BOFT_FACTORS, in_f // BOFT_BLOCK, BOFT_BLOCK,
+                                                                     BOFT_BLOCK, generator=gen)
+        tensors[f"base_model.model.{m}.boft_s"] = 1 + 0.01 * torch.randn(out_f, 1, generator=gen)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "BOFT", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
+              "boft_block_size": BOFT_BLOCK, "boft_block_num": 0, "boft_n_butterfly_factor": BOFT_FACTORS,
+              "target_modules": sorted(TARGET_MODULES), "boft_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "init_weights": True, "modules_to_save": None, "inference_mode": True,
+              "peft_version": "0.21.2"}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+EXTRA_METHODS = {"oft": generate_oft_adapter, "boft": generate_boft_adapter}
+
+
+def ensure_method_adapter(name: str, size: ModelSize, method: str) -> Path:
+    """The OFT or BOFT adapter for ``size``, generated once."""
+    folder = WORK / name / f"adapter-{method}"
+    stamp = folder / "generated.json"
+    want = {"generator": GENERATOR_VERSION, "method": method, "oft_block": OFT_BLOCK, "boft_block": BOFT_BLOCK,
+            "boft_factors": BOFT_FACTORS, **asdict(size)}
+    if stamp.is_file() and json.loads(stamp.read_text()) == want:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    EXTRA_METHODS[method](size, WORK / name / "base", folder, torch.Generator().manual_seed(1))
+    stamp.write_text(json.dumps(want, indent=2) + "\n")
+    return folder
 
 
 def ensure_data(name: str, size: ModelSize) -> tuple[Path, Path]:
@@ -341,10 +407,11 @@ def remove(path: Path) -> None:
 
 
 def bench_size(name: str, size: ModelSize, repeats: int, peft_repeats: int, quiet_threshold: float,
-               max_wait: float, retries: int) -> dict:
+               max_wait: float, retries: int, methods: list[str] = ()) -> dict:
     base, adapter = ensure_data(name, size)
-    warm_up(base, adapter)
-    outs = {v: WORK / name / f"out-{v}" for v in ("copy", "merge", "peft")}
+    extra = {f"merge-{m}": ensure_method_adapter(name, size, m) for m in methods}
+    warm_up(base, adapter, *extra.values())
+    outs = {v: WORK / name / f"out-{v}" for v in ("copy", "merge", "peft", *extra)}
     for o in outs.values():
         remove(o)
     script = str(Path(__file__).resolve())
@@ -353,6 +420,7 @@ def bench_size(name: str, size: ModelSize, repeats: int, peft_repeats: int, quie
         "copy": [sys.executable, script, "--copy-only", str(base), str(outs["copy"])],
         "merge": [wsurgery, "merge", str(base), str(adapter), str(outs["merge"]), "--quiet"],
         "peft": [sys.executable, script, "--peft-merge", str(base), str(adapter), str(outs["peft"])],
+        **{v: [wsurgery, "merge", str(base), str(a), str(outs[v]), "--quiet"] for v, a in extra.items()},
     }
     runs: dict[str, list[Run]] = {v: [] for v in commands}
     for rep in range(max(repeats, peft_repeats)):
@@ -363,8 +431,8 @@ def bench_size(name: str, size: ModelSize, repeats: int, peft_repeats: int, quie
             runs[variant].append(run)
             print(f"[{name}] rep {rep + 1} {variant:5s} {run.wall_s:7.1f} s  {run.peak_rss_bytes / 1e6:8.0f} MB  "
                   f"cpu {run.cpu_s:6.1f} s  (other processes: {run.others:.0%} of the CPUs)", flush=True)
-            if variant == "copy":
-                remove(outs["copy"])  # the last merge and PEFT outputs are kept for the comparison
+            if variant not in ("merge", "peft"):
+                remove(outs[variant])  # the last merge and PEFT outputs are kept for the comparison
     ulps = compare_outputs(size, outs["merge"], outs["peft"])
     remove(outs["merge"])
     remove(outs["peft"])
@@ -383,6 +451,7 @@ def bench_size(name: str, size: ModelSize, repeats: int, peft_repeats: int, quie
         "merge_over_copy_wall": variants["merge"]["wall_s"] / variants["copy"]["wall_s"],
         "peft_over_merge_wall": variants["peft"]["wall_s"] / variants["merge"]["wall_s"],
         "peft_over_merge_rss": variants["peft"]["peak_rss_mb"] / variants["merge"]["peak_rss_mb"],
+        **{f"{v}_over_merge_wall": variants[v]["wall_s"] / variants["merge"]["wall_s"] for v in extra},
     }
     return {
         "parameters": sum(math.prod(s) for s in shapes.values()),
@@ -399,6 +468,7 @@ def bench_size(name: str, size: ModelSize, repeats: int, peft_repeats: int, quie
             "peft_over_merge_rss>=5": ratios["peft_over_merge_rss"] >= 5,
             "merge_rss<3*largest_fp32+0.6GB": variants["merge"]["peak_rss_mb"] < merge_rss_bound_mb,
             "merge_vs_peft_ulps<=1": max(ulps.values()) <= 1,
+            **{f"{v}_over_merge_wall<=2": ratios[f"{v}_over_merge_wall"] <= 2 for v in extra},
         },
         "merge_vs_peft_max_ulps": ulps,
     }
@@ -419,6 +489,9 @@ def print_report(results: dict[str, dict], repeats: int, peft_repeats: int) -> N
         print(f"  merge/copy wall  {q['merge_over_copy_wall']:6.2f}  (target <= 1.5)")
         print(f"  peft/merge wall  {q['peft_over_merge_wall']:6.2f}  (target >= 3)")
         print(f"  peft/merge RSS   {q['peft_over_merge_rss']:6.2f}  (target >= 5)")
+        for key, value in q.items():
+            if key.startswith("merge-"):
+                print(f"  {key.removesuffix('_over_merge_wall')}/merge wall {value:6.2f}  (target <= 2)")
         print(f"  merge RSS {r['variants']['merge']['peak_rss_mb']:.0f} MB vs bound 3 x largest fp32 + 0.6 GB = "
               f"{r['merge_rss_bound_mb']:.0f} MB")
         print(f"  wsurgery vs PEFT, max bf16 ulps: {r['merge_vs_peft_max_ulps']}")
@@ -439,6 +512,8 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument("--peft-merge", nargs=3, metavar=("BASE", "ADAPTER", "OUT"), type=Path,
                       help="helper: merge with transformers + PEFT and save to OUT")
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "large"])
+    parser.add_argument("--methods", nargs="*", choices=sorted(EXTRA_METHODS), default=[],
+                        help="also time OFT and/or BOFT merges on the same base, against the LoRA merge")
     parser.add_argument("--repeats", type=int, default=3, help="repetitions per variant (default 3)")
     parser.add_argument("--peft-repeats", type=int, default=None, help="repetitions of the PEFT variant "
                         "(default: --repeats)")
@@ -460,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
     WORK.mkdir(exist_ok=True)
     code_before = code_state()
     results = {name: bench_size(name, SIZES[name], args.repeats, peft_repeats, args.quiet_threshold, args.max_wait,
-                                args.retries) for name in args.sizes}
+                                args.retries, args.methods) for name in args.sizes}
     code_after = code_state()
     print_report(results, args.repeats, peft_repeats)
     print(f"\nwsurgery at commit {code_before['commit'][:12]}, sources {code_before['wsurgery_sources_sha256']}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,9 +117,17 @@ def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, o
 
 
 def _report(verb: str, r: Result, quiet: bool) -> None:
-    """Notes always (they can matter, e.g. an approximate inverse); the summary unless --quiet."""
+    """Notes always (they can matter, e.g. an approximate inverse); the summary unless --quiet.
+
+    Notes that differ only in module and numbers are told once, with how many modules they concern
+    (the full list is in the API's ``Result.notes``).
+    """
+    groups: dict[str, list[str]] = {}
     for note in r.notes:
-        click.echo(f"wsurgery: note: {note}", err=True)
+        groups.setdefault(re.sub(r"\d+(\.\d+)?(e-?\d+)?", "#", note.split(": ", 1)[-1]), []).append(note)
+    for lines in groups.values():
+        shown = lines[0] if len(lines) == 1 else f"{len(lines)} modules, e.g. {lines[0]}"
+        click.echo(f"wsurgery: note: {shown}", err=True)
     if not quiet:
         click.echo(f"{verb} {r.modules} module(s), {r.changed_tensors} tensor(s) changed of {r.tensors}; "
                    f"wrote {r.out} ({len(r.shards)} shard(s), {r.bytes_written:,} bytes)", err=True)

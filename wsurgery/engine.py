@@ -131,7 +131,7 @@ def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str
 
 
 def notes(plan: Plan) -> list[str]:
-    """What the patches had to say after running (residuals of approximate inverses, ...)."""
+    """What the patches had to say after running (residuals of approximate inverses, ...), per module."""
     return [f"{job.module}: {n}" for job in plan.jobs.values() for patch, _, _ in job.patches for n in patch.notes]
 
 

@@ -111,17 +111,59 @@ def _factors(X: torch.Tensor, blocks: torch.Tensor, perms: list[torch.Tensor | N
     return X
 
 
+def composed_groups(n: int, blocks: torch.Tensor, perms: list[torch.Tensor | None]
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``M = M_{N−1}⋯M_0`` as groups: ``(G, C)`` with ``(W·Mᵀ)[:, G_c] = W[:, G_c]·C_c`` for each group c.
+
+    A butterfly of N factors with b×b blocks only ever mixes indices within groups of ``b·2^(N−1)``:
+    M is block-diagonal after a permutation. Found from the structure (which indices each block of each
+    level touches), then the small composed blocks are read off one product of the factors with a
+    (group size × n) one-hot matrix, since groups do not interact. Applying M then takes two gathers and
+    one batched product instead of two gathers and a product per factor. None if the groups are uneven.
+    """
+    N, D, b, _ = blocks.shape
+    members = [torch.arange(n) if p is None else torch.argsort(p) for p in perms]
+    label = torch.arange(n)
+    while True:  # smallest index reachable through the blocks of any level
+        before = label.clone()
+        for level in members:
+            idx = level.view(D, b)
+            label[idx] = label[idx].amin(dim=1, keepdim=True).expand(D, b)
+        if torch.equal(label, before):
+            break
+    order = torch.argsort(label, stable=True)
+    counts = torch.unique(label, return_counts=True)[1]
+    g = int(counts[0])
+    if not bool((counts == g).all()):
+        return None
+    groups = order.view(-1, g)  # (C, g): the indices of each group, ascending
+    one_hot = torch.zeros(g, n, dtype=torch.float64)
+    one_hot.scatter_(1, groups.T.contiguous(), 1.0)
+    Y = _factors(one_hot, blocks.to(torch.float64), perms, range(N))  # row r: Σ_c (Mᵀ)[G_c[r], :]
+    C = Y[:, groups].permute(1, 0, 2)  # (C, g, g): C_c[r, s] = (Mᵀ)[G_c[r], G_c[s]]
+    return order, C.contiguous()
+
+
 def rotate_rows(W: torch.Tensor, blocks: torch.Tensor, perms: list[torch.Tensor | None],
-                scale: torch.Tensor | None = None) -> torch.Tensor:
-    """In place: ``W ← (W·Mᵀ) ⊙ scale`` for ``M = M_{N−1}⋯M_0``, ``M_i = P_i·blockdiag(blocks[i])·P_iᵀ``."""
+                scale: torch.Tensor | None = None,
+                groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """In place: ``W ← (W·Mᵀ) ⊙ scale`` for ``M = M_{N−1}⋯M_0``, ``M_i = P_i·blockdiag(blocks[i])·P_iᵀ``;
+    through the composed ``groups`` (see ``composed_groups``) where given, else factor by factor."""
     rows, n = W.shape
     blocks = blocks.to(W.dtype)
+    if groups is not None:
+        order, C = groups[0], groups[1].to(W.dtype)
+        back = torch.argsort(order)
     step = max(1, CHUNK_ELEMENTS // max(n, 1))
     for start in range(0, rows, step):
         chunk = W[start:start + step]
-        out = _factors(chunk, blocks, perms, range(blocks.shape[0]))
+        if groups is not None:
+            x = chunk.index_select(1, order).view(chunk.shape[0], C.shape[0], C.shape[1])
+            out = torch.einsum("ocr,crs->ocs", x, C).reshape(chunk.shape[0], n).index_select(1, back)
+        else:
+            out = _factors(chunk, blocks, perms, range(blocks.shape[0]))
         if scale is not None:
-            out = out * scale[start:start + step].to(W.dtype).reshape(-1, 1)
+            out.mul_(scale[start:start + step].to(W.dtype).reshape(-1, 1))
         chunk.copy_(out)
     return W
 
@@ -156,6 +198,7 @@ class BoftPatch(Patch):
         self.config_factors = config_factors
         self.perms = butterfly_perms(self.n, self.N, self.D, self.b)
         self._blocks: torch.Tensor | None = None
+        self._groups: tuple[torch.Tensor, torch.Tensor] | tuple[()] | None = None  # () where not composable
         self._deviation: float | None = None
         # Linear saves s as (out, 1), Conv2d as (1, out); check() settles it from the base weight.
         self.kind: str | None = ("linear" if s.shape[0] > 1 else "conv2d") if s.numel() > 1 else None
@@ -207,7 +250,9 @@ class BoftPatch(Patch):
     # -- the change ---------------------------------------------------------------------------------
     def apply(self, tensors: Tensors) -> Tensors:
         W = tensors["weight"].contiguous()
-        rotate_rows(W.view(W.shape[0], -1), self.blocks, self.perms, self.s.reshape(-1))
+        if self._groups is None:
+            self._groups = composed_groups(self.n, self.blocks, self.perms) or ()
+        rotate_rows(W.view(W.shape[0], -1), self.blocks, self.perms, self.s.reshape(-1), self._groups or None)
         return {"weight": W}
 
     def revert(self, tensors: Tensors) -> Tensors:
