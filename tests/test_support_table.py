@@ -18,3 +18,13 @@ def test_readme_table_is_generated_from_the_registry():
 
 def test_every_method_declares_support_rows():
     assert all(method.support for method in registered().values())
+
+
+def test_every_peft_type_is_supported_or_refused_with_a_reason():
+    from peft.utils.peft_types import PeftType
+
+    from wsurgery.methods import not_mergeable
+
+    handled = set(registered()) | set(not_mergeable())
+    assert {t.value for t in PeftType} - handled == set()
+    assert all(reason for reason in not_mergeable().values())
