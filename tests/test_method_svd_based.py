@@ -9,10 +9,9 @@ Two documented exceptions:
   two loads of the same weights; we allow 2e-5.
 * bf16 bases for OSF and FRoD: PEFT rounds the SVD factors (OSF) or the whole rebuilt weight (FRoD) to
   bf16 before adding, which puts its result up to dozens of ulps away from the exact value of its own
-  formula. The engine does not tell patches the base dtype, so we return the correctly rounded value;
-  the tests check that against a float64 evaluation of the formula, and check that the patch's
-  ``peft_precision`` mode (PEFT's bf16 arithmetic, ready for when the engine can pass the dtype)
-  reproduces PEFT's bf16 merge to 1 ulp. Together: |ours - PEFT| <= |exact - PEFT| + 1 ulp.
+  formula. We do the same from the base dtype the engine hands the patch, and match PEFT's bf16 merge
+  to 1 ulp; with ``peft_precision=torch.float32`` a patch gives the correctly rounded value instead,
+  checked against a float64 evaluation of the formula.
 """
 
 from __future__ import annotations
@@ -60,8 +59,8 @@ def _changed(merged, base):
 
 
 def _bf16_case(tmp_path, model, config, exact):
-    """bf16 base: ours is the correctly rounded value of PEFT's formula (``exact(name, base, adapter)`` in
-    float64), and the patch in ``peft_precision`` mode is PEFT's bf16 merge (1 ulp)."""
+    """bf16 base: ours is PEFT's bf16 merge (1 ulp), and a patch with ``peft_precision=torch.float32`` gives
+    the correctly rounded value of PEFT's formula (``exact(name, base, adapter)`` in float64)."""
     dtype = torch.bfloat16
     base_dir = save_base(model, tmp_path / "base")
     adapter_dir = make_adapter(model, config, tmp_path / "adapter")
@@ -71,16 +70,14 @@ def _bf16_case(tmp_path, model, config, exact):
     saved = load_file(adapter_dir / "adapter_model.safetensors")
     changed = _changed(merged, base)
     assert changed
-    assert_close_to({n: merged[n] for n in changed}, {n: exact(n, base, saved).to(dtype) for n in changed},
-                    base=base)
-    assert_close_to({n: merged[n] for n in merged if n not in changed}, expected)  # untouched: bit for bit
-    emulated = {}
+    assert_close_to(merged, expected, base=base)
+    exact_mode = {}
     for patch in load_adapter(adapter_dir).patches():
-        patch.peft_precision = dtype
+        patch.peft_precision = torch.float32
         name = f"{patch.module}.weight"
-        emulated[name] = patch.apply({"weight": base[name].float()})["weight"].to(dtype)
-    assert sorted(emulated) == sorted(changed)
-    assert_close_to(emulated, expected, base=base)
+        exact_mode[name] = patch.apply({"weight": base[name].float()})["weight"].to(dtype)
+    assert sorted(exact_mode) == sorted(changed)
+    assert_close_to(exact_mode, {n: exact(n, base, saved).to(dtype) for n in changed}, base=base)
     return adapter_dir
 
 

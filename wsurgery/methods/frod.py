@@ -78,9 +78,9 @@ class FrodPatch(Patch):
         self.cat, self.V, self.indices, self.size = cat, V, indices, size
         self.values, self.lambda_l, self.transposed = values, lambda_l, transposed
         self.cache = cache
-        #: The base's stored dtype where it is bf16/fp16 and known (the engine does not tell patches yet):
-        #: PEFT then builds the whole new weight in that dtype, often many ulps from the exact result.
-        #: None: fp32 throughout, i.e. the correctly rounded result of PEFT's formula.
+        #: On a bf16/fp16 base PEFT builds the whole new weight in that dtype, often many ulps from the
+        #: exact result; we do the same, from ``base_dtypes``. Set to torch.float32 to get the correctly
+        #: rounded value of PEFT's formula instead.
         self.peft_precision: torch.dtype | None = None
 
     def check(self, shapes: Shapes) -> None:
@@ -105,8 +105,9 @@ class FrodPatch(Patch):
     def apply(self, tensors: Tensors) -> Tensors:
         W = tensors["weight"]
         Wt = W.T if self.transposed else W  # (out, in)
-        if self.peft_precision is not None:
-            return {"weight": self._apply_low_precision(W, Wt, self.peft_precision)}
+        low = self.peft_precision or self.base_dtypes.get("weight")
+        if low is not None and low.itemsize < 4:
+            return {"weight": self._apply_low_precision(W, Wt, low)}
         U = solve_u(self.V, Wt, self._lu())
         V = self.V.to(torch.float32)
         S = torch.sparse_coo_tensor(self.indices, self.values.to(torch.float32), self.size).coalesce()
@@ -151,8 +152,8 @@ class Frod(Method):
     shared_names = frozenset({"frod_V", "frod_s_indices", "frod_s_size"})
     support = (
         Support("FRoD (saved projections)", "Linear, Conv1D",
-                "fp32 exact (U rebuilt from the base and the saved V in float64 as PEFT does); bf16/fp16 bases: the "
-                "correctly rounded result, up to ~160 ulps from PEFT, which rebuilds W' in the base dtype",
+                "exact (U rebuilt from the base and the saved V in float64 as PEFT does; on bf16/fp16 bases W' is "
+                "rebuilt in the base dtype, as PEFT does)",
                 "refused: the initial λ (column norms of W V^-T) is not saved", "0.21.2"),
         Support("FRoD with save_projection=false", "-",
                 "refused: V is a joint decomposition of all targeted base weights of a category", "-", "0.21.2"),

@@ -48,9 +48,9 @@ class OsfPatch(Patch):
         self.U_low, self.S_low, self.V_low = U_low, S_low, V_low
         self.low = S_low.numel()
         self.gap: float | None = None  # relative singular-value gap at the cut, once merged
-        #: The base's stored dtype where it is bf16/fp16 and known (the engine does not tell patches yet):
-        #: PEFT then rounds the initial factors to it before multiplying them (in fp32), some ulps away
-        #: from the exact result. None: unrounded fp32 factors, i.e. the correctly rounded result.
+        #: On a bf16/fp16 base PEFT rounds the initial factors to that dtype before multiplying them (in
+        #: fp32), some ulps away from the exact result; we do the same, from ``base_dtypes``. Set to
+        #: torch.float32 to get the correctly rounded value of the formula instead.
         self.peft_precision: torch.dtype | None = None
 
     def check(self, shapes: Shapes) -> None:
@@ -81,8 +81,8 @@ class OsfPatch(Patch):
         U_low = self.U_low.to(torch.float32)
         S_low = self.S_low.to(torch.float32)
         V_low = self.V_low.to(torch.float32)
-        low = self.peft_precision
-        if low is not None:  # PEFT rounds the initial factors to the base dtype (and autocasts them back)
+        low = self.peft_precision or self.base_dtypes.get("weight")
+        if low is not None and low.itemsize < 4:  # PEFT rounds the initial factors to the base dtype
             U0, S0, V0 = (t.to(low).to(torch.float32) for t in (U0, S0, V0))
         # PEFT's get_delta_weight, in its order: current - initial, then W + delta.
         current = torch.mm(U_low * S_low.unsqueeze(0), V_low)
@@ -108,9 +108,8 @@ class Osf(Method):
     param_names = frozenset({"osf_svd_params"})
     support = (
         Support("OSF (orthogonal subspace fine-tuning)", "Linear",
-                "fp32 exact (PEFT's fp32 SVD of the base, recomputed); bf16/fp16 bases: the correctly rounded result, "
-                "up to ~15 ulps from PEFT, which rounds the SVD factors to the base dtype; ill-defined only for a "
-                "repeated singular value at the cut",
+                "exact (PEFT's fp32 SVD of the base, recomputed; on bf16/fp16 bases the SVD factors are rounded "
+                "to the base dtype as PEFT does); ill-defined only for a repeated singular value at the cut",
                 "refused: the original low singular part of W is not saved (PEFT refuses too)", "0.21.2"),
     )
 
