@@ -21,7 +21,10 @@ not their transpose.
 
 from __future__ import annotations
 
+import functools
+
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -69,13 +72,17 @@ def block_butterfly_perm(n: int, b: int, r: int, n_butterfly_factor: int) -> tor
     return indices
 
 
-def butterfly_perms(n: int, N: int, D: int, b: int) -> list[torch.Tensor | None]:
-    """``perm`` of every level as PEFT builds ``boft_P`` (``P[j, perm[j]] = 1``); None for the identity."""
-    perms: list[torch.Tensor | None] = []
+@functools.lru_cache(maxsize=64)
+def butterfly_perms(n: int, N: int, D: int, b: int) -> tuple[torch.Tensor | None, ...]:
+    """``perm`` of every level as PEFT builds ``boft_P`` (``P[j, perm[j]] = 1``); None for the identity.
+
+    Cached: a model has only a few layer shapes, and the port of PEFT's loop is slow. Read-only.
+    """
+    perms: Sequence[torch.Tensor | None] = []
     for i in range(N):
         perm = block_butterfly_perm(n, int(D / (2 ** i)), int(b / 2), N - 1)
         perms.append(None if torch.equal(perm, torch.arange(n)) else perm)
-    return perms
+    return tuple(perms)
 
 
 def cayley(R: torch.Tensor) -> torch.Tensor:
@@ -97,7 +104,7 @@ def _permute_cols(W: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return W if index is None else W.index_select(1, index)
 
 
-def _factors(X: torch.Tensor, blocks: torch.Tensor, perms: list[torch.Tensor | None], levels) -> torch.Tensor:
+def _factors(X: torch.Tensor, blocks: torch.Tensor, perms: Sequence[torch.Tensor | None], levels) -> torch.Tensor:
     """``X·(P_i·blockdiag(blocks[i])·P_iᵀ)ᵀ`` for each level i in ``levels``, in that order; X is (rows, n).
 
     ``X·(P·B·Pᵀ)ᵀ = ((X·P)·Bᵀ)·Pᵀ``: ``X·P`` takes the columns ``perm⁻¹``, ``Y·Pᵀ`` the columns ``perm``
@@ -113,7 +120,7 @@ def _factors(X: torch.Tensor, blocks: torch.Tensor, perms: list[torch.Tensor | N
     return X
 
 
-def composed_groups(n: int, blocks: torch.Tensor, perms: list[torch.Tensor | None]
+def composed_groups(n: int, blocks: torch.Tensor, perms: Sequence[torch.Tensor | None]
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``M = M_{N−1}⋯M_0`` as groups: ``(G, C)`` with ``(W·Mᵀ)[:, G_c] = W[:, G_c]·C_c`` for each group c.
 
@@ -146,7 +153,7 @@ def composed_groups(n: int, blocks: torch.Tensor, perms: list[torch.Tensor | Non
     return order, C.contiguous()
 
 
-def rotate_rows(W: torch.Tensor, blocks: torch.Tensor, perms: list[torch.Tensor | None],
+def rotate_rows(W: torch.Tensor, blocks: torch.Tensor, perms: Sequence[torch.Tensor | None],
                 scale: torch.Tensor | None = None,
                 groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """In place: ``W ← (W·Mᵀ) ⊙ scale`` for ``M = M_{N−1}⋯M_0``, ``M_i = P_i·blockdiag(blocks[i])·P_iᵀ``;
@@ -185,7 +192,7 @@ def rotate_rows(W: torch.Tensor, blocks: torch.Tensor, perms: list[torch.Tensor 
     return W
 
 
-def unrotate_rows(W: torch.Tensor, blocks: torch.Tensor, perms: list[torch.Tensor | None],
+def unrotate_rows(W: torch.Tensor, blocks: torch.Tensor, perms: Sequence[torch.Tensor | None],
                   scale: torch.Tensor | None = None) -> torch.Tensor:
     """In place, the exact inverse of ``rotate_rows``: ``W ← (W ⊘ scale)·M⁻ᵀ``, in float64.
 
