@@ -5,7 +5,8 @@ For each model size it (1) generates, once, a synthetic Llama-shaped bf16 checkp
 ``save_pretrained`` writes (``config.json``, ``model-0000k-of-0000n.safetensors``, the index) and a
 rank-16 PEFT LoRA adapter on every linear layer, cached under ``bench-work/<size>/``; (2) reads every
 input file once so that all timed runs are warm-cache (the OS page cache cannot be dropped here);
-(3) times each variant in a subprocess under ``/usr/bin/time -v``, several repetitions, interleaved.
+(3) times each variant in a subprocess under ``/usr/bin/time -v``, several repetitions, interleaved,
+each after a ``sync`` so that no run pays for writing back another run's output.
 Other work on a shared machine skews wall times, so each run starts once the CPUs are quiet, the CPU
 time other processes took during it is recorded, a run they disturbed is redone (``--retries``), and
 CPU seconds are reported next to wall seconds. The variants:
@@ -350,6 +351,9 @@ def measure(cmd: list[str], out: Path, quiet_threshold: float, max_wait: float, 
     attempts: list[Run] = []
     for _ in range(1 + retries):
         remove(out)
+        # Flush the dirty pages earlier runs left (PEFT's kept output, say): otherwise the kernel writes
+        # them back during this run and bills it for another variant's output.
+        os.sync()
         wait_quiet(quiet_threshold, max_wait)
         attempts.append(timed(cmd))
         if attempts[-1].others <= quiet_threshold:
