@@ -95,17 +95,8 @@ class MissBlockPatch(AdditivePatch):
         reps = -(-inp // self.r)
         return {"weight": self._full_block(torch.float32).T.repeat(1, reps)[:, :inp].contiguous()}
 
-    def apply(self, tensors: Tensors) -> Tensors:
-        return self._add(tensors, 1.0)
-
-    def revert(self, tensors: Tensors) -> Tensors:
-        return self._add(tensors, -1.0)
-
-    def merge(self, tensors: Tensors, scale: float) -> Tensors:
-        return self._add(tensors, scale)
-
-    def unmerge(self, tensors: Tensors, scale: float) -> Tensors:
-        return self._add(tensors, -scale)
+    def add_scaled(self, tensors: Tensors, alpha: float) -> Tensors:
+        return self._add(tensors, alpha)  # in place, without a dense ΔW
 
     def describe(self) -> dict[str, Any]:
         d = {"kind": "linear", "mode": self.mode, "rank": self.r}

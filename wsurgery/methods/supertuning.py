@@ -89,17 +89,8 @@ class SupertuningPatch(AdditivePatch):
             raise RuntimeError(f"{self.module}: check() must run before delta()")
         return self._add({"weight": torch.zeros(self._shape, dtype=torch.float32)}, 1.0)
 
-    def apply(self, tensors: Tensors) -> Tensors:
-        return self._add(tensors, 1.0)
-
-    def revert(self, tensors: Tensors) -> Tensors:
-        return self._add(tensors, -1.0)
-
-    def merge(self, tensors: Tensors, scale: float) -> Tensors:
-        return self._add(tensors, scale)
-
-    def unmerge(self, tensors: Tensors, scale: float) -> Tensors:
-        return self._add(tensors, -scale)
+    def add_scaled(self, tensors: Tensors, alpha: float) -> Tensors:
+        return self._add(tensors, alpha)  # in place, without a dense ΔW
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": "linear", "entries": self.values.numel(), "indices": "saved"}
