@@ -18,6 +18,27 @@ import wsurgery
 from wsurgery.checkpoint import open_checkpoint
 
 
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def dtypes_fp32_bf16():
+    """The parametrisation most method tests run under: a float32 and a bfloat16 base."""
+    import pytest
+
+    return pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
+
+def with_random_biases(model, seed: int = 3, std: float = 0.5):
+    """Non-zero biases (BERT and GPT-2 initialise them to 0, which would hide a wrong bias merge)."""
+    dtype = next(model.parameters()).dtype
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_((torch.randn(p.shape, generator=g) * std).to(dtype))
+    return model
+
+
 def tiny_llama(dtype=torch.float32, tie=False, vocab=96, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -17,11 +17,22 @@ from peft import AdaLoraConfig, LoraConfig
 from safetensors.torch import load_file
 
 import wsurgery
-from oracle import (assert_close_to, conv_net, load_all, make_adapter, oracle_merge, reload, run_case, save_base,
-                    tiny_bert, tiny_gpt2, tiny_llama)
+from oracle import (
+    LLAMA_LINEAR,
+    assert_close_to,
+    conv_net,
+    load_all,
+    make_adapter,
+    oracle_merge,
+    reload,
+    run_case,
+    save_base,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
 from wsurgery.checkpoint import open_checkpoint
 
-LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -19,8 +19,10 @@ import json
 import pytest
 import torch
 from oracle import (
+    LLAMA_LINEAR,
     assert_close_to,
     conv_net,
+    dtypes_fp32_bf16,
     load_all,
     make_adapter,
     oracle_merge,
@@ -30,6 +32,7 @@ from oracle import (
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
+    with_random_biases,
 )
 from peft import DeftConfig, GloraConfig, HiraConfig, PeanutConfig
 from safetensors.torch import load_file, save_file
@@ -39,19 +42,9 @@ import wsurgery
 from wsurgery.describe import inspect
 from wsurgery.errors import InputError, NotInvertibleError, UnsupportedError
 
-LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+DTYPES = dtypes_fp32_bf16()
 
 
-def with_random_biases(model):
-    """Non-zero biases (BERT initialises them to 0, which would hide a wrong bias merge)."""
-    dtype = next(model.parameters()).dtype
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.copy_((torch.randn(p.shape, generator=g) * 0.5).to(dtype))
-    return model
 
 
 def _edit_adapter(adapter_dir, edit=None, config=None) -> None:

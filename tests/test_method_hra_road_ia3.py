@@ -12,8 +12,10 @@ import json
 import pytest
 import torch
 from oracle import (
+    LLAMA_LINEAR,
     assert_close_to,
     conv_net,
+    dtypes_fp32_bf16,
     load_all,
     make_adapter,
     oracle_merge,
@@ -24,6 +26,7 @@ from oracle import (
     tiny_gpt2,
     tiny_llama,
     ulp,
+    with_random_biases,
 )
 from peft import HRAConfig, IA3Config, RoadConfig
 from safetensors.torch import load_file, save_file
@@ -32,8 +35,7 @@ from torch import nn
 import wsurgery
 from wsurgery.errors import InputError, NotInvertibleError
 
-LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+DTYPES = dtypes_fp32_bf16()
 
 
 def _edit_adapter(adapter_dir, edit) -> None:
@@ -62,15 +64,6 @@ def _adapter_tensors(adapter_dir, suffix):
     return {k: v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items() if k.endswith(suffix)}
 
 
-def with_random_biases(model):
-    """Non-zero biases (BERT and GPT-2 initialise them to 0, which would hide a wrong bias merge)."""
-    dtype = next(model.parameters()).dtype
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.copy_((torch.randn(p.shape, generator=g) * 0.5).to(dtype))
-    return model
 
 
 def bert_with_biases(dtype=torch.float32):

@@ -15,12 +15,22 @@ from peft import LNTuningConfig, LoraConfig, TrainableTokensConfig
 from safetensors.torch import load_file, save_file
 
 import wsurgery
-from oracle import (assert_close_to, load_all, make_adapter, oracle_merge, reload, run_case, save_base, tiny_bert,
-                    tiny_llama)
+from oracle import (
+    assert_close_to,
+    dtypes_fp32_bf16,
+    load_all,
+    make_adapter,
+    oracle_merge,
+    reload,
+    run_case,
+    save_base,
+    tiny_bert,
+    tiny_llama,
+)
 from wsurgery.errors import InputError, NotInvertibleError, UnsupportedError
 from wsurgery.methods.trainable_tokens import token_indices_for
 
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+DTYPES = dtypes_fp32_bf16()
 TOKENS = [0, 5, 7, 90]  # first and near-last rows included
 
 

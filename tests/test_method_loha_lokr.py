@@ -18,11 +18,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import wsurgery
-from oracle import (assert_close_to, conv_net, load_all, make_adapter, randomize_adapter, run_case, save_base,
-                    tiny_llama)
+from oracle import (
+    LLAMA_LINEAR,
+    assert_close_to,
+    conv_net,
+    load_all,
+    make_adapter,
+    randomize_adapter,
+    run_case,
+    save_base,
+    tiny_llama,
+)
 from wsurgery.errors import InputError
 
-LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONV = ["c1", "c2", "pw", "fc"]  # Conv1d k=3, Conv2d 3x3, Conv2d 1x1, Linear
 PREFIX = "base_model.model."
 

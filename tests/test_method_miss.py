@@ -19,14 +19,24 @@ from peft import MissConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
 import wsurgery
-from oracle import assert_close_to, load_all, make_adapter, oracle_merge, reload, run_case, save_base, tiny_llama
+from oracle import (
+    LLAMA_LINEAR,
+    assert_close_to,
+    dtypes_fp32_bf16,
+    load_all,
+    make_adapter,
+    oracle_merge,
+    reload,
+    run_case,
+    save_base,
+    tiny_llama,
+)
 from wsurgery.adapters import load_adapter
 from wsurgery.checkpoint import open_checkpoint
 from wsurgery.engine import execute, plan
 
-LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "old-bone"
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+DTYPES = dtypes_fp32_bf16()
 Q = "base_model.model.model.layers.0.self_attn.q_proj.miss_block"
 
 

@@ -20,13 +20,12 @@ from safetensors.torch import load_file, save_file
 
 import oracle
 import wsurgery
-from oracle import assert_close_to, conv_net, load_all, run_case, tiny_llama
+from oracle import LLAMA_LINEAR, assert_close_to, conv_net, load_all, run_case, tiny_llama
 from wsurgery.adapters.loader import load_adapter
 from wsurgery.errors import InputError, NotInvertibleError, UnsupportedError
 from wsurgery.methods.oft import (OftPatch, block_size_from_triangle, cayley_exact, cayley_neumann, rotate_columns,
                                   rotate_rows, skew_from_triangle)
 
-LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "old-oft"
 STD = 0.08
 

@@ -15,8 +15,20 @@ import json
 
 import pytest
 import torch
-from oracle import (assert_close_to, conv_net, load_all, make_adapter, oracle_merge, reload, run_case, save_base,
-                    tiny_gpt2, tiny_llama)
+from oracle import (
+    LLAMA_LINEAR,
+    assert_close_to,
+    conv_net,
+    dtypes_fp32_bf16,
+    load_all,
+    make_adapter,
+    oracle_merge,
+    reload,
+    run_case,
+    save_base,
+    tiny_gpt2,
+    tiny_llama,
+)
 from peft import FourierFTConfig, PeftModel, PolyConfig, WaveFTConfig
 from safetensors.torch import load_file, save_file
 
@@ -25,8 +37,7 @@ from wsurgery.adapters import load_adapter
 from wsurgery.cli import main
 from wsurgery.errors import InputError, UnsupportedError
 
-LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+DTYPES = dtypes_fp32_bf16()
 
 
 def _edit_config(adapter_dir, **changes) -> None:

@@ -12,16 +12,28 @@ import json
 
 import pytest
 import torch
-from oracle import (assert_close_to, load_all, make_adapter, oracle_merge, reload, run_case, save_base, tiny_bert,
-                    tiny_gpt2, tiny_llama)
+from oracle import (
+    LLAMA_LINEAR,
+    assert_close_to,
+    dtypes_fp32_bf16,
+    load_all,
+    make_adapter,
+    oracle_merge,
+    reload,
+    run_case,
+    save_base,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    with_random_biases,
+)
 from peft import BeftConfig, C3AConfig, DeloraConfig, GraloraConfig, ShiraConfig, SupertuningConfig
 from safetensors.torch import load_file, save_file
 
 import wsurgery
 from wsurgery.errors import InputError, NotInvertibleError, UnsupportedError
 
-LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+DTYPES = dtypes_fp32_bf16()
 
 
 def _edit_adapter(adapter_dir, edit=None, config_edit=None) -> None:
@@ -42,14 +54,6 @@ def _adapter_tensors(adapter_dir, suffix):
     return {k: v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items() if k.endswith(suffix)}
 
 
-def _with_random_biases(model):
-    dtype = next(model.parameters()).dtype
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.copy_((torch.randn(p.shape, generator=g) * 0.5).to(dtype))
-    return model
 
 
 def _oracle_case(tmp_path, model, config, *, dtype=torch.float32, edit=None, config_edit=None):
@@ -263,7 +267,7 @@ def test_delora_requires_the_saved_weight_norm(tmp_path):
 # -- BEFT --------------------------------------------------------------------------------------------------------
 @DTYPES
 def test_beft_bert_biases(tmp_path, dtype):
-    model = _with_random_biases(tiny_bert(dtype))
+    model = with_random_biases(tiny_bert(dtype))
     cfg = BeftConfig(target_modules=["query", "value", "dense"])
     _, _, merged = run_case(tmp_path, model, cfg, dtype=dtype)
     base = load_all(tmp_path / "base")

@@ -18,7 +18,9 @@ import shutil
 import pytest
 import torch
 from oracle import (
+    LLAMA_LINEAR,
     assert_close_to,
+    dtypes_fp32_bf16,
     load_all,
     make_adapter,
     oracle_merge,
@@ -35,9 +37,8 @@ import wsurgery
 from wsurgery.adapters import load_adapter
 from wsurgery.errors import InputError, UnsupportedError
 
-LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_CONV1D = ["c_attn", "c_proj", "c_fc"]
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+DTYPES = dtypes_fp32_bf16()
 
 
 @pytest.fixture(autouse=True, scope="module")

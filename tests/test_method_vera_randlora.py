@@ -24,6 +24,7 @@ import pytest
 import torch
 from oracle import (
     assert_close_to,
+    dtypes_fp32_bf16,
     load_all,
     make_adapter,
     oracle_merge,
@@ -93,7 +94,7 @@ def max_rel_err(a, b):
     return max((a[n].double() - b[n].double()).abs().max().item() / b[n].double().abs().max().item() for n in b)
 
 
-DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+DTYPES = dtypes_fp32_bf16()
 SAVED = pytest.mark.parametrize("save", [True, False], ids=["saved", "regenerated"])
 
 
