@@ -63,6 +63,18 @@ class ModuleParams:
         return [self.tensors[n] for n in names]
 
 
+def expect_shape(module: str, change: str, want: tuple[int, ...], have: tuple[int, ...], detail: str = "",
+                 what: str = "weight") -> None:
+    """Refuse, before any data is read, a change whose shape does not fit the base tensor; where the two
+    are transposes of each other, say that ``fan_in_fan_out`` is the likely culprit."""
+    want, have = tuple(want), tuple(have)
+    if want == have:
+        return
+    hint = " (transposed: is fan_in_fan_out set right in adapter_config.json?)" if len(have) == 2 and have == want[::-1] else ""
+    raise InputError(f"{module}: {change} has shape {list(want)}{detail} but the base {what} is {list(have)}{hint}; "
+                     "was the adapter trained on another model?")
+
+
 class Patch(ABC):
     """What one adapter does to the tensors of one base module."""
 

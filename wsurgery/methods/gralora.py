@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, expect_shape, register
 
 
 class GraloraPatch(AdditivePatch):
@@ -41,16 +41,10 @@ class GraloraPatch(AdditivePatch):
         return self.k * self.sub_out, self.k * self.sub_in
 
     def check(self, shapes: Shapes) -> None:
-        w = tuple(shapes["weight"])
         out, inp = self.out_in
         want = (inp, out) if self.fan_in_fan_out else (out, inp)
-        if w != want:
-            hint = ""
-            if len(w) == 2 and w == want[::-1]:
-                hint = " (transposed: is fan_in_fan_out set right in adapter_config.json?)"
-            raise InputError(f"{self.module}: gralora_A {list(self.A.shape)} and gralora_B {list(self.B.shape)} make "
-                             f"a change of {list(want)} but the base weight is {list(w)}{hint}; was the adapter "
-                             "trained on another model?")
+        expect_shape(self.module, "GraLoRA's change", want, shapes["weight"],
+                     f" (gralora_A {list(self.A.shape)}, gralora_B {list(self.B.shape)})")
 
     def delta(self) -> Tensors:
         k, sigma = self.k, self.r // self.k

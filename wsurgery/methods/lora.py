@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, expect_shape, register
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -95,17 +95,7 @@ class LoraPatch(AdditivePatch):
         return out_in[::-1] if self.kind == "conv1d_transposed" else out_in
 
     def check(self, shapes: Shapes) -> None:
-        want = self.weight_shape()
-        have = shapes[self.role]
-        if have != want:
-            hint = ""
-            if have == want[::-1]:
-                hint = " (transposed: is fan_in_fan_out set right in adapter_config.json?)"
-            what = "weight" if self.role == "weight" else self.role
-            raise InputError(
-                f"{self.module}: the adapter's change has shape {list(want)} but the base {what} is "
-                f"{list(have)}{hint}; was the adapter trained on another model?"
-            )
+        expect_shape(self.module, "the adapter's change", self.weight_shape(), shapes[self.role], what=self.role)
         if self.bias is not None and shapes.get("bias") != tuple(self.bias.shape):
             raise InputError(f"{self.module}: lora_B.bias is {list(self.bias.shape)} but the base bias is "
                              f"{list(shapes['bias']) if 'bias' in shapes else 'missing'}")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, expect_shape, register
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -51,13 +51,9 @@ class UniLoraPatch(AdditivePatch):
         self.out_in = (idx_B.shape[0], idx_A.shape[1])
 
     def check(self, shapes: Shapes) -> None:
-        want = self.out_in[::-1] if self.transposed else self.out_in
-        have = shapes["weight"]
-        if have != want:
-            hint = " (transposed: is fan_in_fan_out set right in adapter_config.json?)" if have == want[::-1] else ""
-            raise InputError(f"{self.module}: UniLoRA's change has shape {list(want)} (unilora_indices_B "
-                             f"{list(self.idx_B.shape)}, unilora_indices_A {list(self.idx_A.shape)}) but the base "
-                             f"weight is {list(have)}{hint}; was the adapter trained on another model?")
+        expect_shape(self.module, "UniLoRA's change", self.out_in[::-1] if self.transposed else self.out_in,
+                     shapes["weight"], f" (unilora_indices_B {list(self.idx_B.shape)}, unilora_indices_A "
+                                       f"{list(self.idx_A.shape)})")
 
     def delta(self) -> Tensors:
         theta = self.theta.to(torch.float32)

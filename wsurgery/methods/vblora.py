@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, expect_shape, register
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -60,13 +60,9 @@ class VBLoraPatch(AdditivePatch):
         self.out_in = (logits_B.shape[0] * L, logits_A.shape[1] * L)
 
     def check(self, shapes: Shapes) -> None:
-        want = self.out_in[::-1] if self.transposed else self.out_in
-        have = shapes["weight"]
-        if have != want:
-            hint = " (transposed: is fan_in_fan_out set right in adapter_config.json?)" if have == want[::-1] else ""
-            raise InputError(f"{self.module}: VB-LoRA's change has shape {list(want)} (logits {list(self.logits_B.shape)}"
-                             f" / {list(self.logits_A.shape)}, vector_length {self.bank.shape[1]}) but the base weight "
-                             f"is {list(have)}{hint}; was the adapter trained on another model?")
+        expect_shape(self.module, "VB-LoRA's change", self.out_in[::-1] if self.transposed else self.out_in,
+                     shapes["weight"], f" (logits {list(self.logits_B.shape)} / {list(self.logits_A.shape)}, "
+                                       f"vector_length {self.bank.shape[1]})")
 
     def delta(self) -> Tensors:
         bank = self.bank.to(torch.float32)
