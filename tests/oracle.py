@@ -126,6 +126,24 @@ def make_adapter(base_model: nn.Module, config, folder: Path, seed: int = 1, ada
     return folder
 
 
+def edit_adapter_tensors(adapter_dir: Path, edit) -> None:
+    """Change a saved adapter's tensors in place (``edit`` gets and mutates the dict), e.g. to make it bad."""
+    path = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def edit_adapter_config(adapter_dir: Path, **changes) -> None:
+    """Change fields of a saved ``adapter_config.json`` in place."""
+    import json
+
+    path = adapter_dir / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 def oracle_merge(fresh_base: nn.Module, adapter_dir: Path) -> dict[str, torch.Tensor]:
     """PEFT's merge of the saved adapter into ``fresh_base`` (a model with the saved base weights)."""
     from peft import PeftModel

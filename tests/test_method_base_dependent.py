@@ -14,7 +14,6 @@ merge's float32 arithmetic propagated through the exact inverse, not against a f
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -23,6 +22,8 @@ from oracle import (
     assert_close_to,
     conv_net,
     dtypes_fp32_bf16,
+    edit_adapter_config,
+    edit_adapter_tensors,
     load_all,
     make_adapter,
     oracle_merge,
@@ -50,13 +51,9 @@ DTYPES = dtypes_fp32_bf16()
 def _edit_adapter(adapter_dir, edit=None, config=None) -> None:
     """Change the saved adapter tensors (``edit`` mutates the dict) and/or config fields in place."""
     if edit is not None:
-        path = adapter_dir / "adapter_model.safetensors"
-        tensors = load_file(path)
-        edit(tensors)
-        save_file(tensors, path, metadata={"format": "pt"})
+        edit_adapter_tensors(adapter_dir, edit)
     if config is not None:
-        path = adapter_dir / "adapter_config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+        edit_adapter_config(adapter_dir, **config)
 
 
 def _oracle_case(tmp_path, model, config, *, dtype=torch.float32, edit=None, ulps=1):

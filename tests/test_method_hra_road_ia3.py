@@ -16,6 +16,7 @@ from oracle import (
     assert_close_to,
     conv_net,
     dtypes_fp32_bf16,
+    edit_adapter_tensors,
     load_all,
     make_adapter,
     oracle_merge,
@@ -29,7 +30,7 @@ from oracle import (
     with_random_biases,
 )
 from peft import HRAConfig, IA3Config, RoadConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import wsurgery
@@ -38,20 +39,12 @@ from wsurgery.errors import InputError, NotInvertibleError
 DTYPES = dtypes_fp32_bf16()
 
 
-def _edit_adapter(adapter_dir, edit) -> None:
-    """Change the saved adapter tensors in place (``edit`` gets and mutates the dict)."""
-    path = adapter_dir / "adapter_model.safetensors"
-    tensors = load_file(path)
-    edit(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
 def _oracle_case(tmp_path, model, config, *, dtype=torch.float32, edit=None):
     """Like run_case's merge half, with an optional edit of the saved adapter before anyone reads it."""
     base_dir = save_base(model, tmp_path / "base")
     adapter_dir = make_adapter(model, config, tmp_path / "adapter")
     if edit is not None:
-        _edit_adapter(adapter_dir, edit)
+        edit_adapter_tensors(adapter_dir, edit)
     expected = oracle_merge(reload(model, base_dir, dtype), adapter_dir)
     wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
     merged = load_all(tmp_path / "merged")
@@ -146,7 +139,7 @@ def test_hra_refuses_weight_of_wrong_size(tmp_path):
     adapter_dir = make_adapter(tiny_llama(), HRAConfig(r=2, init_weights=False, target_modules=["q_proj"]),
                                tmp_path / "adapter")
     key = "base_model.model.model.layers.0.self_attn.q_proj.hra_u"
-    _edit_adapter(adapter_dir, lambda t: t.__setitem__(key, torch.randn(48, 2)))
+    edit_adapter_tensors(adapter_dir, lambda t: t.__setitem__(key, torch.randn(48, 2)))
     with pytest.raises(InputError, match=r"q_proj: hra_u is \[48, 2\].*\[32, 32\]"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
     assert not (tmp_path / "merged").exists()

@@ -16,6 +16,7 @@ from oracle import (
     LLAMA_LINEAR,
     assert_close_to,
     dtypes_fp32_bf16,
+    edit_adapter_tensors,
     load_all,
     make_adapter,
     oracle_merge,
@@ -28,7 +29,7 @@ from oracle import (
     with_random_biases,
 )
 from peft import BeftConfig, C3AConfig, DeloraConfig, GraloraConfig, ShiraConfig, SupertuningConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import wsurgery
 from wsurgery.errors import InputError, NotInvertibleError, UnsupportedError
@@ -39,10 +40,7 @@ DTYPES = dtypes_fp32_bf16()
 def _edit_adapter(adapter_dir, edit=None, config_edit=None) -> None:
     """Change the saved adapter (tensors and/or config) in place before anyone reads it."""
     if edit is not None:
-        path = adapter_dir / "adapter_model.safetensors"
-        tensors = load_file(path)
-        edit(tensors)
-        save_file(tensors, path, metadata={"format": "pt"})
+        edit_adapter_tensors(adapter_dir, edit)
     if config_edit is not None:
         path = adapter_dir / "adapter_config.json"
         cfg = json.loads(path.read_text())

@@ -21,6 +21,8 @@ from oracle import (
     LLAMA_LINEAR,
     assert_close_to,
     dtypes_fp32_bf16,
+    edit_adapter_config,
+    edit_adapter_tensors,
     load_all,
     make_adapter,
     oracle_merge,
@@ -31,7 +33,7 @@ from oracle import (
     tiny_llama,
 )
 from peft import TinyLoraConfig, UniLoraConfig, VBLoRAConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import wsurgery
 from wsurgery.adapters import load_adapter
@@ -63,20 +65,6 @@ def llama11(dtype=torch.float32, seed=0):
 
 def _tensors(adapter_dir):
     return load_file(adapter_dir / "adapter_model.safetensors")
-
-
-def _edit_adapter(adapter_dir, edit) -> None:
-    path = adapter_dir / "adapter_model.safetensors"
-    tensors = load_file(path)
-    edit(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
-def _edit_config(adapter_dir, **changes) -> None:
-    path = adapter_dir / "adapter_config.json"
-    raw = json.loads(path.read_text())
-    raw.update(changes)
-    path.write_text(json.dumps(raw))
 
 
 def _registration_order(model, targets):
@@ -131,7 +119,7 @@ def test_vblora_topk_weights_summing_past_one_are_refused(tmp_path):
     base_dir = save_base(model, tmp_path / "base")
     adapter_dir = make_adapter(model, cfg, tmp_path / "adapter")
     key = "base_model.model.model.layers.0.self_attn.q_proj.vblora_logits_B_topk_weights"
-    _edit_adapter(adapter_dir, lambda t: t[key].__setitem__((0, 0), 1.25))
+    edit_adapter_tensors(adapter_dir, lambda t: t[key].__setitem__((0, 0), 1.25))
     expected = oracle_merge(reload(model, base_dir, torch.float32), adapter_dir)
     assert torch.isnan(expected["model.layers.0.self_attn.q_proj.weight"]).any()
     with pytest.raises(InputError, match=r"q_proj.*vblora_logits_B_topk_weights sum to more than 1"):
@@ -144,10 +132,10 @@ def test_vblora_bad_input(tmp_path):
     base_dir = save_base(model, tmp_path / "base")
     adapter_dir = make_adapter(model, cfg, tmp_path / "adapter")
     # a bank with a different vector length gives a change of another shape: refused before any data is read
-    _edit_adapter(adapter_dir, lambda t: t.__setitem__("base_model.vblora_vector_bank", torch.randn(10, 16)))
+    edit_adapter_tensors(adapter_dir, lambda t: t.__setitem__("base_model.vblora_vector_bank", torch.randn(10, 16)))
     with pytest.raises(InputError, match=r"q_proj: VB-LoRA's change has shape \[64, 64\].*base weight is \[32, 32\]"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
-    _edit_adapter(adapter_dir, lambda t: t.pop("base_model.vblora_vector_bank"))
+    edit_adapter_tensors(adapter_dir, lambda t: t.pop("base_model.vblora_vector_bank"))
     with pytest.raises(InputError, match="no base_model.vblora_vector_bank"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
     assert not (tmp_path / "merged").exists()
@@ -180,7 +168,7 @@ def _resave_with(model, base_dir, adapter_dir, out_dir, **config_changes):
     from peft import PeftModel
 
     shutil.copytree(adapter_dir, out_dir)
-    _edit_config(out_dir, **config_changes)
+    edit_adapter_config(out_dir, **config_changes)
     PeftModel.from_pretrained(reload(model, base_dir, torch.float32), out_dir).save_pretrained(out_dir)
     return out_dir
 
@@ -208,7 +196,7 @@ def test_unilora_index_out_of_range(tmp_path):
     cfg = UniLoraConfig(r=2, theta_d_length=64, save_indices=True, target_modules=["q_proj"])
     adapter_dir = make_adapter(model, cfg, tmp_path / "adapter")
     key = "base_model.model.model.layers.1.self_attn.q_proj.unilora_indices_B"
-    _edit_adapter(adapter_dir, lambda t: t[key].__setitem__((3, 1), 64))
+    edit_adapter_tensors(adapter_dir, lambda t: t[key].__setitem__((3, 1), 64))
     with pytest.raises(InputError, match=r"layers.1.self_attn.q_proj.*unilora_indices_B point outside theta_d \(64"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
 
@@ -310,11 +298,11 @@ def test_tinylora_unrecoverable_positions_are_refused(tmp_path):
     base_dir = save_base(model, tmp_path / "base")
     cfg = TinyLoraConfig(r=2, u=3, target_modules=["q_proj", "up_proj"])
     adapter_dir = make_adapter(model, cfg, tmp_path / "adapter")
-    _edit_config(adapter_dir, projection_seed=1000)  # P no longer is the draw of any position
+    edit_adapter_config(adapter_dir, projection_seed=1000)  # P no longer is the draw of any position
     with pytest.raises(UnsupportedError, match=r"saved tinylora_P is not torch.normal.*cannot be recovered"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
-    _edit_config(adapter_dir, projection_seed=42)
+    edit_adapter_config(adapter_dir, projection_seed=42)
     # a targeted layer missing from the file: 3 layers cannot make the 4 groups PEFT saved
-    _edit_adapter(adapter_dir, lambda t: [t.pop(k) for k in list(t) if "layers.1.mlp.up_proj" in k])
+    edit_adapter_tensors(adapter_dir, lambda t: [t.pop(k) for k in list(t) if "layers.1.mlp.up_proj" in k])
     with pytest.raises(UnsupportedError, match=r"has 3 TinyLoRA layers.*makes 3 group\(s\), but it holds 4 shared vectors"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)

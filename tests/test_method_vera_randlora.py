@@ -17,7 +17,6 @@ wsurgery rounds the same way and agrees to 1 ulp.
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -25,6 +24,7 @@ import torch
 from oracle import (
     assert_close_to,
     dtypes_fp32_bf16,
+    edit_adapter_config,
     load_all,
     make_adapter,
     oracle_merge,
@@ -81,13 +81,6 @@ def case(tmp_path, model, config, dtype=torch.float32, *, edit=None, ulps=1, tra
     wsurgery.unmerge(tmp_path / "merged", adapter_dir, tmp_path / "unmerged", progress=False)
     check_unmerged(load_all(tmp_path / "unmerged"), base, merged)
     return result, merged, expected, adapter_dir
-
-
-def set_config(adapter_dir, **changes):
-    path = adapter_dir / "adapter_config.json"
-    cfg = json.loads(path.read_text())
-    cfg.update(changes)
-    path.write_text(json.dumps(cfg))
 
 
 def max_rel_err(a, b):
@@ -186,7 +179,7 @@ def test_wrong_prng_key_gives_a_mismatching_merge(tmp_path, make_config):
     _, _, expected, adapter_dir = case(tmp_path / "right", tiny_llama(), config)
     base_dir = tmp_path / "right" / "base"
     # The same adapter with another key: the regenerated projections, and so the merge, no longer match PEFT's.
-    set_config(adapter_dir, projection_prng_key=6)
+    edit_adapter_config(adapter_dir, projection_prng_key=6)
     wsurgery.merge(base_dir, adapter_dir, tmp_path / "wrong", progress=False)
     wrong = load_all(tmp_path / "wrong")
     with pytest.raises(AssertionError):
@@ -211,13 +204,13 @@ def test_saved_projections_with_save_projection_false_are_ignored_like_peft(tmp_
     cfg = cls(r=4, target_modules=MIXED)
 
     def edit(d):  # PEFT ignores saved projections when the config says they were not saved
-        set_config(d, save_projection=False)
+        edit_adapter_config(d, save_projection=False)
         _edit_tensors(d, lambda t: t.update({k: v * 1.5 for k, v in t.items() if k.endswith(key.split(".")[-1])}))
 
     result, _, _, _ = case(tmp_path / "changed", tiny_llama(), cfg, edit=edit)
     assert any("save_projection=false" in n and "differ" in n for n in result.notes)
     # Saved projections that equal the regenerated ones: nothing to report.
-    result, _, _, _ = case(tmp_path / "equal", tiny_llama(), cfg, edit=lambda d: set_config(d, save_projection=False))
+    result, _, _, _ = case(tmp_path / "equal", tiny_llama(), cfg, edit=lambda d: edit_adapter_config(d, save_projection=False))
     assert not result.notes
 
 
@@ -247,7 +240,7 @@ def test_randlora_inconsistent_per_layer_copy_refused(tmp_path):
 def test_shape_mismatch_refused_before_writing(tmp_path, cls):
     # (RandLoRA's change is the same whichever way round a weight is read, so only VeRA/PVeRA can tell.)
     base_dir, adapter_dir = _adapter(tmp_path, cls(r=4, target_modules=MIXED))
-    set_config(adapter_dir, fan_in_fan_out=True)  # Llama weights read as Conv1D: dims swap
+    edit_adapter_config(adapter_dir, fan_in_fan_out=True)  # Llama weights read as Conv1D: dims swap
     with pytest.raises(InputError, match="lambda_b has .* fan_in_fan_out"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
@@ -255,7 +248,7 @@ def test_shape_mismatch_refused_before_writing(tmp_path, cls):
 
 def test_rank_disagreeing_with_config_refused(tmp_path):
     _, adapter_dir = _adapter(tmp_path, VeraConfig(r=4, target_modules=MIXED))
-    set_config(adapter_dir, r=5)
+    edit_adapter_config(adapter_dir, r=5)
     with pytest.raises(InputError, match="r=5"):
         load_adapter(adapter_dir)
 
