@@ -1,0 +1,1 @@
+"""Making adapters: extraction from fine-tunes, conversion between methods, combination."""
