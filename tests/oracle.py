@@ -231,3 +231,87 @@ def run_case(tmp_path, model, config, *, dtype=torch.float32, shard=None, adapte
         # W' = round(W + ΔW), then round(W' - ΔW): one rounding each way, at the operands' magnitude.
         assert_close_to(unmerged, base, base=merged, ulps=2, rel=unmerge_rel)
     return base_dir, adapter_dir, merged
+
+
+def _rewrite_merged(src: Path, dst: Path, edit) -> Path:
+    """A copy of the merged folder ``src`` whose tensors went through ``edit(dict) -> None``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        tensors = load_file(f)
+        edit(tensors)
+        save_file(tensors, f, metadata={"format": "pt"})
+    return dst
+
+
+def check_verify(tmp_path: Path, base_dir: Path, adapter_dir: Path, merged_dir: Path, *, options=None,
+                 transposable: bool = True, tokens: int = 16) -> None:
+    """The verify contract for one adapter: the correct merge passes (also with every merge code path
+    of every patch disabled: the forward paths must not be circular); one perturbed element, a wrong
+    scaling and (``transposable``: where a changed weight is square) a transposed change each fail
+    and name the module."""
+    from wsurgery.methods.base import Patch
+
+    def run(merged):
+        return wsurgery.api.verify(base_dir, adapter_dir, merged, tokens=tokens, progress=False, options=options,
+                                   device="cpu")
+
+    good = run(merged_dir)
+    assert good.passed, [(c.module, c.detail, c.max_rel) for c in good.failures]
+    assert any(c.kind == "forward" for c in good.checks)
+
+    merge_code = ("apply", "revert", "delta", "add_scaled", "merge", "unmerge", "weight_delta")
+    saved = []
+    def refuse(*a, **k):
+        raise AssertionError("verify called merge code")
+    for cls in [Patch, *_subclasses(Patch)]:
+        for name in merge_code:
+            if name in vars(cls):
+                saved.append((cls, name, vars(cls)[name]))
+                setattr(cls, name, refuse)
+    try:
+        assert run(merged_dir).passed
+    finally:
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
+
+    base = load_all(base_dir)
+    merged = load_all(merged_dir)
+    changed = [n for n in merged if n in base and merged[n].is_floating_point() and merged[n].shape == base[n].shape
+               and not torch.equal(merged[n], base[n])]
+    assert changed
+    target = max(changed, key=lambda n: merged[n].numel())
+    module = target.rpartition(".")[0]
+
+    def perturb(tensors):
+        t = tensors[target].clone()
+        flat = t.view(-1)
+        flat[flat.numel() // 3] += t.abs().max() * 0.5
+        tensors[target] = t
+    bad = run(_rewrite_merged(merged_dir, tmp_path / "verify-perturbed", perturb))
+    assert not bad.passed and module in [c.module for c in bad.failures], module
+
+    wsurgery.merge(base_dir, adapter_dir, tmp_path / "verify-scaled", scale=1.5, progress=False, options=options)
+    bad = run(tmp_path / "verify-scaled")
+    assert not bad.passed
+
+    square = [n for n in changed if merged[n].dim() == 2 and merged[n].shape[0] == merged[n].shape[1]
+              and n.endswith("weight")]
+    if transposable:
+        assert square, "no square changed weight to transpose"
+        name = square[0]
+
+        def transpose(tensors):
+            W = base[name].to(torch.float32)
+            tensors[name] = (W + (merged[name].to(torch.float32) - W).T).to(merged[name].dtype)
+        bad = run(_rewrite_merged(merged_dir, tmp_path / "verify-transposed", transpose))
+        assert name.rpartition(".")[0] in [c.module for c in bad.failures]
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,6 +12,9 @@ from .checkpoint import open_checkpoint, parse_size
 from .checkpoint.dtypes import parse_user_dtype
 from .hub import resolve
 from .engine import Result, execute, plan
+
+if TYPE_CHECKING:
+    from .verify import Report
 
 
 def _run(direction: str, base: str | Path, adapter: str | Path, out: str | Path, scale: float,
@@ -51,3 +54,20 @@ def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, scale: 
     original weights cannot be recovered from the files (DoRA, ``modules_to_save``, saved biases).
     """
     return _run("unmerge", merged, adapter, out, scale, dtype, max_shard_size, overwrite, progress, options)
+
+
+def verify(base: str | Path, adapter: str | Path, merged: str | Path, *, scale: float = 1.0, device: str = "auto",
+           tokens: int = 64, seed: int = 0, rtol: float | None = None, atol: float = 0.0, progress: bool = True,
+           options: dict[str, Any] | None = None) -> "Report":
+    """Check with forward passes that ``merged`` computes what ``base`` + ``adapter`` compute.
+
+    Each changed module runs the adapter's unmerged forward path on seeded inputs and the merged
+    layer on the same inputs; every other tensor must be byte-identical to the base. Returns a
+    ``Report`` (``.passed``, ``.checks``); nothing is written.
+    """
+    from .verify import verify_merge
+
+    ckpt = open_checkpoint(resolve(base))
+    ad = load_adapter(resolve(adapter, kind="adapter"), options)
+    return verify_merge(ckpt, [(ad, scale)], open_checkpoint(resolve(merged)), device=device, tokens=tokens,
+                        seed=seed, rtol=rtol, atol=atol, progress=progress)

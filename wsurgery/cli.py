@@ -116,6 +116,47 @@ def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, o
     _report("unmerged", r, quiet)
 
 
+@cli.command("verify")
+@click.argument("base")
+@click.argument("adapter")
+@click.argument("merged")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the forward passes run (auto: CUDA when there is one).")
+@click.option("--tokens", type=click.IntRange(1), default=64, show_default=True, help="Input rows per module.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs.")
+@click.option("--rtol", type=float, default=None,
+              help="Allowed error per output, relative to the layer run on magnitudes |W'|·|x|. Default by dtype.")
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Allowed absolute error per output.")
+@click.option("--scale", default=1.0, type=float, show_default=True, help="The --scale the merge used.")
+@click.option("--json", "json_path", default=None, help="Write the full report to this JSON file.")
+@click.option("--all", "show_all", is_flag=True, help="List every module, not only failures.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--task-id", type=int, default=None, help="Poly: the task the merge used.")
+@click.option("--mha-single-out-proj", is_flag=True, default=None, help="As given to merge.")
+@click.option("--experts-transposed/--experts-not-transposed", default=None, help="As given to merge.")
+def verify_cmd(base: str, adapter: str, merged: str, device: str, tokens: int, seed: int, rtol: float | None,
+               atol: float, scale: float, json_path: str | None, show_all: bool, quiet: bool, task_id,
+               mha_single_out_proj, experts_transposed) -> None:
+    """Check with forward passes that MERGED computes what BASE + ADAPTER compute (exit 0 only if so)."""
+    with _closing_progress_bars():
+        report = api.verify(base, adapter, merged, scale=scale, device=device, tokens=tokens, seed=seed, rtol=rtol,
+                            atol=atol, progress=not quiet,
+                            options=_options(task_id, mha_single_out_proj, experts_transposed))
+    _show_verify(report, json_path, show_all)
+
+
+def _show_verify(report, json_path: str | None, show_all: bool) -> None:
+    from .verify import format_report
+
+    if json_path:
+        report.write_json(json_path)
+    click.echo(format_report(report, everything=show_all))
+    if not report.passed:
+        names = ", ".join(c.module for c in report.failures[:3])
+        more = f" and {len(report.failures) - 3} more" if len(report.failures) > 3 else ""
+        _fail(f"verify failed: {names}{more} differ from the unmerged forward")
+
+
 def _report(verb: str, r: Result, quiet: bool) -> None:
     """Notes always (they can matter, e.g. an approximate inverse); the summary unless --quiet.
 

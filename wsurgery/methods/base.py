@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..errors import InputError, NotInvertibleError, UnsupportedError
+from .layers import Layer, default_layer
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -73,6 +74,11 @@ def expect_shape(module: str, change: str, want: tuple[int, ...], have: tuple[in
     hint = " (transposed: is fan_in_fan_out set right in adapter_config.json?)" if len(have) == 2 and have == want[::-1] else ""
     raise InputError(f"{module}: {change} has shape {list(want)}{detail} but the base {what} is {list(have)}{hint}; "
                      "was the adapter trained on another model?")
+
+
+def like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An adapter tensor as float32 on ``x``'s device: forward paths run where ``verify`` puts the inputs."""
+    return t.to(device=x.device, dtype=torch.float32)
 
 
 class Patch(ABC):
@@ -135,6 +141,20 @@ class Patch(ABC):
         if reason is not None:
             return f"impossible: {reason}"
         return "approximate" if self.approximate_inverse else "exact"
+
+    # -- the unmerged forward path, for verify --------------------------------------------------
+    def layer(self, shapes: Shapes) -> Layer:
+        """How the base module computes from its tensors (``shapes`` as in ``check``)."""
+        return default_layer(shapes)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """The module's output on ``x`` with this adapter active but not merged, computed the way PEFT
+        computes it at inference, from the float32 base tensors and the adapter's own tensors.
+
+        It must not use ``apply``, ``revert``, ``delta``, ``add_scaled`` or the helpers they call:
+        ``verify`` compares it with the merged file, and a shared code path would make that circular.
+        """
+        raise UnsupportedError(f"{self.module}: {type(self).__name__} has no forward path to verify with")
 
     # -- scaled application, shared by all methods -----------------------------------------------
     def add_scaled(self, tensors: Tensors, alpha: float) -> Tensors | None:

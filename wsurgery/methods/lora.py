@@ -31,9 +31,11 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import InputError, UnsupportedError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, expect_shape, register
+from .layers import Conv, Embedding, Layer, Linear
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, expect_shape, like, register
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -134,6 +136,31 @@ class LoraPatch(AdditivePatch):
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "scaling": self.scaling, **self.facts}
 
+    def layer(self, shapes: Shapes) -> Layer:
+        if self.kind == "embedding":
+            return Embedding(self.role)
+        if self.kind == "conv":
+            return Conv(self.role)
+        return Linear(self.kind == "conv1d_transposed", self.role)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's ``base_layer(x) + lora_B(lora_A(x))·s`` (embedding: ``B(A[ids])`` with A (r, V))."""
+        return layer(x, base) + self.adapter_path(x) * (self.scaling * self.factor)
+
+    def adapter_path(self, x: torch.Tensor) -> torch.Tensor:
+        """``lora_B(lora_A(x))`` without the scaling, as PEFT's LoRA layers compute it."""
+        A, B = like(self.A, x), like(self.B, x)
+        if self.kind == "embedding":
+            return A.T[x] @ B.T
+        if self.kind == "conv":
+            conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[A.dim()]
+            y = conv(conv(x, A), B)
+        else:
+            y = x @ A.T @ B.T
+        if self.bias is not None:
+            y = y + like(self.bias, x).view(-1, *([1] * (y.dim() - 2)))
+        return y
+
 
 class DoraPatch(Patch):
     """W' = m / ‖W + ΔW‖ · (W + ΔW), the norm taken per output feature."""
@@ -158,6 +185,33 @@ class DoraPatch(Patch):
             return {"weight": V.mul_((m / torch.linalg.norm(V, dim=0))[None, :])}
         factor = m / torch.linalg.norm(V.flatten(1), dim=1)
         return {"weight": V.mul_(factor.view(-1, *([1] * (V.ndim - 1))))}
+
+    def layer(self, shapes: Shapes) -> Layer:
+        return self.lora.layer(shapes)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's DoRA at inference: ``m/‖W + s·BA‖ · (W x) + m/‖W + s·BA‖ · s·B A x`` per output feature;
+        the norm is taken of the composed weight, the rest runs on activations."""
+        lora = self.lora
+        W = base["weight"]
+        A, B = like(lora.A, W), like(lora.B, W)
+        s = lora.scaling * lora.factor
+        m = like(self.magnitude, W).flatten()
+        if lora.kind == "conv":
+            composed = W.flatten(1) + s * (B.flatten(1) @ A.flatten(1))
+            norm = torch.linalg.norm(composed, dim=1)
+        elif lora.kind in ("embedding", "conv1d_transposed"):
+            norm = torch.linalg.norm(W + s * (A.T @ B.T), dim=0)
+        else:
+            norm = torch.linalg.norm(W + s * (B @ A), dim=1)
+        y = layer(x, {"weight": W}) + lora.adapter_path(x) * s
+        if lora.bias is not None:  # lora_B's bias is part of the adapter path above, outside the norm
+            y = y - like(lora.bias, W).view(-1, *([1] * (y.dim() - 2))) * s
+        shape = (-1, *([1] * (y.dim() - 2)))
+        y = y * (m / norm).view(shape)
+        if "bias" in base:
+            y = y + base["bias"].view(shape)
+        return y
 
     def why_not_invertible(self) -> str | None:
         return ("DoRA rescales every output feature of W+ΔW to the saved magnitude; the files keep the "

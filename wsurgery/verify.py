@@ -1,0 +1,208 @@
+"""Prove that a merged checkpoint computes what base + adapter compute, with forward passes.
+
+For every module the adapter changes, seeded inputs shaped like that module's inputs go through
+(a) the adapter's own unmerged forward path (``Patch.forward``: written the way PEFT computes it at
+inference, sharing no code with the merge) over the base tensors and (b) the plain layer over the
+merged tensors. The two must agree to within the rounding the merged file's dtype allows: the
+error of each output element is measured against the same layer run on magnitudes,
+``|W'|·|x| (+|b|)``, which bounds what rounding each weight to the output dtype can do. Every tensor
+the adapter does not change must be byte-identical to the base (or its cast, after ``--dtype``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import Adapter
+from .checkpoint import Checkpoint
+from .engine import ModuleJob, Plan, plan
+from .errors import InputError, UnsupportedError
+from .methods import AdditivePatch, ReplacePatch
+from .methods.layers import Direct, Layer
+
+# Relative error allowed per output element, in units of the layer run on magnitudes: a little
+# over the half-ulp each stored weight may be off by in the merged file's dtype.
+DEFAULT_RTOL = {torch.float32: 1e-5, torch.float64: 1e-9, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+@dataclass
+class Check:
+    """One module's comparison (or one untouched tensor's byte check)."""
+
+    module: str
+    kind: str  # "forward" or "bytes"
+    passed: bool
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    cosine: float = 1.0
+    detail: str = ""
+
+
+@dataclass
+class Report:
+    checks: list[Check]
+    untouched: int  # tensors compared byte for byte
+    device: str
+    tokens: int
+    seed: int
+    rtol: float | None  # None: by dtype
+    atol: float
+    modules: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"--device {device}: expected auto, cpu or cuda")
+    return torch.device(device)
+
+
+def verify_merge(base: Checkpoint, adapters: list[tuple[Adapter, float]], merged: Checkpoint, *,
+                 device: str = "auto", tokens: int = 64, seed: int = 0, rtol: float | None = None,
+                 atol: float = 0.0, progress: bool = True) -> Report:
+    """Compare ``merged`` with ``base`` + ``adapters`` module by module; nothing is written."""
+    import time
+
+    start = time.perf_counter()
+    dev = pick_device(device)
+    job_plan = plan(base, adapters, "merge")
+    _check_same_tensors(job_plan, merged)
+    report = Report([], 0, str(dev), tokens, seed, rtol, atol, modules=len(job_plan.jobs))
+    total = sum(t.nbytes for t in base.tensors.values()) + sum(t.nbytes for t in merged.tensors.values())
+    with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="verify", leave=False) as bar:
+        for index, job in enumerate(job_plan.jobs.values()):
+            report.checks.append(_check_module(job_plan, job, merged, dev, tokens, seed + index, rtol, atol))
+            n = sum(base.tensors[t].nbytes + merged.tensors[t].nbytes for t in job.tensors.values())
+            bar.update(n)
+            report.bytes_read += n
+        for name, info in base.tensors.items():
+            if name in job_plan.owner:
+                continue
+            report.checks.append(_check_bytes(base, merged, name))
+            report.untouched += 1
+            n = info.nbytes + merged.tensors[name].nbytes
+            bar.update(n)
+            report.bytes_read += n
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _check_same_tensors(job_plan: Plan, merged: Checkpoint) -> None:
+    missing = [n for n in job_plan.base.tensors if n not in merged.tensors]
+    extra = [n for n in merged.tensors if n not in job_plan.base.tensors]
+    if missing or extra:
+        what = (f"lacks {len(missing)} base tensors (e.g. {missing[0]})" if missing
+                else f"has {len(extra)} tensors the base lacks (e.g. {extra[0]})")
+        raise InputError(f"{merged.folder}: {what}; is it a merge of this base?")
+    for name, shape in job_plan.out_shapes.items():
+        if tuple(merged.tensors[name].shape) != tuple(shape):
+            raise InputError(f"{merged.folder}: {name} has shape {list(merged.tensors[name].shape)}, expected "
+                             f"{list(shape)} after merging; is it a merge of this base and adapter?")
+
+
+def _read(ckpt: Checkpoint, name: str, dev: torch.device) -> torch.Tensor:
+    t = ckpt.read(name)
+    return t.to(dev, torch.float32 if t.dtype != torch.float64 else torch.float64)
+
+
+def _check_module(job_plan: Plan, job: ModuleJob, merged: Checkpoint, dev: torch.device, tokens: int, seed: int,
+                  rtol: float | None, atol: float) -> Check:
+    base = {role: _read(job_plan.base, name, dev) for role, name in job.tensors.items()}
+    after = {role: _read(merged, name, dev) for role, name in job.tensors.items()}
+    dtypes = [merged.tensors[n].dtype for n in job.tensors.values() if merged.tensors[n].dtype.is_floating_point]
+    out_dtype = max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float32)
+    tol = rtol if rtol is not None else DEFAULT_RTOL.get(out_dtype, 1e-5)
+    # Replaced tensors (modules_to_save, saved biases) are the base as the adapter's layers see it.
+    for patch, _, _ in job.patches:
+        if isinstance(patch, ReplacePatch):
+            base[patch.role] = patch.tensor.to(dev, torch.float32)
+    changes = [(p, s) for p, s, _ in job.patches if not isinstance(p, ReplacePatch)]
+    shapes = {r: tuple(t.shape) for r, t in base.items()}
+    try:
+        layer: Layer = changes[0][0].layer(shapes) if changes else Direct(tuple(base))
+        generator = torch.Generator().manual_seed(seed)
+        x = layer.inputs(shapes, tokens, generator).to(dev)
+        expected = _unmerged(layer, x, base, changes, job.module)
+    except UnsupportedError as e:
+        return Check(job.module, "forward", False, detail=str(e))
+    got = layer(x, after)
+    scale = layer.magnitude(x, after)
+    err = (got - expected).abs()
+    rel = err / scale.clamp_min(torch.finfo(torch.float32).tiny)
+    finite = bool(torch.isfinite(got).all() and torch.isfinite(expected).all())
+    passed = finite and bool((err <= atol + tol * scale).all())
+    cosine = float(torch.nn.functional.cosine_similarity(got.flatten().double(), expected.flatten().double(),
+                                                          dim=0)) if got.numel() else 1.0
+    detail = "" if passed else ("non-finite output" if not finite else
+                                f"error exceeds tolerance (rtol {tol:g} of |W'|·|x|, atol {atol:g})")
+    return Check(job.module, "forward", passed, float(err.max()) if err.numel() else 0.0,
+                 float(rel.max()) if rel.numel() else 0.0, cosine if math.isfinite(cosine) else 0.0, detail)
+
+
+def _unmerged(layer: Layer, x: torch.Tensor, base: dict[str, torch.Tensor], changes: list, module: str) -> torch.Tensor:
+    """The adapters' unmerged output. Every layer is linear in its tensors, so a change merged at scale
+    s is ``y₀ + s·(y - y₀)``, and several additive changes add up."""
+    if not changes:
+        return layer(x, base)
+    if len(changes) == 1 and changes[0][1] == 1.0:
+        return changes[0][0].forward(x, base, layer)
+    if len(changes) > 1 and not all(isinstance(p, AdditivePatch) for p, _ in changes):
+        raise UnsupportedError(f"{module}: several adapters change this module and not all are additive; "
+                               "verify checks stacked non-additive changes one adapter at a time")
+    y0 = layer(x, base)
+    return y0 + sum(s * (p.forward(x, base, layer) - y0) for p, s in changes)
+
+
+def _check_bytes(base: Checkpoint, merged: Checkpoint, name: str) -> Check:
+    a = base.read(name)
+    b = merged.read(name)
+    if a.dtype != b.dtype:
+        a = a.to(b.dtype)
+    same = a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    return Check(name, "bytes", same, detail="" if same else "differs from the base, but the adapter does not change it")
+
+
+def format_report(report: Report, everything: bool = False) -> str:
+    """A table of the module checks (failures only unless ``everything``) and a summary line."""
+    forward = [c for c in report.checks if c.kind == "forward"]
+    shown = forward if everything else report.failures
+    lines = []
+    if shown:
+        width = max(len(c.module) for c in shown)
+        lines.append(f"{'module'.ljust(width)}  {'max abs err':>11}  {'max rel err':>11}  {'cosine':>10}  result")
+        for c in shown:
+            lines.append(f"{c.module.ljust(width)}  {c.max_abs:11.3e}  {c.max_rel:11.3e}  {c.cosine:10.7f}  "
+                         f"{'pass' if c.passed else 'FAIL'}{'  ' + c.detail if c.detail else ''}")
+    bad_bytes = [c for c in report.checks if c.kind == "bytes" and not c.passed]
+    worst = max((c.max_rel for c in forward), default=0.0)
+    lines.append(f"{'PASS' if report.passed else 'FAIL'}: {sum(c.passed for c in forward)}/{len(forward)} modules "
+                 f"agree with the unmerged forward (worst rel err {worst:.2e}); "
+                 f"{report.untouched - len(bad_bytes)}/{report.untouched} untouched tensors byte-identical; "
+                 f"{report.device}, {report.tokens} tokens, seed {report.seed}, {report.seconds:.1f} s")
+    return "\n".join(lines)
