@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, map_modules
 from .checkpoint import (Checkpoint, CheckpointWriter, TensorSpec, atomic_output_dir, check_output_path,
                          copy_side_files, plan_shards)
+from .checkpoint.bnb4bit import Bnb4bit, QuantizedTensorInfo, write_config
 from .checkpoint.dtypes import dtype_name
 from .checkpoint.reader import SAFETENSORS_INDEX_SUFFIX
 from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
@@ -157,18 +159,59 @@ def _output_dtype(src: torch.dtype, requested: torch.dtype | None) -> torch.dtyp
     return requested if requested is not None and src.is_floating_point else src
 
 
+#: A logical tensor stored in bitsandbytes 4-bit: the format, and whether it is a Conv1D weight
+#: (stored transposed).
+Quantize = tuple[Bnb4bit, bool]
+
+
 def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shard_size: int | None = None,
-            overwrite: bool = False, progress: bool = True, extra_inputs: list[Path] = ()) -> Result:
-    """Write the planned result to ``out`` atomically."""
+            overwrite: bool = False, progress: bool = True, extra_inputs: list[Path] = (),
+            quantize: dict[str, Quantize] | None = None, through: dict[str, Quantize] | None = None,
+            config_update: Callable[[dict], None] | None = None) -> Result:
+    """Write the planned result to ``out`` atomically.
+
+    ``quantize`` names the tensors to store in 4-bit (a quantized base's tensors that are left
+    unchanged and keep their format are copied byte for byte); every other tensor is written plain,
+    so a quantized base comes out dequantized. ``through`` names base tensors to replace by
+    dequant(quant(W)) as they are read (QLoRA's view of a 16-bit base). ``config_update`` edits the
+    output's config.json after the engine's own updates.
+    """
     base = plan.base
+    quantize, through = quantize or {}, through or {}
     check_output_path(out, [base.folder, *base.shards, *extra_inputs], overwrite)
-    specs = [TensorSpec(n, _output_dtype(t.dtype, dtype), plan.out_shapes[n]) for n, t in base.tensors.items()]
+    logical_dtype = {n: _output_dtype(t.dtype, dtype) for n, t in base.tensors.items()}
+    specs: list[TensorSpec] = []
     assignment, single, index_name = _output_layout(base)
+    for n, t in base.tensors.items():
+        if n in quantize:
+            fmt, transposed = quantize[n]
+            stored = fmt.stored_specs(n, plan.out_shapes[n], logical_dtype[n], transposed)
+            assignment.update({s.name: assignment[n] for s in stored})
+            specs.extend(stored)
+        else:
+            specs.append(TensorSpec(n, logical_dtype[n], plan.out_shapes[n]))
     shards = plan_shards(specs, assignment, max_shard_size, single)
     sharded = len(shards) > 1
-    spec_of = {s.name: s for s in specs}
     done_jobs: set[str] = set()
     scratch = _Scratch()
+
+    def emit(name: str, tensor: torch.Tensor) -> None:
+        t = scratch.cast("out", tensor, logical_dtype[name])
+        if name in quantize:
+            fmt, transposed = quantize[name]
+            for stored_name, part in fmt.encode(name, t, transposed).items():
+                writer.write(stored_name, part)
+        else:
+            writer.write(name, t)
+
+    def read(name: str, use: str) -> torch.Tensor:
+        info = base.tensors[name]
+        raw = base.read(name, scratch.take(use, info.shape, info.dtype))
+        if name in through:
+            fmt, transposed = through[name]
+            raw = fmt.roundtrip(raw, transposed)
+        return raw
+
     with atomic_output_dir(out, overwrite) as tmp:
         writer = CheckpointWriter(tmp, shards, index_name if sharded else None)
         try:
@@ -177,14 +220,13 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
                 for name, info in base.tensors.items():
                     job_name = plan.owner.get(name)
                     if job_name is None:
-                        if base.format != "safetensors" or not writer.copy_from(name, info):
-                            raw = base.read(name, scratch.take("read", info.shape, info.dtype))
-                            writer.write(name, scratch.cast("out", raw, spec_of[name].dtype))
+                        if not (name not in through and _copy_raw(base, writer, name, quantize.get(name))):
+                            emit(name, read(name, "read"))
                         bar.update(info.nbytes)
                     elif job_name not in done_jobs:
                         done_jobs.add(job_name)
-                        for tensor_name, tensor in _run_job(base, plan.jobs[job_name], plan.direction, scratch).items():
-                            writer.write(tensor_name, scratch.cast("out", tensor, spec_of[tensor_name].dtype))
+                        for tensor_name, tensor in _run_job(plan.jobs[job_name], plan.direction, read, scratch).items():
+                            emit(tensor_name, tensor)
                             bar.update(base.tensors[tensor_name].nbytes)
             writer.close()
         except BaseException:
@@ -193,8 +235,24 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
         if base.side_files:
             copy_side_files(base.folder, tmp)
         _update_config(tmp / "config.json", plan, dtype)
-    return Result(out, len(specs), len(plan.owner), len(plan.jobs), writer.total_bytes, [s[0] for s in shards],
-                  notes(plan))
+        if config_update is not None:
+            write_config(tmp / "config.json", config_update)
+    return Result(out, len(base.tensors), len(plan.owner), len(plan.jobs), writer.total_bytes,
+                  [s[0] for s in shards], notes(plan))
+
+
+def _copy_raw(base: Checkpoint, writer: CheckpointWriter, name: str, target: Quantize | None) -> bool:
+    """Copy an untouched tensor's stored bytes where its output encoding is its input encoding."""
+    info = base.tensors[name]
+    if isinstance(info, QuantizedTensorInfo):
+        if target is None or target[0] != info.encoding or base.format != "safetensors":
+            return False
+        for suffix, part in info.parts.items():
+            stored_name = f"{name}.{suffix}" if suffix else name
+            if not writer.copy_from(stored_name, part):
+                writer.write(stored_name, base.read_stored(part))
+        return True
+    return target is None and base.format == "safetensors" and writer.copy_from(name, info)
 
 
 class _Scratch:
@@ -218,11 +276,11 @@ class _Scratch:
         return self.take(use, tuple(t.shape), dtype).copy_(t)
 
 
-def _run_job(base: Checkpoint, job: ModuleJob, direction: str, scratch: _Scratch) -> dict[str, torch.Tensor]:
+def _run_job(job: ModuleJob, direction: str, read: Callable[[str, str], torch.Tensor],
+             scratch: _Scratch) -> dict[str, torch.Tensor]:
     tensors = {}
     for role, name in job.tensors.items():
-        info = base.tensors[name]
-        raw = base.read(name, scratch.take(f"read:{role}", info.shape, info.dtype))
+        raw = read(name, f"read:{role}")
         if raw.is_floating_point():
             tensors[role] = scratch.cast(f"work:{role}", raw, torch.promote_types(raw.dtype, torch.float32))
         else:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .bnb4bit import QuantizedTensorInfo, dequantize_info, group_quantized
 from .safetensors_file import TensorInfo, read_header, read_tensor
 
 SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
@@ -34,14 +35,23 @@ class Checkpoint:
     index_file: Path | None = None
     side_files: bool = True  # whether ``folder`` holds this model's config/tokenizer files
     metadata: dict[str, str] = field(default_factory=dict)
+    #: The tensors as stored (``tensors`` lists quantized weights as one logical tensor each).
+    stored: dict[str, TensorInfo] = field(default_factory=dict)
     _bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
     def shard_of(self, name: str) -> Path:
         return self.tensors[name].file
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read one tensor (into ``out`` if given); the only place tensor data enters memory."""
+        """Read one (logical) tensor, into ``out`` if given; quantized weights come back dequantized."""
         info = self.tensors[name]
+        if isinstance(info, QuantizedTensorInfo):
+            w = dequantize_info(info, self.read_stored)
+            return w if out is None else out.copy_(w)
+        return self.read_stored(info, out)
+
+    def read_stored(self, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor as stored in the files; the only place tensor data enters memory."""
         if self.format == "safetensors":
             return read_tensor(info, out)
         if self._bin_cache is None or self._bin_cache[0] != info.file:
@@ -69,8 +79,18 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a checkpoint file or folder and validate every shard header."""
-    path = Path(path)
+    """Open a checkpoint file or folder and validate every shard header.
+
+    bitsandbytes 4-bit weights are listed as the logical tensors they stand for (see ``bnb4bit``).
+    """
+    ckpt = _open(Path(path))
+    ckpt.stored = dict(ckpt.tensors)
+    ckpt.tensors = group_quantized(ckpt.tensors, lambda info: ckpt.read_stored(info).numpy().tobytes(),
+                                   ckpt.config, str(ckpt.index_file or ckpt.folder))
+    return ckpt
+
+
+def _open(path: Path) -> Checkpoint:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_file():

@@ -143,10 +143,20 @@ class TensorSpec:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    #: The shape is only an upper bound: a small 1-D tensor whose length is known once it is computed
+    #: (bitsandbytes' packed quant-state JSON, whose length depends on a float's digits).
+    late: bool = False
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * itemsize(self.dtype)
+
+
+def _header_blob(header: dict[str, object], size: int | None = None) -> bytes:
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    if size is None:
+        return blob + b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as safetensors does
+    return blob + b" " * (size - len(blob))
 
 
 class SafetensorsWriter:
@@ -155,25 +165,31 @@ class SafetensorsWriter:
     The file is created at its final size; ``write`` puts one tensor's bytes at its offset, so
     tensors may arrive in any order and none is ever buffered. ``close`` checks that every tensor
     announced in the header was written.
+
+    ``late`` specs (tiny tensors of unknown length) go after all others: they are kept in memory
+    until ``close``, which places them, writes the final header into room reserved for the largest
+    one they could need (padded with spaces, which JSON allows) and trims the file.
     """
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
         self.path = path
-        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        self._header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
         self._slots: dict[str, tuple[int, TensorSpec]] = {}
+        self._late: dict[str, torch.Tensor | None] = {}
         pos = 0
-        for spec in specs:
+        for spec in sorted(specs, key=lambda s: s.late):
             if spec.dtype not in TORCH_TO_SAFETENSORS:
                 raise InputError(f"cannot write tensor {spec.name!r}: dtype {spec.dtype} has no safetensors name")
-            header[spec.name] = {
+            self._header[spec.name] = {
                 "dtype": TORCH_TO_SAFETENSORS[spec.dtype],
                 "shape": list(spec.shape),
                 "data_offsets": [pos, pos + spec.nbytes],
             }
             self._slots[spec.name] = (pos, spec)
+            if spec.late:
+                self._late[spec.name] = None
             pos += spec.nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as safetensors does
+        blob = _header_blob(self._header)  # with late tensors at their largest: room for any final header
         self._data_start = 8 + len(blob)
         self.total_bytes = pos
         self._pending = set(self._slots)
@@ -183,6 +199,13 @@ class SafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         offset, spec = self._slots[name]
+        if spec.late:
+            if tensor.dtype != spec.dtype or tensor.dim() != 1 or tensor.numel() > spec.shape[0]:
+                raise AssertionError(f"late tensor {name!r} is {tensor.dtype}{list(tensor.shape)}, "
+                                     f"announced at most {spec.dtype}{list(spec.shape)}")
+            self._late[name] = tensor.clone()
+            self._pending.discard(name)
+            return
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise AssertionError(
                 f"tensor {name!r} is {tensor.dtype}{list(tensor.shape)}, announced {spec.dtype}{list(spec.shape)}"
@@ -224,9 +247,25 @@ class SafetensorsWriter:
         return True
 
     def close(self) -> None:
-        os.close(self._fd)
-        if self._pending:
-            raise AssertionError(f"{self.path}: tensors announced but never written: {sorted(self._pending)[:5]}")
+        try:
+            if self._pending:
+                raise AssertionError(f"{self.path}: tensors announced but never written: {sorted(self._pending)[:5]}")
+            if self._late:
+                self._place_late()
+        finally:
+            os.close(self._fd)
+
+    def _place_late(self) -> None:
+        pos = min(self._slots[n][0] for n in self._late)
+        for name, tensor in self._late.items():
+            entry = self._header[name]
+            entry["shape"] = [tensor.numel()]
+            entry["data_offsets"] = [pos, pos + tensor.numel() * itemsize(tensor.dtype)]
+            os.pwrite(self._fd, tensor.numpy().tobytes(), self._data_start + pos)
+            pos = entry["data_offsets"][1]
+        os.pwrite(self._fd, _header_blob(self._header, self._data_start - 8), 8)
+        os.ftruncate(self._fd, self._data_start + pos)
+        self.total_bytes = pos
 
     def abort(self) -> None:
         try:

@@ -92,6 +92,7 @@ class CheckpointWriter:
     def close(self) -> None:
         for w in self._writers:
             w.close()
+        self.total_bytes = sum(w.total_bytes for w in self._writers)
         if self.index_name is not None:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
             (self.folder / self.index_name).write_text(json.dumps(index, indent=2) + "\n")
