@@ -8,6 +8,7 @@ from typing import Any
 
 from .adapters import Adapter, load_adapter, map_modules
 from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint.bnb4bit import QuantizedTensorInfo, quantization_record
 from .checkpoint.dtypes import dtype_name
 from .hub import resolve
 
@@ -34,9 +35,17 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
         "num_parameters": ckpt.num_parameters,
         "total_bytes": ckpt.total_bytes,
         "dtypes": dict(dtypes),
-        "tensors": [{"name": t.name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "shard": t.file.name}
+        "tensors": [{"name": t.name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "shard": t.file.name,
+                     **({"stored_as": _stored_as(t)} if isinstance(t, QuantizedTensorInfo) else {})}
                     for t in ckpt.tensors.values()],
+        "quantization": quantization_record(ckpt.config),
+        "made_by": (ckpt.config or {}).get("wsurgery"),
     }
+
+
+def _stored_as(t: QuantizedTensorInfo) -> str:
+    s = t.state
+    return f"{s.quant_type} blocksize {s.blocksize}" + (" double-quant" if s.double_quant else "")
 
 
 def describe_adapter(adapter: Adapter, base: Checkpoint | None = None) -> dict[str, Any]:
@@ -85,12 +94,24 @@ def format_text(info: dict[str, Any]) -> str:
         lines.append(f"tensors     {info['num_tensors']}   parameters {info['num_parameters']:,}   "
                      f"bytes {info['total_bytes']:,}")
         lines.append("dtypes      " + ", ".join(f"{k}: {v}" for k, v in info["dtypes"].items()))
+        quantized = [t for t in info["tensors"] if "stored_as" in t]
+        if quantized:
+            lines.append(f"quantized   {len(quantized)} weights in bitsandbytes 4-bit ({quantized[0]['stored_as']}); "
+                         "listed below as the tensors they stand for")
+        made = info.get("made_by") or {}
+        if made.get("operation"):
+            lines.append(f"made by     wsurgery {made.get('version', '')} {made['operation']}"
+                         + (f": {made['command']}" if made.get("command") else ""))
+        if (made.get("quantization") or {}).get("merged_into"):
+            lines.append(f"qlora       merged into {made['quantization']['merged_into']}, "
+                         f"written {made['quantization']['output']}")
         for s in info["shards"]:
             lines.append(f"  {s['file']:<40} {s['tensors']:>6} tensors {s['bytes']:>16,} bytes")
         lines.append("")
         width = max((len(t["name"]) for t in info["tensors"]), default=10)
         for t in info["tensors"]:
-            lines.append(f"  {t['name']:<{width}}  {t['dtype']:<9} {str(t['shape']):<20} {t['shard']}")
+            lines.append(f"  {t['name']:<{width}}  {t['dtype']:<9} {str(t['shape']):<20} {t['shard']}"
+                         + (f"  [{t['stored_as']}]" if "stored_as" in t else ""))
         return "\n".join(lines)
     lines.append(f"adapter     {info['folder']}  ({info['file']})")
     lines.append(f"method      {info['peft_type']}   PEFT {info['peft_version'] or 'unknown (< 0.18)'}   "

@@ -9,6 +9,7 @@ Every shard header is read and validated on open, so a broken checkpoint fails b
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import warnings
 from dataclasses import dataclass, field
@@ -145,11 +146,11 @@ def _open_index(index_path: Path) -> Checkpoint:
             raise InputError(f"{index_path}: tensor {tensor_name!r} maps to {shard!r}, not a file name")
         if shard not in shard_names:
             shard_names.append(shard)
-    folder_resolved = folder.resolve()
     shards: list[Path] = []
     for shard in shard_names:
         p = folder / shard
-        if Path(shard).is_absolute() or folder_resolved not in p.resolve().parents:
+        # Checked on the name, not on the resolved file: Hub cache snapshots are symlinks into blobs/.
+        if Path(shard).is_absolute() or Path(os.path.normpath(shard)).parts[0] == "..":
             raise InputError(f"{index_path}: shard {shard!r} lies outside the checkpoint folder; refusing it")
         if not p.is_file():
             raise InputError(f"{index_path}: names shard {shard!r}, which does not exist in {folder}")
