@@ -248,3 +248,30 @@ def test_bad_input(tmp_path, case):
     assert f.read_bytes() == before
     if case in ("missing-part", "shape-mismatch", "unknown-type"):
         assert w in r.stderr
+
+
+@pytest.mark.parametrize("damage", ["codes", "absmax"])
+def test_verify_quantized_passes_and_catches_a_damaged_block(tmp_path, damage):
+    base = save_base(tiny_llama(torch.bfloat16), tmp_path / "base")
+    wsurgery.api.quantize(base, tmp_path / "q", progress=False)
+    good = wsurgery.api.verify_quantized(base, tmp_path / "q", progress=False, device="cpu")
+    assert good.passed, [(c.module, c.max_abs) for c in good.failures]
+    forward = [c for c in good.checks if c.kind == "forward"]
+    assert len(forward) == 2 * len(LLAMA_LINEAR) and all(0.02 < c.max_rel < 0.2 for c in forward)
+
+    w = "model.layers.1.mlp.down_proj.weight"
+    f = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(f)
+    if damage == "codes":  # one 64-element block: every code moved by 8 steps
+        packed = tensors[w].clone().view(-1)
+        packed[320:352] ^= 0x88
+        tensors[w] = packed.view(tensors[w].shape)
+    else:  # one block's 8-bit absmax code moved
+        absmax = tensors[w + ".absmax"].clone()
+        absmax[7] = (int(absmax[7]) + 40) % 256
+        tensors[w + ".absmax"] = absmax
+    save_file(tensors, f, metadata={"format": "pt"})
+    bad = wsurgery.api.verify_quantized(base, tmp_path / "q", progress=False, device="cpu")
+    assert [c.module for c in bad.failures] == [w]
+    r = _cli("verify", base, tmp_path / "q", "--quantized", "-q")
+    assert r.returncode == 1 and w in r.stderr

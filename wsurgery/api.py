@@ -10,39 +10,72 @@ import torch
 from .adapters import load_adapter
 from .checkpoint import open_checkpoint, parse_size
 from .checkpoint.dtypes import parse_user_dtype
-from .hub import resolve
+from .hub import PushResult, PushTarget, resolve
+from .hub import push as push_folder
 from .engine import Result, execute, plan
+from .convert.convert import Conversion, convert  # noqa: F401  (the API of `wsurgery convert`)
+from .convert.combine import AdapterSpec, combine, weighted_specs
+from .convert.extract import extract
+from .errors import InputError
+from .model_card import provenance
+from .quant.checkpoints import describe_qlora, qlora_outputs, through_targets
+from .checkpoint.bnb4bit import Bnb4bit
 
 if TYPE_CHECKING:
+    from .quant.checkpoints import QuantReport
     from .verify import Report
 
 
-def _run(direction: str, base: str | Path, adapter: str | Path, out: str | Path, scale: float,
+def _run(direction: str, base: str | Path, adapter: AdapterSpec | list[AdapterSpec], out: str | Path, scale: float,
          dtype: str | torch.dtype | None, max_shard_size: str | int | None, overwrite: bool, progress: bool,
-         options: dict[str, Any] | None) -> Result:
+         options: dict[str, Any] | None, requantize: bool = False, through_nf4: bool = False,
+         command: str | None = None) -> Result:
     if isinstance(dtype, str):
         dtype = parse_user_dtype(dtype)
     if isinstance(max_shard_size, str):
         max_shard_size = parse_size(max_shard_size)
+    if requantize and through_nf4:
+        raise InputError("--requantize and --through-nf4 exclude each other: --through-nf4 is for a 16-bit base, "
+                         "--requantize for a 4-bit one")
     ckpt = open_checkpoint(resolve(base))
-    ad = load_adapter(resolve(adapter, kind="adapter"), options)
-    job = plan(ckpt, [(ad, scale)], direction)
+    adapters = [(load_adapter(resolve(a, kind="adapter"), options), scale * w) for a, w in weighted_specs(adapter)]
+    job = plan(ckpt, adapters, direction)
+    through_fmt = Bnb4bit() if through_nf4 else None
+    quantize = qlora_outputs(ckpt, job.changed_tensors, requantize)
+    through = through_targets(ckpt, through_fmt) if through_fmt else {}
+    record = provenance(direction, command, str(base), [(str(a), scale * w) for a, w in weighted_specs(adapter)],
+                        quantization=describe_qlora(ckpt, requantize, through_fmt))
+
+    def update(config: dict) -> None:
+        if not requantize:
+            config.pop("quantization_config", None)
+        config["wsurgery"] = record
+
     return execute(job, Path(out), dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                   progress=progress, extra_inputs=[ad.folder])
+                   progress=progress, extra_inputs=[a.folder for a, _ in adapters], quantize=quantize, through=through,
+                   config_update=update)
 
 
-def merge(base: str | Path, adapter: str | Path, out: str | Path, *, scale: float = 1.0,
+def merge(base: str | Path, adapter: AdapterSpec | list[AdapterSpec], out: str | Path, *, scale: float = 1.0,
           dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
-          overwrite: bool = False, progress: bool = True, options: dict[str, Any] | None = None) -> Result:
+          overwrite: bool = False, progress: bool = True, options: dict[str, Any] | None = None,
+          requantize: bool = False, through_nf4: bool = False, command: str | None = None) -> Result:
     """Merge a PEFT adapter into a base checkpoint and write the merged model folder ``out``.
 
     ``base`` is a model folder, a ``.safetensors``/``.bin`` file, an index file or a Hub repo id;
-    ``adapter`` a PEFT adapter folder or repo id. ``scale`` multiplies the adapter's change
-    (W + scale·ΔW). The output keeps the base's tensor names, shapes, dtypes (unless ``dtype``) and
+    ``adapter`` a PEFT adapter folder or repo id, or a list of them (or of ``(adapter, weight)`` pairs)
+    applied in order. ``scale`` multiplies every adapter's change (W + scale·weight·ΔW). The output keeps the base's tensor names, shapes, dtypes (unless ``dtype``) and
     sharding (unless ``max_shard_size``), and is written atomically: on any error ``out`` is not created.
     ``options`` are method-specific choices, e.g. ``{"task_id": 2}`` for Poly.
+
+    QLoRA: a bitsandbytes 4-bit base is merged into its dequantized weights and written in 16 bit
+    (``requantize``: changed weights stored in 4-bit again, the rest copied as they are);
+    ``through_nf4`` merges a 16-bit base's Linear weights as dequant(quant(W)) in NF4 (blocksize 64,
+    double quant), the weights a QLoRA adapter was trained against. config.json's "wsurgery" record
+    says which (``command``: the command line to record there).
     """
-    return _run("merge", base, adapter, out, scale, dtype, max_shard_size, overwrite, progress, options)
+    return _run("merge", base, adapter, out, scale, dtype, max_shard_size, overwrite, progress, options,
+                requantize, through_nf4, command)
 
 
 def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, scale: float = 1.0,
@@ -71,3 +104,71 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path, *, scale: 
     ad = load_adapter(resolve(adapter, kind="adapter"), options)
     return verify_merge(ckpt, [(ad, scale)], open_checkpoint(resolve(merged)), device=device, tokens=tokens,
                         seed=seed, rtol=rtol, atol=atol, progress=progress)
+
+
+
+def verify_quantized(original: str | Path, quantized: str | Path, *, device: str = "auto", tokens: int = 64,
+                     seed: int = 0, progress: bool = True) -> "Report":
+    """Check a bitsandbytes 4-bit checkpoint against the checkpoint it was quantized from: every
+    weight's forward error within the 4-bit error bound, every other tensor equal."""
+    from .verify import verify_quantized as run
+
+    return run(open_checkpoint(resolve(original)), open_checkpoint(resolve(quantized)), device=device,
+               tokens=tokens, seed=seed, progress=progress)
+
+def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         create_pr: bool = False, commit_message: str | None = None, token: str | None = None,
+         provenance: dict[str, Any] | None = None, progress: bool = True) -> PushResult:
+    """Upload a checkpoint or adapter folder to the Hub repo ``repo_id`` (created if missing).
+
+    The folder is checked first (every index names existing shards, every header parses, no
+    unfinished temporary files). Where it has no README.md, a model card is generated from
+    ``provenance`` or the folder's own records and uploaded with it; the folder is never modified.
+    ``revision`` is a branch (created if missing) or ``refs/pr/N``; ``create_pr`` opens a pull
+    request against main instead. ``token`` defaults to ``HF_TOKEN``, then the stored login.
+    """
+    target = PushTarget(repo_id, private, revision, create_pr, commit_message, token)
+    return push_folder(folder, target, provenance, progress)
+
+
+def quantize(src: str | Path, out: str | Path, *, quant_type: str = "nf4", blocksize: int = 64,
+             double_quant: bool = True, compute_dtype: str | torch.dtype | None = None,
+             skip_modules: tuple[str, ...] = (), dtype: str | torch.dtype | None = None,
+             max_shard_size: str | int | None = None, overwrite: bool = False, progress: bool = True,
+             report: bool = False, command: str | None = None) -> tuple[Result, "QuantReport | None"]:
+    """Store a checkpoint's Linear weights in bitsandbytes 4-bit (NF4 or FP4, double quantization),
+    as ``from_pretrained(..., load_in_4bit=True)`` + ``save_pretrained`` would, tensor by tensor.
+
+    The files load with transformers + bitsandbytes; ``quantization_config`` lists every 2-D weight
+    left in full precision (embeddings, heads, ``skip_modules`` regexes) in ``llm_int8_skip_modules``.
+    ``report``: also return each weight's quantization error.
+    """
+    from .quant.checkpoints import quantize_checkpoint
+
+    fmt = Bnb4bit(quant_type, blocksize, double_quant)
+    record = provenance("quantize", command, str(src), quantization={"quant_type": quant_type, "blocksize": blocksize,
+                                                                      "double_quant": double_quant})
+    return quantize_checkpoint(open_checkpoint(resolve(src)), Path(out), fmt, compute_dtype=_dtype(compute_dtype),
+                               skip=tuple(skip_modules), dtype=_dtype(dtype), max_shard_size=_size(max_shard_size),
+                               overwrite=overwrite, progress=progress, report=report, record=record)
+
+
+def dequantize(src: str | Path, out: str | Path, *, dtype: str | torch.dtype | None = None,
+               max_shard_size: str | int | None = None, overwrite: bool = False, progress: bool = True,
+               command: str | None = None) -> Result:
+    """Write a bitsandbytes 4-bit checkpoint (ours or transformers') back as plain tensors and drop
+    ``quantization_config``; weights come back in their recorded dtype unless ``dtype``."""
+    from .quant.checkpoints import dequantize_checkpoint
+
+    record = provenance("dequantize", command, str(src))
+    return dequantize_checkpoint(open_checkpoint(resolve(src)), Path(out), dtype=_dtype(dtype),
+                                 max_shard_size=_size(max_shard_size), overwrite=overwrite, progress=progress,
+                                 record=record)
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    return parse_user_dtype(dtype) if isinstance(dtype, str) else dtype
+
+
+def _size(size: str | int | None) -> int | None:
+    return parse_size(size) if isinstance(size, str) else size

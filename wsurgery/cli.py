@@ -13,8 +13,12 @@ import click
 
 from . import __version__, api
 from .describe import format_text, inspect
+from .convert.convert import TARGETS
+from .convert.combine import adapter_with_weight
 from .engine import Result
-from .errors import WsurgeryError
+from .errors import InputError, WsurgeryError
+from .hub import PushTarget, push_after, push_options, redacted_command, report_push
+from .model_card import provenance
 from .methods import not_mergeable
 from .support import support_markdown, support_rows
 
@@ -93,13 +97,30 @@ def methods(as_json: bool) -> None:
 @click.argument("adapter")
 @click.argument("out")
 @with_output_options
+@click.option("--requantize", is_flag=True, help="4-bit base: store the changed weights in 4-bit again "
+                                                  "(default: write the merge in 16 bit).")
+@click.option("--through-nf4", is_flag=True, help="16-bit base: merge into dequant(quant(W)) in NF4, the weights "
+                                                   "a QLoRA adapter was trained against.")
+@click.option("--verify", "then_verify", is_flag=True, help="Run `wsurgery verify` on the result.")
+@push_options
 def merge(base: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet, task_id,
-          mha_single_out_proj, experts_transposed) -> None:
+          mha_single_out_proj, experts_transposed, requantize: bool, through_nf4: bool, then_verify: bool,
+          push: PushTarget | None) -> None:
     """Merge ADAPTER into BASE and write the merged model to the new folder OUT."""
+    options = _options(task_id, mha_single_out_proj, experts_transposed)
+    if then_verify and (requantize or through_nf4):
+        raise InputError("--verify compares the merge with the base's own weights; with --requantize or "
+                         "--through-nf4 the output holds rounded weights on purpose: verify without them")
     with _closing_progress_bars():
         r = api.merge(base, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
-                      overwrite=overwrite, progress=not quiet, options=_options(task_id, mha_single_out_proj, experts_transposed))
+                      overwrite=overwrite, progress=not quiet, options=options, requantize=requantize,
+                      through_nf4=through_nf4, command=_command_line())
     _report("merged", r, quiet)
+    if then_verify:
+        with _closing_progress_bars():
+            report = api.verify(base, adapter, out, scale=scale, progress=not quiet, options=options)
+        _show_verify(report, None, False)
+    push_after(r.out, push, provenance("merge", _command_line(), base, [(adapter, scale)]), progress=not quiet)
 
 
 @cli.command()
@@ -107,19 +128,89 @@ def merge(base: str, adapter: str, out: str, dtype, max_shard_size, scale, overw
 @click.argument("adapter")
 @click.argument("out")
 @with_output_options
+@push_options
 def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet, task_id,
-            mha_single_out_proj, experts_transposed) -> None:
+            mha_single_out_proj, experts_transposed, push: PushTarget | None) -> None:
     """Subtract ADAPTER from the merged model MERGED and write the result to the new folder OUT."""
     with _closing_progress_bars():
         r = api.unmerge(merged, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
                         overwrite=overwrite, progress=not quiet, options=_options(task_id, mha_single_out_proj, experts_transposed))
     _report("unmerged", r, quiet)
+    push_after(r.out, push, provenance("unmerge", _command_line(), merged, [(adapter, scale)]), progress=not quiet)
+
+
+@cli.command("push")
+@click.argument("folder")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (when it does not exist yet).")
+@click.option("--revision", metavar="BRANCH", default=None, help="Push to this branch (created if missing) or refs/pr/N.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
+@click.option("--commit-message", default=None, help="The commit's title.")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN, else the stored login). Never printed.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, create_pr: bool,
+             commit_message: str | None, token: str | None, quiet: bool) -> None:
+    """Check FOLDER (a checkpoint or adapter) and upload it to the Hub repo REPO_ID, with a model card
+    generated where FOLDER has no README.md. Re-running an interrupted push resumes it."""
+    report_push(api.push(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
+                         commit_message=commit_message, token=token, progress=not quiet))
+
+
+def _command_line() -> str:
+    """This invocation as it may be recorded in a model card: the token hidden."""
+    ctx = click.get_current_context()
+    argv = (ctx.find_root().obj or {}).get("argv", sys.argv[1:])
+    return redacted_command(["wsurgery", *argv])
+
+
+@cli.command("quantize")
+@click.argument("src")
+@click.argument("out")
+@click.option("--nf4", "quant_type", flag_value="nf4", default=True, help="NF4 codes (QLoRA's; the default).")
+@click.option("--fp4", "quant_type", flag_value="fp4", help="bitsandbytes' FP4 codes instead of NF4.")
+@click.option("--no-double-quant", is_flag=True, help="Keep absmax in float32 instead of 8-bit codes.")
+@click.option("--blocksize", type=int, default=64, show_default=True, help="Elements per absmax block (power of two).")
+@click.option("--compute-dtype", default=None, help="bnb_4bit_compute_dtype to record. Default: the weights' dtype.")
+@click.option("--skip-modules", multiple=True, metavar="REGEX",
+              help="Keep modules matching this regex in full precision (repeatable).")
+@click.option("--report", is_flag=True, help="Print each weight's quantization error (RMSE, SNR, max abs) and bytes saved.")
+@click.option("--dtype", default=None, help="dtype of the tensors left unquantized (and recorded for the 4-bit ones).")
+@click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB). Default: the source's sharding.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def quantize_cmd(src: str, out: str, quant_type: str, no_double_quant: bool, blocksize: int, compute_dtype: str | None,
+                 skip_modules: tuple[str, ...], report: bool, dtype: str | None, max_shard_size: str | None,
+                 overwrite: bool, quiet: bool) -> None:
+    """Store SRC's Linear weights in bitsandbytes 4-bit (loadable by transformers) in the new folder OUT."""
+    with _closing_progress_bars():
+        r, errors = api.quantize(src, out, quant_type=quant_type, blocksize=blocksize, double_quant=not no_double_quant,
+                                 compute_dtype=compute_dtype, skip_modules=skip_modules, dtype=dtype,
+                                 max_shard_size=max_shard_size, overwrite=overwrite, progress=not quiet,
+                                 report=report, command=_command_line())
+    if errors is not None:
+        click.echo(errors.format())
+    _report("quantized", r, quiet)
+
+
+@cli.command("dequantize")
+@click.argument("src")
+@click.argument("out")
+@click.option("--dtype", default=None, help="Output dtype. Default: each weight's recorded dtype.")
+@click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB). Default: the source's sharding.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def dequantize_cmd(src: str, out: str, dtype: str | None, max_shard_size: str | None, overwrite: bool,
+                   quiet: bool) -> None:
+    """Write a bitsandbytes 4-bit checkpoint SRC back as plain tensors in the new folder OUT."""
+    with _closing_progress_bars():
+        r = api.dequantize(src, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                           progress=not quiet, command=_command_line())
+    _report("dequantized", r, quiet)
 
 
 @cli.command("verify")
-@click.argument("base")
-@click.argument("adapter")
-@click.argument("merged")
+@click.argument("paths", nargs=-1, required=True, metavar="BASE ADAPTER MERGED | ORIGINAL QUANTIZED --quantized")
+@click.option("--quantized", is_flag=True, help="Check a 4-bit checkpoint against the one it was quantized from.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the forward passes run (auto: CUDA when there is one).")
 @click.option("--tokens", type=click.IntRange(1), default=64, show_default=True, help="Input rows per module.")
@@ -134,14 +225,22 @@ def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, o
 @click.option("--task-id", type=int, default=None, help="Poly: the task the merge used.")
 @click.option("--mha-single-out-proj", is_flag=True, default=None, help="As given to merge.")
 @click.option("--experts-transposed/--experts-not-transposed", default=None, help="As given to merge.")
-def verify_cmd(base: str, adapter: str, merged: str, device: str, tokens: int, seed: int, rtol: float | None,
+def verify_cmd(paths: tuple[str, ...], quantized: bool, device: str, tokens: int, seed: int, rtol: float | None,
                atol: float, scale: float, json_path: str | None, show_all: bool, quiet: bool, task_id,
                mha_single_out_proj, experts_transposed) -> None:
-    """Check with forward passes that MERGED computes what BASE + ADAPTER compute (exit 0 only if so)."""
+    """Check with forward passes that MERGED computes what BASE + ADAPTER compute, or (--quantized) that
+    QUANTIZED stays within 4-bit quantization error of ORIGINAL. Exit 0 only if every check passes."""
+    want = 2 if quantized else 3
+    if len(paths) != want:
+        raise click.UsageError(f"expected {'ORIGINAL QUANTIZED' if quantized else 'BASE ADAPTER MERGED'}, "
+                               f"got {len(paths)} path(s)")
     with _closing_progress_bars():
-        report = api.verify(base, adapter, merged, scale=scale, device=device, tokens=tokens, seed=seed, rtol=rtol,
-                            atol=atol, progress=not quiet,
-                            options=_options(task_id, mha_single_out_proj, experts_transposed))
+        if quantized:
+            report = api.verify_quantized(*paths, device=device, tokens=tokens, seed=seed, progress=not quiet)
+        else:
+            report = api.verify(*paths, scale=scale, device=device, tokens=tokens, seed=seed, rtol=rtol,
+                                atol=atol, progress=not quiet,
+                                options=_options(task_id, mha_single_out_proj, experts_transposed))
     _show_verify(report, json_path, show_all)
 
 
@@ -157,21 +256,134 @@ def _show_verify(report, json_path: str | None, show_all: bool) -> None:
         _fail(f"verify failed: {names}{more} differ from the unmerged forward")
 
 
+@cli.command()
+@click.argument("base")
+@click.argument("tuned")
+@click.argument("out")
+@click.option("--rank", type=int, default=None, help="The same LoRA rank for every module.")
+@click.option("--energy", type=float, default=None,
+              help="Per module, the smallest rank that keeps this fraction of ||ΔW||² (e.g. 0.99).")
+@click.option("--max-error", type=float, default=None,
+              help="Per module, the smallest rank whose relative error ||ΔW − BA||/||ΔW|| is at most this.")
+@click.option("--targets", default=None, metavar="REGEX",
+              help="Only modules whose name matches (re.search); other changes are left out and listed.")
+@click.option("--device", default="auto", show_default=True, help="Where the SVDs run: auto (CUDA if any), cpu, cuda.")
+@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
+              help="auto: randomized (torch.svd_lowrank) for --rank on large matrices, exact otherwise.")
+@click.option("--plot", default=None, metavar="PNG", help="Draw the singular-value spectra of a few modules "
+                                                          "(needs matplotlib: pip install 'wsurgery[plot]').")
+@click.option("--report", "report_path", default=None, metavar="JSON", help="Write the per-module report as JSON.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no per-module table.")
+def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | None, max_error: float | None,
+            targets: str | None, device: str, svd: str, plot: str | None, report_path: str | None, overwrite: bool,
+            quiet: bool) -> None:
+    """Extract the PEFT LoRA closest to TUNED − BASE (truncated SVD per weight) into the new folder OUT."""
+    with _closing_progress_bars():
+        r = api.extract(base, tuned, out, rank=rank, energy=energy, max_error=max_error, targets=targets,
+                        device=device, svd=svd, overwrite=overwrite, progress=not quiet, plot=plot)
+    if report_path:
+        with open(report_path, "w") as f:
+            json.dump(r.to_dict(), f, indent=2)
+    if not quiet:
+        click.echo(_table(["module", "kind", "shape", "rank", "rel_error", "energy"],
+                          [[m.module, m.kind, "x".join(map(str, m.shape)), m.rank or "-", f"{m.rel_error:.3e}",
+                            f"{m.energy:.5f}"] for m in r.modules]))
+    _notes([*r.notes, *(f"{m.module}: stored whole (modules_to_save): {m.reason}" for m in r.saved_whole)])
+    for name, reason in r.left_out.items():
+        click.echo(f"wsurgery: warning: left out {name}: {reason}", err=True)
+    if not quiet:
+        errors = [m.rel_error for m in r.lora]
+        click.echo(f"extracted {len(r.lora)} LoRA module(s) ({r.rule}; ranks {min(m.rank for m in r.lora)}-"
+                   f"{max(m.rank for m in r.lora)}, largest relative error {max(errors):.3g}), "
+                   f"{len(r.saved_whole)} stored whole; wrote {r.out}", err=True)
+
+
+@cli.command()
+@click.argument("out")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
+@click.option("--rank", type=int, default=None, help="Re-compress each module to at most this rank (best "
+                                                     "approximation); needed for adapters that are not LoRAs.")
+@click.option("--base", default=None, help="The base checkpoint: needed where a change depends on W; also maps "
+                                           "differently named modules onto the base's names.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no per-module table.")
+def combine(out: str, adapters: tuple[str, ...], rank: int | None, base: str | None, overwrite: bool,
+            quiet: bool) -> None:
+    """Write one LoRA whose change is the weighted sum of the ADAPTERs' changes to the new folder OUT.
+
+    ADAPTER:WEIGHT scales that adapter's change (e.g. style-lora:0.5)."""
+    with _closing_progress_bars():
+        r = api.combine(out, [adapter_with_weight(a) for a in adapters], rank=rank, base=base, overwrite=overwrite,
+                        progress=not quiet)
+    if not quiet:
+        click.echo(_table(["module", "kind", "rank", "how", "rel_error"],
+                          [[m.module, m.kind, m.rank or "-", m.how, f"{m.rel_error:.3e}"] for m in r.modules]))
+    _notes(r.notes)
+    if not quiet:
+        click.echo(f"combined {len(adapters)} adapter(s) into {len(r.modules)} module(s); wrote {r.out}", err=True)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    cells = [header, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def _notes(notes: list[str]) -> None:
+    """Notes that differ only in module and numbers are told once, with how many modules they concern."""
+    groups: dict[str, list[str]] = {}
+    for note in notes:
+        groups.setdefault(re.sub(r"\d+(\.\d+)?(e-?\d+)?", "#", note.split(": ", 1)[-1]), []).append(note)
+    for lines in groups.values():
+        shown = lines[0] if len(lines) == 1 else f"{len(lines)} modules, e.g. {lines[0]}"
+        click.echo(f"wsurgery: note: {shown}", err=True)
+
+
 def _report(verb: str, r: Result, quiet: bool) -> None:
     """Notes always (they can matter, e.g. an approximate inverse); the summary unless --quiet.
 
     Notes that differ only in module and numbers are told once, with how many modules they concern
     (the full list is in the API's ``Result.notes``).
     """
-    groups: dict[str, list[str]] = {}
-    for note in r.notes:
-        groups.setdefault(re.sub(r"\d+(\.\d+)?(e-?\d+)?", "#", note.split(": ", 1)[-1]), []).append(note)
-    for lines in groups.values():
-        shown = lines[0] if len(lines) == 1 else f"{len(lines)} modules, e.g. {lines[0]}"
-        click.echo(f"wsurgery: note: {shown}", err=True)
+    _notes(r.notes)
     if not quiet:
         click.echo(f"{verb} {r.modules} module(s), {r.changed_tensors} tensor(s) changed of {r.tensors}; "
                    f"wrote {r.out} ({len(r.shards)} shard(s), {r.bytes_written:,} bytes)", err=True)
+
+
+@cli.command("convert")
+@click.argument("adapter")
+@click.argument("out")
+@click.option("--to", "to", required=True, type=click.Choice(sorted(TARGETS)), help="The PEFT method to write.")
+@click.option("--base", default=None,
+              help="The base checkpoint: needed where the change depends on W (DoRA, OFT, BOFT, HRA, IA3, MiSS bat...), "
+                   "for --to oft/boft, and for adapters that do not record their layers' shapes (all but LoRA, VB-LoRA).")
+@click.option("--rank", type=int, default=None,
+              help="LoRA/LoHa/LoKr rank (default: each module's exact rank); MiSS/Bone's r (required).")
+@click.option("--block-size", type=int, default=None, help="OFT/BOFT block size (default 32 / 4).")
+@click.option("--butterfly-factors", type=int, default=None,
+              help="BOFT butterfly factors (default 1; PEFT keeps more only where its CUDA extension builds).")
+@click.option("--force", is_flag=True, help="Write even where a module's relative error reaches 0.99.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (the error table is still printed).")
+def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | None, block_size: int | None,
+                butterfly_factors: int | None, force: bool, overwrite: bool, quiet: bool) -> None:
+    """Rewrite ADAPTER as another PEFT method in the new folder OUT: exact where the method can express the
+    change, its best approximation otherwise. Prints every module's relative error."""
+    with _closing_progress_bars():
+        c = api.convert(adapter, out, to=to, base=base, rank=rank, block_size=block_size,
+                        butterfly_factors=butterfly_factors, force=force, overwrite=overwrite, progress=not quiet)
+    width = max((len(m.module) for m in c.modules), default=6)
+    click.echo(f"{'module':<{width}}  {c.size_name:>5}  relative error")
+    for m in c.modules:
+        click.echo(f"{m.module:<{width}}  {m.rank:>5}  {m.error:.3g}{' (exact)' if m.exact else ''}")
+    for note in c.notes:
+        click.echo(f"wsurgery: note: {note}", err=True)
+    if not quiet:
+        exact = sum(m.exact for m in c.modules)
+        click.echo(f"converted {len(c.modules)} module(s) from {c.source} to {c.method}, {exact} exactly; max relative "
+                   f"error {c.max_error:.3g}; wrote {c.out}", err=True)
 
 
 def _one_line(text: str) -> str:
@@ -188,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="wsurgery", standalone_mode=False)
+        cli.main(args=args, prog_name="wsurgery", standalone_mode=False, obj={"argv": args})
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:

@@ -206,3 +206,81 @@ def format_report(report: Report, everything: bool = False) -> str:
                  f"{report.untouched - len(bad_bytes)}/{report.untouched} untouched tensors byte-identical; "
                  f"{report.device}, {report.tokens} tokens, seed {report.seed}, {report.seconds:.1f} s")
     return "\n".join(lines)
+
+
+def verify_quantized(original: Checkpoint, quantized: Checkpoint, *, device: str = "auto", tokens: int = 64,
+                     seed: int = 0, slack: float = 1e-4, progress: bool = True) -> Report:
+    """Check a 4-bit checkpoint against the one it was made from, weight by weight, with forward passes.
+
+    Each output's error must stay inside what 4-bit quantization can do to it: every weight is at
+    most half the widest code gap times its block's absmax away from the original (plus, with double
+    quantization, the 8-bit error of that absmax), so ``|Δy| ≤ E·|x|`` with ``E`` that per-weight
+    bound computed from the *original* weights and the file's quantization settings. A damaged block
+    breaks it; honest quantization never does. The report also gives each weight's relative error.
+    Tensors left unquantized must be equal (or equal after a dtype cast).
+    """
+    import time
+
+    from .checkpoint.bnb4bit import QuantizedTensorInfo
+    from .methods.layers import Linear
+
+    start = time.perf_counter()
+    dev = pick_device(device)
+    missing = [n for n in original.tensors if n not in quantized.tensors]
+    if missing:
+        raise InputError(f"{quantized.folder}: lacks {len(missing)} tensors of {original.folder} "
+                         f"(e.g. {missing[0]}); is it a quantization of it?")
+    report = Report([], 0, str(dev), tokens, seed, None, 0.0)
+    items = list(quantized.tensors.items())
+    for index, (name, info) in enumerate(tqdm(items, disable=not progress, desc="verify", leave=False)):
+        if name not in original.tensors:
+            raise InputError(f"{quantized.folder}: {name} is not in {original.folder}")
+        if not isinstance(info, QuantizedTensorInfo):
+            a, b = original.read(name), quantized.read(name)
+            same = a.shape == b.shape and torch.equal(a.to(b.dtype), b)
+            report.checks.append(Check(name, "bytes", same, detail="" if same else "differs from the original"))
+            report.untouched += 1
+            continue
+        W = _read(original, name, dev)
+        Q = _read(quantized, name, dev)
+        if W.shape != Q.shape:
+            report.checks.append(Check(name, "forward", False, detail=f"shape {list(Q.shape)} != {list(W.shape)}"))
+            continue
+        bound = _weight_error_bound(W, info)
+        layer = Linear(fan_in_fan_out=info.transposed)
+        x = layer.inputs({"weight": tuple(W.shape)}, tokens, torch.Generator().manual_seed(seed + index)).to(dev)
+        got, expected = layer(x, {"weight": Q}), layer(x, {"weight": W})
+        limit = layer(x.abs(), {"weight": bound}) * (1 + slack) + slack * layer.magnitude(x, {"weight": W})
+        err = (got - expected).abs()
+        passed = bool(torch.isfinite(got).all()) and bool((err <= limit).all())
+        rel = float((err.norm() / expected.norm().clamp_min(1e-30)))
+        cosine = float(torch.nn.functional.cosine_similarity(got.flatten().double(), expected.flatten().double(), dim=0))
+        report.checks.append(Check(name, "forward", passed, float(err.max()), rel, cosine,
+                                   "" if passed else "error beyond what 4-bit quantization can cause: a damaged block?"))
+        report.modules += 1
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _weight_error_bound(W: torch.Tensor, info) -> torch.Tensor:
+    """Per-weight bound of |dequant(quant(W)) - W| for the file's settings, from the original W alone."""
+    from .quant.bnb4bit import code_book, dynamic_map
+
+    s = info.state
+    flat = (W.T if info.transposed else W).reshape(-1)
+    n, bs = flat.numel(), s.blocksize
+    pad = (-n) % bs
+    blocks = torch.nn.functional.pad(flat.abs(), (0, pad)).view(-1, bs)
+    absmax = blocks.amax(dim=1)
+    code = code_book(s.quant_type).to(W.device)
+    half_gap = float((code[1:] - code[:-1]).max()) / 2
+    per_block = absmax * half_gap
+    if s.double_quant:
+        centred = torch.nn.functional.pad(absmax - absmax.mean(), (0, (-absmax.numel()) % s.nested_blocksize))
+        nested = centred.abs().view(-1, s.nested_blocksize).amax(dim=1)
+        dyn = dynamic_map().to(W.device)
+        dq_error = nested * float((dyn[1:] - dyn[:-1]).max()) / 2
+        per_block = per_block + dq_error.repeat_interleave(s.nested_blocksize)[: absmax.numel()]
+    per_block = per_block * (1 + 2**-20) + absmax * 2**-20  # the float32 arithmetic of quantize/dequantize
+    bound = per_block.repeat_interleave(bs)[:n].view(tuple(s.shape))
+    return bound.T if info.transposed else bound
