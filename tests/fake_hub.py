@@ -39,7 +39,8 @@ class Request:
     method: str
     path: str  # unquoted, without the query
     query: dict[str, str]
-    headers: dict[str, str]
+    headers: dict[str, str]  # names in lower case
+    body: bytes
 
 
 @dataclass
@@ -80,7 +81,7 @@ class FakeHub:
         self.repos[repo_id] = Repo(private=private)
         return self._commit(repo_id, "main", dict(files))
 
-    def uploaded(self, method: str, fragment: str) -> list[Request]:
+    def requested(self, method: str, fragment: str) -> list[Request]:
         return [r for r in self.requests if r.method == method and fragment in r.path]
 
     def _commit(self, repo_id: str, ref: str, files: dict[str, bytes]) -> str:
@@ -134,7 +135,7 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         self.body = self._read_body()
-        self.hub.requests.append(Request(method, unquote(url.path), query, dict(self.headers)))
+        self.hub.requests.append(Request(method, unquote(url.path), query, {k.lower(): v for k, v in self.headers.items()}, self.body))
         if self.hub.drop and self.hub.drop in unquote(url.path):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -211,8 +212,8 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id = f"{payload['organization']}/{payload['name']}"
         if self.user is None or self.user != payload["organization"]:
             return self._error(401 if self.user is None else 403, f"cannot create {repo_id}")
-        if repo_id in self.hub.repos:
-            return self._error(409, "You already created this model repo")
+        if repo_id in self.hub.repos:  # the Hub's 409 carries the url too
+            return self._json({"error": "You already created this model repo", "url": f"{self.hub.url}/{repo_id}"}, 409)
         self.hub.add_repo(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
                           private=payload.get("visibility") == "private")
         self._json({"url": f"{self.hub.url}/{repo_id}", "name": repo_id})

@@ -5,7 +5,7 @@
     >>> wsurgery.inspect("my-lora/")
 """
 
-from .api import merge, unmerge
+from .api import merge, push, unmerge
 from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
 from .describe import inspect
 from .engine import Result
@@ -13,4 +13,4 @@ from .engine import Result
 __version__ = "0.1.0"
 
 __all__ = ["InputError", "NotInvertibleError", "Result", "UnsupportedError", "WsurgeryError", "inspect",
-           "merge", "unmerge", "__version__"]
+           "merge", "push", "unmerge", "__version__"]

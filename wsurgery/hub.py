@@ -180,6 +180,20 @@ def check_target(target: PushTarget) -> None:
                          "(to add to a pull request already opened, pass --revision refs/pr/N without --create-pr)")
 
 
+def check_login(target: PushTarget) -> None:
+    """Refuse a missing or rejected token before a long job, not after it (one whoami request)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    try:
+        HfApi(token=target.token).whoami()
+    except LocalTokenNotFoundError:
+        raise InputError(f"{target.repo_id}: pushing needs a Hub token; pass --token, set HF_TOKEN, "
+                         "or log in with `hf auth login`") from None
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(e, target.repo_id, target.token) from None
+
+
 def check_folder(folder: Path) -> list[str]:
     """Check that ``folder`` is a whole checkpoint or adapter folder; return the files to upload.
 
@@ -434,8 +448,8 @@ def redacted_command(argv: list[str]) -> str:
 
 def push_options(command: Callable) -> Callable:
     """Click decorator: adds --push-to/--private/--revision/--create-pr/--token to ``command`` and
-    passes them as one ``push`` argument (a PushTarget, or None without --push-to). The target is
-    checked before the command runs, so a bad repo id fails before a long job."""
+    passes them as one ``push`` argument (a PushTarget, or None without --push-to). The repo id and
+    the token are checked before the command runs, so that they fail before a long job."""
 
     @functools.wraps(command)
     def wrapper(*args, push_to: str | None, private: bool, revision: str | None, create_pr: bool,
@@ -444,6 +458,7 @@ def push_options(command: Callable) -> Callable:
         if push_to:
             target = PushTarget(push_to, private, revision, create_pr, None, token)
             check_target(target)
+            check_login(target)
         elif private or revision or create_pr or token:
             raise click.UsageError("--private, --revision, --create-pr and --token apply only with --push-to")
         return command(*args, push=target, **kwargs)

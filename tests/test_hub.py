@@ -1,0 +1,315 @@
+"""Hub inputs and `wsurgery push`, against a local fake Hub (tests/fake_hub.py): no network.
+
+huggingface_hub itself makes every request; the fake server only answers and records. What arrives
+is checked against the local files (bytes and sha256), the model card is read back with
+huggingface_hub's own card parser, and failures must be one line on stderr without the token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+import wsurgery
+from fake_hub import FakeHub, folder_files
+from wsurgery.checkpoint import open_checkpoint
+from wsurgery.cli import main
+from wsurgery.errors import InputError
+from wsurgery.hub import needed_files
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+TOKEN = "hf_alice_write_token"  # alice's write token on the fake Hub
+# huggingface_hub's own LFS upload call, not ours
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+BASE, LORA = FIXTURES / "tiny-llama", FIXTURES / "tiny-llama-lora"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """The fake Hub, with huggingface_hub pointed at it, plain HTTP uploads (no Xet) and a fresh HF_HOME."""
+    import huggingface_hub.constants as hc
+
+    with FakeHub() as server:
+        home = tmp_path / "hf-home"
+        settings = {"ENDPOINT": server.url, "HF_HUB_DISABLE_XET": True, "HF_HUB_OFFLINE": False,
+                    "HUGGINGFACE_CO_URL_TEMPLATE": server.url + "/{repo_id}/resolve/{revision}/{filename}",
+                    "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_TOKEN_PATH": str(home / "token"),
+                    "HF_STORED_TOKENS_PATH": str(home / "stored_tokens")}
+        for name, value in settings.items():
+            monkeypatch.setattr(hc, name, value)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.chdir(tmp_path)  # repo ids must not also be local paths
+        yield server
+
+
+def cli(capfd, *args: str) -> tuple[int, str]:
+    """Run the CLI in-process; return its exit code and everything it wrote (stdout + stderr)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capfd.readouterr()
+    return code, out + err
+
+
+def load_all(folder: Path) -> dict[str, torch.Tensor]:
+    ckpt = open_checkpoint(folder)
+    return {name: ckpt.read(name) for name in ckpt.tensors}
+
+
+def card_of(text: bytes) -> ModelCard:
+    return ModelCard(text.decode())
+
+
+def test_push_uploads_every_file_with_its_hash_and_a_generated_card(hub, tmp_path, capfd):
+    before = folder_files(BASE)
+    code, output = cli(capfd, "push", str(BASE), "alice/tiny-llama", "--token", TOKEN, "-q")
+    assert code == 0, output
+    assert folder_files(BASE) == before  # the input folder is not touched: no README.md written there
+    remote = hub.repos["alice/tiny-llama"].files("main")
+    assert {k: v for k, v in remote.items() if k not in ("README.md", ".gitattributes")} == before
+    shards = [name for name in before if name.endswith(".safetensors")]
+    assert sorted(hub.lfs) == sorted(hashlib.sha256(before[name]).hexdigest() for name in shards)
+    assert not hub.repos["alice/tiny-llama"].private
+    card = card_of(remote["README.md"])
+    assert card.data.library_name == "transformers" and "wsurgery" in card.data.tags
+    assert card.data.base_model is None  # nothing tells what these weights came from
+    assert "pushed 10 file(s) with a generated model card to alice/tiny-llama" in output
+
+
+def test_adapter_card_names_its_base_and_method(hub, tmp_path, capfd):
+    adapter = tmp_path / "lora"
+    shutil.copytree(LORA, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "org/tiny-llama"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    code, output = cli(capfd, "push", str(adapter), "alice/lora", "--token", TOKEN, "-q")
+    assert code == 0, output
+    card = card_of(hub.repos["alice/lora"].files("main")["README.md"])
+    assert card.data.base_model == "org/tiny-llama"
+    assert card.data.base_model_relation == "adapter"
+    assert card.data.library_name == "peft"
+    assert config["peft_type"].lower() in card.data.tags
+
+
+def test_merge_from_repo_ids_fetches_only_what_it_reads_and_pushes_a_pr_with_the_merge_card(hub, tmp_path, capfd):
+    """Repo-id inputs: weights the reader picks, index, configs, tokenizer; not the .bin copy, the
+    consolidated copy, sub-folders, README, or training leftovers. The result goes to a pull request."""
+    hub.add_repo("org/tiny-llama", {**folder_files(BASE), "README.md": b"# base", "pytorch_model.bin": b"0" * 64,
+                                    "pytorch_model.bin.index.json": b"{}", "consolidated.safetensors": b"0" * 64,
+                                    "original/params.json": b"{}", "onnx/model.onnx": b"0", "flax_model.msgpack": b"0"})
+    hub.add_repo("org/tiny-llama-lora", {**folder_files(LORA), "README.md": b"# lora", "training_args.bin": b"0",
+                                         "checkpoint-10/adapter_model.safetensors": b"0"})
+    out = tmp_path / "merged"
+    code, output = cli(capfd, "merge", "org/tiny-llama", "org/tiny-llama-lora", str(out), "-q",
+                       "--push-to", "alice/merged", "--create-pr", "--token", TOKEN)
+    assert code == 0, output
+
+    fetched = {r.path.split("/resolve/", 1)[1].split("/", 1)[1] for r in hub.requested("GET", "/resolve/")}
+    assert fetched == set(folder_files(BASE)) | {"adapter_config.json", "adapter_model.safetensors"}
+    wsurgery.merge(BASE, LORA, tmp_path / "local", progress=False)
+    a, b = load_all(out), load_all(tmp_path / "local")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    [commit] = hub.commits
+    assert commit["create_pr"] and commit["revision"] == "refs/pr/1"
+    assert hub.requested("POST", "/commit/main")[0].query == {"create_pr": "1"}
+    assert "alice/merged/discussions/1" in output
+    assert {k: v for k, v in commit["files"].items() if k != "README.md"} == folder_files(out)
+    card = card_of(commit["files"]["README.md"])
+    assert card.data.base_model == "org/tiny-llama"
+    assert card.data.base_model_relation == "merge"
+    assert card.data.library_name == "transformers"
+    assert {"wsurgery", "merge", "lora"} <= set(card.data.tags)
+    assert f"wsurgery {wsurgery.__version__}: `wsurgery merge org/tiny-llama org/tiny-llama-lora" in card.text
+    assert "org/tiny-llama-lora` (LORA, weight 1.0)" in card.text
+    assert TOKEN not in card.text and "--token ***" in card.text
+
+
+def test_private_revision_and_commit_message_reach_the_server(hub, capfd):
+    code, output = cli(capfd, "push", str(LORA), "alice/private-lora", "--private", "--revision", "dev",
+                       "--commit-message", "first adapter", "--token", TOKEN, "-q")
+    assert code == 0, output
+    [create] = hub.requested("POST", "/api/repos/create")
+    assert json.loads(create.body)["visibility"] == "private"
+    assert hub.repos["alice/private-lora"].private
+    assert hub.requested("POST", "/api/models/alice/private-lora/branch/dev")
+    [commit] = hub.commits
+    assert commit["revision"] == "dev" and commit["summary"] == "first adapter" and not commit["create_pr"]
+    repo = hub.repos["alice/private-lora"]
+    assert "adapter_model.safetensors" in repo.files("dev") and "adapter_model.safetensors" not in repo.files("main")
+    assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requested("POST", "/api/"))
+
+
+def test_a_readme_in_the_folder_or_on_the_hub_is_kept(hub, tmp_path, capfd):
+    adapter = tmp_path / "lora"
+    shutil.copytree(LORA, adapter)
+    (adapter / "README.md").write_text("# my own card\n")
+    assert cli(capfd, "push", str(adapter), "alice/a", "--token", TOKEN, "-q")[0] == 0
+    assert hub.repos["alice/a"].files("main")["README.md"] == b"# my own card\n"
+
+    hub.add_repo("alice/b", {"README.md": b"# edited on the Hub\n"})
+    code, output = cli(capfd, "push", str(LORA), "alice/b", "--token", TOKEN, "-q")
+    assert code == 0 and "model card already on the Hub" in output
+    assert hub.repos["alice/b"].files("main")["README.md"] == b"# edited on the Hub\n"
+
+
+@pytest.mark.parametrize("source", ["HF_TOKEN", "stored login"])
+def test_token_from_the_environment_or_the_stored_login(hub, monkeypatch, capfd, source):
+    import huggingface_hub.constants as hc
+
+    if source == "HF_TOKEN":
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+    else:
+        Path(hc.HF_TOKEN_PATH).parent.mkdir(parents=True, exist_ok=True)
+        Path(hc.HF_TOKEN_PATH).write_text(TOKEN)
+    code, output = cli(capfd, "push", str(LORA), "alice/lora", "-q")
+    assert code == 0, output
+    assert hub.requested("POST", "/commit/")[0].headers["authorization"] == f"Bearer {TOKEN}"
+
+
+def test_rejected_token_is_one_line_without_the_token(hub, tmp_path, capfd):
+    secret = "hf_not_a_valid_token_0123456789"
+    code, output = cli(capfd, "push", str(LORA), "alice/lora", "--token", secret)
+    assert code == 1
+    assert output.count("\n") == 1 and "401" in output and "token" in output and "Traceback" not in output
+    assert secret not in output
+    assert "alice/lora" not in hub.repos
+
+    # --push-to checks the token before the merge: nothing is written
+    code, output = cli(capfd, "merge", str(BASE), str(LORA), str(tmp_path / "out"), "--push-to", "alice/m",
+                       "--token", secret)
+    assert code == 1 and "401" in output and secret not in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_token_for_push_to_is_refused_before_the_merge(hub, tmp_path, capfd):
+    code, output = cli(capfd, "merge", str(BASE), str(LORA), str(tmp_path / "out"), "--push-to", "alice/m")
+    assert code == 1 and "needs a Hub token" in output and output.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_write_access_is_one_line(hub, capfd):
+    code, output = cli(capfd, "push", str(LORA), "bob/lora", "--token", TOKEN)
+    assert code == 1 and output.count("\n") == 1
+    assert "bob/lora" in output and "403" in output and "write access" in output
+
+
+def test_dropped_connection_says_what_arrived_and_a_rerun_resumes(hub, capfd):
+    """The server closes the socket on the commit: the LFS data arrived, no commit was made."""
+    index_and_config = {k: v for k, v in folder_files(BASE).items() if k in ("config.json", "model.safetensors.index.json")}
+    hub.add_repo("alice/tiny", index_and_config)
+    hub.drop = "/commit/"
+    code, output = cli(capfd, "push", str(BASE), "alice/tiny", "--token", TOKEN, "-q")
+    assert code == 1 and output.count("\n") == 1 and "Traceback" not in output
+    assert "connection to the Hub failed" in output
+    assert "2 of 10 files are in it (config.json, model.safetensors.index.json)" in output
+    assert "not uploaded: README.md, generation_config.json, model-00001-of-00004.safetensors" in output
+    assert "re-running the push resumes it" in output
+    puts = len(hub.requested("PUT", "/lfs/"))
+    assert puts == 4
+
+    hub.drop = None
+    code, output = cli(capfd, "push", str(BASE), "alice/tiny", "--token", TOKEN, "-q")
+    assert code == 0, output
+    assert len(hub.requested("PUT", "/lfs/")) == puts  # resumed: the shards were not sent again
+    assert {k: v for k, v in hub.repos["alice/tiny"].files("main").items() if k != "README.md"} == folder_files(BASE)
+
+
+def test_failed_push_after_merge_says_how_to_push_the_written_folder(hub, tmp_path, capfd):
+    hub.drop = "/commit/"
+    out = tmp_path / "out"
+    code, output = cli(capfd, "merge", str(BASE), str(LORA), str(out), "-q", "--push-to", "alice/m", "--token", TOKEN)
+    assert code == 1 and output.count("\n") == 1
+    assert f"{out} is written: push it again with `wsurgery push {out} alice/m`" in output
+    assert (out / "config.json").is_file()
+
+
+def test_missing_input_repo_is_one_line(hub, tmp_path, capfd):
+    code, output = cli(capfd, "merge", "org/absent", str(LORA), str(tmp_path / "out"))
+    assert code == 1 and output.count("\n") == 1
+    assert "org/absent: no such local path, and no such Hub repository" in output
+
+
+def _break(folder: Path, how: str) -> str:
+    """Damage a copy of the tiny model in one way; return what the refusal must mention."""
+    if how == "missing shard":
+        (folder / "model-00002-of-00004.safetensors").unlink()
+        return "names shard 'model-00002-of-00004.safetensors', which does not exist"
+    if how == "corrupt header":
+        (folder / "model-00003-of-00004.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+        return "header is not valid JSON"
+    if how == "shard not in the index":
+        shutil.copy(folder / "model-00004-of-00004.safetensors", folder / "model-00005-of-00005.safetensors")
+        return "model-00005-of-00005.safetensors: a shard that no index names"
+    if how == "temporary file":
+        (folder / "model-00001-of-00004.safetensors.tmp").write_bytes(b"")
+        return "unfinished temporary files (model-00001-of-00004.safetensors.tmp)"
+    if how == "partial download":
+        (folder / "sub").mkdir()
+        (folder / "sub" / "blob.incomplete").write_bytes(b"")
+        return "unfinished temporary files (sub/blob.incomplete)"
+    if how == "no weights":
+        for shard in folder.glob("model*"):
+            shard.unlink()
+        return "no model weights or adapter to push"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["missing shard", "corrupt header", "shard not in the index", "temporary file",
+                                 "partial download", "no weights"])
+def test_inconsistent_folder_is_refused_before_any_request(hub, tmp_path, how):
+    folder = tmp_path / "model"
+    shutil.copytree(BASE, folder)
+    expected = _break(folder, how)
+    with pytest.raises(InputError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        wsurgery.push(folder, "alice/model", token=TOKEN, progress=False)
+    assert hub.requests == []
+
+
+def test_unfinished_output_folder_and_bad_targets_are_refused(hub, tmp_path):
+    tmp_out = tmp_path / ".out.wsurgery-tmp-123"
+    shutil.copytree(LORA, tmp_out)
+    with pytest.raises(InputError, match="unfinished temporary output folder"):
+        wsurgery.push(tmp_out, "alice/x", token=TOKEN)
+    with pytest.raises(InputError, match="not a Hub repo id"):
+        wsurgery.push(LORA, "no-namespace", token=TOKEN)
+    with pytest.raises(InputError, match="drop --revision dev"):
+        wsurgery.push(LORA, "alice/x", revision="dev", create_pr=True, token=TOKEN)
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize("files, kind, expected", [
+    (["pytorch_model.bin", "config.json", "README.md", "tf_model.h5"], "model", ["config.json", "pytorch_model.bin"]),
+    (["model.safetensors", "pytorch_model.bin", "vocab.txt", "merges.txt", "onnx/model.onnx"], "model",
+     ["merges.txt", "model.safetensors", "vocab.txt"]),
+    (["adapter_model.bin", "adapter_config.json", "adapter_model.safetensors", "training_args.bin"], "adapter",
+     ["adapter_config.json", "adapter_model.safetensors"]),
+    (["README.md", "config.json"], "model", []),
+])
+def test_needed_files_follow_the_readers_choice(files, kind, expected):
+    assert needed_files(files, kind) == (expected, None)
+
+
+def test_cli_process_with_hf_token_env_never_prints_it(hub, tmp_path):
+    """End to end in a fresh process: HF_ENDPOINT, HF_HUB_DISABLE_XET and HF_TOKEN from the environment."""
+    secret = "hf_env_secret_token_9876543210"
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "home"),
+           "HF_TOKEN": secret, "PYTHONPATH": str(Path(wsurgery.__file__).parents[1])}
+    r = subprocess.run([sys.executable, "-m", "wsurgery.cli", "push", str(LORA), "alice/lora"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "401" in r.stderr
+    assert secret not in r.stderr + r.stdout
+    [create] = hub.requested("POST", "/api/repos/create")
+    assert create.headers["authorization"] == f"Bearer {secret}"  # HF_TOKEN was the token used
