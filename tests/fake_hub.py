@@ -46,6 +46,7 @@ class Request:
 @dataclass
 class Repo:
     private: bool = False
+    gated: bool = False  # readable with any valid token (as if its conditions were accepted)
     refs: dict[str, str] = field(default_factory=dict)  # branch or refs/pr/N -> commit sha
     snapshots: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit sha -> files
 
@@ -76,9 +77,9 @@ class FakeHub:
         self._server.shutdown()
         self._server.server_close()
 
-    def add_repo(self, repo_id: str, files: dict[str, bytes], private: bool = False) -> str:
+    def add_repo(self, repo_id: str, files: dict[str, bytes], private: bool = False, gated: bool = False) -> str:
         """Create ``repo_id`` with one commit on main holding ``files``; return the commit sha."""
-        self.repos[repo_id] = Repo(private=private)
+        self.repos[repo_id] = Repo(private=private, gated=gated)
         return self._commit(repo_id, "main", dict(files))
 
     def requested(self, method: str, fragment: str) -> list[Request]:
@@ -188,6 +189,9 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self.hub.repos.get(repo_id)
         if repo is None or (repo.private and self.user != repo_id.split("/")[0]):
             self._error(404, "Repository not found", "RepoNotFound")
+            return None
+        if repo.gated and self.user is None:
+            self._error(401, "Access to this model is restricted", "GatedRepo")
             return None
         return repo
 

@@ -235,10 +235,13 @@ def test_failed_push_after_merge_says_how_to_push_the_written_folder(hub, tmp_pa
     assert (out / "config.json").is_file()
 
 
-def test_missing_input_repo_is_one_line(hub, tmp_path, capfd):
+def test_missing_or_gated_input_repo_is_one_line(hub, tmp_path, capfd):
     code, output = cli(capfd, "merge", "org/absent", str(LORA), str(tmp_path / "out"))
     assert code == 1 and output.count("\n") == 1
     assert "org/absent: no such local path, and no such Hub repository" in output
+    hub.add_repo("org/gated", folder_files(BASE), gated=True)
+    code, output = cli(capfd, "merge", "org/gated", str(LORA), str(tmp_path / "out"))
+    assert code == 1 and output.count("\n") == 1 and "org/gated: a gated Hub repository" in output
 
 
 def _break(folder: Path, how: str) -> str:
@@ -277,7 +280,7 @@ def test_inconsistent_folder_is_refused_before_any_request(hub, tmp_path, how):
     assert hub.requests == []
 
 
-def test_unfinished_output_folder_and_bad_targets_are_refused(hub, tmp_path):
+def test_unfinished_output_folder_and_bad_targets_are_refused(hub, tmp_path, monkeypatch):
     tmp_out = tmp_path / ".out.wsurgery-tmp-123"
     shutil.copytree(LORA, tmp_out)
     with pytest.raises(InputError, match="unfinished temporary output folder"):
@@ -286,6 +289,11 @@ def test_unfinished_output_folder_and_bad_targets_are_refused(hub, tmp_path):
         wsurgery.push(LORA, "no-namespace", token=TOKEN)
     with pytest.raises(InputError, match="drop --revision dev"):
         wsurgery.push(LORA, "alice/x", revision="dev", create_pr=True, token=TOKEN)
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InputError, match="HF_HUB_OFFLINE is set"):
+        wsurgery.push(LORA, "alice/x", token=TOKEN)
     assert hub.requests == []
 
 

@@ -67,13 +67,17 @@ def resolve(spec: str | Path, kind: str = "model", revision: str | None = None) 
     path = Path(spec)
     if path.exists() or not looks_like_repo_id(str(spec)):
         return path
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError)
 
     try:
         try:
             return _download(str(spec), kind, revision)
         except (OfflineModeIsEnabled, *_network_errors()):
             return _from_cache(str(spec), kind, revision)
+    except GatedRepoError:
+        raise InputError(f"{spec}: a gated Hub repository; accept its conditions on its page, then pass a token "
+                         "(--token, HF_TOKEN or `hf auth login`) of the account that did") from None
     except RepositoryNotFoundError:
         raise InputError(f"{spec}: no such local path, and no such Hub repository (or no access to it)") from None
     except LocalEntryNotFoundError:
@@ -173,6 +177,10 @@ class PushResult:
 
 def check_target(target: PushTarget) -> None:
     """Refuse a push that cannot work, before any work or any request."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise InputError(f"{target.repo_id}: HF_HUB_OFFLINE is set, and pushing needs the Hub; unset it to push")
     if not _REPO_ID.match(target.repo_id):
         raise InputError(f"{target.repo_id}: not a Hub repo id; push to NAMESPACE/NAME (your user or organization)")
     if target.create_pr and target.revision and target.revision != "main":

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 PROVENANCE_KEY = "wsurgery"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # A token must never reach a card, even where a recorded command line carries one.
 _SECRETS = [(re.compile(r"(--token[= ])\S+"), r"\1***"), (re.compile(r"\bhf_[A-Za-z0-9]{16,}\b"), "***")]
 
@@ -159,7 +158,9 @@ def _quantization_from_config(qc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_repo_id(name: str | None) -> bool:
-    return bool(name) and bool(_REPO_ID.match(name)) and not Path(name).exists()
+    from .hub import looks_like_repo_id
+
+    return bool(name) and looks_like_repo_id(name)
 
 
 def _redact(text: str) -> str:
