@@ -242,6 +242,10 @@ def test_missing_or_gated_input_repo_is_one_line(hub, tmp_path, capfd):
     hub.add_repo("org/gated", folder_files(BASE), gated=True)
     code, output = cli(capfd, "merge", "org/gated", str(LORA), str(tmp_path / "out"))
     assert code == 1 and output.count("\n") == 1 and "org/gated: a gated Hub repository" in output
+    hub.add_repo("org/gguf-only", {"model.gguf": b"0", "README.md": b"#"})
+    code, output = cli(capfd, "merge", "org/gguf-only", str(LORA), str(tmp_path / "out"))
+    assert code == 1 and "org/gguf-only: the Hub repository has none of the files wsurgery reads" in output
+    assert not hub.requested("GET", "/resolve/")
 
 
 def _break(folder: Path, how: str) -> str:
@@ -304,9 +308,12 @@ def test_unfinished_output_folder_and_bad_targets_are_refused(hub, tmp_path, mon
     (["adapter_model.bin", "adapter_config.json", "adapter_model.safetensors", "training_args.bin"], "adapter",
      ["adapter_config.json", "adapter_model.safetensors"]),
     (["README.md", "config.json"], "model", []),
+    (["model.safetensors.index.json", "model.fp16.safetensors.index.json", "config.json"], "model",
+     ["config.json", "model.safetensors.index.json"]),
 ])
 def test_needed_files_follow_the_readers_choice(files, kind, expected):
-    assert needed_files(files, kind) == (expected, None)
+    index = "model.safetensors.index.json" if "model.safetensors.index.json" in expected else None
+    assert needed_files(files, kind) == (expected, index)
 
 
 def test_cli_process_with_hf_token_env_never_prints_it(hub, tmp_path):

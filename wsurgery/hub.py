@@ -96,8 +96,10 @@ def _download(repo_id: str, kind: str, revision: str | None) -> Path:
     files = [s.rfilename for s in HfApi().model_info(repo_id, revision=revision).siblings or []]
     wanted, index = needed_files(files, kind)
     if not wanted:
-        raise InputError(f"{repo_id}: the Hub repository holds no {'adapter' if kind == 'adapter' else 'model'} "
-                         "files wsurgery reads (see `wsurgery inspect --help` for the layouts)")
+        expected = ("adapter_config.json with adapter_model.safetensors or adapter_model.bin" if kind == "adapter"
+                    else "model.safetensors, a safetensors index with its shards, or pytorch_model.bin")
+        raise InputError(f"{repo_id}: the Hub repository has none of the files wsurgery reads at its top level "
+                         f"({expected})")
     folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[glob.escape(f) for f in wanted]))
     shards = _shards_named_by(folder / index) if index else []
     if shards:
@@ -117,8 +119,9 @@ def needed_files(files: list[str], kind: str) -> tuple[list[str], str | None]:
         return ([f for f in ("adapter_config.json", *weights) if f in top] if weights else []), None
     st_indexes = [f for f in top if f.endswith(".safetensors.index.json") and not f.startswith("adapter")]
     singles = [f for f in top if f.endswith(".safetensors") and not f.startswith("adapter_model")]
-    if st_indexes:
-        weights, index = st_indexes, st_indexes[0]
+    if st_indexes:  # the standard one alone; several others are left for the reader to refuse
+        index = "model.safetensors.index.json" if "model.safetensors.index.json" in st_indexes else st_indexes[0]
+        weights = [index] if index == "model.safetensors.index.json" else st_indexes
     elif singles:
         weights, index = ["model.safetensors"] if "model.safetensors" in singles else singles, None
     elif "pytorch_model.bin.index.json" in top:

@@ -86,10 +86,12 @@ def _peft_type(source: str) -> str | None:
 def card_facts(folder: Path, provenance: dict[str, Any] | None = None) -> CardFacts:
     config = _read_json(folder / "config.json")
     adapter_config = _read_json(folder / "adapter_config.json")
-    record = provenance or config.get(PROVENANCE_KEY) or adapter_config.get(PROVENANCE_KEY) or {}
+    record = provenance or config.get(PROVENANCE_KEY) or adapter_config.get(PROVENANCE_KEY)
+    record = record if isinstance(record, dict) else {}
     kind = "adapter" if adapter_config else "gguf" if any(folder.glob("*.gguf")) else "model"
     facts = CardFacts(kind, base=record.get("base"), operation=record.get("operation"),
-                      adapters=list(record.get("adapters") or []), quantization=record.get("quantization"),
+                      adapters=[a for a in record.get("adapters") or [] if isinstance(a, dict)],
+                      quantization=record.get("quantization"),
                       command=record.get("command"), version=record.get("version"))
     if adapter_config:
         facts.base = facts.base or adapter_config.get("base_model_name_or_path")
