@@ -9,9 +9,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import InputError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import (
+    AdditivePatch,
+    Method,
+    ModuleParams,
+    Patch,
+    Shapes,
+    Support,
+    Tensors,
+    like,
+    register,
+)
+from .layers import Conv, Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -42,6 +54,21 @@ class AdaLoraPatch(AdditivePatch):
         if self.transposed:
             d = d.T
         return {"weight": d.reshape(self._shape)}
+
+    def layer(self, shapes: Shapes) -> Layer:
+        return Conv() if len(shapes["weight"]) > 2 else Linear(self.transposed)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's SVDLinear: ``x·(A⊙E)ᵀ·Bᵀ·α/(ranknum + 1e-5)``; SVDConv2d, on activations: a convolution with
+        A⊙E as r kernels (in, kh, kw), then B as a 1x1 convolution."""
+        A, E, B = like(self.A, x), like(self.E, x), like(self.B, x)
+        AE = A * E
+        if x.dim() == 2:
+            adapter = x @ AE.T @ B.T
+        else:
+            W = base["weight"]
+            adapter = F.conv2d(F.conv2d(x, AE.reshape(AE.shape[0], *W.shape[1:])), B[:, :, None, None])
+        return layer(x, base) + adapter * self.factor
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "adalora", "rank": self.A.shape[0], "alpha": self.alpha, "scaling": self.factor}

@@ -17,9 +17,21 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import InputError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import (
+    AdditivePatch,
+    Method,
+    ModuleParams,
+    Patch,
+    Shapes,
+    Support,
+    Tensors,
+    like,
+    register,
+)
+from .layers import Layer
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -42,6 +54,23 @@ def scaling_f32(alpha: float, r: int) -> torch.Tensor:
 
 def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
+
+
+def apply_kernel(x: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """``x`` through ``K`` as its layer would: ``x·Kᵀ`` for a (out, in) matrix, else a convolution."""
+    if K.dim() == 2:
+        return x @ K.T
+    return {3: F.conv1d, 4: F.conv2d}[K.dim()](x, K)
+
+
+def mix_channels(M: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A (out, c) matrix applied to the channel axis (dim 1) of ``z``: a 1x1 convolution, or ``z·Mᵀ``."""
+    return torch.einsum("oc,nc...->no...", M, z)
+
+
+def pairwise(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(r, …), (r, …) -> (r², …): every product u_i ⊙ v_j, row i·r + j."""
+    return (u[:, None] * v[None, :]).flatten(0, 1)
 
 
 class LohaPatch(AdditivePatch):
@@ -107,6 +136,25 @@ class LohaPatch(AdditivePatch):
         else:
             d = ((t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])) * s
         return {"weight": d.reshape(self._weight_shape)}
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's LoHa forward is ``base(x) + F.linear/conv(x, ΔW)`` with ΔW = (W1 ⊙ W2)·α/r; here on activations,
+        through the face-splitting identity (a⊗b-rank-one terms of a Hadamard product of low-rank factors):
+        ``(w1a·w1b) ⊙ (w2a·w2b) = Σ_ij (w1a_i ⊙ w2a_j)(w1b_i ⊙ w2b_j)ᵀ``, i.e. the input through the r² kernels
+        w1b_i ⊙ w2b_j, then the output channels mixed by w1a_i ⊙ w2a_j. The CP form adds its core between them:
+        r² x r² kernels t1_ij ⊙ t2_i'j' (per kernel position)."""
+        t = {n: like(v, x) for n, v in self.t.items()}
+        W = base["weight"]
+        if self.cp:  # w_a (r, out), w_b (r, in), t (r, r, k, k'); Conv1d: (r, r, k, 1)
+            z = mix_channels(pairwise(t["hada_w1_b"], t["hada_w2_b"]), x)
+            core = (t["hada_t1"][:, None, :, None] * t["hada_t2"][None, :, None, :]).flatten(0, 1).flatten(1, 2)
+            z = apply_kernel(z, core.reshape(*core.shape[:2], *W.shape[2:]))
+            out = pairwise(t["hada_w1_a"], t["hada_w2_a"]).T
+        else:  # w_a (out, r), w_b (r, in·k…)
+            kernels = pairwise(t["hada_w1_b"], t["hada_w2_b"])
+            z = apply_kernel(x, kernels.reshape(kernels.shape[0], *W.shape[1:]))
+            out = pairwise(t["hada_w1_a"].T, t["hada_w2_a"].T).T
+        return layer(x, base) + mix_channels(out, z) * self.scaling
 
     def describe(self) -> dict[str, Any]:
         # Called before check() too (inspect without a base): only what the tensors themselves tell.

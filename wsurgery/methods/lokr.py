@@ -23,8 +23,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
-from .loha import config_rank_alpha
+from .base import (
+    AdditivePatch,
+    Method,
+    ModuleParams,
+    Patch,
+    Shapes,
+    Support,
+    Tensors,
+    like,
+    register,
+)
+from .layers import Layer
+from .loha import apply_kernel, config_rank_alpha
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -125,6 +136,34 @@ class LokrPatch(AdditivePatch):
             w1 = w1.unsqueeze(2).unsqueeze(2)
         d = torch.kron(w1, w2.contiguous()) * self.scaling
         return {"weight": d.reshape(self._weight_shape)}
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's LoKr forward is ``base(x) + F.linear/conv(x, kron(w1, w2)·α/r)``; here the Kronecker product acts
+        on activations: the input channels split as (c, d), w1 (a, c) mixes the c axis, then w2 (b, d[, k…]) runs
+        as a layer over the d axis, output channel i·b + j. A full Conv1d w2 (b, d, k) is the exception PEFT's
+        ``torch.kron`` makes (w1 padded to (1, a, c)): there input channel l·c + k and output channel j·a + i."""
+        t = {n: like(v, x) for n, v in self.t.items()}
+        W = base["weight"]
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]  # (a, c)
+        if "lokr_w2" in t:
+            w2 = t["lokr_w2"]
+        elif "lokr_t2" in t:  # Tucker: w2[p, q, k, l] = Σ_ij t2[i, j, k, l]·w2_a[i, p]·w2_b[j, q]
+            w2 = torch.einsum("ijkl,ip,jq->pqkl", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+        else:
+            w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+        swapped = "lokr_w2" in t and w2.dim() == 3
+        (a, c), b = w1.shape, w2.shape[0]
+        w2 = w2.reshape(b, W.shape[1] // c, *W.shape[2:])  # (b, d, kernel…)
+        n, d, space = x.shape[0], w2.shape[1], x.shape[2:]
+        if swapped:
+            z = torch.einsum("ik,nlk...->nil...", w1, x.reshape(n, d, c, *space))
+        else:
+            z = torch.einsum("ik,nkl...->nil...", w1, x.reshape(n, c, d, *space))
+        y = apply_kernel(z.reshape(n * a, d, *space), w2)
+        y = y.reshape(n, a, b, *y.shape[2:])
+        if swapped:
+            y = y.transpose(1, 2)
+        return layer(x, base) + y.reshape(n, a * b, *y.shape[3:]) * self.scaling
 
     def describe(self) -> dict[str, Any]:
         w1 = "full" if "lokr_w1" in self.t else "decomposed"

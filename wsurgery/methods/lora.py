@@ -34,8 +34,19 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, UnsupportedError
-from .layers import Conv, Embedding, Layer, Linear
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, expect_shape, like, register
+from .base import (
+    AdditivePatch,
+    Method,
+    ModuleParams,
+    Patch,
+    Shapes,
+    Support,
+    Tensors,
+    expect_shape,
+    like,
+    register,
+)
+from .layers import Conv, Embedding, Layer, Linear, Matrices
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -264,6 +275,23 @@ class KasaPatch(Patch):
             out["bias"] = tensors["bias"].add_(self.bias.to(torch.float32), alpha=self.scaling)
         return out
 
+    def layer(self, shapes: Shapes) -> Layer:
+        return Linear()
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's KaSA forward: the base layer over the truncated weight, written as PEFT's deferred-truncation
+        forward corrects an untruncated one (minus ``x·Vh_dᵀ·(U_d·S_d)ᵀ``, the r dropped components of the fp32
+        SVD), plus ``lora_B(lora_A(x)·lora_diag)·s`` (lora_B's bias included)."""
+        W = base["weight"]
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        keep = min(W.shape) - self.rank
+        dropped = (x @ Vh[keep:].T) @ (U[:, keep:] * S[keep:]).T
+        A, B, diag = like(self.A, x), like(self.B, x), like(self.diag, x)
+        adapter = ((x @ A.T) * diag) @ B.T
+        if self.bias is not None:
+            adapter = adapter + like(self.bias, x)
+        return layer(x, base) - dropped + adapter * self.scaling
+
     def why_not_invertible(self) -> str | None:
         return ("KaSA truncated the base weight by SVD (dropping its r smallest singular components) before "
                 "training; those components are not in the adapter files, so unmerging could only return to the "
@@ -407,6 +435,26 @@ class ParamLoraPatch(AdditivePatch):
             B3 = B.reshape(B.shape[0], -1, E)  # (out, r, E): expert index fastest in B's columns
             d = torch.einsum("ore,eri->eoi" if self.layout == "oi" else "ore,eri->eio", B3, A3)
         return {self.param: d.mul_(self.scaling)}
+
+    def layer(self, shapes: Shapes) -> Layer:
+        """Every targeted parameter of the module (the first wrapper's layer is shared by all of them)."""
+        solution = self._solve(shapes)
+        params = [solution[depth] for depth in sorted(solution)]
+        return Matrices(tuple(p for p, _ in params), tuple(layout == "io" for _, layout in params))
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT runs the module over ``W + s·lhs@rhs`` per expert (``_LoraFactorsProxy``); on activations that is
+        ``s·(x·A_eᵀ)·B_eᵀ`` with A_e = A's e-th block of rows and B_e = B's columns of expert e (index fastest),
+        whichever way the stack is laid out: the layout only decides how the layer reads W."""
+        if not isinstance(layer, Matrices) or self.param not in layer.roles:
+            raise UnsupportedError(f"{self.module}: LoRA on {self.param} stacked with another kind of change")
+        A, B = like(self.A, x), like(self.B, x)
+        A3 = A.reshape(self.experts, -1, A.shape[-1])  # (E, r, in)
+        B3 = B.reshape(B.shape[0], -1, self.experts)  # (out, r, E)
+        h = torch.einsum("ti,eri->ter", x[:, : A.shape[-1]], A3)
+        adapter = torch.einsum("ter,ore->teo", h, B3).reshape(x.shape[0], -1) * self.scaling
+        return torch.cat([layer.part(x, base[r], f) + (adapter if r == self.param else 0)
+                          for r, f in zip(layer.roles, layer.in_first)], dim=-1)
 
     def describe(self) -> dict[str, Any]:
         facts: dict[str, Any] = {"kind": "parameter (target_parameters)", "wrapper_depth": self.depth}

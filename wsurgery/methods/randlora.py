@@ -36,8 +36,10 @@ from .base import (
     Shapes,
     Support,
     Tensors,
+    like,
     register,
 )
+from .layers import Layer, Linear
 from .vera import Generate, SharedProjections, as_peft_buffer, linear_dims, shared_pair
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
@@ -123,6 +125,22 @@ class RandLoraPatch(AdditivePatch):
         if self.fan_in_fan_out:
             d = d.T
         return {"weight": d.mul_(self.scaling) if d.is_contiguous() else d * self.scaling}
+
+    def layer(self, shapes: Shapes) -> Layer:
+        return Linear(self.fan_in_fan_out)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's RandLoRA forward: ``Â = (λ ⊙ A[:, :nb, :lo] ⊙ γ)`` flattened to (r·nb, lo), ``B̂ = B[:hi, :nb]``
+        flattened to (hi, nb·r) (``get_scaled_bases``); Â acts on the smaller side: ``x·Âᵀ·B̂ᵀ`` when in = lo, else
+        ``x·B̂·Â``; times randlora_alpha/r. Bases from the shared saved-or-regenerated state, as PEFT holds them."""
+        out_f, in_f = self.dims
+        lo, hi, nb = min(out_f, in_f), max(out_f, in_f), self.nb
+        A, B = self.projections.get()
+        A, B = (like(t, x) for t in as_peft_buffer(self, self.projections, A[:, :nb, :lo], B[:hi, :nb, :]))
+        basis_A = (like(self.lam, x)[:, :, None] * A * like(self.gamma, x)[None]).flatten(0, 1)
+        basis_B = B.flatten(1)
+        adapter = (x @ basis_A.T) @ basis_B.T if lo == in_f else (x @ basis_B) @ basis_A
+        return layer(x, base) + adapter * self.scaling
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "conv1d_transposed" if self.fan_in_fan_out else "linear", "rank": self.rank,

@@ -40,7 +40,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import AdapterContext, AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import (
+    AdapterContext,
+    AdditivePatch,
+    Method,
+    ModuleParams,
+    Patch,
+    Shapes,
+    Support,
+    Tensors,
+    like,
+    register,
+)
+from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -128,6 +140,16 @@ class TinyLoraPatch(AdditivePatch):
         R = torch.einsum("i,ijk->jk", self.v.to(torch.float32), self.P.to(torch.float32))
         d = self.B.to(torch.float32) @ R @ self.A.to(torch.float32)
         return {"weight": d.T if self.transposed else d}
+
+    def layer(self, shapes: Shapes) -> Layer:
+        # An Embedding's (V, d) weight is read as a Linear too: the files do not say which it is, and both
+        # are linear in the same tensor (PEFT's embedding path B[ids]·R·A is this product, row by row).
+        return Linear(self.transposed)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's ``base(x) + F.linear(F.linear(F.linear(x, A), R), B)`` with ``R = Σ_i v_i·P_i``."""
+        R = torch.einsum("i,ijk->jk", like(self.v, x), like(self.P, x))
+        return layer(x, base) + ((x @ like(self.A, x).T) @ R.T) @ like(self.B, x).T
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "rank": self.rank, "u": self.v.numel(), "group": self.group,

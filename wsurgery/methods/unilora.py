@@ -23,7 +23,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, expect_shape, register
+from .base import (
+    AdditivePatch,
+    Method,
+    ModuleParams,
+    Patch,
+    Shapes,
+    Support,
+    Tensors,
+    expect_shape,
+    like,
+    register,
+)
+from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -61,6 +73,16 @@ class UniLoraPatch(AdditivePatch):
         B = theta[self.idx_B.long()] * self.scales_B.to(torch.float32)
         d = B @ A
         return {"weight": d.T if self.transposed else d}
+
+    def layer(self, shapes: Shapes) -> Layer:
+        return Linear(self.transposed)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's ``base(x) + F.linear(F.linear(x, A), B)`` with ``A = θ[idx_A]·s_A``, ``B = θ[idx_B]·s_B``."""
+        theta = like(self.theta, x)
+        A = theta[self.idx_A.to(x.device).long()] * like(self.scales_A, x)
+        B = theta[self.idx_B.to(x.device).long()] * like(self.scales_B, x)
+        return layer(x, base) + (x @ A.T) @ B.T
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "conv1d_transposed" if self.transposed else "linear", "rank": self.rank,

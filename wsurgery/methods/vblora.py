@@ -23,7 +23,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, expect_shape, register
+from .base import (
+    AdditivePatch,
+    Method,
+    ModuleParams,
+    Patch,
+    Shapes,
+    Support,
+    Tensors,
+    expect_shape,
+    like,
+    register,
+)
+from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -70,6 +82,17 @@ class VBLoraPatch(AdditivePatch):
         B = mix(self.logits_B.to(torch.float32), bank, self.topk).transpose(1, 2).reshape(-1, self.rank)
         d = B @ A
         return {"weight": d.T if self.transposed else d}
+
+    def layer(self, shapes: Shapes) -> Layer:
+        return Linear(self.transposed)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's ``base(x) + F.linear(F.linear(x, A), B)`` with A, B mixed from the bank (``_get_lora_matrices``;
+        ``mix`` is that parameterisation, shared with the merge)."""
+        bank = like(self.bank, x)
+        A = mix(like(self.logits_A, x), bank, self.topk).reshape(self.rank, -1)
+        B = mix(like(self.logits_B, x), bank, self.topk).transpose(1, 2).reshape(-1, self.rank)
+        return layer(x, base) + (x @ A.T) @ B.T
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "conv1d_transposed" if self.transposed else "linear", "rank": self.rank, "topk": self.topk,

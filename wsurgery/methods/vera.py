@@ -36,8 +36,10 @@ from .base import (
     Shapes,
     Support,
     Tensors,
+    like,
     register,
 )
+from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -218,6 +220,19 @@ class VeraPatch(AdditivePatch):
         lambda_d = self.lambda_d[:r].to(torch.float32).unsqueeze(-1)
         d = (lambda_b * sliced_B) @ (lambda_d * sliced_A)
         return {"weight": d.T if self.fan_in_fan_out else d}
+
+    def layer(self, shapes: Shapes) -> Layer:
+        return Linear(self.fan_in_fan_out)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's ``base(x) + λ_b ⊙ F.linear(λ_d ⊙ F.linear(x, A[:, :in]), B[:out])``; PVeRA's eval path keeps the
+        first (mean) half of ``λ_d ⊙ F.linear(x, A)`` (``chunk(2)[0]``) before B. The projections come from the
+        shared saved-or-regenerated state, as PEFT holds them (``SharedProjections.get``, ``as_peft_buffer``)."""
+        A, B = self.projections.get()
+        A, B = as_peft_buffer(self, self.projections, A[:, : self.in_features], B[: self.out_features, :])
+        h = (x @ like(A, x).T) * like(self.lambda_d, x)
+        adapter = (h[..., : self.rank] @ like(B, x).T) * like(self.lambda_b, x)
+        return layer(x, base) + adapter
 
     def describe(self) -> dict[str, Any]:
         facts: dict[str, Any] = {"kind": "conv1d_transposed" if self.fan_in_fan_out else "linear",
