@@ -328,3 +328,26 @@ def test_cli_process_with_hf_token_env_never_prints_it(hub, tmp_path):
     assert secret not in r.stderr + r.stdout
     [create] = hub.requested("POST", "/api/repos/create")
     assert create.headers["authorization"] == f"Bearer {secret}"  # HF_TOKEN was the token used
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_card_of_a_quantized_model_from_the_record_or_the_quantization_config(tmp_path, record):
+    from wsurgery.model_card import model_card
+
+    folder = tmp_path / "q"
+    shutil.copytree(BASE, folder)
+    config = json.loads((folder / "config.json").read_text())
+    if record:  # as the engine writes it
+        config["wsurgery"] = {"version": "0.1.0", "operation": "quantize", "command": "wsurgery quantize org/base q",
+                              "base": "org/base", "adapters": [],
+                              "quantization": {"quant_type": "nf4", "blocksize": 64, "double_quant": True}}
+    else:  # as transformers + bitsandbytes write it
+        config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                         "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    card = ModelCard(model_card(folder, "alice/q"))
+    assert card.data.base_model_relation == "quantized" and card.data.library_name == "transformers"
+    assert ("nf4" if record else "fp4") in card.data.tags
+    assert card.data.base_model == ("org/base" if record else None)
+    if record:
+        assert "nf4, block size 64, double quantization" in card.text and "`wsurgery quantize org/base q`" in card.text
