@@ -32,13 +32,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .checkpoint import open_checkpoint, read_header
 from .errors import InputError, WsurgeryError
 from .model_card import model_card
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SIDE = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py", "*.jinja"]
@@ -336,7 +339,7 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
-def _upload_state(api, target: PushTarget, staged: Path) -> str:
+def _upload_state(api: HfApi, target: PushTarget, staged: Path) -> str:
     """After a failed upload: which files are in the repo (same path and size), which are not, and
     that a re-run resumes."""
     resume = ("re-running the push resumes it: files already there are skipped and data already sent "
