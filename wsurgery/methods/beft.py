@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Direct, Layer
 
 
 class BeftPatch(AdditivePatch):
@@ -29,6 +30,16 @@ class BeftPatch(AdditivePatch):
 
     def delta(self) -> Tensors:
         return {"bias": self.bias.to(torch.float32).flatten()}
+
+    def layer(self, shapes: Shapes) -> Layer:
+        """Only the bias is read: the layer's output is ``x·Wᵀ + b`` with W untouched, so the bias term itself
+        is compared, element by element."""
+        return Direct(("bias",))
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's ``BeftLayer.forward``: ``base_layer(x) + beft_bias.flatten()``, of which the bias term."""
+        b = base["bias"]
+        return layer(x, {"bias": b + like(self.bias, b).flatten()})
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "linear", "features": self.bias.numel(), "changes": "bias only"}

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Layer
 
 # Output-block rows handled per FFT call: bounds the complex scratch to about this many x in x b x 8 bytes.
 _ROWS_PER_CHUNK_ELEMS = 1 << 24
@@ -61,6 +62,15 @@ class C3aPatch(AdditivePatch):
     def delta(self) -> Tensors:
         d = circulant_blocks(self.kernel)
         return {"weight": d.div_(self.n * self.b)}  # / in_features, as PEFT does
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's ``C3ALinear.forward`` (``BlockCircularConvolution``): each input block of x is convolved
+        circularly with its kernels in the Fourier domain, ``fft(Σ_n ifft(x_n) · fft(w_mn)).real``, and the
+        sum over input blocks is divided by in_features; on activations, no matrix is built."""
+        kernel = like(self.kernel, x)
+        blocks = torch.fft.ifft(x.reshape(x.shape[0], self.n, self.b))
+        mixed = torch.einsum("tnb,mnb->tmb", blocks, torch.fft.fft(kernel))
+        return layer(x, base) + torch.fft.fft(mixed).real.reshape(x.shape[0], -1) / x.shape[-1]
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "linear", "block_size": self.b, "blocks": [self.m, self.n],

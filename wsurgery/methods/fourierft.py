@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import AdapterContext, AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import (AdapterContext, AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, like,
+                   register)
+from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -114,9 +116,21 @@ class FourierFTPatch(AdditivePatch):
         d = torch.fft.ifft2(dense).real * self.scaling
         return {"weight": d.T if self.transposed else d}
 
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "conv1d_transposed" if self.transposed else "linear", "n_frequency": self.spectrum.numel(),
-                "scaling": self.scaling, "random_loc_seed": self.seed}
+    def layer(self, shapes: Shapes) -> Layer:
+        return Linear(self.transposed)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's ``FourierFTLinear.forward`` adds ``F.linear(x, Re(ifft2(D))·s)``. Here on activations, without
+        ΔW: since x is real, ``x·Re(ifft2(D))ᵀ = Re(ifft_out(D · ifft_in(x)))`` along the features, and D holds
+        only n entries, so each frequency (k, l) carries ``ifft(x)[l]`` to output frequency k."""
+        out, in_ = layer_dims(self.module, {"weight": tuple(base["weight"].shape)}, self.transposed,
+                              self.spectrum.numel(), "FourierFT")
+        rows, cols = frequency_indices(self.context, self.seed, out, in_, self.spectrum.numel())
+        rows, cols = rows.to(x.device), cols.to(x.device)
+        u = torch.fft.ifft(x.to(torch.complex64), dim=-1)  # (tokens, in)
+        z = torch.zeros(x.shape[0], out, dtype=u.dtype, device=x.device)
+        z.index_add_(1, rows, u[:, cols] * like(self.spectrum, x))
+        return layer(x, base) + torch.fft.ifft(z, dim=-1).real * self.scaling
 
 
 @register

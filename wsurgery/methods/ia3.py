@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError, NotInvertibleError
-from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Conv, Layer, Linear
 
 
 def is_feedforward(config, module: str) -> bool:
@@ -117,6 +118,22 @@ class Ia3Patch(Patch):
             return (f"ia3_l is 0 (or not finite) for {int(zero.sum())} {side} feature(s) (e.g. index {i}); the merge "
                     "zeroed their weights, so only the base checkpoint can restore them")
         return None
+
+    # -- the unmerged forward path, for verify ---------------------------------------------------------
+    def layer(self, shapes: Shapes) -> Layer:
+        if self.kind == "conv":
+            # A feed-forward scale covers every input channel of a grouped convolution: in = groups · w[1].
+            w = shapes["weight"]
+            return Conv(groups=self.scales.numel() // w[1] if self.feedforward else 1)
+        return Linear(self.kind == "conv1d_transposed")
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's ``IA3Layer.forward``: feed-forward ``base_layer(x · l)``, else ``base_layer(x) · l`` (the bias
+        included); ``l`` is ``(1, C, 1, ...)`` for a convolution, which broadcasts over channels as it is."""
+        scale = like(self.l, x)
+        if self.kind != "conv":
+            scale = scale.flatten()
+        return layer(x * scale, base) if self.feedforward else layer(x, base) * scale
 
     def describe(self) -> dict[str, Any]:
         s = self.scales.float()

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Layer
 from .replace import ReplacePatch
 
 PARAM = "ln_tuning_layers"
@@ -54,6 +55,11 @@ class LnTuningPatch(Patch):
                 raise UnsupportedError(f"{self.module}: --scale cannot interpolate the integer tensor(s) {ints} "
                                        "that LN tuning replaces")
         return super().merge(tensors, scale)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's ``LNTuningLayer.forward`` runs the trained copy instead of the base module: the same layer
+        over the saved tensors (norm weights are compared element by element: ``Direct``)."""
+        return layer(x, {**base, **{role: like(part.tensor, x) for role, part in self.parts.items()}})
 
     def why_not_invertible(self) -> str | None:
         return (f"LN tuning replaces {self.module} ({', '.join(self.roles)}) with a trained copy and does not "

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Layer
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -70,6 +71,15 @@ class PolyPatch(AdditivePatch):
         A = torch.einsum("qs,qsdr->qdr", w, self.A.to(torch.float32)).reshape(-1, self.rank)  # (in, r)
         B = torch.einsum("qs,qsrd->qrd", w, self.B.to(torch.float32)).transpose(0, 1).reshape(self.rank, -1)
         return {"weight": (B.T @ A.T).div_(self.rank)}  # (out, in) = ((in, r)(r, out))ᵀ / r
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's ``PolyLayer.forward`` in eval mode for this task: the router's mixture (``mixing_weights``, the
+        parameterisation shared with the merge) mixes the skills' A and B per split, and the layer adds
+        ``x·A_t·B_t / r`` on activations."""
+        w = like(self.weights(), x)
+        A = torch.einsum("qs,qsdr->qdr", w, like(self.A, x)).reshape(-1, self.rank)  # (in, r), splits stacked
+        B = torch.einsum("qs,qsrd->rqd", w, like(self.B, x)).reshape(self.rank, -1)  # (r, out), splits side by side
+        return layer(x, base) + (x @ A) @ B / self.rank
 
     def describe(self) -> dict[str, Any]:
         info = {"kind": "linear", "task_id": self.task if self.task is not None else "none (pass --task-id)",

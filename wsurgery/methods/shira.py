@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Layer
 
 
 class ShiraPatch(AdditivePatch):
@@ -54,6 +55,12 @@ class ShiraPatch(AdditivePatch):
 
     def add_scaled(self, tensors: Tensors, alpha: float) -> Tensors:
         return self._add(tensors, alpha)  # in place, without a dense ΔW
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's ``ShiraLayer.forward`` runs ``F.linear(x, W + sparse_coo(indices, values))``; here the sparse
+        part on activations: entry (row, col) carries ``value · x[:, col]`` to output ``row`` (repeats add up)."""
+        rows, cols = self.rows.to(x.device), self.cols.to(x.device)
+        return layer(x, base).index_add(1, rows, x[:, cols] * like(self.values, x))
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": "linear", "entries": self.values.numel()}

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, NotInvertibleError, UnsupportedError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Layer
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -53,6 +54,19 @@ class _Lora:
 
     def delta(self) -> torch.Tensor:
         return (self.B.to(torch.float32) @ self.A.to(torch.float32)).mul_(self.scaling)
+
+
+def _forward(x: torch.Tensor, base: Tensors, layer: Layer, indices: torch.Tensor, values: torch.Tensor,
+             lora: _Lora | None) -> torch.Tensor:
+    """PEFT's ``SupertuningLinear.forward``: ``F.linear(x, W + scatter_add(indices, values), b)`` plus, in Supra
+    mode, ``(alpha / r)·lora_B(lora_A(x))``. Here the sparse part on activations: flat position ``p`` of the
+    row-major W is (p // in, p % in) and carries ``value · x[:, col]`` to output ``row`` (repeats add up)."""
+    inp = base["weight"].shape[1]
+    indices = indices.to(x.device)
+    y = layer(x, base).index_add(1, indices // inp, x[:, indices % inp] * like(values, x))
+    if lora is not None:
+        y = y + (x @ like(lora.A, x).T) @ like(lora.B, x).T * lora.scaling
+    return y
 
 
 class SupertuningPatch(AdditivePatch):
@@ -91,6 +105,9 @@ class SupertuningPatch(AdditivePatch):
 
     def add_scaled(self, tensors: Tensors, alpha: float) -> Tensors:
         return self._add(tensors, alpha)  # in place, without a dense ΔW
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        return _forward(x, base, layer, self.indices, self.values, self.lora)
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": "linear", "entries": self.values.numel(), "indices": "saved"}
@@ -145,6 +162,13 @@ class SupertuningTopkPatch(Patch):
 
     def unmerge(self, tensors: Tensors, scale: float) -> Tensors:
         raise NotInvertibleError(f"{self.module}: {self.why_not_invertible()}")
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """As with saved indices, the indices being PEFT's ``topk(|W|.flatten(), k, largest=select_top)`` of the
+        base, taken again here (on the CPU, where the merge takes them: tie order is the device's)."""
+        scores = base["weight"].abs().flatten().cpu()
+        indices = torch.topk(scores, k=self.values.numel(), largest=self.select_top).indices
+        return _forward(x, base, layer, indices, self.values, self.lora)
 
     def why_not_invertible(self) -> str | None:
         return ("SuperTuning indices were not saved (save_precomputed_indices=false) and were chosen as the top-k of "

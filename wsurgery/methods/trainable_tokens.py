@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError
-from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Embedding, Layer
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -71,6 +72,21 @@ class TokenPatch(Patch):
         idx = self._index(w)
         old = w.index_select(0, idx)
         return {"weight": w.index_copy_(0, idx, torch.lerp(old, self.rows.to(w.dtype), scale))}
+
+    def layer(self, shapes: Shapes) -> Layer:
+        """A row lookup for an embedding and an output head alike: the head's output ``x·Wᵀ`` is linear in the
+        same rows, and looking them up compares each one; the trained rows are always among the inputs."""
+        return Embedding(rows=tuple(self.indices))
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's ``TrainableTokensLayer.forward`` looks ids up in W with the trained rows in place of theirs;
+        here on the looked-up rows: every id that is a trained token gets its saved row."""
+        y = layer(x, base).clone()
+        index = torch.tensor(self.indices, dtype=torch.long, device=x.device)
+        hits = x[:, None] == index[None, :]  # (ids, trained tokens); duplicates hold equal rows (checked at load)
+        found = hits.any(dim=1)
+        y[found] = like(self.rows, y)[hits[found].int().argmax(dim=1)]
+        return y
 
     def why_not_invertible(self) -> str | None:
         shown = ", ".join(map(str, self.indices[:8])) + (", ..." if len(self.indices) > 8 else "")

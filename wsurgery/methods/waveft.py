@@ -32,10 +32,13 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import UnsupportedError
-from .base import AdapterContext, AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import (AdapterContext, AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, like,
+                   register)
 from .fourierft import config_seed, frequency_indices, layer_dims, spectrum_of
+from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -265,6 +268,49 @@ class WaveFTPatch(AdditivePatch):
             keep = (y >= 0) & (y < out) & (x >= 0) & (x < in_)
             d.index_add_(0, (y * in_ + x)[keep], stamp[keep])
         return d.view(out, in_)
+
+    # -- the unmerged forward path, for verify ---------------------------------------------------------
+    def layer(self, shapes: Shapes) -> Layer:
+        return Linear(self.transposed)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's ``WaveFTLinear.forward`` adds ``F.linear(x, ΔW)``. Here on activations, without ΔW: without
+        idwt the coefficients map input ``cols`` to output ``rows``; with it, the one-level inverse DWT is
+        separable, ``full = Σ_bands U(f_row)·C_band·U(f_col)ᵀ`` with ``U(f)[2i + t, i] = f[t]``, so
+        ``x·ΔWᵀ`` is x (placed where the crops put the layer's columns) analysed by a stride-2 ``conv1d``
+        with rec_lo/rec_hi, carried through the sparse sub-bands, and synthesised by a stride-2
+        ``conv_transpose1d``, then cropped. The geometry is PEFT's ``get_delta_weight`` and ``waverec2d``,
+        written out again here; the positions and filter taps are the shared parameterisation."""
+        out, in_ = layer_dims(self.module, {"weight": tuple(base["weight"].shape)}, self.transposed,
+                              self.spectrum.numel(), "WaveFT")
+        rows, cols = (t.to(x.device) for t in frequency_indices(self.context, self.seed, out, in_,
+                                                                 self.spectrum.numel()))
+        v = like(self.spectrum, x) * self.scaling
+        if self.family is None:  # ΔW[rows, cols] = v
+            return layer(x, base).index_add(1, rows, x[:, cols] * v)
+        lo, hi = (like(f, x) for f in reconstruction_filters(self.family))
+        length = lo.numel()
+        padded = [d + _REDUCTION[self.family] for d in (out, in_)]
+        padded = [d + d % 2 for d in padded]
+        half_rows, half_cols = padded[0] // 2, padded[1] // 2
+        r, c = rows + (padded[0] - out) // 2, cols + (padded[1] - in_) // 2
+        bottom, right = r >= half_rows, c >= half_cols  # cA | cH over cV | cD
+        # conv_transpose2d's output is 2·half + L − 2 per axis; waverec2d crops (2L − 3)//2 from each side, then
+        # get_delta_weight takes the centred (out, in) block: where that block starts in the full output.
+        crop = (2 * length - 3) // 2
+        full_rows, full_cols = 2 * half_rows + length - 2, 2 * half_cols + length - 2
+        row0 = crop + (full_rows - 2 * crop - out) // 2
+        col0 = crop + (full_cols - 2 * crop - in_) // 2
+        bank = torch.stack([lo, hi])[:, None, :]  # (2, 1, L): channel 0 low-pass, 1 high-pass
+        placed = torch.zeros(x.shape[0], 1, full_cols, device=x.device)
+        placed[:, 0, col0:col0 + in_] = x
+        analysed = F.conv1d(placed, bank, stride=2)  # (tokens, 2, half_cols): x·U(f)ᵀ for both filters
+        # a coefficient in the bottom half uses the high-pass filter along the columns, the right half along rows
+        carried = analysed[:, bottom.long(), c - right * half_cols] * v  # (tokens, n)
+        bands = torch.zeros(x.shape[0], 2 * half_rows, device=x.device)
+        bands.index_add_(1, right.long() * half_rows + (r - bottom * half_rows), carried)
+        full = F.conv_transpose1d(bands.view(-1, 2, half_rows), bank, stride=2)  # (tokens, 1, full_rows)
+        return layer(x, base) + full[:, 0, row0:row0 + out]
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "conv1d_transposed" if self.transposed else "linear", "n_frequency": self.spectrum.numel(),
