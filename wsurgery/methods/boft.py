@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, NotInvertibleError, UnsupportedError
-from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Layer, input_side
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -286,6 +287,31 @@ class BoftPatch(Patch):
         W = tensors["weight"].contiguous()
         unrotate_rows(W.view(W.shape[0], -1), self.blocks, self.perms, self.s.reshape(-1))
         return {"weight": W}
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's BOFT forward: ``base_layer(x·M)`` with the outputs (not the bias) times ``boft_s``; M is
+        applied to activations factor by factor (for Conv2d to every unfolded input patch, the rotation
+        PEFT applies to the flattened weight). The Cayley blocks and butterfly permutations are the
+        parameterization shared with the merge (``cayley``, ``butterfly_perms``)."""
+        Q = like(cayley(self.R.reshape(-1, self.b, self.b)), x).reshape(self.N, self.D, self.b, self.b)
+        inverse = [None if p is None else torch.argsort(p).to(x.device) for p in self.perms]
+        perms = [None if p is None else p.to(x.device) for p in self.perms]
+
+        def rotate(v: torch.Tensor) -> torch.Tensor:
+            # v·M = v·M_{N−1}⋯M_0, M_i = P_i·blockdiag(Q_i)·P_iᵀ; v·P is v[perm⁻¹], u·Pᵀ is u[perm]
+            for i in reversed(range(self.N)):
+                if inverse[i] is not None:
+                    v = v[..., inverse[i]]
+                v = torch.einsum("...dk,dkj->...dj", v.reshape(*v.shape[:-1], self.D, self.b), Q[i])
+                v = v.reshape(*v.shape[:-2], self.n)
+                if perms[i] is not None:
+                    v = v[..., perms[i]]
+            return v
+
+        y = input_side(layer, x, {"weight": base["weight"]}, rotate)
+        shape = (-1, *([1] * (y.dim() - 2)))
+        y = y * like(self.s, x).reshape(shape)
+        return y + base["bias"].view(shape) if "bias" in base else y
 
     def why_not_invertible(self) -> str | None:
         zeros = int((self.s == 0).sum())

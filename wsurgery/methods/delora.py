@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Layer
 
 
 class DeloraPatch(AdditivePatch):
@@ -42,6 +43,14 @@ class DeloraPatch(AdditivePatch):
         d = self.lam.to(torch.float32) / self.r / (An * Bn)  # PEFT's diag, in its operation order
         delta = (B * d[None, :]) @ A  # = B @ diag(d) @ A
         return {"weight": delta.mul_(self.w_norm.to(torch.float32)[None, :])}
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's decomposed DeLoRA forward: ``y + ((x⊙w_norm) Aᵀ ⊙ λ/r/(‖A_i‖‖B_i‖)) Bᵀ``."""
+        A, B = like(self.A, x), like(self.B, x)
+        h = (x * like(self.w_norm, x)) @ A.T
+        norms = torch.clamp(A.norm(dim=1), min=1e-4) * torch.clamp(B.norm(dim=0), min=1e-4)
+        h = h * (like(self.lam, x) / self.r / norms)
+        return layer(x, base) + h @ B.T
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "linear", "rank": self.r, "lambda": float(self.lam.float().flatten()[0])}

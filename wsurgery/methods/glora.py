@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, NotInvertibleError, UnsupportedError
-from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Direct, Layer, default_layer
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -160,6 +161,41 @@ class GloraPatch(Patch):
         if self.paths["A"].kind == "lora":
             return A.to(W.dtype).mul_(W)
         return W * A.to(W.dtype)
+
+    def layer(self, shapes: Shapes) -> Layer:
+        # Where only D/E change the bias, W is not read: the bias itself is compared.
+        return default_layer(shapes) if "weight" in shapes else Direct(("bias",))
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's GLoRA forward, ``F.linear(x, W + W⊙A + B, b + b⊙D + E + W·C)``, with the weight terms
+        on activations: ``x(W⊙A)ᵀ`` is ``Σ_k ((x⊙Xu_k) Wᵀ)⊙Xd_k`` for a low-rank A (a row or global scale
+        of ``x Wᵀ`` otherwise), ``x Bᵀ`` is ``(x Xuᵀ) Xdᵀ`` (a row or global scale of ``Σ_i x_i`` otherwise)."""
+        p = self.paths
+
+        def value(letter: str) -> torch.Tensor:  # a path as PEFT's path module returns it (shared with the merge)
+            return like(p[letter].value(), x)
+
+        if "weight" not in base:
+            b = base["bias"]
+            return (b + b * value("D") + value("E")).reshape(-1)
+        W = base["weight"]
+        y = layer(x, base)
+        A, Bp = p["A"], p["B"]
+        if A.kind == "lora":
+            Xd, Xu = like(A.tensors["Xd"], x), like(A.tensors["Xu"], x)
+            y = y + torch.einsum("tro,or->to", (x[:, None, :] * Xu) @ W.T, Xd)
+        elif A.kind == "x":
+            y = y + (x @ W.T) * value("A").reshape(-1)
+        if Bp.kind == "lora":
+            y = y + (x @ like(Bp.tensors["Xu"], x).T) @ like(Bp.tensors["Xd"], x).T
+        elif Bp.kind == "x":
+            y = y + x.sum(-1, keepdim=True) * value("B").reshape(-1)
+        if "bias" in base:
+            b = base["bias"]
+            y = y + b * value("D") + value("E")
+            if p["C"].trainable:
+                y = y + (W @ value("C")).reshape(-1)
+        return y
 
     def _zeros(self) -> dict[str, int]:
         letters = "A" * self.changes_weight + "D" * self.changes_bias

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, expect_shape, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, expect_shape, like, register
+from .layers import Layer, Linear
 
 
 class GraloraPatch(AdditivePatch):
@@ -56,6 +57,22 @@ class GraloraPatch(AdditivePatch):
         if self.fan_in_fan_out:
             d = d.T
         return {"weight": d.mul_(self.scaling)}
+
+    def layer(self, shapes: Shapes) -> Layer:
+        return Linear(self.fan_in_fan_out)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's GraLoRA forward: per input block n, ``x_n A_n`` (k·σ ranks), the rank axis regrouped
+        so output block j gets sub-rank j of every input block, times ``B_j``; plus the hybrid LoRA
+        ``x A_gᵀ B_gᵀ``; all scaled by s."""
+        k, sigma = self.k, self.r // self.k
+        t = x.shape[0]
+        h = torch.einsum("tni,nir->tnr", x.reshape(t, k, self.sub_in), like(self.A, x))
+        h = h.reshape(t, k, k, sigma).permute(0, 2, 1, 3).reshape(t, k, k * sigma)
+        out = torch.einsum("tjr,jro->tjo", h, like(self.B, x)).reshape(t, -1)
+        if self.Ag is not None:
+            out = out + (x @ like(self.Ag, x).T) @ like(self.Bg, x).T
+        return layer(x, base) + out * self.scaling
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "conv1d_transposed" if self.fan_in_fan_out else "linear", "rank": self.r,

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Layer, input_side
 
 
 class HraPatch(Patch):
@@ -129,6 +130,23 @@ class HraPatch(Patch):
             self.notes.append(f"HRA: H is {deviation:.2g} from orthogonal (|HᵀH − I|₂); unmerge applied its exact "
                               "inverse, not the reversed reflections")
         return {"weight": self._transform(tensors["weight"], self._inverse_core())}
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's HRA forward, ``F.linear(x, W·H)`` (Conv2d: ``conv2d`` with the flattened W·H), computed
+        on activations: ``x·Hᵀ`` goes through the base layer, the reflections applied one at a time,
+        last first (``Hᵀ = H_{r−1}⋯H_0``), or apply_GS's ``I − 2QQᵀ`` at once. The directions V are the
+        parameterization shared with the merge (``_directions``); its compact core T is not used."""
+        V = like(self._directions()[0], x)
+
+        def reflect(v: torch.Tensor) -> torch.Tensor:
+            if self.apply_gs:
+                return v - 2.0 * (v @ V) @ V.T
+            for i in reversed(range(self.rank)):
+                u = V[:, i]
+                v = v - 2.0 * (v @ u)[..., None] * u
+            return v
+
+        return input_side(layer, x, base, reflect)
 
     def why_not_invertible(self) -> str | None:
         try:

@@ -21,9 +21,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import InputError, NotInvertibleError, UnsupportedError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Layer
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -97,6 +99,17 @@ class MissBlockPatch(AdditivePatch):
 
     def add_scaled(self, tensors: Tensors, alpha: float) -> Tensors:
         return self._add(tensors, alpha)  # in place, without a dense ΔW
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's MiSS/Bone block-sum form: the input, zero-padded to a multiple of r, summed over its
+        r-wide blocks, times the block (tiled along out in mini mode): ``y + Σ_j x_j · block``."""
+        out = base["weight"].shape[0]
+        block = like(self.block, x)
+        if self.cols != out:
+            block = block.repeat(1, out // self.cols)
+        padded = F.pad(x, (0, -x.shape[-1] % self.r))
+        sums = padded.reshape(*x.shape[:-1], -1, self.r).sum(-2)
+        return layer(x, base) + sums @ block
 
     def describe(self) -> dict[str, Any]:
         d = {"kind": "linear", "mode": self.mode, "rank": self.r}
@@ -205,6 +218,18 @@ class MissBatPatch(Patch):
             f"{bound:.3g} ({bound / w_max:.3g} of max|W|)")
         W.copy_(X.permute(0, 2, 1, 3).reshape(W.shape))
         return tensors
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's ``bat`` forward is ``F.linear(x, W + W_ij B_i + B_i)``; here on activations: output tile i
+        gets ``Σ_j (x_j B_iᵀ) W_ijᵀ + (Σ_j x_j) B_iᵀ`` on top of the base output."""
+        W = base["weight"]
+        r = self.r
+        B = like(self.block, x)  # (out/r, r, r)
+        tiles = W.reshape(W.shape[0] // r, r, W.shape[1] // r, r).permute(0, 2, 1, 3)  # [i, j] = W_ij
+        xs = x.reshape(x.shape[0], -1, r)  # (t, in/r, r): x_j
+        mixed = torch.einsum("tjb,icb->tijc", xs, B)  # x_j B_iᵀ for every output tile i
+        change = torch.einsum("tijc,ijac->tia", mixed, tiles) + torch.einsum("tb,iab->tia", xs.sum(1), B)
+        return layer(x, base) + change.reshape(x.shape[0], -1)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "linear", "mode": "bat", "rank": self.r, "tile_rows": self.block.shape[0],

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, NotInvertibleError, UnsupportedError
-from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Embedding, Layer, default_layer, input_side
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -137,6 +138,30 @@ def rotate_rows(W: torch.Tensor, A: torch.Tensor, last: torch.Tensor | None) -> 
     if last is not None:
         x = W[full * b:]
         x.copy_(last.to(W.dtype) @ x)
+
+
+def _rotate_features(v: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``v_k R_k`` for every block k of b features along v's last axis (one shared R: every block), as
+    PEFT's ``OFTRotationModule.forward`` rotates activations."""
+    b = R.shape[-1]
+    blocks = v.reshape(*v.shape[:-1], -1, b)
+    if R.shape[0] == 1:
+        return (blocks @ R[0]).reshape(v.shape)
+    return torch.einsum("...kj,kjc->...kc", blocks, R).reshape(v.shape)
+
+
+def _rotate_output_blocks(y: torch.Tensor, R: torch.Tensor, share: bool) -> torch.Tensor:
+    """peft <= 0.13: ``y @ blockdiag(R)[:out, :out]`` over y's last axis (out features); the rows after
+    the last full block meet the top-left corner of the next block."""
+    out, b = y.shape[-1], R.shape[-1]
+    full = out // b
+    blocks = R.expand(full, b, b) if share else R[:full]
+    head = torch.einsum("...kj,kjc->...kc", y[..., : full * b].reshape(*y.shape[:-1], full, b), blocks)
+    rest = y[..., full * b:]
+    if rest.shape[-1]:
+        corner = R[0 if share else full, : rest.shape[-1], : rest.shape[-1]]
+        rest = rest @ corner
+    return torch.cat([head.reshape(*y.shape[:-1], full * b), rest], dim=-1)
 
 
 def max_orthogonality_error(R: torch.Tensor) -> float:
@@ -330,6 +355,35 @@ class OftPatch(Patch):
                    else "as PEFT does")
             self.notes.append(f"the OFT rotation is not orthogonal (max|R R^T - I| = {dev:.3g}, {self._cayley_text()}); "
                               f"{what} {how}")
+
+    # -- the unmerged forward path, for verify ----------------------------------------------------
+    def layer(self, shapes: Shapes) -> Layer:
+        return Embedding() if self.kind == "embedding" else default_layer(shapes)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's OFT forward, on activations: peft >= 0.14 rotates every block of b input features,
+        ``x_k R_k``, before the base layer, then (0.14-0.15) scales the outputs by ``oft_s``; an
+        Embedding's output rows are rotated after the lookup; peft <= 0.13 rotates the base output
+        without its bias, ``(x Wᵀ) R`` with R cut to out x out. The blocks come from ``rotation()``, the
+        parameterization shared with the merge.
+
+        Conv2d: every unfolded input patch is rotated, i.e. the convolution with ``W Rᵀ`` that PEFT's merge
+        (and its 0.14-0.15 forward) computes. PEFT 0.21.2's unmerged forward instead folds the rotated
+        patches back into an image (summing where kxk patches overlap) and convolves that, which for
+        k > 1 is not what its own merge computes; the merge is what a merged file must match."""
+        R = like(self.rotation(), x)
+        if self.kind == "embedding":
+            return _rotate_features(layer(x, base), R)
+        W = {"weight": base["weight"]}
+        bias = base.get("bias")
+        if self.fmt == "v13":
+            # output features to the last axis (a no-op for a Linear), rotated, and back
+            y = _rotate_output_blocks(layer(x, W).movedim(1, -1), R, self.share).movedim(-1, 1)
+        else:
+            y = input_side(layer, x, W, lambda v: _rotate_features(v, R))
+            if self.scale is not None:
+                y = y * like(self.scale, x).view(-1, *([1] * (y.dim() - 2)))
+        return y if bias is None else y + bias.view(-1, *([1] * (y.dim() - 2)))
 
     # -- reporting --------------------------------------------------------------------------------
     def _cayley_text(self) -> str:

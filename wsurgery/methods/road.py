@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Layer
 
 _LENGTH = {"road_1": 0.5, "road_2": 1, "road_4": 2}  # parameter count per output feature
 
@@ -109,6 +110,16 @@ class RoadPatch(Patch):
             self.notes.append(f"RoAd unmerge: the worst 2x2 block has condition number {cond:.3g}, so rounding "
                               "errors in the merged weights grow by up to that factor")
         return {role: self._rotate(t, *inv) for role, t in tensors.items()}
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's RoAd forward (``_apply_road``): the base output, bias included, becomes
+        ``y·c1 + rotate_half(y)·c2`` per group, with ``rotate_half`` pairing (−y_q, y_p); the coefficients
+        are the parameterization shared with the merge (``prepare_cols``)."""
+        y = layer(x, base)
+        c1, c2 = prepare_cols(self.variant, self.group, like(self.theta, y), like(self.alpha, y))
+        halves = y.reshape(-1, 2, self.group // 2)
+        rotated = torch.stack((-halves[:, 1], halves[:, 0]), dim=1).reshape(y.shape)
+        return y * c1 + rotated * c2
 
     def condition(self) -> float:
         a, b, c, d = self.blocks()
