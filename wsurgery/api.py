@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .adapters import load_adapter
+from .adapters import Adapter, load_adapter
 from .checkpoint import open_checkpoint, parse_size
 from .checkpoint.dtypes import parse_user_dtype
 from .hub import PushResult, PushTarget, resolve
@@ -26,9 +26,15 @@ if TYPE_CHECKING:
     from .verify import Report
 
 
-def _run(direction: str, base: str | Path, adapter: AdapterSpec | list[AdapterSpec], out: str | Path, scale: float,
-         dtype: str | torch.dtype | None, max_shard_size: str | int | None, overwrite: bool, progress: bool,
-         options: dict[str, Any] | None, requantize: bool = False, through_nf4: bool = False,
+def _load_adapters(adapter: AdapterSpec | list[AdapterSpec], scale: float, options: dict[str, Any] | None
+                   ) -> list[tuple[Adapter, float]]:
+    """Each adapter loaded, with its scale·weight."""
+    return [(load_adapter(resolve(a, kind="adapter"), options), scale * w) for a, w in weighted_specs(adapter)]
+
+
+def _run(direction: str, base: str | Path, adapter: AdapterSpec | list[AdapterSpec], out: str | Path,
+         scale: float, dtype: str | torch.dtype | None, max_shard_size: str | int | None, overwrite: bool,
+         progress: bool, options: dict[str, Any] | None, requantize: bool = False, through_nf4: bool = False,
          command: str | None = None) -> Result:
     if isinstance(dtype, str):
         dtype = parse_user_dtype(dtype)
@@ -38,7 +44,7 @@ def _run(direction: str, base: str | Path, adapter: AdapterSpec | list[AdapterSp
         raise InputError("--requantize and --through-nf4 exclude each other: --through-nf4 is for a 16-bit base, "
                          "--requantize for a 4-bit one")
     ckpt = open_checkpoint(resolve(base))
-    adapters = [(load_adapter(resolve(a, kind="adapter"), options), scale * w) for a, w in weighted_specs(adapter)]
+    adapters = _load_adapters(adapter, scale, options)
     job = plan(ckpt, adapters, direction)
     through_fmt = Bnb4bit() if through_nf4 else None
     quantize = qlora_outputs(ckpt, job.changed_tensors, requantize)
@@ -60,12 +66,13 @@ def merge(base: str | Path, adapter: AdapterSpec | list[AdapterSpec], out: str |
           dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
           overwrite: bool = False, progress: bool = True, options: dict[str, Any] | None = None,
           requantize: bool = False, through_nf4: bool = False, command: str | None = None) -> Result:
-    """Merge a PEFT adapter into a base checkpoint and write the merged model folder ``out``.
+    """Merge a PEFT adapter (or several) into a base checkpoint and write the merged model folder ``out``.
 
     ``base`` is a model folder, a ``.safetensors``/``.bin`` file, an index file or a Hub repo id;
     ``adapter`` a PEFT adapter folder or repo id, or a list of them (or of ``(adapter, weight)`` pairs)
-    applied in order. ``scale`` multiplies every adapter's change (W + scale·weight·ΔW). The output keeps the base's tensor names, shapes, dtypes (unless ``dtype``) and
-    sharding (unless ``max_shard_size``), and is written atomically: on any error ``out`` is not created.
+    applied in order. ``scale`` multiplies every adapter's change (W + scale·weight·ΔW). The output
+    keeps the base's tensor names, shapes, dtypes (unless ``dtype``) and sharding (unless
+    ``max_shard_size``), and is written atomically: on any error ``out`` is not created.
     ``options`` are method-specific choices, e.g. ``{"task_id": 2}`` for Poly.
 
     QLoRA: a bitsandbytes 4-bit base is merged into its dequantized weights and written in 16 bit
@@ -89,9 +96,9 @@ def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, scale: 
     return _run("unmerge", merged, adapter, out, scale, dtype, max_shard_size, overwrite, progress, options)
 
 
-def verify(base: str | Path, adapter: str | Path, merged: str | Path, *, scale: float = 1.0, device: str = "auto",
-           tokens: int = 64, seed: int = 0, rtol: float | None = None, atol: float = 0.0, progress: bool = True,
-           options: dict[str, Any] | None = None) -> "Report":
+def verify(base: str | Path, adapter: AdapterSpec | list[AdapterSpec], merged: str | Path, *, scale: float = 1.0,
+           device: str = "auto", tokens: int = 64, seed: int = 0, rtol: float | None = None, atol: float = 0.0,
+           progress: bool = True, options: dict[str, Any] | None = None) -> "Report":
     """Check with forward passes that ``merged`` computes what ``base`` + ``adapter`` compute.
 
     Each changed module runs the adapter's unmerged forward path on seeded inputs and the merged
@@ -101,9 +108,8 @@ def verify(base: str | Path, adapter: str | Path, merged: str | Path, *, scale: 
     from .verify import verify_merge
 
     ckpt = open_checkpoint(resolve(base))
-    ad = load_adapter(resolve(adapter, kind="adapter"), options)
-    return verify_merge(ckpt, [(ad, scale)], open_checkpoint(resolve(merged)), device=device, tokens=tokens,
-                        seed=seed, rtol=rtol, atol=atol, progress=progress)
+    return verify_merge(ckpt, _load_adapters(adapter, scale, options), open_checkpoint(resolve(merged)),
+                        device=device, tokens=tokens, seed=seed, rtol=rtol, atol=atol, progress=progress)
 
 
 

@@ -94,7 +94,7 @@ def methods(as_json: bool) -> None:
 
 @cli.command()
 @click.argument("base")
-@click.argument("adapter")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
 @click.argument("out")
 @with_output_options
 @click.option("--requantize", is_flag=True, help="4-bit base: store the changed weights in 4-bit again "
@@ -103,22 +103,26 @@ def methods(as_json: bool) -> None:
                                                    "a QLoRA adapter was trained against.")
 @click.option("--verify", "then_verify", is_flag=True, help="Run `wsurgery verify` on the result.")
 @push_options
-def merge(base: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet, task_id,
-          mha_single_out_proj, experts_transposed, requantize: bool, through_nf4: bool, then_verify: bool,
+def merge(base: str, adapters: tuple[str, ...], out: str, dtype, max_shard_size, scale, overwrite, quiet,
+          task_id, mha_single_out_proj, experts_transposed, requantize: bool, through_nf4: bool, then_verify: bool,
           push: PushTarget | None) -> None:
-    """Merge ADAPTER into BASE and write the merged model to the new folder OUT."""
+    """Merge the ADAPTERs into BASE, in order, and write the merged model to the new folder OUT.
+
+    ADAPTER:WEIGHT merges W + WEIGHT·ΔW (e.g. style-lora:0.5); a trailing ':<number>' is a weight only
+    where what comes before it is an existing path or a Hub repo id."""
     options = _options(task_id, mha_single_out_proj, experts_transposed)
+    weighted = [adapter_with_weight(a) for a in adapters]
     if then_verify and (requantize or through_nf4):
         raise InputError("--verify compares the merge with the base's own weights; with --requantize or "
                          "--through-nf4 the output holds rounded weights on purpose: verify without them")
     with _closing_progress_bars():
-        r = api.merge(base, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
+        r = api.merge(base, weighted, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
                       overwrite=overwrite, progress=not quiet, options=options, requantize=requantize,
                       through_nf4=through_nf4, command=_command_line())
     _report("merged", r, quiet)
     if then_verify:
         with _closing_progress_bars():
-            report = api.verify(base, adapter, out, scale=scale, progress=not quiet, options=options)
+            report = api.verify(base, weighted, out, scale=scale, progress=not quiet, options=options)
         _show_verify(report, None, False)
     push_after(r.out, push, progress=not quiet)  # the card reads config.json's "wsurgery" record
 
