@@ -6,11 +6,12 @@
 """
 
 from .api import merge, push, unmerge
+from .api import combine, extract
 from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
 from .describe import inspect
 from .engine import Result
 
 __version__ = "0.1.0"
 
-__all__ = ["InputError", "NotInvertibleError", "Result", "UnsupportedError", "WsurgeryError", "inspect",
-           "merge", "push", "unmerge", "__version__"]
+__all__ = ["InputError", "NotInvertibleError", "Result", "UnsupportedError", "WsurgeryError", "combine",
+           "extract", "inspect", "merge", "push", "unmerge", "__version__"]
