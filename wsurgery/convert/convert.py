@@ -1,0 +1,235 @@
+"""``wsurgery convert ADAPTER OUT --to METHOD``: an adapter rewritten as another PEFT method.
+
+Each module's change ΔW comes from the source adapter's own patch: its dense delta where the change
+does not depend on W, else the patched base weight minus W (read from ``--base``, in float64). The
+target fits it (see ``to_lora``, ``to_structured``) and the relative error ``‖ΔW' − ΔW‖_F / ‖ΔW‖_F``
+of what the target writes is reported for every module. A module the target cannot express at all
+(error >= 0.99) stops the conversion unless ``force``.
+
+Everything that can be checked from headers and configs (targets, shapes, the need for a base) is
+checked before the first module is read; modules are then read and fitted one at a time, and the
+adapter is written atomically once all are done. ``modules_to_save`` and trainable-token rows are
+carried over as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapters import Adapter, load_adapter
+from ..checkpoint import Checkpoint, check_output_path, open_checkpoint
+from ..engine import plan
+from ..errors import InputError, UnsupportedError
+from ..hub import resolve
+from ..methods import AdditivePatch, Patch
+from ..methods.lora import LoraPatch
+from ..methods.vblora import VBLoraPatch
+from . import to_lora, to_structured  # noqa: F401  (they register the targets)
+from .peft_writer import write_adapter
+from .target import KINDS, TARGETS, ModuleDelta, Options, as_matrix, get_target, matrix_shape
+
+#: A module whose relative error reaches this gains nothing from the conversion.
+USELESS_ERROR = 0.99
+#: At or below this relative error a module counts as converted exactly.
+EXACT_ERROR = 1e-5
+
+__all__ = ["Conversion", "ModuleReport", "TARGETS", "convert"]
+
+
+@dataclass
+class ModuleReport:
+    module: str
+    rank: int  # what the target spent: rank, MiSS r, block size
+    error: float  # ‖ΔW' − ΔW‖_F / ‖ΔW‖_F
+
+    @property
+    def exact(self) -> bool:
+        return self.error <= EXACT_ERROR
+
+
+@dataclass
+class Conversion:
+    """What a conversion wrote, and how close each module came."""
+
+    out: Path
+    source: str  # the source's peft_type
+    target: str  # the --to name
+    method: str  # the target method's name ("MiSS")
+    size_name: str  # what ModuleReport.rank counts ("rank", "r", "block")
+    modules: list[ModuleReport]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_error(self) -> float:
+        return max((m.error for m in self.modules), default=0.0)
+
+
+@dataclass
+class _Source:
+    """One module of the source adapter, checked against its base weight."""
+
+    patch: Patch
+    kind: str
+    shape: tuple[int, ...]  # the base weight as stored
+    tensors: dict[str, str]  # role -> base tensor name; empty without a base
+    changes_bias: bool
+
+    @property
+    def module(self) -> str:
+        return self.patch.module
+
+
+def _kind(patch: Patch, shape: tuple[int, ...], fan_in_fan_out: bool) -> str:
+    """The layer kind from the patch where it knows (LoRA, DoRA, OFT, IA3...), else from the shape and config."""
+    kind = getattr(patch, "kind", None) or getattr(getattr(patch, "lora", None), "kind", None)
+    if len(shape) > 2:
+        return "conv"
+    if kind in KINDS and kind != "linear":
+        return kind
+    return "conv1d_transposed" if fan_in_fan_out else "linear"
+
+
+def _check_roles(patch: Patch, roles: tuple[str, ...]) -> None:
+    if "weight" not in roles or set(roles) - {"weight", "bias"}:
+        raise UnsupportedError(f"{patch.module}: the change touches {', '.join(roles) or 'no base tensor'}; convert "
+                               "handles changes of a layer's weight (and bias)")
+
+
+def _own_shapes(patch: Patch) -> dict[str, tuple[int, ...]] | None:
+    """The base shapes a patch implies by itself, where its tensors tell them unambiguously."""
+    if isinstance(patch, LoraPatch):
+        shapes = {patch.role: patch.weight_shape()}
+        if patch.bias is not None:
+            shapes["bias"] = tuple(patch.bias.shape)
+        return shapes
+    if isinstance(patch, VBLoraPatch):
+        return {"weight": patch.out_in[::-1] if patch.transposed else patch.out_in}
+    return None
+
+
+def _sources(ad: Adapter, base: Checkpoint | None) -> list[_Source]:
+    """The method patches to convert, each checked against its base shapes; nothing is read yet."""
+    methods = {id(p) for p in ad.method_patches}
+    fan_in_fan_out = bool(ad.config.get("fan_in_fan_out", False))
+    found: list[_Source] = []
+    if base is not None:
+        for job in plan(base, [(ad, 1.0)]).jobs.values():
+            for patch, _, roles in job.patches:
+                if id(patch) not in methods:
+                    continue
+                _check_roles(patch, roles)
+                shape = tuple(base.tensors[job.tensors["weight"]].shape)
+                found.append(_Source(patch, _kind(patch, shape, fan_in_fan_out), shape,
+                                     {r: job.tensors[r] for r in roles}, "bias" in roles))
+        return found
+    for patch in ad.method_patches:
+        _check_roles(patch, patch.roles)
+        if not isinstance(patch, AdditivePatch):
+            raise InputError(f"{patch.module}: the {ad.config.peft_type} change depends on the base weight; pass "
+                             "--base BASE")
+        shapes = _own_shapes(patch)
+        if shapes is None:
+            raise InputError(f"{ad.folder}: {ad.config.peft_type} adapters do not record the shape of "
+                             f"{patch.module}'s weight (in_features, layer type); pass --base BASE")
+        patch.check(shapes)
+        shape = tuple(shapes["weight"])
+        found.append(_Source(patch, _kind(patch, shape, fan_in_fan_out), shape, {}, "bias" in shapes))
+    return found
+
+
+def _read(src: _Source, base: Checkpoint | None, needs_weight: bool) -> ModuleDelta:
+    """The module's change as a float64 (out, fan_in) matrix, with the base weight where asked for."""
+    patch = src.patch
+    weight = bias = None
+    if isinstance(patch, AdditivePatch) and not needs_weight:
+        change = {role: t.to(torch.float64) for role, t in patch.delta().items()}
+    else:
+        before = {role: base.read(name).to(torch.float64) for role, name in src.tensors.items()}
+        after = patch.apply({role: t.clone() for role, t in before.items()})
+        change = {role: after[role].sub_(before[role]) for role in before}
+        weight = as_matrix(src.kind, before["weight"])
+    if "bias" in change and bool(change["bias"].any()):
+        bias = change["bias"]
+    return ModuleDelta(src.module, src.kind, src.shape, as_matrix(src.kind, change["weight"]),
+                       weight if needs_weight else None, bias)
+
+
+def _relative_error(realized: torch.Tensor, delta: torch.Tensor) -> float:
+    norm = float(torch.linalg.matrix_norm(delta))
+    return float(torch.linalg.matrix_norm(realized - delta)) / norm if norm > 0 else 0.0
+
+
+def _carried(ad: Adapter, carries_tokens: bool, to: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """``modules_to_save`` tensors and trainable-token rows, as the source saved them, and their config fields."""
+    bias = ad.config.get("bias", "none")
+    if bias != "none":
+        raise UnsupportedError(f"{ad.config.path}: bias={bias!r}: the adapter trained biases, which convert does not "
+                               "carry over; merge the adapter instead")
+    tensors = {r.key: r.tensor for reps in ad.replacements.values() for r in reps}
+    config = {"modules_to_save": ad.config.modules_to_save or None}
+    if ad.tokens:
+        if not carries_tokens:
+            raise UnsupportedError(f"{ad.config.path}: trainable_token_indices has no place in a {to} adapter; "
+                                   "convert to lora, which keeps them")
+        tensors.update({t.key: t.rows for t in ad.tokens})
+        config["trainable_token_indices"] = ad.config.raw["trainable_token_indices"]
+    return tensors, config
+
+
+def _adapter_dtype(ad: Adapter) -> torch.dtype:
+    """The output keeps the source's floating dtype (float32 where it mixes several)."""
+    floats = {d for d in ad.dtypes if d.is_floating_point}
+    return floats.pop() if len(floats) == 1 else torch.float32
+
+
+def convert(adapter: str | Path, out: str | Path, *, to: str, base: str | Path | None = None,
+            rank: int | None = None, block_size: int | None = None, butterfly_factors: int | None = None,
+            force: bool = False, overwrite: bool = False, progress: bool = True) -> Conversion:
+    """Rewrite ``adapter`` as a ``to`` adapter (``lora``, ``miss``, ``bone``, ``oft``, ``boft``, ``loha``, ``lokr``).
+
+    ``base`` is needed where the change depends on W (DoRA, OFT, BOFT, HRA, IA3, MiSS bat...), for the
+    ``oft``/``boft`` targets, and where the adapter does not record its layers' shapes (all but LoRA and
+    VB-LoRA). ``rank``: the LoRA/LoHa/LoKr rank (default: each module's exact rank) or MiSS/Bone's r.
+    ``block_size``/``butterfly_factors``: OFT/BOFT's size. Raises ``UnsupportedError`` where a module's
+    relative error reaches 0.99, unless ``force``.
+    """
+    target = get_target(to)
+    ad = load_adapter(resolve(adapter, kind="adapter"))
+    options = Options(rank, block_size, butterfly_factors, _adapter_dtype(ad))
+    target.check_options(options)
+    if target.needs_weight and base is None:
+        raise InputError(f"--to {to} needs --base BASE: {target.method} rotates the base weight, so the best "
+                         f"{target.method} depends on W")
+    ckpt = open_checkpoint(resolve(base)) if base is not None else None
+    out = Path(out)
+    inputs = [ad.folder, *([ckpt.folder] if ckpt is not None else [])]
+    check_output_path(out, inputs, overwrite)
+    carried, carried_config = _carried(ad, target.carries_tokens, to)
+    sources = _sources(ad, ckpt)
+    for src in sources:
+        target.check_module(src.module, src.kind, matrix_shape(src.kind, src.shape), src.changes_bias, options)
+
+    fits, reports, notes = {}, [], [target.remark] if target.remark else []
+    for src in tqdm(sources, desc=f"convert to {to}", unit="module", disable=not progress, leave=False):
+        delta = _read(src, ckpt, target.needs_weight)
+        fit = target.fit(delta, options)
+        reports.append(ModuleReport(src.module, fit.rank, _relative_error(fit.realized, delta.delta)))
+        notes += [f"{src.module}: {n}" for n in fit.notes]
+        fit.realized = None
+        fits[src.module] = fit
+    useless = [r for r in reports if r.error >= USELESS_ERROR]
+    if useless and not force:
+        worst = max(useless, key=lambda r: r.error)
+        raise UnsupportedError(
+            f"{target.method} cannot express the change of {len(useless)} of {len(reports)} module(s): relative error "
+            f">= {USELESS_ERROR} (worst {worst.module}: {worst.error:.3f}), no better than no adapter; pass --force "
+            "to write it anyway")
+    config = {**target.config(fits, options), **carried_config,
+              "base_model_name_or_path": ad.config.base_model, "task_type": ad.config.raw.get("task_type")}
+    tensors = {f"base_model.model.{m}.{name}": t for m, fit in fits.items() for name, t in fit.tensors.items()}
+    write_adapter(out, config, {**tensors, **carried}, overwrite=overwrite, inputs=inputs)
+    return Conversion(out, ad.config.peft_type, to, target.method, target.size_name, reports, notes)
