@@ -6,6 +6,7 @@
 """
 
 from .api import merge, push, unmerge
+from .api import convert as convert_adapter  # plain `convert` is the subpackage wsurgery.convert
 from .api import combine, extract
 from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
 from .describe import inspect
@@ -14,4 +15,4 @@ from .engine import Result
 __version__ = "0.1.0"
 
 __all__ = ["InputError", "NotInvertibleError", "Result", "UnsupportedError", "WsurgeryError", "combine",
-           "extract", "inspect", "merge", "push", "unmerge", "__version__"]
+           "convert_adapter", "extract", "inspect", "merge", "push", "unmerge", "__version__"]
