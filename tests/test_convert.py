@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracle import (LLAMA_LINEAR, assert_close_to, conv_net, edit_adapter_tensors, load_all, make_adapter,
+                    oracle_merge, reload, save_base, tiny_gpt2, tiny_llama)
 from peft import (AdaLoraConfig, BOFTConfig, HRAConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, MissConfig,
                   OFTConfig, PeftModel, RandLoraConfig, VBLoRAConfig, VeraConfig)
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from test_cli import run_cli
 from torch import nn
 
 import wsurgery
-from oracle import (LLAMA_LINEAR, assert_close_to, conv_net, edit_adapter_tensors, load_all, make_adapter,
-                    oracle_merge, reload, save_base, tiny_gpt2, tiny_llama)
-from wsurgery.cli import main
 from wsurgery.convert.to_structured import periodic_means
 from wsurgery.errors import InputError, UnsupportedError
 
@@ -177,6 +177,16 @@ def test_modules_to_save_carried(tmp_path, llama):
     assert_close_to(peft_merge(model, base, tmp_path / "loha"), peft_merge(model, base, source))
 
 
+def test_trainable_tokens_carried_to_lora_only(tmp_path, llama):
+    model, base = llama
+    config = LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 5])
+    source = make_adapter(model, config, tmp_path / "source")
+    wsurgery.convert_adapter(source, tmp_path / "lora", to="lora", rank=3, progress=False)
+    assert_close_to(peft_merge(model, base, tmp_path / "lora"), peft_merge(model, base, source))
+    with pytest.raises(UnsupportedError, match="trainable_token_indices has no place in a miss adapter"):
+        wsurgery.convert_adapter(source, tmp_path / "miss", to="miss", rank=4, base=base, progress=False)
+
+
 # -- best approximations to LoRA ------------------------------------------------------------------------------------
 
 APPROX_SOURCES = {
@@ -259,6 +269,20 @@ def test_bone_fixture_to_lora_and_back(tmp_path):
     assert (config["peft_type"], config["r"], config["init_weights"]) == ("BONE", 6, True)
     wsurgery.merge(case / "base", tmp_path / "bone", tmp_path / "merged", progress=False)
     assert_close_to(load_all(tmp_path / "merged"), load_file(case / "expected.safetensors"))
+
+
+def test_bone_bat_fixture_to_lora(tmp_path):
+    """Bone's bat mode depends on W: the best rank-3 LoRA of PEFT 0.17.1's own merged change (Eckart–Young)."""
+    case = BONE_FIXTURES / "bat-fp32"
+    c = wsurgery.convert_adapter(case / "adapter", tmp_path / "lora", to="lora", base=case / "base", rank=3,
+                                 progress=False)
+    base_w = load_file(case / "base" / "model.safetensors")
+    want = deltas(load_file(case / "expected.safetensors"), base_w)
+    wsurgery.merge(case / "base", tmp_path / "lora", tmp_path / "merged", progress=False)
+    got = deltas(load_all(tmp_path / "merged"), base_w)
+    for name, D in want.items():
+        assert abs(float((got[name] - D).norm()) - tail(D, 3)) <= 1e-5 * float(D.norm()), name
+        assert abs(reported(c)[name.removesuffix(".weight")] - tail(D, 3) / float(D.norm())) <= 1e-5
 
 
 # -- LoRA -> MiSS ---------------------------------------------------------------------------------------------------
@@ -467,13 +491,7 @@ def test_cli(tmp_path, llama, capsys):
     source = make_adapter(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), tmp_path / "source")
 
     def run(*args):
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        return code, *capsys.readouterr()
+        return run_cli(args, capsys)
 
     code, out, err = run("convert", source, tmp_path / "miss", "--to", "miss", "--rank", "4", "--base", base)
     assert code == 0, err

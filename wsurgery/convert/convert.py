@@ -37,7 +37,7 @@ USELESS_ERROR = 0.99
 #: At or below this relative error a module counts as converted exactly.
 EXACT_ERROR = 1e-5
 
-__all__ = ["Conversion", "ModuleReport", "TARGETS", "convert"]
+__all__ = ["TARGETS", "Conversion", "ModuleReport", "convert"]
 
 
 @dataclass

@@ -17,13 +17,23 @@ The scaling is folded into the factors (lora_alpha = r, so s = 1), with √σ on
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..errors import UnsupportedError
-from .target import KINDS, Fit, ModuleDelta, Options, Target, check_rank, common_rank, register_target
+from .target import (
+    KINDS,
+    Fit,
+    ModuleDelta,
+    Options,
+    Target,
+    check_rank,
+    common_rank,
+    register_target,
+)
 
 #: Relative Frobenius error below which a factorisation counts as exact (float32 rounding is ~1e-7).
 EXACT_RTOL = 1e-6
@@ -122,16 +132,15 @@ def lora_tensors(kind: str, shape: tuple[int, ...], A: torch.Tensor, B: torch.Te
     return {"lora_A.weight": A, "lora_B.weight": B}
 
 
-@register_target
-class LoraTarget(Target):
-    name = "lora"
-    method = "LoRA"
-    kinds = KINDS
-    carries_tokens = True
+class LowRankTarget(Target):
+    """A target that holds the best rank-r approximation of the change, exact at the change's own rank."""
+
+    #: Whether the target's tensors can also hold a change of the bias.
+    holds_bias: ClassVar[bool] = False
 
     def check_module(self, module: str, kind: str, shape: tuple[int, int], has_bias_change: bool,
                      options: Options) -> None:
-        super().check_module(module, kind, shape, False, options)  # a bias change goes to lora_B.bias
+        super().check_module(module, kind, shape, has_bias_change and not self.holds_bias, options)
         if options.rank is not None:
             check_rank(module, options.rank, shape)
 
@@ -139,10 +148,28 @@ class LoraTarget(Target):
         spec = spectrum(d.delta)
         k = chosen_rank(d, spec, options, self.method)
         B, A = (x.to(options.dtype) for x in spec.factors(k))
+        tensors, realized = self.hold(d, B, A)
+        return Fit(tensors, realized, k, d.kind)
+
+    @abstractmethod
+    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The method's tensors for ``B·A`` (written in ``B``'s dtype) and their change, float64, computed from
+        the tensors as written."""
+
+
+@register_target
+class LoraTarget(LowRankTarget):
+    name = "lora"
+    method = "LoRA"
+    kinds = KINDS
+    carries_tokens = True
+    holds_bias = True  # as lora_B.bias (lora_bias)
+
+    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         tensors = lora_tensors(d.kind, d.shape, A, B)
         if d.bias is not None:
-            tensors["lora_B.bias"] = d.bias.to(options.dtype)
-        return Fit(tensors, B.double() @ A.double(), k, d.kind)
+            tensors["lora_B.bias"] = d.bias.to(B.dtype)
+        return tensors, B.double() @ A.double()
 
     def config(self, fits: dict[str, Fit], options: Options) -> dict[str, Any]:
         kinds = {f.kind for f in fits.values()}

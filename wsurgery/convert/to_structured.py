@@ -29,16 +29,15 @@ has their structure, the best approximation otherwise); LoHa and LoKr hold the b
 from __future__ import annotations
 
 import math
-from abc import abstractmethod
 from typing import Any, ClassVar
 
 import torch
 
-from ..errors import InputError, UnsupportedError
+from ..errors import InputError
 from ..methods.boft import _factors, butterfly_perms, cayley
 from ..methods.oft import cayley_exact, skew_from_triangle
-from .target import Fit, ModuleDelta, Options, Target, check_rank, common_rank, register_target
-from .to_lora import chosen_rank, spectrum
+from .target import Fit, ModuleDelta, Options, Target, common_rank, register_target
+from .to_lora import LowRankTarget
 
 #: σ_min(I + R) below which a rotation counts as a half turn: PEFT's float32 Cayley solve loses about
 #: 1e-7/σ of accuracy, so rotations are kept at least 2·margin away from it.
@@ -163,9 +162,10 @@ def cayley_preimage(R: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 def _half_turn_note(blocks: list[int], b: int) -> list[str]:
     if not blocks:
         return []
-    return [f"the best rotation of {len(blocks)} block(s) of {b} columns (e.g. block {blocks[0]}) turns a plane by "
-            f"π, which the Cayley map cannot express; those planes turn {math.degrees(2 * math.asin(2 * HALF_TURN_MARGIN)):.1f}° "
-            "short of it (included in the error)"]
+    short = math.degrees(2 * math.asin(2 * HALF_TURN_MARGIN))
+    note = (f"the best rotation of {len(blocks)} block(s) of {b} columns (e.g. block {blocks[0]}) turns a plane by π, "
+            f"which the Cayley map cannot express; those planes turn {short:.2f}° short of it (included in the error)")
+    return [note]
 
 
 class _RotationTarget(Target):
@@ -297,33 +297,12 @@ class BoftTarget(_RotationTarget):
 
 # -- LoHa / LoKr: a LoRA in their form ----------------------------------------------------------------------
 
-class _LowRankForm(Target):
-    """A target that holds the best rank-r LoRA of the change exactly, in its own parameterisation."""
-
-    def check_module(self, module: str, kind: str, shape: tuple[int, int], has_bias_change: bool,
-                     options: Options) -> None:
-        super().check_module(module, kind, shape, has_bias_change, options)
-        if options.rank is not None:
-            check_rank(module, options.rank, shape)
-
-    def fit(self, d: ModuleDelta, options: Options) -> Fit:
-        spec = spectrum(d.delta)
-        k = chosen_rank(d, spec, options, self.method)
-        B, A = (x.to(options.dtype) for x in spec.factors(k))
-        tensors, realized = self.hold(B, A)
-        return Fit(tensors, realized, k, d.kind)
-
-    @abstractmethod
-    def hold(self, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The method's tensors for ``B·A``, and their change (float64, from the tensors as written)."""
-
-
 @register_target
-class LohaTarget(_LowRankForm):
+class LohaTarget(LowRankTarget):
     name = "loha"
     method = "LoHa"
 
-    def hold(self, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         k = A.shape[0]
         w2a = torch.full((B.shape[0], k), k ** -0.5, dtype=B.dtype)
         w2b = torch.full((k, A.shape[1]), k ** -0.5, dtype=A.dtype)
@@ -338,11 +317,11 @@ class LohaTarget(_LowRankForm):
 
 
 @register_target
-class LokrTarget(_LowRankForm):
+class LokrTarget(LowRankTarget):
     name = "lokr"
     method = "LoKr"
 
-    def hold(self, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         k, (m, n) = A.shape[0], (B.shape[0], A.shape[1])
         one = torch.ones(1, 1, dtype=A.dtype)
         if k >= max(m, n) / 2:  # PEFT's rule: a full w2 from this rank on
