@@ -220,3 +220,27 @@ def test_forward_path_is_peft_forward(tmp_path, method):
         got = patch.forward(x, base, layer)
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), patch.module
         assert (want - plain).abs().max() > 1e-3 * want.abs().max(), patch.module  # the adapter matters
+
+
+CUDA_CASES = {
+    **PEFT_FORWARD,
+    "ln_tuning": (tiny_bert, LNTuningConfig(target_modules=["LayerNorm"])),
+    "tokens": (tiny_llama, TrainableTokensConfig(token_indices=[0, 5, 7, 90])),
+    "beft": (lambda dtype: with_random_biases(tiny_bert(dtype)), BeftConfig(target_modules=["query", "value", "dense"])),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", CUDA_CASES)
+def test_cuda_matches_cpu(tmp_path, method):
+    build, cfg = CUDA_CASES[method]
+    model = build(torch.bfloat16)
+    options = {"task_id": 2} if method == "poly" else None
+    base = save_base(model, tmp_path / "base")
+    adapter = make_adapter(model, cfg, tmp_path / "adapter")
+    wsurgery.merge(base, adapter, tmp_path / "merged", progress=False, options=options)
+    cpu, gpu = (wsurgery.api.verify(base, adapter, tmp_path / "merged", progress=False, device=device, options=options)
+                for device in ("cpu", "cuda"))
+    assert cpu.passed and gpu.passed and gpu.device.startswith("cuda")
+    for a, b in zip(cpu.checks, gpu.checks):
+        assert a.module == b.module and abs(a.max_rel - b.max_rel) < 1e-3
