@@ -82,7 +82,7 @@ _NF4_CODE = (
 # FP4 (1 sign, 2 exponent, 1 mantissa bits) in bit-pattern order, normalized by 12 as bitsandbytes does.
 _FP4_UNNORMALIZED = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 # Codes in ascending order of value. FP4's two zeros: bitsandbytes' argsort puts code 0 before code 8.
-_ASCENDING_CODES = {
+ASCENDING_CODES = {
     "nf4": tuple(range(16)),
     "fp4": (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3),
 }
@@ -271,21 +271,21 @@ class _CodeGrid:
 
 
 @functools.cache
-def _midpoints(quant_type: str) -> torch.Tensor:
+def midpoints(quant_type: str) -> torch.Tensor:
     """The 15 float32 midpoints between the code values in ascending order (bitsandbytes' bounds)."""
-    ascending = code_book(quant_type)[list(_ASCENDING_CODES[quant_type])]
+    ascending = code_book(quant_type)[list(ASCENDING_CODES[quant_type])]
     return (ascending[:-1] + ascending[1:]) / 2
 
 
 @functools.cache
 def _code_grid(quant_type: str, device: torch.device) -> _CodeGrid:
-    midpoints = _midpoints(quant_type).double()
+    bounds = midpoints(quant_type).double()
     lows = torch.arange(GRID_CELLS + 1, dtype=torch.float64) * 2 / GRID_CELLS - 1
-    below = torch.searchsorted(midpoints, lows)  # midpoints strictly below each cell's low end
-    inside = below.clamp(max=len(midpoints) - 1)
-    has_midpoint = (below < len(midpoints)) & (midpoints[inside] < lows + 2 / GRID_CELLS)
-    midpoint = torch.where(has_midpoint, midpoints[inside], math.inf).float()
-    ascending = torch.tensor(_ASCENDING_CODES[quant_type])
+    below = torch.searchsorted(bounds, lows)  # midpoints strictly below each cell's low end
+    inside = below.clamp(max=len(bounds) - 1)
+    has_midpoint = (below < len(bounds)) & (bounds[inside] < lows + 2 / GRID_CELLS)
+    midpoint = torch.where(has_midpoint, bounds[inside], math.inf).float()
+    ascending = torch.tensor(ASCENDING_CODES[quant_type])
     low = ascending[below]
     step = None
     if quant_type != "nf4":
@@ -340,13 +340,14 @@ def _quantize_full_blocks(flat: torch.Tensor, blocksize: int, quant_type: str,
     chunk = max(blocksize, CHUNK_ELEMENTS)
     scratch = _Scratch(min(chunk, flat.numel()), flat.device, grid.step is not None)
     for start in range(0, flat.numel(), chunk):
-        blocks = flat[start:start + chunk].view(-1, blocksize)
-        first_block = start // blocksize
-        block_absmax = absmax[first_block:first_block + blocks.shape[0]]
-        block_absmax.copy_(blocks.abs().amax(dim=1))
-        inverse = torch.reciprocal(block_absmax.clamp(min=1e-38))
-        scaled = torch.mul(blocks, inverse[:, None], out=scratch.scaled[:blocks.numel()].view_as(blocks))
-        _pack(_codes(scaled.view(-1), grid, scratch), packed[start // 2:(start + blocks.numel()) // 2], scratch)
+        stop = min(start + chunk, flat.numel())
+        m = stop - start
+        scaled = scratch.scaled[:m].view(-1, blocksize)
+        scaled.copy_(flat[start:stop].view(-1, blocksize))  # float32, exact
+        block_absmax = absmax[start // blocksize:stop // blocksize]
+        torch.amax(torch.abs(scaled, out=scratch.cell[:m].view_as(scaled)), dim=1, out=block_absmax)
+        scaled.mul_(torch.reciprocal(block_absmax.clamp(min=1e-38))[:, None])
+        _pack(_codes(scratch.scaled[:m], grid, scratch), packed[start // 2:stop // 2], scratch)
 
 
 def _quantize_ragged_block(tail: torch.Tensor, quant_type: str, packed: torch.Tensor, absmax: torch.Tensor) -> None:
@@ -379,9 +380,9 @@ def _triton_kernels(device: torch.device):
 def _dynamic_lut(device: torch.device) -> torch.Tensor:
     """bitsandbytes' 65,536-entry table: for v = -1 + 2i/65535, the number of map midpoints below v."""
     code = dynamic_map()
-    midpoints = (code[:-1] + code[1:]) * 0.5
+    bounds = (code[:-1] + code[1:]) * 0.5
     values = torch.arange(1 << 16, dtype=torch.float32) * 2 / torch.tensor(65535.0) - 1
-    return torch.searchsorted(midpoints, values).to(torch.uint8).to(device)
+    return torch.searchsorted(bounds, values).to(torch.uint8).to(device)
 
 
 def _quantize_nested(values: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -445,8 +446,7 @@ def quantize_4bit(w: torch.Tensor, *, quant_type: str = "nf4", blocksize: int = 
         if kernels is None:
             _quantize_full_blocks(flat[:full], blocksize, quant_type, packed[: full // 2], absmax[: full // blocksize])
         else:
-            kernels.quantize_full_blocks(flat[:full], blocksize, _midpoints(quant_type), _ASCENDING_CODES[quant_type],
-                                         packed[: full // 2], absmax[: full // blocksize])
+            kernels.quantize_full_blocks(flat[:full], blocksize, quant_type, packed[: full // 2], absmax[: full // blocksize])
     if full < n:
         _quantize_ragged_block(flat[full:], quant_type, packed[full // 2:], absmax[-1:])
     if not bool(torch.isfinite(absmax).all()):
@@ -514,7 +514,7 @@ def _check_packed_weight(tensor: torch.Tensor, state: QuantState, name: str) -> 
 
 
 @functools.cache
-def _dequantized_codes(quant_type: str) -> torch.Tensor:
+def dequantized_codes(quant_type: str) -> torch.Tensor:
     """The 16 values bitsandbytes' C++ kernel dequantizes the codes to: FP4 code 8 is -0.0 there."""
     code = code_book(quant_type).clone()
     if quant_type == "fp4":
@@ -525,7 +525,7 @@ def _dequantized_codes(quant_type: str) -> torch.Tensor:
 @functools.cache
 def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
     """For each byte, its two code values (high nibble first) as one float64-sized item: one lookup per byte."""
-    code, byte = _dequantized_codes(quant_type), torch.arange(256)
+    code, byte = dequantized_codes(quant_type), torch.arange(256)
     pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous()
     return pairs.view(torch.float64).view(-1).to(device)
 
@@ -536,14 +536,17 @@ def _dequantize_full_blocks(packed: torch.Tensor, absmax: torch.Tensor, blocksiz
     table = _pair_table(quant_type, packed.device)
     chunk = max(blocksize, CHUNK_ELEMENTS)
     index = torch.empty(min(chunk, out.numel()) // 2, dtype=torch.int32, device=packed.device)
-    values = torch.empty(index.numel(), dtype=torch.float64, device=packed.device)
+    in_float32 = out.dtype == torch.float32
+    pairs = None if in_float32 else torch.empty_like(index, dtype=torch.float64)
     for start in range(0, out.numel(), chunk):
         stop = min(start + chunk, out.numel())
-        m = (stop - start) // 2
-        index[:m].copy_(packed[start // 2:stop // 2])
-        products = torch.index_select(table, 0, index[:m], out=values[:m]).view(torch.float32).view(-1, blocksize)
-        products.mul_(absmax[start // blocksize:stop // blocksize, None])
-        out[start:stop].copy_(products.view(-1))
+        m = stop - start
+        index[: m // 2].copy_(packed[start // 2:stop // 2])
+        target = out[start:stop].view(torch.float64) if in_float32 else pairs[: m // 2]
+        values = torch.index_select(table, 0, index[: m // 2], out=target).view(torch.float32).view(-1, blocksize)
+        values.mul_(absmax[start // blocksize:stop // blocksize, None])
+        if not in_float32:
+            out[start:stop].view(-1, blocksize).copy_(values)
 
 
 def dequantize_4bit(parts: dict[str, torch.Tensor], *, where: str, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -573,8 +576,7 @@ def dequantize_4bit(parts: dict[str, torch.Tensor], *, where: str, out_dtype: to
         if kernels is None:
             _dequantize_full_blocks(packed[: full // 2], absmax, blocksize, state.quant_type, out[:full])
         else:
-            kernels.dequantize_full_blocks(packed[: full // 2], absmax, blocksize, _dequantized_codes(state.quant_type).to(packed.device),
-                                           out[:full])
+            kernels.dequantize_full_blocks(packed[: full // 2], absmax, blocksize, state.quant_type, out[:full])
     if full < n:
         pairs = _pair_table(state.quant_type, packed.device)[packed[full // 2:].long()]
         out[full:] = (pairs.view(torch.float32)[: n - full] * absmax[-1]).to(dtype)
