@@ -252,7 +252,8 @@ def verify_quantized(original: Checkpoint, quantized: Checkpoint, *, device: str
         got, expected = layer(x, {"weight": Q}), layer(x, {"weight": W})
         limit = layer(x.abs(), {"weight": bound}) * (1 + slack) + slack * layer.magnitude(x, {"weight": W})
         err = (got - expected).abs()
-        passed = bool(torch.isfinite(got).all()) and bool((err <= limit).all())
+        weights_ok = bool(((Q - W).abs() <= bound * (1 + slack)).all())  # the bound holds weight by weight too
+        passed = bool(torch.isfinite(got).all()) and bool((err <= limit).all()) and weights_ok
         rel = float((err.norm() / expected.norm().clamp_min(1e-30)))
         cosine = float(torch.nn.functional.cosine_similarity(got.flatten().double(), expected.flatten().double(), dim=0))
         report.checks.append(Check(name, "forward", passed, float(err.max()), rel, cosine,

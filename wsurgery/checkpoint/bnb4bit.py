@@ -40,9 +40,11 @@ _PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 # quantizes their transpose, so the stored state's shape is (out, in).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "decision_transformer", "imagegpt", "clvp"})
 _CONV1D_LAYERS = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
-# Output heads and task heads transformers keeps in full precision (its "output embedding" and
-# "last module" rules); tied heads are embeddings and never quantized.
-_HEADS = frozenset({"lm_head", "embed_out", "score", "classifier", "qa_outputs", "decoder"})
+# Output heads transformers keeps in full precision (its "output embedding" rule; BERT's MLM decoder
+# is tied to the embeddings). Task heads are "the last module", which transformers 5.x keeps only
+# when the model's last parameter is its weight, i.e. when the head has no bias.
+_OUTPUT_HEADS = frozenset({"lm_head", "embed_out", "decoder"})
+_TASK_HEADS = frozenset({"score", "classifier", "qa_outputs"})
 _EMBEDDING = re.compile(r"(^|\.)(embed\w*|wte|wpe|shared|word_embeddings|position_embeddings|"
                         r"token_type_embeddings|tok_embeddings|relative_attention_bias)$")
 
@@ -218,17 +220,17 @@ def linear_weights(tensors: dict[str, TensorInfo | QuantizedTensorInfo], config:
     with 2-D weights left in full precision (for ``llm_int8_skip_modules``).
 
     Linear weights are told from embeddings by name, since the files hold no layer types: 2-D
-    ``*.weight`` tensors except embeddings, output and task heads, and ``skip`` (regexes, searched
-    in module paths). A headless encoder's pooler is kept too: transformers keeps "the last module".
+    ``*.weight`` tensors except embeddings, output heads, bias-free task heads, and ``skip`` (regexes,
+    searched in module paths).
     """
     patterns = [re.compile(p) for p in skip]
     modules = [n[: -len(".weight")] for n, t in tensors.items()
                if n.endswith(".weight") and len(t.shape) == 2 and t.dtype.is_floating_point]
-    heads = {m for m in modules if m.rpartition(".")[2] in _HEADS}
-    if not heads:
-        heads = {m for m in modules if m.endswith("pooler.dense")}
+    heads = {m for m in modules if m.rpartition(".")[2] in _OUTPUT_HEADS
+             or (m.rpartition(".")[2] in _TASK_HEADS and f"{m}.bias" not in tensors)}
     chosen: dict[str, bool] = {}
-    kept: list[str] = []
+    # A tied output head is not in the files but is a Linear in the model: keep it out of 4-bit too.
+    kept: list[str] = [] if "lm_head" in modules else ["lm_head"]
     for m in modules:
         if m in heads or _EMBEDDING.search(m) or any(p.search(m) for p in patterns):
             kept.append(m)
