@@ -16,7 +16,7 @@ from oracle import (LLAMA_LINEAR, check_verify, conv_net, dtypes_fp32_bf16, make
                     save_base, tiny_bert, tiny_gpt2, tiny_llama, with_random_biases)
 from peft import (BeftConfig, C3AConfig, FourierFTConfig, IA3Config, LNTuningConfig, PeftModel, PolyConfig,
                   ShiraConfig, SupertuningConfig, TrainableTokensConfig, WaveFTConfig)
-from torch import nn
+from test_method_hra_road_ia3 import GroupedConvNet
 
 import wsurgery
 from wsurgery.adapters import load_adapter
@@ -58,13 +58,6 @@ def test_ia3_gpt2_conv1d_with_biases(tmp_path):
 def test_ia3_conv_layers(tmp_path, dtype):
     cfg = IA3Config(target_modules=["c2", "pw", "c3", "fc"], feedforward_modules=["pw", "fc"])
     _case(tmp_path, conv_net(dtype), cfg, dtype, transposable=False)
-
-
-class GroupedConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.g = nn.Conv2d(6, 9, 3, groups=3)
-        self.h = nn.Conv2d(6, 4, 1, groups=2)
 
 
 def test_ia3_grouped_conv(tmp_path):
