@@ -136,6 +136,41 @@ def read_tensor(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tens
     return out
 
 
+def write_at(fd: int, tensor: torch.Tensor, offset: int, path: Path, name: str) -> None:
+    """Write a tensor's bytes at ``offset`` of the open file ``fd`` (``path`` names it in errors)."""
+    data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    try:
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+    except OSError as e:  # say which file (and so which disk) failed
+        raise OSError(e.errno, f"{e.strerror} (writing tensor {name!r})", str(path)) from None
+
+
+def copy_range(src: Path, src_offset: int, fd: int, offset: int, nbytes: int, path: Path, name: str) -> bool:
+    """Copy ``nbytes`` from ``src`` into the open file ``fd`` inside the kernel (``copy_file_range``),
+    without passing them through memory. False where the OS cannot; then the caller writes."""
+    if not hasattr(os, "copy_file_range"):
+        return False
+    src_fd = os.open(src, os.O_RDONLY)
+    done = 0
+    try:
+        while done < nbytes:
+            n = os.copy_file_range(src_fd, fd, nbytes - done, src_offset + done, offset + done)
+            if n <= 0:
+                if done == 0:
+                    return False
+                raise InputError(f"{src}: unexpected end of file while copying tensor {name!r}")
+            done += n
+    except OSError as e:
+        if done == 0 and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise OSError(e.errno, f"{e.strerror} (copying tensor {name!r})", str(path)) from None
+    finally:
+        os.close(src_fd)
+    return True
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A tensor to be written: known before its data exists."""
@@ -211,38 +246,17 @@ class SafetensorsWriter:
                 f"tensor {name!r} is {tensor.dtype}{list(tensor.shape)}, announced {spec.dtype}{list(spec.shape)}"
             )
         if spec.nbytes:
-            data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-            done = 0
-            try:
-                while done < len(data):
-                    done += os.pwrite(self._fd, data[done:], self._data_start + offset + done)
-            except OSError as e:  # say which file (and so which disk) failed
-                raise OSError(e.errno, f"{e.strerror} (writing tensor {name!r})", str(self.path)) from None
+            write_at(self._fd, tensor, self._data_start + offset, self.path, name)
         self._pending.discard(name)
 
     def copy_from(self, name: str, src: TensorInfo) -> bool:
         """Copy a tensor's bytes from another safetensors file inside the kernel (``copy_file_range``),
         without passing them through memory. False where the OS cannot; then the caller writes."""
         offset, spec = self._slots[name]
-        if (src.dtype, src.shape) != (spec.dtype, spec.shape) or src.offset < 0 or not hasattr(os, "copy_file_range"):
+        if (src.dtype, src.shape) != (spec.dtype, spec.shape) or src.offset < 0:
             return False
-        fd = os.open(src.file, os.O_RDONLY)
-        try:
-            done = 0
-            while done < spec.nbytes:
-                n = os.copy_file_range(fd, self._fd, spec.nbytes - done, src.offset + done,
-                                       self._data_start + offset + done)
-                if n <= 0:
-                    if done == 0:
-                        return False
-                    raise InputError(f"{src.file}: unexpected end of file while copying tensor {name!r}")
-                done += n
-        except OSError as e:
-            if done == 0 and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                return False
-            raise OSError(e.errno, f"{e.strerror} (copying tensor {name!r})", str(self.path)) from None
-        finally:
-            os.close(fd)
+        if not copy_range(src.file, src.offset, self._fd, self._data_start + offset, spec.nbytes, self.path, name):
+            return False
         self._pending.discard(name)
         return True
 
