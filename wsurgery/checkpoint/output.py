@@ -57,6 +57,35 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
         tmp.rename(out)
 
 
+def check_output_file(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """``check_output_path`` for an output that is one file (a ``.gguf``)."""
+    if out.is_dir():
+        raise InputError(f"{out}: is a folder; the output is one file, choose a file name")
+    for inp in inputs:
+        if out.resolve() == inp.resolve():
+            raise InputError(f"{out}: the output would overwrite the input {inp}; choose another file name")
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: already exists; choose a new file name or pass --overwrite")
+    if not out.parent.exists():
+        raise InputError(f"{out.parent}: the folder of OUT does not exist")
+
+
+@contextmanager
+def atomic_output_file(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling file of ``out``, renamed to ``out`` only if the block succeeds."""
+    tmp = out.parent / f".{out.name}.wsurgery-tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if out.exists() and not overwrite:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"{out}: appeared while writing; not replacing it without --overwrite")
+    os.replace(tmp, out)
+
+
 def copy_side_files(src_folder: Path, dst_folder: Path, skip: set[str] = frozenset()) -> list[str]:
     """Copy config, generation config, tokenizer and other small non-weight files; return their names."""
     copied = []

@@ -82,8 +82,13 @@ class Checkpoint:
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint file or folder and validate every shard header.
 
-    bitsandbytes 4-bit weights are listed as the logical tensors they stand for (see ``bnb4bit``).
+    bitsandbytes 4-bit weights are listed as the logical tensors they stand for (see ``bnb4bit``),
+    and so are the tensors of a llama.cpp ``.gguf`` file (see ``gguf_format``).
     """
+    if Path(path).suffix == ".gguf":
+        from .gguf_format import open_gguf  # imported here: gguf_format builds on this module
+
+        return open_gguf(Path(path))
     ckpt = _open(Path(path))
     ckpt.stored = dict(ckpt.tensors)
     ckpt.tensors = group_quantized(ckpt.tensors, lambda info: ckpt.read_stored(info).numpy().tobytes(),
@@ -102,7 +107,7 @@ def _open(path: Path) -> Checkpoint:
         elif path.suffix in (".bin", ".pt", ".pth"):
             ckpt = _open_bin([path], path.parent, None)
         else:
-            raise InputError(f"{path}: not a checkpoint file (expected .safetensors, .bin or an index .json)")
+            raise InputError(f"{path}: not a checkpoint file (expected .safetensors, .bin, .gguf or an index .json)")
         # A lone file carries its folder's config only if that folder is a model folder.
         ckpt.side_files = (path.parent / "config.json").is_file()
         return ckpt

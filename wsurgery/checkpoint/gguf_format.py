@@ -1,0 +1,342 @@
+"""llama.cpp GGUF files as one more checkpoint format.
+
+A GGUF file is a header (key/values: architecture, hyperparameters, tokenizer; then one entry per
+tensor: name, shape, ggml type, offset) followed by the aligned tensor data. Opened here, it is a
+``Checkpoint`` like any other: ``tensors`` lists the *logical* tensors under their Hugging Face names
+(``gguf_names``), quantized ones as float32, and ``read`` dequantizes with the ``gguf`` package and
+undoes the converter's changes (Llama's Q/K interleave, Gemma's norm + 1), so an adapter in Hugging
+Face layout applies as it is. ``GgufWriter`` writes the same file back with changed tensors
+re-encoded: every key/value is copied byte for byte (only those the job changes are rewritten), the
+tensors keep their order and names, unchanged tensors are copied in the kernel, and the header is laid
+out first so that each tensor is written into place as it comes, one at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as GgmlType
+from gguf import GGUFValueType
+
+from ..errors import InputError, UnsupportedError
+from .gguf_names import Layout, arch_rules, hf_names, layout
+from .reader import Checkpoint
+from .safetensors_file import TensorInfo, copy_range, read_tensor, write_at
+
+#: ggml types stored as plain elements, and their torch dtypes.
+PLAIN_TYPES: dict[GgmlType, torch.dtype] = {
+    GgmlType.F32: torch.float32, GgmlType.F16: torch.float16, GgmlType.BF16: torch.bfloat16,
+    GgmlType.F64: torch.float64, GgmlType.I8: torch.int8, GgmlType.I16: torch.int16, GgmlType.I32: torch.int32,
+    GgmlType.I64: torch.int64,
+}
+_FLOAT_TYPES = (GgmlType.F32, GgmlType.F16, GgmlType.BF16, GgmlType.F64)
+# The key/values GGUFReader reports before the file's own ones (version and counts).
+_PSEUDO_FIELDS = 3
+
+
+def type_name(t: GgmlType) -> str:
+    return t.name.lower()
+
+
+def parse_type(text: str) -> GgmlType:
+    """``"q8_0"`` -> ``GGMLQuantizationType.Q8_0``; only types ``encode`` can produce."""
+    t = GgmlType.__members__.get(text.strip().upper())
+    if t is None or not can_encode(t):
+        raise InputError(f"unknown or unsupported GGUF type {text!r}; the gguf package can write "
+                         f"{', '.join(type_name(t) for t in GgmlType if can_encode(t))}")
+    return t
+
+
+@functools.cache
+def can_decode(t: GgmlType) -> bool:
+    """Whether the ``gguf`` package can dequantize ``t`` (plain types are read as they are)."""
+    if t in PLAIN_TYPES:
+        return True
+    try:  # the package says so only by trying: it raises NotImplementedError for the others
+        gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[t][1]), np.uint8), t)
+    except NotImplementedError:
+        return False
+    return True
+
+
+@functools.cache
+def can_encode(t: GgmlType) -> bool:
+    """Whether ``t`` can be written from floats: plain floats, and the quantizers ``gguf`` implements."""
+    if t in _FLOAT_TYPES:
+        return True
+    if t in PLAIN_TYPES:
+        return False
+    try:
+        gguf.quants.quantize(np.zeros((1, gguf.GGML_QUANT_SIZES[t][0]), np.float32), t)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def stored_nbytes(shape: tuple[int, ...], t: GgmlType) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    return math.prod(shape) // block * size
+
+
+def fits_blocks(shape: tuple[int, ...], t: GgmlType) -> bool:
+    """ggml quantizes rows in blocks: a row's length must be a multiple of the block size."""
+    return not shape or shape[-1] % gguf.GGML_QUANT_SIZES[t][0] == 0
+
+
+@dataclass(frozen=True)
+class GgufTensorInfo:
+    """One GGUF tensor as the logical (Hugging Face) tensor it stands for."""
+
+    name: str  # Hugging Face name
+    dtype: torch.dtype  # logical: the plain type's dtype, float32 for quantized types
+    shape: tuple[int, ...]  # Hugging Face shape (GGUF lists dimensions innermost first)
+    file: Path
+    offset: int  # absolute byte offset of the stored data
+    gguf_name: str
+    type: GgmlType
+    layout: Layout
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored (what reading it costs), not the logical size."""
+        return stored_nbytes(self.shape, self.type)
+
+    @property
+    def stored(self) -> TensorInfo:
+        """The stored bytes, as a flat uint8 tensor."""
+        return TensorInfo(self.gguf_name, torch.uint8, (self.nbytes,), self.file, self.offset)
+
+
+def decode(info: GgufTensorInfo) -> torch.Tensor:
+    """The logical tensor: dequantized, in Hugging Face layout."""
+    if not can_decode(info.type):
+        raise UnsupportedError(f"{info.file}: tensor {info.gguf_name} is {info.type.name}, which the gguf package "
+                               "cannot dequantize")
+    raw = read_tensor(info.stored)
+    if info.type in PLAIN_TYPES:
+        t = raw.view(PLAIN_TYPES[info.type]).reshape(info.shape)
+    else:
+        block, size = gguf.GGML_QUANT_SIZES[info.type]
+        rows = raw.numpy().reshape(*info.shape[:-1], info.shape[-1] // block * size)
+        t = torch.from_numpy(gguf.quants.dequantize(rows, info.type))
+    return info.layout.to_hf(t.to(info.dtype)).to(info.dtype)
+
+
+def encode(t: torch.Tensor, info_layout: Layout, target: GgmlType) -> torch.Tensor:
+    """The stored form of the logical tensor ``t`` as ``target`` (quantized once, from float32)."""
+    if t.is_floating_point():
+        t = info_layout.to_gguf(t.to(torch.float32))
+    if target in PLAIN_TYPES:
+        return t.to(PLAIN_TYPES[target]).contiguous()
+    return torch.from_numpy(gguf.quants.quantize(t.contiguous().numpy(), target))
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    """One metadata entry: its decoded value (None for arrays) and its bytes as in the file."""
+
+    key: str
+    type: GGUFValueType
+    value: object  # str, int, float or bool; None for arrays
+    count: int  # array length (1 for scalars)
+    item_type: GGUFValueType | None  # arrays: the element type
+    raw: bytes
+
+
+def _key_value(reader: gguf.GGUFReader, f: gguf.ReaderField) -> KeyValue:
+    size = sum(int(p.nbytes) for p in f.parts)
+    raw = reader.data[f.offset: f.offset + size].tobytes()
+    vtype = f.types[0]
+    if vtype == GGUFValueType.ARRAY:
+        count = int(f.parts[4][0])  # key length, key, type, item type, count, items...
+        return KeyValue(f.name, vtype, None, count, f.types[1] if len(f.types) > 1 else None, raw)
+    if vtype == GGUFValueType.STRING:
+        value: object = bytes(f.parts[-1]).decode("utf-8", errors="replace")
+    else:
+        value = f.parts[-1].tolist()[0]
+    return KeyValue(f.name, vtype, value, 1, None, raw)
+
+
+def pack_key_value(key: str, vtype: GGUFValueType, value: object) -> KeyValue:
+    """A new scalar or string entry, encoded as GGUF does (little-endian)."""
+    fmt = {GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f",
+           GGUFValueType.UINT64: "<Q", GGUFValueType.BOOL: "<?"}
+    if vtype == GGUFValueType.STRING:
+        data = _pack_string(str(value))
+    else:
+        data = struct.pack(fmt[vtype], value)
+    return KeyValue(key, vtype, value, 1, None, _pack_string(key) + struct.pack("<I", vtype) + data)
+
+
+def _pack_string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+@dataclass
+class GgufCheckpoint(Checkpoint):
+    """A GGUF file as a checkpoint of logical tensors (see the module docstring)."""
+
+    arch: str = ""
+    key_values: list[KeyValue] = field(default_factory=list)
+    alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT
+
+    @property
+    def kv(self) -> dict[str, object]:
+        return {e.key: e.value for e in self.key_values}
+
+    @property
+    def config(self) -> dict | None:
+        return None  # the hyperparameters are key/values of the file itself
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        t = decode(self.tensors[name])
+        return t if out is None else out.copy_(t)
+
+    def read_stored(self, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+        return read_tensor(info, out)
+
+
+def open_gguf(path: Path) -> GgufCheckpoint:
+    """Open a GGUF file: parse and check its header, map its tensors to Hugging Face names."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 -- gguf raises ValueError, KeyError, IndexError... on garbage
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: not a readable GGUF file ({detail}); the file is truncated or corrupt") from None
+    if reader.byte_order != "I":
+        raise UnsupportedError(f"{path}: a GGUF file for the other byte order (big-endian); not supported")
+    fields = list(reader.fields.values())[_PSEUDO_FIELDS:]
+    key_values = [_key_value(reader, f) for f in fields]
+    kv = {e.key: e.value for e in key_values}
+    arch = kv.get(gguf.Keys.General.ARCHITECTURE)
+    if not isinstance(arch, str):
+        raise InputError(f"{path}: no general.architecture key; not a llama.cpp model file")
+    rules = arch_rules(arch, str(path))
+    size = path.stat().st_size
+    infos = [(t.name, t.tensor_type, tuple(reversed([int(d) for d in t.shape])), t.data_offset) for t in reader.tensors]
+    alignment = int(reader.alignment)
+    del reader  # drops the file mapping; tensor data is read with positioned reads
+    n_blocks = kv.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
+    names = hf_names(arch, [n for n, *_ in infos], n_blocks if isinstance(n_blocks, int) else 0)
+    tensors: dict[str, GgufTensorInfo] = {}
+    for gguf_name, t, shape, offset in infos:
+        if offset + stored_nbytes(shape, t) > size:
+            raise InputError(f"{path}: tensor {gguf_name} ends past the end of the file; the file is truncated")
+        name = names[gguf_name]
+        if name in tensors:
+            raise InputError(f"{path}: tensors {tensors[name].gguf_name} and {gguf_name} both stand for {name}")
+        lay = layout(rules, arch, gguf_name, kv)
+        dtype = PLAIN_TYPES.get(t, torch.float32) if not lay.offset else torch.float32
+        tensors[name] = GgufTensorInfo(name, dtype, shape, path, offset, gguf_name, t, lay)
+    stored = {t.gguf_name: t.stored for t in tensors.values()}
+    return GgufCheckpoint(path.parent, [path], tensors, "gguf", side_files=False, stored=stored, arch=arch,
+                          key_values=key_values, alignment=alignment)
+
+
+def check_encodable(source: GgufCheckpoint, types: dict[str, GgmlType], rewritten: list[str],
+                    out_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse, before anything is written, an output ``GgufWriter`` could not produce."""
+    for name, info in source.tensors.items():
+        if tuple(out_shapes.get(name, info.shape)) != info.shape:
+            raise UnsupportedError(f"{info.gguf_name}: the job changes its shape {list(info.shape)} to "
+                                   f"{list(out_shapes[name])}; a GGUF output keeps the base's shapes (its tokenizer "
+                                   "and hyperparameters describe them); write safetensors instead")
+    for name in rewritten:
+        info = source.tensors[name]
+        target = types.get(name, info.type)
+        if not can_decode(info.type):
+            raise UnsupportedError(f"{source.shards[0]}: tensor {info.gguf_name} is {info.type.name}, which the gguf "
+                                   "package cannot dequantize")
+        if not can_encode(target):
+            writable = ", ".join(type_name(t) for t in GgmlType if can_encode(t))
+            raise UnsupportedError(f"{info.gguf_name} is {target.name}, which the gguf package cannot quantize; "
+                                   f"pass --type with one it can ({writable})")
+        if not fits_blocks(info.shape, target):
+            raise UnsupportedError(f"{info.gguf_name}: rows of {info.shape[-1]} values do not divide into "
+                                   f"{target.name} blocks of {gguf.GGML_QUANT_SIZES[target][0]}; choose another type")
+
+
+def _align(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+class GgufWriter:
+    """Writes ``source``'s file with changed tensors re-encoded, one tensor at a time, in any order.
+
+    ``types`` gives the output type of a tensor (default: its stored type); ``updates`` replace or add
+    key/values. The header is written and the file sized on creation; ``write`` and ``copy_raw``
+    put one tensor's bytes at its offset; ``close`` checks that every tensor was written.
+    """
+
+    def __init__(self, path: Path, source: GgufCheckpoint, types: dict[str, GgmlType],
+                 updates: list[KeyValue] = ()):
+        self.path, self.source = path, source
+        self._types = {n: types.get(n, t.type) for n, t in source.tensors.items()}
+        entries = {e.key: e for e in source.key_values}
+        entries.update({e.key: e for e in updates})
+        header = bytearray(struct.pack("<IIQQ", gguf.GGUF_MAGIC, gguf.GGUF_VERSION, len(source.tensors), len(entries)))
+        for e in entries.values():
+            header += e.raw
+        self._offsets: dict[str, int] = {}
+        pos = 0
+        for name, info in source.tensors.items():
+            t = self._types[name]
+            header += _pack_string(info.gguf_name) + struct.pack("<I", len(info.shape))
+            header += struct.pack(f"<{len(info.shape)}Q", *reversed(info.shape))
+            header += struct.pack("<IQ", t, pos)
+            self._offsets[name] = pos
+            pos += _align(stored_nbytes(info.shape, t), source.alignment)
+        self._data_start = _align(len(header), source.alignment)
+        self.total_bytes = self._data_start + pos
+        self._pending = set(source.tensors)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(self._fd, bytes(header))
+        os.ftruncate(self._fd, self.total_bytes)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Store the logical tensor ``name`` in its output type."""
+        info = self.source.tensors[name]
+        data = encode(tensor, info.layout, self._types[name])
+        if data.numel() * data.element_size() != stored_nbytes(info.shape, self._types[name]):
+            raise AssertionError(f"{info.gguf_name}: encoded to {data.numel() * data.element_size()} bytes")
+        write_at(self._fd, data, self._data_start + self._offsets[name], self.path, info.gguf_name)
+        self._pending.discard(name)
+
+    def copy_raw(self, name: str) -> bool:
+        """Copy an unchanged tensor's stored bytes where its output type is its stored type."""
+        info = self.source.tensors[name]
+        if self._types[name] != info.type:
+            return False
+        where = self._data_start + self._offsets[name]
+        if not copy_range(info.file, info.offset, self._fd, where, info.nbytes, self.path, info.gguf_name):
+            write_at(self._fd, read_tensor(info.stored), where, self.path, info.gguf_name)
+        self._pending.discard(name)
+        return True
+
+    def close(self) -> None:
+        try:
+            if self._pending:
+                raise AssertionError(f"{self.path}: tensors announced but never written: {sorted(self._pending)[:5]}")
+        finally:
+            os.close(self._fd)
+
+    def abort(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
