@@ -334,7 +334,7 @@ def _pack(codes: torch.Tensor, out: torch.Tensor, scratch: _Scratch) -> None:
 
 
 def _quantize_full_blocks(flat: torch.Tensor, blocksize: int, quant_type: str,
-                          packed: torch.Tensor, absmax: torch.Tensor) -> None:
+                          packed: torch.Tensor, absmax: torch.Tensor, where: str) -> None:
     """Quantize ``flat`` (a whole number of blocks) into ``packed`` and ``absmax``, chunk by chunk."""
     grid = _code_grid(quant_type, flat.device)
     chunk = max(blocksize, CHUNK_ELEMENTS)
@@ -346,14 +346,23 @@ def _quantize_full_blocks(flat: torch.Tensor, blocksize: int, quant_type: str,
         scaled.copy_(flat[start:stop].view(-1, blocksize))  # float32, exact
         block_absmax = absmax[start // blocksize:stop // blocksize]
         torch.amax(torch.abs(scaled, out=scratch.cell[:m].view_as(scaled)), dim=1, out=block_absmax)
+        _check_finite(block_absmax, where)
         scaled.mul_(torch.reciprocal(block_absmax.clamp(min=1e-38))[:, None])
         _pack(_codes(scratch.scaled[:m], grid, scratch), packed[start // 2:stop // 2], scratch)
 
 
-def _quantize_ragged_block(tail: torch.Tensor, quant_type: str, packed: torch.Tensor, absmax: torch.Tensor) -> None:
+def _check_finite(absmax: torch.Tensor, where: str) -> None:
+    """Refuse inf/NaN weights (their block's absmax is not finite: amax propagates NaN)."""
+    if not bool(torch.isfinite(absmax).all()):
+        raise InputError(f"{where}: the weight has inf or NaN values, which 4-bit quantization cannot represent")
+
+
+def _quantize_ragged_block(tail: torch.Tensor, quant_type: str, packed: torch.Tensor, absmax: torch.Tensor,
+                           where: str) -> None:
     """The last, shorter block: bitsandbytes divides by its absmax instead of multiplying by the inverse."""
     values = tail.float()
     absmax.copy_(values.abs().amax())
+    _check_finite(absmax, where)
     scaled = values / absmax.clamp(min=1e-38)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))  # bitsandbytes pads with a scaled 0
@@ -444,13 +453,13 @@ def quantize_4bit(w: torch.Tensor, *, quant_type: str = "nf4", blocksize: int = 
     if full:
         kernels = _triton_kernels(w.device)
         if kernels is None:
-            _quantize_full_blocks(flat[:full], blocksize, quant_type, packed[: full // 2], absmax[: full // blocksize])
+            _quantize_full_blocks(flat[:full], blocksize, quant_type, packed[: full // 2], absmax[: full // blocksize],
+                                  where)
         else:
             kernels.quantize_full_blocks(flat[:full], blocksize, quant_type, packed[: full // 2], absmax[: full // blocksize])
+            _check_finite(absmax[: full // blocksize], where)
     if full < n:
-        _quantize_ragged_block(flat[full:], quant_type, packed[full // 2:], absmax[-1:])
-    if not bool(torch.isfinite(absmax).all()):
-        raise InputError(f"{where}: the weight has inf or NaN values, which 4-bit quantization cannot represent")
+        _quantize_ragged_block(flat[full:], quant_type, packed[full // 2:], absmax[-1:], where)
 
     parts = {"": packed.view(quant_storage).unsqueeze(1), "absmax": absmax,
              "quant_map": code_book(quant_type).to(w.device)}
