@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +27,9 @@ from .checkpoint.dtypes import dtype_name
 from .checkpoint.reader import SAFETENSORS_INDEX_SUFFIX
 from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
 from .methods import AdditivePatch, Patch
+
+if TYPE_CHECKING:  # imported where a GGUF is written: plain jobs never load the gguf package
+    from .checkpoint.gguf_format import GgufOutput
 
 # Tensor names whose row count is the vocabulary size recorded in config.json.
 _INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
@@ -149,6 +153,8 @@ def _output_layout(base: Checkpoint) -> tuple[dict[str, str], str, str]:
         single = base.shards[0].name if len(base.shards) == 1 else "model.safetensors"
         index = base.index_file.name if base.index_file is not None else "model" + SAFETENSORS_INDEX_SUFFIX
         return assignment, single, index
+    if base.format != "bin":  # one file of another format (GGUF): one safetensors file
+        return {n: "model.safetensors" for n in base.tensors}, "model.safetensors", "model" + SAFETENSORS_INDEX_SUFFIX
     renamed = {p.name: p.name.replace("pytorch_model", "model").removesuffix(".bin") + ".safetensors"
                for p in base.shards}
     assignment = {n: renamed[t.file.name] for n, t in base.tensors.items()}
@@ -167,7 +173,7 @@ Quantize = tuple[Bnb4bit, bool]
 def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shard_size: int | None = None,
             overwrite: bool = False, progress: bool = True, extra_inputs: list[Path] = (),
             quantize: dict[str, Quantize] | None = None, through: dict[str, Quantize] | None = None,
-            config_update: Callable[[dict], None] | None = None) -> Result:
+            config_update: Callable[[dict], None] | None = None, gguf: GgufOutput | None = None) -> Result:
     """Write the planned result to ``out`` atomically.
 
     ``quantize`` names the tensors to store in 4-bit (a quantized base's tensors that are left
@@ -175,7 +181,15 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
     so a quantized base comes out dequantized. ``through`` names base tensors to replace by
     dequant(quant(W)) as they are read (QLoRA's view of a 16-bit base). ``config_update`` edits the
     output's config.json after the engine's own updates.
+
+    An ``out`` ending in ``.gguf`` (from a GGUF base) is written as one GGUF file instead, with the
+    types and key/values ``gguf`` asks for; see ``_execute_gguf``.
     """
+    if Path(out).suffix == ".gguf":
+        if dtype is not None or max_shard_size is not None or quantize or through:
+            raise InputError(f"{out}: a GGUF output keeps the base's layout and types; --dtype, --max-shard-size and "
+                             "4-bit options do not apply (choose the type of changed tensors with --type)")
+        return _execute_gguf(plan, Path(out), gguf, overwrite, progress, extra_inputs)
     base = plan.base
     quantize, through = quantize or {}, through or {}
     check_output_path(out, [base.folder, *base.shards, *extra_inputs], overwrite)
@@ -192,7 +206,6 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
             specs.append(TensorSpec(n, logical_dtype[n], plan.out_shapes[n]))
     shards = plan_shards(specs, assignment, max_shard_size, single)
     sharded = len(shards) > 1
-    done_jobs: set[str] = set()
     scratch = _Scratch()
 
     def emit(name: str, tensor: torch.Tensor) -> None:
@@ -215,19 +228,9 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
     with atomic_output_dir(out, overwrite) as tmp:
         writer = CheckpointWriter(tmp, shards, index_name if sharded else None)
         try:
-            with tqdm(total=base.total_bytes, unit="B", unit_scale=True, disable=not progress,
-                      desc=plan.direction, leave=False) as bar:
-                for name, info in base.tensors.items():
-                    job_name = plan.owner.get(name)
-                    if job_name is None:
-                        if not (name not in through and _copy_raw(base, writer, name, quantize.get(name))):
-                            emit(name, read(name, "read"))
-                        bar.update(info.nbytes)
-                    elif job_name not in done_jobs:
-                        done_jobs.add(job_name)
-                        for tensor_name, tensor in _run_job(plan.jobs[job_name], plan.direction, read, scratch).items():
-                            emit(tensor_name, tensor)
-                            bar.update(base.tensors[tensor_name].nbytes)
+            _stream(plan, read, emit,
+                    lambda name: name not in through and _copy_raw(base, writer, name, quantize.get(name)),
+                    scratch, progress)
             writer.close()
         except BaseException:
             writer.abort()
@@ -239,6 +242,59 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
             write_config(tmp / "config.json", config_update)
     return Result(out, len(base.tensors), len(plan.owner), len(plan.jobs), writer.total_bytes,
                   [s[0] for s in shards], notes(plan))
+
+
+def _stream(plan: Plan, read: Callable[[str, str], torch.Tensor], emit: Callable[[str, torch.Tensor], None],
+            copy_raw: Callable[[str], bool], scratch: _Scratch, progress: bool) -> None:
+    """Walk the base in file order: unchanged tensors copied (or read and emitted), each job's tensors
+    read together, patched and emitted when its first tensor comes up."""
+    base = plan.base
+    done_jobs: set[str] = set()
+    with tqdm(total=base.total_bytes, unit="B", unit_scale=True, disable=not progress,
+              desc=plan.direction, leave=False) as bar:
+        for name, info in base.tensors.items():
+            job_name = plan.owner.get(name)
+            if job_name is None:
+                if not copy_raw(name):
+                    emit(name, read(name, "read"))
+                bar.update(info.nbytes)
+            elif job_name not in done_jobs:
+                done_jobs.add(job_name)
+                for tensor_name, tensor in _run_job(plan.jobs[job_name], plan.direction, read, scratch).items():
+                    emit(tensor_name, tensor)
+                    bar.update(base.tensors[tensor_name].nbytes)
+
+
+def _execute_gguf(plan: Plan, out: Path, gguf: GgufOutput | None, overwrite: bool, progress: bool,
+                  extra_inputs: list[Path]) -> Result:
+    """Write the result as one GGUF file: the base's key/values and tensor order, changed tensors (and
+    those ``gguf.types`` retypes) re-encoded, the others copied byte for byte."""
+    from .checkpoint.gguf_format import GgufCheckpoint, GgufOutput, GgufWriter, check_encodable
+    from .checkpoint.output import atomic_output_file, check_output_file
+
+    base, gguf = plan.base, gguf or GgufOutput()
+    if not isinstance(base, GgufCheckpoint):
+        raise UnsupportedError(f"{out}: writing GGUF needs a GGUF base (its tokenizer and hyperparameters go into "
+                               "the file); convert the model with llama.cpp's convert_hf_to_gguf.py first, or write "
+                               "a folder")
+    check_encodable(base, gguf.types, list(plan.owner), plan.out_shapes)
+    check_output_file(out, [*base.shards, *extra_inputs], overwrite)
+    scratch = _Scratch()
+
+    def read(name: str, use: str) -> torch.Tensor:
+        info = base.tensors[name]
+        return base.read(name, scratch.take(use, info.shape, info.dtype))
+
+    with atomic_output_file(out, overwrite) as tmp:
+        writer = GgufWriter(tmp, base, gguf.types, gguf.updates)
+        try:
+            _stream(plan, read, writer.write, writer.copy_raw, scratch, progress)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    return Result(out, len(base.tensors), len(plan.owner), len(plan.jobs), writer.total_bytes, [out.name],
+                  notes(plan))
 
 
 def _copy_raw(base: Checkpoint, writer: CheckpointWriter, name: str, target: Quantize | None) -> bool:

@@ -248,15 +248,27 @@ def open_gguf(path: Path) -> GgufCheckpoint:
                           key_values=key_values, alignment=alignment)
 
 
-def check_encodable(source: GgufCheckpoint, types: dict[str, GgmlType], rewritten: list[str],
+@dataclass
+class GgufOutput:
+    """What a GGUF output should look like besides its tensors' values: ``types`` maps a logical
+    tensor to the ggml type to store it in (default: its stored type); ``updates`` are key/values
+    that replace or join the base's."""
+
+    types: dict[str, GgmlType] = field(default_factory=dict)
+    updates: list[KeyValue] = field(default_factory=list)
+
+
+def check_encodable(source: GgufCheckpoint, types: dict[str, GgmlType], changed: list[str],
                     out_shapes: dict[str, tuple[int, ...]]) -> None:
-    """Refuse, before anything is written, an output ``GgufWriter`` could not produce."""
+    """Refuse, before anything is written, an output ``GgufWriter`` could not produce: ``changed``
+    tensors and those ``types`` retypes are re-encoded."""
     for name, info in source.tensors.items():
         if tuple(out_shapes.get(name, info.shape)) != info.shape:
             raise UnsupportedError(f"{info.gguf_name}: the job changes its shape {list(info.shape)} to "
                                    f"{list(out_shapes[name])}; a GGUF output keeps the base's shapes (its tokenizer "
                                    "and hyperparameters describe them); write safetensors instead")
-    for name in rewritten:
+    retyped = [n for n, t in types.items() if t != source.tensors[n].type]
+    for name in dict.fromkeys([*changed, *retyped]):
         info = source.tensors[name]
         target = types.get(name, info.type)
         if not can_decode(info.type):
