@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Layer
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -242,6 +243,22 @@ class AdamssPatch(Patch):
                 f"{self.module}: the low-rank SVD of the base weight does not reproduce the adapter's adamss_newB (max "
                 f"difference {err:.2g}): the base is not the one the adapter was made for, so AdaMSS's clustering "
                 "cannot be recomputed")
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's forward: ``base_layer(x)`` plus ``concat_i(B_i A_i newB [x | 1])`` scattered to the output
+        features by the clustering of [W | b]. The clustering (``scatter_index``: svd_lowrank + KMeans) is
+        the parameterisation, shared with the merge; the product runs on activations."""
+        W = base["weight"]
+        aug = torch.cat((W, base["bias"][:, None]), dim=1) if "bias" in base else W
+        index, sizes, _, _ = scatter_index(aug.cpu(), self.r, self.seed, self.num_subspaces)
+        if sizes != self.sizes:
+            raise UnsupportedError(f"{self.module}: AdaMSS's row clustering gives clusters of {sizes} rows here, but "
+                                   f"the adapter's adamss_B blocks have {self.sizes}: no forward path to verify with")
+        inputs = torch.cat((x, torch.ones_like(x[:, :1])), dim=1) if "bias" in base else x
+        projected = inputs @ like(self.newB, x).T
+        chunks = torch.cat([(projected @ like(A, x).T) @ like(B, x).T for A, B in zip(self.A, self.B)], dim=1)
+        change = torch.zeros(x.shape[0], W.shape[0], device=x.device).index_copy_(1, index.to(x.device), chunks)
+        return layer(x, base) + change
 
     def why_not_invertible(self) -> str | None:
         return ("AdaMSS places its change by a KMeans clustering of the original [W | b], which is not saved, and the "

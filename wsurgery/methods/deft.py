@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, NotInvertibleError, UnsupportedError
-from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
 from .hira import Layout
+from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -95,6 +96,21 @@ class DeftPatch(Patch):
         delta = -(Q @ M) if sR is None else Q @ (sR - M)
         Wl.add_(delta)
         return tensors
+
+    def layer(self, shapes: Shapes) -> Layer:
+        return Linear(self.transposed())
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's DEFT forward on activations: ``base_layer(x) − ((x Wᵀ) G) Qᵀ + (x (s R)ᵀ) Qᵀ`` with
+        (Q, G) = (P, relu(P)) or (qr(P), qr(P)) in float32, ``x Wᵀ`` the bias-free base product."""
+        W = base["weight"]
+        P = like(self.P, W)
+        Q = torch.linalg.qr(P)[0] if self.method == "qr" else P
+        G = Q if self.method == "qr" else torch.relu(P)
+        y = layer(x, base) - (layer(x, {"weight": W}) @ G) @ Q.T
+        if self.R is not None:
+            y = y + (x @ (like(self.R, W) * self.scaling).T) @ Q.T
+        return y
 
     # -- unmerge ----------------------------------------------------------------------------------
     def _system(self) -> torch.Tensor:

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -133,6 +134,29 @@ class FrodPatch(Patch):
         Wl = Wt.to(low)
         out = Wl + (F - Wl)
         return (out.T if self.transposed else out).to(W.dtype).contiguous()
+
+    def layer(self, shapes: Shapes) -> Layer:
+        return Linear(self.transposed)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's forward with one active adapter: the base product is skipped and the rebuilt weight runs on
+        activations, ``z = x V``, ``(z Sᵀ + z ⊙ λ) Uᵀ + b``; U is PEFT's ``_calculate_frod_u_and_lambda``
+        (float64 ``solve(V, Wᵀ)ᵀ``, pinv fallback, unit columns) computed here again, on the CPU as PEFT does."""
+        W = base["weight"]
+        Wl = (W.T if self.transposed else W).cpu().to(torch.float64)
+        V64 = self.V.to(torch.float64)
+        try:
+            bi = torch.linalg.solve(V64, Wl.T).T
+        except RuntimeError:  # singular V
+            bi = Wl @ torch.linalg.pinv(V64, rtol=1e-6).T
+        norms = torch.linalg.norm(bi, dim=0)
+        U = torch.where(norms > 1e-12, bi / norms.clamp_min(1e-12), torch.zeros_like(bi)).float()
+        V = like(self.V, x)
+        S = torch.zeros(self.size, device=x.device).index_put_(tuple(self.indices.to(x.device)),
+                                                               like(self.values, x), accumulate=True)
+        z = x @ V
+        y = (z @ S.T + z * like(self.lambda_l, x)) @ like(U, x).T
+        return y + base["bias"] if "bias" in base else y
 
     def why_not_invertible(self) -> str | None:
         return ("FRoD rebuilds W from U (S + diag λ) V^T; recovering W from the merged weight needs the initial λ "

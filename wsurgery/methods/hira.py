@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import InputError, NotInvertibleError
 from .base import (
@@ -32,8 +33,10 @@ from .base import (
     Shapes,
     Support,
     Tensors,
+    like,
     register,
 )
+from .layers import Conv, Embedding, Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -188,6 +191,28 @@ class HiraPatch(Patch):
             self.notes.append(f"HiRA unmerge divides by 1 + hira_B·hira_A, whose smallest magnitude is "
                               f"{smallest:.3g}: the merged file's rounding grows by up to {1 / smallest:.3g}x there")
         return {"weight": W.div_(factor)}
+
+    def layer(self, shapes: Shapes) -> Layer:
+        if self.kind == "embedding":
+            return Embedding()
+        if self.kind == "conv":
+            return Conv()
+        return Linear(self.transposed())
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's HiRA forward: ``base_layer(x)`` plus the same layer run without bias on ``W ⊙ (B A)``, the
+        modulation laid out like W (Linear/Conv1D ``transpose(B A)``, embedding ``(B A)ᵀ``, conv PEFT's
+        ``conv(Aᵀ, B)ᵀ``, a 1x1 convolution of A by B)."""
+        W = base["weight"]
+        A, B = like(self.A, W), like(self.B, W)
+        if self.kind == "conv":
+            conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[A.dim()]
+            modulation = conv(A.transpose(0, 1), B).transpose(0, 1)
+        else:
+            modulation = B @ A
+            if self.kind == "embedding" or self.transposed():
+                modulation = modulation.T
+        return layer(x, base) + layer(x, {"weight": W * modulation})
 
     def describe(self) -> dict[str, Any]:
         facts: dict[str, Any] = {"kind": self.kind, "rank": self.rank}

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Layer
 
 #: Relative singular-value gap at the cut below which the low part is numerically ambiguous.
 NEAR_DEGENERATE = 1e-5
@@ -88,6 +89,16 @@ class OsfPatch(Patch):
         current = torch.mm(U_low * S_low.unsqueeze(0), V_low)
         initial = torch.mm(U0 * S0.unsqueeze(0), V0)
         return {"weight": W.add_(current.sub_(initial))}
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's factored forward: ``base_layer(x) + (x [V_low; V_0]ᵀ) [U_low S_low, −U_0 S_0]ᵀ``, the initial
+        factors (U_0, S_0, V_0) the bottom triplets of the fp32 SVD of W, as PEFT computes them at init."""
+        W = base["weight"]
+        U, S, Vt = torch.linalg.svd(W, full_matrices=False)
+        k = S.numel() - self.low
+        left = torch.cat([like(self.U_low, W) * like(self.S_low, W), -(U[:, k:] * S[k:])], dim=1)
+        right = torch.cat([like(self.V_low, W), Vt[k:]], dim=0)
+        return layer(x, base) + (x @ right.T) @ left.T
 
     def why_not_invertible(self) -> str | None:
         return ("OSF replaces the low singular part of W by the trained factors; the original low part (the factors' "

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError, UnsupportedError
-from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Layer
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -70,7 +71,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
     "swish": F.silu,
     "tanh": torch.tanh,
-    "prelu": lambda x: F.prelu(x, torch.full((1,), 0.25, dtype=x.dtype)),  # a fresh nn.PReLU(): 0.25
+    "prelu": lambda x: F.prelu(x, torch.full((1,), 0.25, dtype=x.dtype, device=x.device)),  # a fresh nn.PReLU(): 0.25
 }
 # In ACT2FN but not reproducible from the config alone.
 _NOT_REPRODUCIBLE = {"xielu": "xIELU's parameters are created in bfloat16 and its result depends on a CUDA kernel"}
@@ -108,6 +109,20 @@ class PeanutPatch(Patch):
     def apply(self, tensors: Tensors) -> Tensors:
         W = tensors["weight"]
         return {"weight": W.add_(self.weight_delta(W).to(W.dtype))}
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's forward ``base_layer(x) + x ΔWᵀ``, with ΔWᵀ = s·h Bᵀ applied to activations as
+        ``s·(x h) Bᵀ``; h (in, r) is the encoder/decoder network run on ``Wᵀ Aᵀ``, written again here."""
+        W = base["weight"]
+        act = ACTIVATIONS[self.act_fn]  # transformers' activation table: the parameterisation, shared
+        h = act(W.T @ like(self.A, W).T)
+        skips = []
+        for E in self.encoders:
+            skips.append(h)
+            h = act(h @ like(E, W).T)
+        for D in self.decoders:
+            h = act(h @ like(D, W).T) + skips.pop()
+        return layer(x, base) + self.scaling * ((x @ h) @ like(self.B, W).T)
 
     def why_not_invertible(self) -> str | None:
         return ("PEANuT's change is a non-linear function of the base weight (a small network of W), and the files "

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, register
+from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .layers import Layer
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
     from ..adapters.config import AdapterConfig
@@ -130,6 +131,18 @@ class PsoftPatch(Patch):
         delta = B @ (self.R - eye) @ A  # PEFT's order; then the scaling
         delta = delta * self.scaling
         return {"weight": W.add_(delta)}
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """PEFT's forward on activations: ``xa = x Aᵀ``, ``base_layer(x) + s·(xa Rᵀ − xa) Bᵀ``, with A = Vh_r,
+        B = U_r diag(S_r/s) (``psoft_init``) or both halves ``sqrt(S_r/s)`` (``pissa_init``) applied as
+        per-component scales. The SVD call (``svd_factors``, which must match PEFT's LAPACK/RNG call exactly)
+        and R (``rotation``, from the saved vector) are the parameterisation, shared with the merge."""
+        W = base["weight"]
+        U_r, S_r, Vh_r = (like(t, W) for t in svd_factors(W.cpu(), self.r, self.svd, self.niter, self.seed))
+        scaled = S_r / self.scaling
+        a, b = (torch.ones_like(scaled), scaled) if self.init == "psoft_init" else (scaled.sqrt(), scaled.sqrt())
+        xa = (x @ Vh_r.T) * a
+        return layer(x, base) + self.scaling * (((xa @ like(self.R, W).T - xa) * b) @ U_r.T)
 
     def why_not_invertible(self) -> str | None:
         return ("PSOFT's A and B come from the SVD of the original W, which is not saved: the merged weight has a "
