@@ -35,7 +35,7 @@ def _load_adapters(adapter: AdapterSpec | list[AdapterSpec], scale: float, optio
 def _run(direction: str, base: str | Path, adapter: AdapterSpec | list[AdapterSpec], out: str | Path,
          scale: float, dtype: str | torch.dtype | None, max_shard_size: str | int | None, overwrite: bool,
          progress: bool, options: dict[str, Any] | None, requantize: bool = False, through_nf4: bool = False,
-         command: str | None = None) -> Result:
+         command: str | None = None, gguf_type: str | None = None) -> Result:
     if isinstance(dtype, str):
         dtype = parse_user_dtype(dtype)
     if isinstance(max_shard_size, str):
@@ -59,13 +59,23 @@ def _run(direction: str, base: str | Path, adapter: AdapterSpec | list[AdapterSp
 
     return execute(job, Path(out), dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                    progress=progress, extra_inputs=[a.folder for a, _ in adapters], quantize=quantize, through=through,
-                   config_update=update)
+                   config_update=update, gguf=_gguf_merge_output(ckpt, job.changed_tensors, gguf_type, Path(out)))
+
+
+def _gguf_merge_output(base, changed: list[str], gguf_type: str | None, out: Path):
+    """The GGUF side of a merge (imported only when a GGUF is involved)."""
+    if out.suffix != ".gguf" and gguf_type is None:
+        return None
+    from .quant.gguf_jobs import merge_output
+
+    return merge_output(base, changed, gguf_type, out)
 
 
 def merge(base: str | Path, adapter: AdapterSpec | list[AdapterSpec], out: str | Path, *, scale: float = 1.0,
           dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
           overwrite: bool = False, progress: bool = True, options: dict[str, Any] | None = None,
-          requantize: bool = False, through_nf4: bool = False, command: str | None = None) -> Result:
+          requantize: bool = False, through_nf4: bool = False, command: str | None = None,
+          gguf_type: str | None = None) -> Result:
     """Merge a PEFT adapter (or several) into a base checkpoint and write the merged model folder ``out``.
 
     ``base`` is a model folder, a ``.safetensors``/``.bin`` file, an index file or a Hub repo id;
@@ -80,9 +90,13 @@ def merge(base: str | Path, adapter: AdapterSpec | list[AdapterSpec], out: str |
     ``through_nf4`` merges a 16-bit base's Linear weights as dequant(quant(W)) in NF4 (blocksize 64,
     double quant), the weights a QLoRA adapter was trained against. config.json's "wsurgery" record
     says which (``command``: the command line to record there).
+
+    GGUF: a ``.gguf`` base is read as its Hugging Face-named tensors; an ``out`` ending in ``.gguf``
+    is written as one GGUF file with the base's metadata and tokenizer, the changed tensors
+    requantized to their own type or to ``gguf_type`` (``"q8_0"``, ``"f16"``...).
     """
     return _run("merge", base, adapter, out, scale, dtype, max_shard_size, overwrite, progress, options,
-                requantize, through_nf4, command)
+                requantize, through_nf4, command, gguf_type)
 
 
 def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, scale: float = 1.0,
@@ -166,10 +180,27 @@ def dequantize(src: str | Path, out: str | Path, *, dtype: str | torch.dtype | N
     ``quantization_config``; weights come back in their recorded dtype unless ``dtype``."""
     from .quant.checkpoints import dequantize_checkpoint
 
+    ckpt = open_checkpoint(resolve(src))
+    if ckpt.format == "gguf":
+        from .quant.gguf_jobs import dequantize_gguf
+
+        return dequantize_gguf(ckpt, Path(out), dtype=_dtype(dtype), max_shard_size=_size(max_shard_size),
+                               overwrite=overwrite, progress=progress)
     record = provenance("dequantize", command, str(src))
-    return dequantize_checkpoint(open_checkpoint(resolve(src)), Path(out), dtype=_dtype(dtype),
-                                 max_shard_size=_size(max_shard_size), overwrite=overwrite, progress=progress,
-                                 record=record)
+    return dequantize_checkpoint(ckpt, Path(out), dtype=_dtype(dtype), max_shard_size=_size(max_shard_size),
+                                 overwrite=overwrite, progress=progress, record=record)
+
+
+def quantize_gguf(src: str | Path, out: str | Path, gguf_type: str, *, overwrite: bool = False,
+                  progress: bool = True) -> tuple[Result, list[str]]:
+    """Requantize a GGUF file's weight matrices (what llama-quantize re-encodes: 2-D weights, not norms)
+    to ``gguf_type`` (``"q8_0"``, ``"q4_0"``, ``"f16"``...) in the GGUF file ``out``; metadata and
+    tokenizer are kept, ``general.file_type`` follows. Returns the result and the weights left as they
+    were because their rows do not divide into the type's blocks."""
+    from .quant.gguf_jobs import quantize_gguf as run, require_gguf
+
+    return run(require_gguf(open_checkpoint(resolve(src)), "quantize --gguf-type"), Path(out), gguf_type,
+               overwrite=overwrite, progress=progress)
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

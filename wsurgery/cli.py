@@ -102,14 +102,18 @@ def methods(as_json: bool) -> None:
 @click.option("--through-nf4", is_flag=True, help="16-bit base: merge into dequant(quant(W)) in NF4, the weights "
                                                    "a QLoRA adapter was trained against.")
 @click.option("--verify", "then_verify", is_flag=True, help="Run `wsurgery verify` on the result.")
+@click.option("--type", "gguf_type", default=None, metavar="GGML_TYPE",
+              help="GGUF output (OUT ends in .gguf): store the changed tensors in this type (f16, q8_0, q4_0...). "
+                   "Default: each tensor's own type.")
 @push_options
 def merge(base: str, adapters: tuple[str, ...], out: str, dtype, max_shard_size, scale, overwrite, quiet,
           task_id, mha_single_out_proj, experts_transposed, requantize: bool, through_nf4: bool, then_verify: bool,
-          push: PushTarget | None) -> None:
+          gguf_type: str | None, push: PushTarget | None) -> None:
     """Merge the ADAPTERs into BASE, in order, and write the merged model to the new folder OUT.
 
     ADAPTER:WEIGHT merges W + WEIGHT·ΔW (e.g. style-lora:0.5); a trailing ':<number>' is a weight only
-    where what comes before it is an existing path or a Hub repo id."""
+    where what comes before it is an existing path or a Hub repo id. BASE may be a llama.cpp .gguf file;
+    an OUT ending in .gguf is then written as one GGUF file with BASE's metadata and tokenizer."""
     options = _options(task_id, mha_single_out_proj, experts_transposed)
     weighted = [adapter_with_weight(a) for a in adapters]
     if then_verify and (requantize or through_nf4):
@@ -118,7 +122,7 @@ def merge(base: str, adapters: tuple[str, ...], out: str, dtype, max_shard_size,
     with _closing_progress_bars():
         r = api.merge(base, weighted, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
                       overwrite=overwrite, progress=not quiet, options=options, requantize=requantize,
-                      through_nf4=through_nf4, command=_command_line())
+                      through_nf4=through_nf4, command=_command_line(), gguf_type=gguf_type)
     _report("merged", r, quiet)
     if then_verify:
         with _closing_progress_bars():
@@ -180,12 +184,23 @@ def _command_line() -> str:
 @click.option("--report", is_flag=True, help="Print each weight's quantization error (RMSE, SNR, max abs) and bytes saved.")
 @click.option("--dtype", default=None, help="dtype of the tensors left unquantized (and recorded for the 4-bit ones).")
 @click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB). Default: the source's sharding.")
+@click.option("--gguf-type", default=None, metavar="GGML_TYPE",
+              help="SRC is a .gguf file: requantize its weight matrices to this type (q8_0, q4_0, f16...) in the "
+                   "GGUF file OUT instead.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def quantize_cmd(src: str, out: str, quant_type: str, no_double_quant: bool, blocksize: int, compute_dtype: str | None,
                  skip_modules: tuple[str, ...], report: bool, dtype: str | None, max_shard_size: str | None,
-                 overwrite: bool, quiet: bool) -> None:
-    """Store SRC's Linear weights in bitsandbytes 4-bit (loadable by transformers) in the new folder OUT."""
+                 gguf_type: str | None, overwrite: bool, quiet: bool) -> None:
+    """Store SRC's Linear weights in bitsandbytes 4-bit (loadable by transformers) in the new folder OUT;
+    with --gguf-type, requantize the GGUF file SRC into the GGUF file OUT."""
+    if gguf_type is not None:
+        with _closing_progress_bars():
+            r, kept = api.quantize_gguf(src, out, gguf_type, overwrite=overwrite, progress=not quiet)
+        if kept:
+            _notes([f"{name}: kept as it was: its rows do not divide into {gguf_type} blocks" for name in kept])
+        _report("quantized", r, quiet)
+        return
     with _closing_progress_bars():
         r, errors = api.quantize(src, out, quant_type=quant_type, blocksize=blocksize, double_quant=not no_double_quant,
                                  compute_dtype=compute_dtype, skip_modules=skip_modules, dtype=dtype,
@@ -205,7 +220,8 @@ def quantize_cmd(src: str, out: str, quant_type: str, no_double_quant: bool, blo
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def dequantize_cmd(src: str, out: str, dtype: str | None, max_shard_size: str | None, overwrite: bool,
                    quiet: bool) -> None:
-    """Write a bitsandbytes 4-bit checkpoint SRC back as plain tensors in the new folder OUT."""
+    """Write a bitsandbytes 4-bit checkpoint, or a llama.cpp .gguf file, SRC back as plain tensors (safetensors,
+    Hugging Face names) in the new folder OUT."""
     with _closing_progress_bars():
         r = api.dequantize(src, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                            progress=not quiet, command=_command_line())
