@@ -22,6 +22,7 @@ from .quant.checkpoints import describe_qlora, qlora_outputs, through_targets
 from .checkpoint.bnb4bit import Bnb4bit
 
 if TYPE_CHECKING:
+    from .convert.gguf_lora import GgufLora
     from .quant.checkpoints import QuantReport
     from .verify import Report
 
@@ -189,6 +190,17 @@ def dequantize(src: str | Path, out: str | Path, *, dtype: str | torch.dtype | N
     record = provenance("dequantize", command, str(src))
     return dequantize_checkpoint(ckpt, Path(out), dtype=_dtype(dtype), max_shard_size=_size(max_shard_size),
                                  overwrite=overwrite, progress=progress, record=record)
+
+
+def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, scale: float = 1.0,
+                     gguf_type: str = "f32", overwrite: bool = False) -> "GgufLora":
+    """Write a PEFT LoRA as the llama.cpp LoRA adapter file ``out`` (.gguf) for the GGUF file ``base``:
+    ``general.type=adapter``, ``adapter.type=lora``, one ``adapter.lora.alpha`` (modules whose scale
+    differs get it baked into B), B's rows in the base's GGUF layout, the token embedding's A
+    transposed. DoRA, ``modules_to_save``, LoRA biases and other methods are refused with the reason."""
+    from .convert.gguf_lora import export_gguf_lora as run
+
+    return run(adapter, out, base, scale=scale, gguf_type=gguf_type, overwrite=overwrite)
 
 
 def quantize_gguf(src: str | Path, out: str | Path, gguf_type: str, *, overwrite: bool = False,

@@ -375,7 +375,8 @@ def _report(verb: str, r: Result, quiet: bool) -> None:
 @cli.command("convert")
 @click.argument("adapter")
 @click.argument("out")
-@click.option("--to", "to", required=True, type=click.Choice(sorted(TARGETS)), help="The PEFT method to write.")
+@click.option("--to", "to", required=True, type=click.Choice(sorted([*TARGETS, "gguf-lora"])),
+              help="The PEFT method to write, or gguf-lora: a llama.cpp LoRA adapter (.gguf) for the GGUF --base.")
 @click.option("--base", default=None,
               help="The base checkpoint: needed where the change depends on W (DoRA, OFT, BOFT, HRA, IA3, MiSS bat...), "
                    "for --to oft/boft, and for adapters that do not record their layers' shapes (all but LoRA, VB-LoRA).")
@@ -385,12 +386,21 @@ def _report(verb: str, r: Result, quiet: bool) -> None:
 @click.option("--butterfly-factors", type=int, default=None,
               help="BOFT butterfly factors (default 1; PEFT keeps more only where its CUDA extension builds).")
 @click.option("--force", is_flag=True, help="Write even where a module's relative error reaches 0.99.")
+@click.option("--type", "gguf_type", default="f32", show_default=True,
+              help="--to gguf-lora: the tensor type of the adapter (f32, f16, bf16, q8_0).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (the error table is still printed).")
 def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | None, block_size: int | None,
-                butterfly_factors: int | None, force: bool, overwrite: bool, quiet: bool) -> None:
+                butterfly_factors: int | None, force: bool, gguf_type: str, overwrite: bool, quiet: bool) -> None:
     """Rewrite ADAPTER as another PEFT method in the new folder OUT: exact where the method can express the
-    change, its best approximation otherwise. Prints every module's relative error."""
+    change, its best approximation otherwise. Prints every module's relative error.
+
+    --to gguf-lora writes a PEFT LoRA as the llama.cpp LoRA adapter file OUT (.gguf) for the GGUF file --base."""
+    if to == "gguf-lora":
+        if base is None:
+            raise click.UsageError("--to gguf-lora needs --base: the .gguf file the adapter will run on")
+        _gguf_lora(adapter, out, base, gguf_type, overwrite, quiet)
+        return
     with _closing_progress_bars():
         c = api.convert(adapter, out, to=to, base=base, rank=rank, block_size=block_size,
                         butterfly_factors=butterfly_factors, force=force, overwrite=overwrite, progress=not quiet)
@@ -404,6 +414,16 @@ def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | N
         exact = sum(m.exact for m in c.modules)
         click.echo(f"converted {len(c.modules)} module(s) from {c.source} to {c.method}, {exact} exactly; max relative "
                    f"error {c.max_error:.3g}; wrote {c.out}", err=True)
+
+
+def _gguf_lora(adapter: str, out: str, base: str, gguf_type: str, overwrite: bool, quiet: bool) -> None:
+    r = api.export_gguf_lora(adapter, out, base, gguf_type=gguf_type, overwrite=overwrite)
+    if not quiet:
+        click.echo(_table(["module", "tensor", "rank", "scale", "scale baked into B"],
+                          [[m.module, m.tensor, m.rank, f"{m.scale:.6g}", "-" if m.baked == 1.0 else f"{m.baked:.6g}"]
+                           for m in r.modules]))
+        click.echo(f"wrote {len(r.modules)} LoRA pair(s), adapter.lora.alpha {r.alpha:.6g}, to {r.out} "
+                   f"({r.bytes_written:,} bytes)", err=True)
 
 
 def _one_line(text: str) -> str:

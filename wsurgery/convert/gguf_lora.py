@@ -1,0 +1,160 @@
+"""A PEFT LoRA as a llama.cpp LoRA adapter (GGUF), for the GGUF base it will run on.
+
+llama.cpp applies ``W·x + scale·B·(A·x)`` per base tensor at run time, ``scale = alpha / rank`` with
+one ``adapter.lora.alpha`` for the file and ``rank`` read from B. The file holds, per changed base
+tensor, ``<gguf name>.lora_a`` = PEFT's A (r, in) and ``.lora_b`` = PEFT's B (out, r) with B's rows
+in the base's GGUF layout (Llama's Q/K interleave); for the token embedding A is stored transposed
+(V, r), as llama.cpp gathers its rows by token. Where modules' scales differ (rank or alpha
+patterns, rsLoRA), each module's s·r/alpha is multiplied into its B, so every module keeps its own
+scale under the one alpha. What llama.cpp cannot express (DoRA's renormalisation, whole tensors from
+``modules_to_save``, LoRA biases, trainable tokens, other methods) is refused with the reason:
+merging into the GGUF base does express it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from ..adapters import Adapter, load_adapter
+from ..checkpoint import open_checkpoint
+from ..checkpoint.gguf_format import (GgmlType, GgufCheckpoint, GgufTensorInfo, fits_blocks, parse_type,
+                                      type_name)
+from ..checkpoint.output import atomic_output_file, check_output_file
+from ..engine import plan
+from ..errors import InputError, UnsupportedError
+from ..hub import resolve
+from ..methods.lora import DoraPatch, LoraPatch
+from ..quant.gguf_jobs import require_gguf
+
+#: Tensor types llama.cpp accepts for adapters (export-lora refuses quantized ones).
+ADAPTER_TYPES = (GgmlType.F32, GgmlType.F16, GgmlType.BF16, GgmlType.Q8_0)
+_MERGE_INSTEAD = "merge it into the GGUF base instead (wsurgery merge BASE.gguf ADAPTER OUT.gguf)"
+
+
+@dataclass
+class GgufLoraModule:
+    module: str
+    tensor: str  # the base's GGUF tensor name
+    rank: int
+    scale: float  # the module's own scale s (PEFT's scaling × --scale)
+    baked: float  # what B was multiplied by so that alpha/rank gives s (1.0: nothing baked)
+
+
+@dataclass
+class GgufLora:
+    """What an export wrote."""
+
+    out: Path
+    alpha: float
+    modules: list[GgufLoraModule] = field(default_factory=list)
+    bytes_written: int = 0
+
+
+def _refusal(patch, adapter: Adapter) -> str | None:
+    """Why llama.cpp's LoRA format cannot hold this patch, or None."""
+    if isinstance(patch, DoraPatch):
+        return ("DoRA renormalises each row of W + ΔW to a learned magnitude, which needs W; llama.cpp applies "
+                "only B·A at run time")
+    if not isinstance(patch, LoraPatch):
+        what = type(patch).__name__.removesuffix("Patch")
+        if what == "Replace":
+            return (f"the adapter stores {patch.module}.{patch.roles[0]} whole (modules_to_save or a trained "
+                    "bias); llama.cpp's LoRA format holds only lora_a/lora_b pairs")
+        return (f"{adapter.config.peft_type} change ({what}) is not a plain LoRA pair; llama.cpp's LoRA format holds "
+                "only lora_a/lora_b pairs (convert it with `wsurgery convert --to lora` first)")
+    if patch.bias is not None:
+        return "lora_bias adds a trained bias, which llama.cpp's LoRA format cannot hold"
+    if patch.kind not in ("linear", "embedding") or patch.factor != 1.0 or patch.role != "weight":
+        return f"a LoRA on a {patch.kind} layer ({patch.role}), which llama.cpp's LoRA format does not cover"
+    return None
+
+
+def _common_alpha(products: list[float]) -> float:
+    """The alpha llama.cpp should apply: the commonest s·r, so that most B's stay untouched."""
+    counts = Counter(products)
+    return max(counts, key=lambda p: (counts[p], -products.index(p)))
+
+
+def _pair(patch: LoraPatch, info: GgufTensorInfo, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_a, lora_b) in the base's GGUF layout, numpy-ordered (rows first)."""
+    A, B = patch.A.to(torch.float32), patch.B.to(torch.float32) * factor
+    if patch.kind == "embedding":  # A (r, V), B (d, r); llama.cpp gathers rows of lora_a by token id
+        return A.T.contiguous(), B
+    return A, info.layout.rows_to_gguf(B).contiguous()
+
+
+def _as_stored(t: torch.Tensor, kind: GgmlType) -> tuple[np.ndarray, GgmlType | None]:
+    data = t.numpy()
+    if kind == GgmlType.F32:
+        return data, None
+    if kind == GgmlType.F16:
+        return data.astype(np.float16), None
+    return gguf.quants.quantize(data, kind), kind
+
+
+def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, scale: float = 1.0,
+                     gguf_type: str = "f32", overwrite: bool = False) -> GgufLora:
+    """Write ``adapter`` (a PEFT LoRA) as the llama.cpp LoRA adapter ``out`` for the GGUF file ``base``.
+
+    Everything is checked (method, layers, mapping, shapes, types) before ``out`` is created; ``out``
+    appears whole or not at all.
+    """
+    out = Path(out)
+    kind = parse_type(gguf_type)
+    if kind not in ADAPTER_TYPES:
+        raise InputError(f"--type {gguf_type}: llama.cpp loads LoRA tensors as "
+                         f"{', '.join(type_name(t) for t in ADAPTER_TYPES)} only")
+    ad = load_adapter(resolve(adapter, kind="adapter"))
+    for patch in ad.patches():
+        reason = _refusal(patch, ad)
+        if reason is not None:
+            raise UnsupportedError(f"{ad.folder}: cannot write {patch.module or 'the adapter'} as a GGUF LoRA: "
+                                   f"{reason}; {_MERGE_INSTEAD}")
+    ckpt = require_gguf(open_checkpoint(resolve(base)), "--to gguf-lora --base")
+    job = plan(ckpt, [(ad, scale)])
+    pairs = [(patch, s, ckpt.tensors[j.tensors[patch.role]]) for j in job.jobs.values() for patch, s, _ in j.patches]
+    if not pairs:
+        raise InputError(f"{ad.folder}: no LoRA module to export")
+    alpha = _common_alpha([p.scaling * s * p.rank for p, s, _ in pairs])
+    modules: list[GgufLoraModule] = []
+    tensors: list[tuple[str, torch.Tensor]] = []
+    order = {name: i for i, name in enumerate(ckpt.tensors)}
+    for patch, s, info in sorted(pairs, key=lambda pair: order[pair[2].name]):
+        wanted = patch.scaling * s
+        factor = 1.0 if math.isclose(wanted * patch.rank, alpha, rel_tol=1e-12) else wanted * patch.rank / alpha
+        lora_a, lora_b = _pair(patch, info, factor)
+        for suffix, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+            if not fits_blocks(tuple(t.shape), kind):
+                raise UnsupportedError(f"{info.gguf_name}.{suffix}: rows of {t.shape[-1]} values do not divide into "
+                                       f"{kind.name} blocks; choose --type f32, f16 or bf16")
+            tensors.append((f"{info.gguf_name}.{suffix}", t))
+        modules.append(GgufLoraModule(patch.module, info.gguf_name, patch.rank, wanted, factor))
+    check_output_file(out, [ad.folder, *ckpt.shards], overwrite)
+    with atomic_output_file(out, overwrite) as tmp:
+        _write(tmp, ckpt, ad, alpha, kind, tensors)
+    return GgufLora(out, alpha, modules, out.stat().st_size)
+
+
+def _write(path: Path, base: GgufCheckpoint, ad: Adapter, alpha: float, kind: GgmlType,
+           tensors: list[tuple[str, torch.Tensor]]) -> None:
+    writer = gguf.GGUFWriter(path, base.arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_name(ad.folder.name)
+    for name, t in tensors:
+        data, raw = _as_stored(t, kind)
+        writer.add_tensor(name, data, raw_dtype=raw)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
