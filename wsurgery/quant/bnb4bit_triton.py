@@ -37,7 +37,10 @@ def _quantize_kernel(x_ptr, packed_ptr, absmax_ptr, midpoints_ptr, steps_ptr, fi
                 mask=in_range[:, None], other=0.0).to(tl.float32)
     absmax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1)
     tl.store(absmax_ptr + rows, absmax, mask=in_range)
-    inverse = tl.div_rn(tl.full([ROWS], 1.0, tl.float32), tl.maximum(absmax, 1e-38))
+    # All-zero blocks: any finite inverse gives 0 (the CPU path's 1/1e-38; a float32 subnormal the
+    # GPU may flush to zero, and Triton would type the literal as float64).
+    one = tl.full([ROWS], 1.0, tl.float32)
+    inverse = tl.where(absmax > 0, tl.div_rn(one, tl.where(absmax > 0, absmax, one)), one)
     scaled = x * inverse[:, None]
     code = tl.full([ROWS, BLOCKSIZE], 0, tl.int32) + first_code
     for i in tl.static_range(15):
