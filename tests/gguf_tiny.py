@@ -67,6 +67,8 @@ def write_llama_gguf(model, path: Path, weight_type: T = T.F32, types: dict[str,
     w.add_unk_token_id(0)
     name_map = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # llama.cpp's converter stores a tied head once, as token_embd
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         data = t.float().numpy()
         if name.endswith("q_proj.weight"):

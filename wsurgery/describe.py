@@ -36,16 +36,28 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
         "total_bytes": ckpt.total_bytes,
         "dtypes": dict(dtypes),
         "tensors": [{"name": t.name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "shard": t.file.name,
-                     **({"stored_as": _stored_as(t)} if isinstance(t, QuantizedTensorInfo) else {})}
+                     **({"stored_as": _stored_as(t)} if _stored_as(t) else {})}
                     for t in ckpt.tensors.values()],
         "quantization": quantization_record(ckpt.config),
         "made_by": (ckpt.config or {}).get("wsurgery"),
+        **({"gguf": _gguf_metadata(ckpt)} if ckpt.format == "gguf" else {}),
     }
 
 
-def _stored_as(t: QuantizedTensorInfo) -> str:
-    s = t.state
-    return f"{s.quant_type} blocksize {s.blocksize}" + (" double-quant" if s.double_quant else "")
+def _stored_as(t) -> str | None:
+    if isinstance(t, QuantizedTensorInfo):
+        s = t.state
+        return f"{s.quant_type} blocksize {s.blocksize}" + (" double-quant" if s.double_quant else "")
+    gguf_name = getattr(t, "gguf_name", None)  # a GGUF tensor: its own name and ggml type
+    return f"{gguf_name} {t.type.name.lower()}" if gguf_name else None
+
+
+def _gguf_metadata(ckpt) -> dict[str, Any]:
+    """The architecture and every key/value; arrays (the tokenizer's) by element type and length."""
+    return {"architecture": ckpt.arch,
+            "metadata": {e.key: e.value if e.item_type is None and e.value is not None
+                         else f"[{e.count} x {e.item_type.name.lower() if e.item_type else '?'}]"
+                         for e in ckpt.key_values}}
 
 
 def describe_adapter(adapter: Adapter, base: Checkpoint | None = None) -> dict[str, Any]:
@@ -95,7 +107,11 @@ def format_text(info: dict[str, Any]) -> str:
                      f"bytes {info['total_bytes']:,}")
         lines.append("dtypes      " + ", ".join(f"{k}: {v}" for k, v in info["dtypes"].items()))
         quantized = [t for t in info["tensors"] if "stored_as" in t]
-        if quantized:
+        if "gguf" in info:
+            lines.append(f"gguf        {info['gguf']['architecture']}, {len(info['gguf']['metadata'])} key/values; "
+                         "tensors listed under their Hugging Face names, [GGUF name and type]")
+            lines += [f"  {k} = {v}" for k, v in info["gguf"]["metadata"].items()]
+        elif quantized:
             lines.append(f"quantized   {len(quantized)} weights in bitsandbytes 4-bit ({quantized[0]['stored_as']}); "
                          "listed below as the tensors they stand for")
         made = info.get("made_by") or {}

@@ -31,6 +31,7 @@ from ..engine import plan
 from ..errors import InputError, UnsupportedError
 from ..hub import resolve
 from ..methods.lora import DoraPatch, LoraPatch
+from ..methods.replace import ReplacePatch
 from ..quant.gguf_jobs import require_gguf
 
 #: Tensor types llama.cpp accepts for adapters (export-lora refuses quantized ones).
@@ -55,6 +56,12 @@ class GgufLora:
     alpha: float
     modules: list[GgufLoraModule] = field(default_factory=list)
     bytes_written: int = 0
+
+
+def _is_base_copy(patch) -> bool:
+    """A copy of the frozen base tensor PEFT saves with a targeted embedding: nothing to export
+    (llama.cpp's converter skips ``.base_layer.weight`` too)."""
+    return isinstance(patch, ReplacePatch) and patch.original is patch.tensor
 
 
 def _refusal(patch, adapter: Adapter) -> str | None:
@@ -113,13 +120,14 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, 
                          f"{', '.join(type_name(t) for t in ADAPTER_TYPES)} only")
     ad = load_adapter(resolve(adapter, kind="adapter"))
     for patch in ad.patches():
-        reason = _refusal(patch, ad)
+        reason = None if _is_base_copy(patch) else _refusal(patch, ad)
         if reason is not None:
             raise UnsupportedError(f"{ad.folder}: cannot write {patch.module or 'the adapter'} as a GGUF LoRA: "
                                    f"{reason}; {_MERGE_INSTEAD}")
     ckpt = require_gguf(open_checkpoint(resolve(base)), "--to gguf-lora --base")
     job = plan(ckpt, [(ad, scale)])
-    pairs = [(patch, s, ckpt.tensors[j.tensors[patch.role]]) for j in job.jobs.values() for patch, s, _ in j.patches]
+    pairs = [(patch, s, ckpt.tensors[j.tensors[patch.role]]) for j in job.jobs.values() for patch, s, _ in j.patches
+             if isinstance(patch, LoraPatch)]
     if not pairs:
         raise InputError(f"{ad.folder}: no LoRA module to export")
     alpha = _common_alpha([p.scaling * s * p.rank for p, s, _ in pairs])
