@@ -14,6 +14,7 @@ carried over as they are.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +27,12 @@ from ..engine import plan
 from ..errors import InputError, UnsupportedError
 from ..hub import resolve
 from ..methods import AdditivePatch, Patch
+from ..methods.adalora import AdaLoraPatch
 from ..methods.lora import LoraPatch
 from ..methods.vblora import VBLoraPatch
 from . import to_lora, to_structured  # noqa: F401  (they register the targets)
 from .peft_writer import write_adapter
-from .target import KINDS, TARGETS, ModuleDelta, Options, as_matrix, get_target, matrix_shape
+from .target import KINDS, TARGETS, Factors, ModuleDelta, Options, as_matrix, get_target, matrix_shape
 
 #: A module whose relative error reaches this gains nothing from the conversion.
 USELESS_ERROR = 0.99
@@ -141,26 +143,55 @@ def _sources(ad: Adapter, base: Checkpoint | None) -> list[_Source]:
     return found
 
 
+def _factors(patch: Patch) -> tuple[Factors, torch.Tensor | None] | None:
+    """``(B, A)`` with ΔW = B·A in (out, fan_in) orientation, and the bias change, for sources that are a
+    product (plain LoRA on any layer, AdaLoRA); None for the rest."""
+    if isinstance(patch, LoraPatch):
+        B = patch.B.flatten(1).to(torch.float64) * (patch.scaling * patch.factor)
+        bias = None if patch.bias is None else patch.bias.to(torch.float64) * patch.scaling
+        return (B, patch.A.flatten(1).to(torch.float64)), bias
+    if isinstance(patch, AdaLoraPatch):
+        A = patch.A.to(torch.float64) * patch.E.to(torch.float64)
+        return (patch.B.to(torch.float64) * patch.factor, A), None
+    return None
+
+
 def _read(src: _Source, base: Checkpoint | None, needs_weight: bool) -> ModuleDelta:
-    """The module's change as a float64 (out, fan_in) matrix, with the base weight where asked for."""
+    """The module's change (float64, (out, fan_in)), with the base weight where asked for."""
     patch = src.patch
-    weight = bias = None
-    if isinstance(patch, AdditivePatch) and not needs_weight:
+    delta = ModuleDelta(src.module, src.kind, src.shape)
+    product = _factors(patch)
+    if product is not None:
+        delta.factors, delta.bias = product
+    elif isinstance(patch, AdditivePatch):
         change = {role: t.to(torch.float64) for role, t in patch.delta().items()}
+        delta.matrix, delta.bias = as_matrix(src.kind, change["weight"]), change.get("bias")
     else:
         before = {role: base.read(name).to(torch.float64) for role, name in src.tensors.items()}
         after = patch.apply({role: t.clone() for role, t in before.items()})
-        change = {role: after[role].sub_(before[role]) for role in before}
-        weight = as_matrix(src.kind, before["weight"])
-    if "bias" in change and bool(change["bias"].any()):
-        bias = change["bias"]
-    return ModuleDelta(src.module, src.kind, src.shape, as_matrix(src.kind, change["weight"]),
-                       weight if needs_weight else None, bias)
+        delta.matrix = as_matrix(src.kind, after["weight"].sub_(before["weight"]))
+        delta.bias = after["bias"].sub_(before["bias"]) if "bias" in before else None
+    if delta.bias is not None and not bool(delta.bias.any()):
+        delta.bias = None
+    if needs_weight:
+        delta.weight = as_matrix(src.kind, base.read(src.tensors["weight"]).to(torch.float64))
+    return delta
 
 
-def _relative_error(realized: torch.Tensor, delta: torch.Tensor) -> float:
-    norm = float(torch.linalg.matrix_norm(delta))
-    return float(torch.linalg.matrix_norm(realized - delta)) / norm if norm > 0 else 0.0
+def _product_norm(B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖B·A‖_F without forming it: ‖B·A‖² = tr((BᵀB)(AAᵀ)); float64 resolves it to ~1e-8 of the terms."""
+    return math.sqrt(max(float(((B.T @ B) * (A @ A.T)).sum()), 0.0))
+
+
+def _relative_error(realized: torch.Tensor | Factors, d: ModuleDelta) -> float:
+    """‖ΔW' − ΔW‖_F / ‖ΔW‖_F (0 where the source changes nothing), from factors where both sides have them."""
+    if isinstance(realized, tuple) and d.matrix is None:
+        (B1, A1), (B2, A2) = realized, d.factors
+        diff, norm = _product_norm(torch.cat([B1, -B2], 1), torch.cat([A1, A2])), _product_norm(B2, A2)
+    else:
+        dense = realized[0] @ realized[1] if isinstance(realized, tuple) else realized
+        diff, norm = float(torch.linalg.matrix_norm(dense - d.delta)), float(torch.linalg.matrix_norm(d.delta))
+    return diff / norm if norm > 0 else 0.0
 
 
 def _carried(ad: Adapter, carries_tokens: bool, to: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -180,12 +211,6 @@ def _carried(ad: Adapter, carries_tokens: bool, to: str) -> tuple[dict[str, torc
     return tensors, config
 
 
-def _adapter_dtype(ad: Adapter) -> torch.dtype:
-    """The output keeps the source's floating dtype (float32 where it mixes several)."""
-    floats = {d for d in ad.dtypes if d.is_floating_point}
-    return floats.pop() if len(floats) == 1 else torch.float32
-
-
 def convert(adapter: str | Path, out: str | Path, *, to: str, base: str | Path | None = None,
             rank: int | None = None, block_size: int | None = None, butterfly_factors: int | None = None,
             force: bool = False, overwrite: bool = False, progress: bool = True) -> Conversion:
@@ -199,7 +224,7 @@ def convert(adapter: str | Path, out: str | Path, *, to: str, base: str | Path |
     """
     target = get_target(to)
     ad = load_adapter(resolve(adapter, kind="adapter"))
-    options = Options(rank, block_size, butterfly_factors, _adapter_dtype(ad))
+    options = Options(rank, block_size, butterfly_factors)
     target.check_options(options)
     if target.needs_weight and base is None:
         raise InputError(f"--to {to} needs --base BASE: {target.method} rotates the base weight, so the best "
@@ -217,7 +242,7 @@ def convert(adapter: str | Path, out: str | Path, *, to: str, base: str | Path |
     for src in tqdm(sources, desc=f"convert to {to}", unit="module", disable=not progress, leave=False):
         delta = _read(src, ckpt, target.needs_weight)
         fit = target.fit(delta, options)
-        reports.append(ModuleReport(src.module, fit.rank, _relative_error(fit.realized, delta.delta)))
+        reports.append(ModuleReport(src.module, fit.rank, _relative_error(fit.realized, delta)))
         notes += [f"{src.module}: {n}" for n in fit.notes]
         fit.realized = None
         fits[src.module] = fit

@@ -27,16 +27,38 @@ _KIND_NAMES = {"linear": "Linear", "conv1d_transposed": "Conv1D (fan_in_fan_out)
                "conv": "convolution"}
 
 
+#: The dtype of every tensor written: PEFT holds adapter weights in float32 anyway (``autocast_adapter_dtype``),
+#: and bf16 factors would add ~4e-3 relative error to a conversion that is otherwise exact.
+OUTPUT_DTYPE = torch.float32
+
+#: A product ``B·A`` (float64 ``(out, r)`` and ``(r, fan_in)``), kept unformed.
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class ModuleDelta:
-    """The change one source module makes to its base weight."""
+    """The change one source module makes to its base weight, as an (out, fan_in) matrix: dense, or the
+    product ``B·A`` where the source is one (LoRA, AdaLoRA), so that low-rank work never forms it."""
 
     module: str  # the module path as the source adapter names it (the output keys use it too)
     kind: str  # one of KINDS
     shape: tuple[int, ...]  # the base weight's shape as stored
-    delta: torch.Tensor  # float64 (out, fan_in)
-    weight: torch.Tensor | None = None  # float64 base weight, same orientation; only for targets that need W
+    matrix: torch.Tensor | None = None  # float64 (out, fan_in)
+    factors: Factors | None = None
+    weight: torch.Tensor | None = None  # float64 base weight, (out, fan_in); only for targets that need W
     bias: torch.Tensor | None = None  # float64 change of the bias, where the source changes it
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """The dense float64 change, formed from the factors on first use."""
+        if self.matrix is None:
+            B, A = self.factors
+            self.matrix = B @ A
+        return self.matrix
+
+    @property
+    def out_in(self) -> tuple[int, int]:
+        return matrix_shape(self.kind, self.shape)
 
 
 @dataclass
@@ -44,8 +66,8 @@ class Fit:
     """A target's tensors for one module, and the change they make."""
 
     tensors: dict[str, torch.Tensor]  # by parameter name as PEFT saves it (``lora_A.weight``)
-    # float64, like ``ModuleDelta.delta``, computed from the tensors as written; dropped once measured
-    realized: torch.Tensor | None
+    # The change the tensors make as written (float64, dense or factors), like ``ModuleDelta``; None once measured.
+    realized: torch.Tensor | Factors | None
     rank: int  # the size the target spends on the module (rank, MiSS r, block size), for configs and reports
     kind: str
     notes: list[str] = field(default_factory=list)
@@ -58,7 +80,6 @@ class Options:
     rank: int | None = None
     block_size: int | None = None
     butterfly_factors: int | None = None
-    dtype: torch.dtype = torch.float32  # of the written tensors: the source adapter's
 
 
 class Target(ABC):

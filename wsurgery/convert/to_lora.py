@@ -5,11 +5,12 @@ norm, and its error is the norm of the dropped singular values. Without ``--rank
 the change's own numerical rank (the smallest r whose error is at rounding level), so a LoRA, LoHa
 (rank ≤ r²), LoKr, AdaLoRA, MiSS, VeRA... change is converted exactly.
 
-Adapter changes are usually low-rank, so the SVD is not taken of the dense change: a randomized range
-finder (Halko, Martinsson & Tropp, 2011) with p random columns gives ΔW = Q·(QᵀΔW) exactly, to
-rounding, once p ≥ rank(ΔW), and then only the small p × in matrix QᵀΔW needs an SVD. The residual
-is measured, never assumed; p grows until it vanishes, and a change that is not low-rank (OFT, DoRA,
-IA3...) gets a full SVD.
+Adapter changes are usually low-rank, so no SVD of a dense (out, in) matrix is needed for them. Where
+the source is a product B·A (LoRA, AdaLoRA), the SVD comes from thin QRs of B and Aᵀ and the SVD of a
+small r × r matrix. Otherwise a randomized range finder (Halko, Martinsson & Tropp, 2011) with p random
+columns gives ΔW = Q·(QᵀΔW) exactly, to rounding, once p ≥ rank(ΔW), and only the small p × in matrix
+QᵀΔW needs an SVD. The residual is measured, never assumed; p grows until it vanishes, and a change
+that is not low-rank (OFT, DoRA, IA3...) gets a full SVD.
 
 The scaling is folded into the factors (lora_alpha = r, so s = 1), with √σ on each side.
 """
@@ -24,22 +25,13 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import UnsupportedError
-from .target import (
-    KINDS,
-    Fit,
-    ModuleDelta,
-    Options,
-    Target,
-    check_rank,
-    common_rank,
-    register_target,
-)
+from .target import (KINDS, OUTPUT_DTYPE, Factors, Fit, ModuleDelta, Options, Target, check_rank, common_rank,
+                     register_target)
 
 #: Relative Frobenius error below which a factorisation counts as exact (float32 rounding is ~1e-7).
 EXACT_RTOL = 1e-6
 _FIRST_SKETCH = 16
 _SKETCH_GROWTH = 4
-_CHUNK_ELEMENTS = 1 << 22  # rows of ΔW handled at once when measuring the residual (32 MB of float64)
 
 
 @dataclass
@@ -82,9 +74,23 @@ class Spectrum:
         return torch.cat([B, B.new_zeros(B.shape[0], k - q)], 1), torch.cat([A, pad])
 
 
-def spectrum(delta: torch.Tensor) -> Spectrum:
-    """The SVD of ``delta`` (out, in), through a randomized range finder where it is low-rank."""
-    D = delta.to(torch.float64)
+def spectrum(d: ModuleDelta) -> Spectrum:
+    """The SVD of the module's change, from its factors where it has them."""
+    if d.matrix is None and d.factors is not None:
+        return _factored_spectrum(*d.factors)
+    return _dense_spectrum(d.delta)
+
+
+def _factored_spectrum(B: torch.Tensor, A: torch.Tensor) -> Spectrum:
+    """B·A = Q_B·R_B·R_Aᵀ·Q_Aᵀ with B = Q_B·R_B and Aᵀ = Q_A·R_A: only the small R_B·R_Aᵀ needs an SVD."""
+    QB, RB = torch.linalg.qr(B)
+    QA, RA = torch.linalg.qr(A.T)
+    U, S, Vh = torch.linalg.svd(RB @ RA.T)
+    return Spectrum(QB @ U, S, Vh @ QA.T, 0.0, float(S.norm()))
+
+
+def _dense_spectrum(D: torch.Tensor) -> Spectrum:
+    """The SVD of a dense (out, in) change, through a randomized range finder where it is low-rank."""
     m, n = D.shape
     norm = float(torch.linalg.matrix_norm(D))
     if norm == 0.0:
@@ -92,9 +98,10 @@ def spectrum(delta: torch.Tensor) -> Spectrum:
     g = torch.Generator().manual_seed(0)
     p = _FIRST_SKETCH
     while p * 8 <= min(m, n):  # past that, a full SVD costs about as much as the sketches
-        Q = torch.linalg.qr(D @ torch.randn(n, p, generator=g, dtype=torch.float64)).Q
+        Q = torch.linalg.qr(D @ torch.randn(n, p, generator=g, dtype=D.dtype)).Q
         M = Q.T @ D
-        residual = _residual(D, Q, M)
+        # ‖D − Q·M‖² = ‖D‖² − ‖M‖² (Q has orthonormal columns); float64 resolves it to ~1e-8·‖D‖.
+        residual = math.sqrt(max(norm ** 2 - float(torch.linalg.matrix_norm(M)) ** 2, 0.0))
         if residual <= EXACT_RTOL * norm:
             U, S, Vh = torch.linalg.svd(M, full_matrices=False)
             return Spectrum(Q @ U, S, Vh, residual, norm)
@@ -103,19 +110,12 @@ def spectrum(delta: torch.Tensor) -> Spectrum:
     return Spectrum(U, S, Vh, 0.0, norm)
 
 
-def _residual(D: torch.Tensor, Q: torch.Tensor, M: torch.Tensor) -> float:
-    """‖D − Q·M‖_F, a block of rows at a time so no second dense copy of D is made."""
-    step = max(1, _CHUNK_ELEMENTS // D.shape[1])
-    total = sum(float(((D[i:i + step] - Q[i:i + step] @ M) ** 2).sum()) for i in range(0, D.shape[0], step))
-    return math.sqrt(total)
-
-
 def chosen_rank(d: ModuleDelta, spec: Spectrum, options: Options, method: str) -> int:
     """``--rank``, or the change's own rank where it is low (the exact conversion)."""
     if options.rank is not None:
         return options.rank
     k = spec.exact_rank()
-    if k >= min(d.delta.shape):
+    if k >= min(d.out_in):
         raise UnsupportedError(
             f"{d.module}: the change has full rank ({k}) and no {method} of lower rank holds it exactly; pass "
             f"--rank R for the best rank-R approximation (the error is reported)")
@@ -145,16 +145,16 @@ class LowRankTarget(Target):
             check_rank(module, options.rank, shape)
 
     def fit(self, d: ModuleDelta, options: Options) -> Fit:
-        spec = spectrum(d.delta)
+        spec = spectrum(d)
         k = chosen_rank(d, spec, options, self.method)
-        B, A = (x.to(options.dtype) for x in spec.factors(k))
+        B, A = (x.to(OUTPUT_DTYPE) for x in spec.factors(k))
         tensors, realized = self.hold(d, B, A)
         return Fit(tensors, realized, k, d.kind)
 
     @abstractmethod
-    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The method's tensors for ``B·A`` (written in ``B``'s dtype) and their change, float64, computed from
-        the tensors as written."""
+    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor],
+                                                                             torch.Tensor | Factors]:
+        """The method's tensors for ``B·A`` and the change they make, computed from them as written."""
 
 
 @register_target
@@ -168,8 +168,8 @@ class LoraTarget(LowRankTarget):
     def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         tensors = lora_tensors(d.kind, d.shape, A, B)
         if d.bias is not None:
-            tensors["lora_B.bias"] = d.bias.to(B.dtype)
-        return tensors, B.double() @ A.double()
+            tensors["lora_B.bias"] = d.bias.to(OUTPUT_DTYPE)
+        return tensors, (B.double(), A.double())
 
     def config(self, fits: dict[str, Fit], options: Options) -> dict[str, Any]:
         kinds = {f.kind for f in fits.values()}
@@ -180,7 +180,7 @@ class LoraTarget(LowRankTarget):
         if lora_bias:  # PEFT gives every module a lora_B.bias then: zero where the bias does not change
             for f in fits.values():
                 out = f.tensors["lora_B.weight"].shape[0]
-                f.tensors.setdefault("lora_B.bias", torch.zeros(out, dtype=options.dtype))
+                f.tensors.setdefault("lora_B.bias", torch.zeros(out, dtype=OUTPUT_DTYPE))
         r, pattern = common_rank(fits)
         return {"peft_type": "LORA", "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
                 "target_modules": sorted(fits), "fan_in_fan_out": "conv1d_transposed" in kinds,

@@ -36,7 +36,7 @@ import torch
 from ..errors import InputError
 from ..methods.boft import _factors, butterfly_perms, cayley
 from ..methods.oft import cayley_exact, skew_from_triangle
-from .target import Fit, ModuleDelta, Options, Target, common_rank, register_target
+from .target import OUTPUT_DTYPE, Factors, Fit, ModuleDelta, Options, Target, common_rank, register_target
 from .to_lora import LowRankTarget
 
 #: σ_min(I + R) below which a rotation counts as a half turn: PEFT's float32 Cayley solve loses about
@@ -84,8 +84,8 @@ class _SharedBlockTarget(Target):
                              f"{self.method} (like PEFT) needs r <= in_features")
 
     def fit(self, d: ModuleDelta, options: Options) -> Fit:
-        block = periodic_means(d.delta, options.rank).to(options.dtype)
-        return Fit({self.key: block}, tiled(block.double(), d.delta.shape[1]), options.rank, d.kind)
+        block = periodic_means(d.delta, options.rank).to(OUTPUT_DTYPE)
+        return Fit({self.key: block}, tiled(block.double(), d.out_in[1]), options.rank, d.kind)
 
     def config(self, fits: dict[str, Fit], options: Options) -> dict[str, Any]:
         return {"peft_type": self.peft_type, "r": options.rank, "init_weights": True, "target_modules": sorted(fits),
@@ -203,7 +203,7 @@ class OftTarget(_RotationTarget):
         R = procrustes_blocks(d.weight, d.weight + d.delta, b)
         Q, backed_off = cayley_preimage(R)
         rows, cols = torch.triu_indices(b, b, 1)
-        vector = Q[:, rows, cols].to(options.dtype)
+        vector = Q[:, rows, cols].to(OUTPUT_DTYPE)
         written = cayley_exact(skew_from_triangle(vector.double(), b))
         realized = rotate_blocks(d.weight, written) - d.weight
         return Fit({"oft_R.weight": vector}, realized, b, d.kind, _half_turn_note(backed_off, b))
@@ -279,11 +279,11 @@ class BoftTarget(_RotationTarget):
 
     def fit(self, d: ModuleDelta, options: Options) -> Fit:
         N, b = self.factors(options), self.block_size(options)
-        m, n = d.delta.shape
+        m, n = d.out_in
         blocks, s = fit_butterfly(d.weight, d.weight + d.delta, b, N)
         Q, backed_off = cayley_preimage(blocks.reshape(-1, b, b))
-        R = Q.reshape(N, n // b, b, b).to(options.dtype)
-        scale = s.reshape(m, 1).to(options.dtype)
+        R = Q.reshape(N, n // b, b, b).to(OUTPUT_DTYPE)
+        scale = s.reshape(m, 1).to(OUTPUT_DTYPE)
         written = cayley(R).reshape(N, n // b, b, b)
         perms = butterfly_perms(n, N, n // b, b)
         realized = _factors(d.weight, written, perms, range(N)) * scale.double() - d.weight
@@ -302,12 +302,12 @@ class LohaTarget(LowRankTarget):
     name = "loha"
     method = "LoHa"
 
-    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor], Factors]:
         k = A.shape[0]
         w2a = torch.full((B.shape[0], k), k ** -0.5, dtype=B.dtype)
         w2b = torch.full((k, A.shape[1]), k ** -0.5, dtype=A.dtype)
-        realized = (B.double() @ A.double()) * (w2a.double() @ w2b.double())
-        return {"hada_w1_a": B, "hada_w1_b": A, "hada_w2_a": w2a, "hada_w2_b": w2b}, realized
+        ones = k * (float(w2a[0, 0]) * float(w2b[0, 0]))  # every entry of w2a·w2b, as written
+        return {"hada_w1_a": B, "hada_w1_b": A, "hada_w2_a": w2a, "hada_w2_b": w2b}, (B.double() * ones, A.double())
 
     def config(self, fits: dict[str, Fit], options: Options) -> dict[str, Any]:
         r, pattern = common_rank(fits)
@@ -321,13 +321,14 @@ class LokrTarget(LowRankTarget):
     name = "lokr"
     method = "LoKr"
 
-    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor],
+                                                                             torch.Tensor | Factors]:
         k, (m, n) = A.shape[0], (B.shape[0], A.shape[1])
         one = torch.ones(1, 1, dtype=A.dtype)
         if k >= max(m, n) / 2:  # PEFT's rule: a full w2 from this rank on
             w2 = (B.double() @ A.double()).to(A.dtype)
             return {"lokr_w1": one, "lokr_w2": w2}, w2.double()
-        return {"lokr_w1": one, "lokr_w2_a": B, "lokr_w2_b": A}, B.double() @ A.double()
+        return {"lokr_w1": one, "lokr_w2_a": B, "lokr_w2_b": A}, (B.double(), A.double())
 
     def config(self, fits: dict[str, Fit], options: Options) -> dict[str, Any]:
         r, pattern = common_rank(fits)
