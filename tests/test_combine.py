@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 from oracle import assert_close_to, edit_adapter_config, load_all, make_adapter, oracle_merge, save_base, tiny_gpt2, \
     tiny_llama, with_random_biases
+from test_extract import run_cli
 
 import wsurgery
-from wsurgery.cli import main
 from wsurgery.convert.combine import adapter_with_weight
 from wsurgery.errors import InputError, UnsupportedError
 
@@ -132,7 +132,8 @@ def test_gpt2_conv1d_loras_combine_exactly(tmp_path):
 
     model = with_random_biases(tiny_gpt2(seed=3))
     base = save_base(model, tmp_path / "base")
-    c1 = make_adapter(model, LoraConfig(r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), tmp_path / "c1", 1)
+    c1 = make_adapter(model, LoraConfig(r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), tmp_path / "c1",
+                      1)
     c2 = make_adapter(model, LoraConfig(r=3, target_modules=["c_attn", "wte"], fan_in_fan_out=True), tmp_path / "c2", 2)
     wsurgery.combine(tmp_path / "out", [(c1, -1.0), c2], progress=False)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
@@ -241,17 +242,6 @@ def test_merge_single_adapter_and_weighted_pair_calls_still_work(env, tmp_path):
 
 
 # -- the command line ----------------------------------------------------------------------------------
-
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 def test_cli_merge_and_combine_take_weighted_adapters(env, tmp_path, capsys):
     expected = expected_sum(env.base, [(env.a1, 1.0), (env.a2, 0.5)])

@@ -34,6 +34,7 @@ _CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_tra
 _CONV1D_LAYERS = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 # Module names of nn.Embedding layers; "embed_out" is GPT-NeoX's output head, a Linear.
 _EMBEDDING_NAME = re.compile(r"(embed(?!_out$)|^(wte|wpe|shared)$)")
+_OUTPUT_HEADS = frozenset({"lm_head", "embed_out", "output"})
 # Randomized SVD (``--rank`` only): q = rank + oversampling columns, power iterations.
 _MIN_OVERSAMPLING, _POWER_ITERATIONS = 10, 4
 
@@ -71,10 +72,10 @@ class RankRule:
     max_error: float | None = None
 
     def __post_init__(self) -> None:
-        given = [n for n in ("rank", "energy", "max_error") if getattr(self, n) is not None]
+        given = ["--" + n.replace("_", "-") for n in ("rank", "energy", "max_error") if getattr(self, n) is not None]
         if len(given) != 1:
             raise InputError("give exactly one of --rank, --energy and --max-error "
-                             f"({'none' if not given else ' and '.join('--' + g.replace('_', '-') for g in given)} given)")
+                             f"({' and '.join(given) or 'none'} given)")
         if self.rank is not None and self.rank < 1:
             raise InputError(f"--rank must be at least 1, not {self.rank}")
         if self.energy is not None and not 0 < self.energy <= 1:
@@ -109,6 +110,7 @@ class Factorization:
     B: torch.Tensor  # (out, r), float32, CPU
     A: torch.Tensor  # (r, in)
     singular_values: torch.Tensor  # every one computed (all of them for the exact SVD), CPU
+    norm: float  # ||M||_F
     rel_error: float  # ||M − B·A||_F / ||M||_F, measured
     energy: float  # Σ_{i<r} σ_i² / ||M||_F²
     method: str  # "exact" or "randomized"
@@ -129,9 +131,6 @@ def _randomized(rule: RankRule, svd: str, shape: tuple[int, int]) -> bool:
     """Randomized SVD only for a fixed rank (the rank-choosing rules need the whole spectrum); under
     ``auto`` only where the matrix is at least 4x wider than the sketch, else exact is as cheap."""
     if svd == "exact" or not rule.fixed:
-        if svd == "randomized" and not rule.fixed:
-            raise InputError("--svd randomized needs --rank: --energy and --max-error choose the rank from the "
-                             "whole spectrum, which only the exact SVD gives")
         return False
     return svd == "randomized" or 4 * _sketch(rule.rank, shape) <= min(shape)
 
@@ -160,7 +159,8 @@ def truncated_svd(M: torch.Tensor, rule: RankRule, *, svd: str = "auto", device:
     residual = work.addmm_(B, A, alpha=-1)
     error = float(torch.linalg.vector_norm(residual, dtype=torch.float64) ** 2)
     energy = float((S[:r].double() ** 2).sum()) / total
-    return Factorization(B.cpu(), A.cpu(), S.cpu(), math.sqrt(error / total), min(energy, 1.0), method)
+    return Factorization(B.cpu(), A.cpu(), S.cpu(), math.sqrt(total), math.sqrt(error / total), min(energy, 1.0),
+                         method)
 
 
 # -- writing a LoRA adapter --------------------------------------------------------------------------
@@ -196,8 +196,8 @@ def target_modules(lora: list[str], all_modules: set[str]) -> list[str]:
     return sorted(out)
 
 
-def lora_adapter(loras: dict[str, LoraModule], full: dict[str, dict[str, torch.Tensor]], *,
-                 base_model: str | None, all_modules: set[str] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def lora_adapter(loras: dict[str, LoraModule], full: dict[str, dict[str, torch.Tensor]], *, base_model: str | None,
+                 all_modules: set[str] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The config and tensors (PEFT's saved key names) of a LoRA adapter with the given modules.
 
     ``full`` are ``modules_to_save``: module -> {parameter: tensor}. Ranks that differ from the most
@@ -286,8 +286,10 @@ def _direct_tensors(ckpt: Checkpoint) -> dict[str, list[str]]:
 
 def _check_pair(base: Checkpoint, tuned: Checkpoint, base_path: Path, tuned_path: Path) -> None:
     """Both checkpoints must hold the same tensor names (dtypes may differ; shapes are checked per tensor)."""
-    for names, problem in (([n for n in base.tensors if n not in tuned.tensors], f"lacks tensor(s) that {base_path} has"),
-                           ([n for n in tuned.tensors if n not in base.tensors], f"has tensor(s) that {base_path} lacks")):
+    missing = [n for n in base.tensors if n not in tuned.tensors]
+    extra = [n for n in tuned.tensors if n not in base.tensors]
+    for names, problem in ((missing, f"lacks tensor(s) that {base_path} has"),
+                           (extra, f"has tensor(s) that {base_path} lacks")):
         if names:
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             raise InputError(f"TUNED {tuned_path} {problem}: {shown}; are they the same architecture?")
@@ -313,8 +315,15 @@ class _Plan:
     full: dict[str, str] = field(default_factory=dict)  # module -> reason
     reports: dict[str, ModuleReport] = field(default_factory=dict)
     has_bias: set[str] = field(default_factory=set)  # LoRA modules whose base layer has a bias
+    whole_size: dict[str, int] = field(default_factory=dict)  # LoRA module -> parameters if stored whole
     left_out: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+
+def _vocabulary_sized(module: str, rows: int, ckpt: Checkpoint) -> bool:
+    """An embedding or output head, whose rows may grow with the vocabulary."""
+    return layer_kind(module, False) == "embedding" or module.rpartition(".")[2] in _OUTPUT_HEADS or \
+        rows == (ckpt.config or {}).get("vocab_size")
 
 
 def _extract_module(module: str, names: list[str], base: Checkpoint, tuned: Checkpoint, rule: RankRule,
@@ -325,7 +334,7 @@ def _extract_module(module: str, names: list[str], base: Checkpoint, tuned: Chec
     for name in names:
         b, t = base.tensors[name].shape, tuned.tensors[name].shape
         if b != t:
-            if name == weight and len(b) == len(t) == 2 and b[1] == t[1]:  # a resized vocabulary
+            if name == weight and len(b) == len(t) == 2 and b[1] == t[1] and _vocabulary_sized(module, b[0], base):
                 plan.full[module] = f"resized from {b[0]} to {t[0]} rows"
                 plan.notes.append(f"{module}: resized from {b[0]} to {t[0]} rows; PEFT needs "
                                   f"model.resize_token_embeddings({t[0]}) on the base before loading the adapter")
@@ -350,20 +359,20 @@ def _extract_module(module: str, names: list[str], base: Checkpoint, tuned: Chec
     if rule.rank is not None and min(rule.rank, out_f, in_f) > fits:
         plan.full[module] = f"a rank-{rule.rank} LoRA of a {out_f}x{in_f} weight is no smaller than the weight"
         return
-    norm = float(torch.linalg.vector_norm(M, dtype=torch.float64))
     f = truncated_svd(M, rule, svd=svd, device=device)
     if f.A.shape[0] > fits:
         plan.full[module] = (f"{rule.describe()} needs rank {f.A.shape[0]}, whose factors are no smaller than the "
                              f"{out_f}x{in_f} weight")
         return
     plan.loras[module] = LoraModule(kind, f.A.contiguous(), f.B.contiguous(), changed.get(bias))
+    plan.whole_size[module] = sum(base.tensors[n].numel for n in names)
     if bias in base.tensors:
         plan.has_bias.add(module)
-    plan.reports[module] = ModuleReport(module, kind, tuple(base.tensors[weight].shape), norm, f.A.shape[0],
+    plan.reports[module] = ModuleReport(module, kind, tuple(base.tensors[weight].shape), f.norm, f.A.shape[0],
                                         f.rel_error, f.energy, f.method, singular_values=f.singular_values)
 
 
-def _settle_biases(plan: _Plan, sizes: dict[str, int]) -> None:
+def _settle_biases(plan: _Plan) -> None:
     """Changed biases of LoRA modules: ``lora_bias`` (PEFT: one switch for every LoRA layer, none may be an
     embedding or lack a bias) or their modules stored whole, whichever adapter is smaller."""
     with_bias = [m for m, lora in plan.loras.items() if lora.bias is not None]
@@ -372,7 +381,7 @@ def _settle_biases(plan: _Plan, sizes: dict[str, int]) -> None:
     cannot = [m for m, lora in plan.loras.items() if lora.kind == "embedding" or m not in plan.has_bias]
 
     def growth(modules: list[str]) -> int:
-        return sum(sizes[m] - plan.loras[m].num_parameters for m in modules)
+        return sum(plan.whole_size[m] - plan.loras[m].num_parameters for m in modules)
 
     bias_cost = sum(plan.loras[m].B.shape[0] for m in plan.loras if m not in cannot)
     if cannot and growth(cannot) + bias_cost >= growth(with_bias):
@@ -387,7 +396,8 @@ def _settle_biases(plan: _Plan, sizes: dict[str, int]) -> None:
         del plan.reports[m]
 
 
-def _whole_modules(plan: _Plan, tuned: Checkpoint, groups: dict[str, list[str]]) -> dict[str, dict[str, torch.Tensor]]:
+def _whole_modules(plan: _Plan, tuned: Checkpoint, groups: dict[str, list[str]]
+                   ) -> dict[str, dict[str, torch.Tensor]]:
     """The tuned tensors of every module stored whole. A module with tensors below it cannot be: PEFT's
     modules_to_save would wrap those children too (and refuse a LoRA inside)."""
     full: dict[str, dict[str, torch.Tensor]] = {}
@@ -408,7 +418,8 @@ def _figure_class():
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise UnsupportedError("--plot needs matplotlib, which is not installed: pip install 'wsurgery[plot]'") from None
+        raise UnsupportedError("--plot needs matplotlib, which is not installed: pip install 'wsurgery[plot]'"
+                               ) from None
     return Figure
 
 
@@ -430,7 +441,8 @@ def plot_spectra(result: ExtractResult, path: Path, count: int = 6) -> None:
         energy.plot(index, kept.numpy(), color=line.get_color())
         energy.plot([m.rank], [m.energy], "o", color=line.get_color())
     spectrum.set(xlabel="index", ylabel="σ_i / σ_1", title="singular values of TUNED − BASE")
-    energy.set(xlabel="rank", ylabel="kept fraction of ||ΔW||²", title=f"kept energy ({result.rule})", ylim=(0, 1.01))
+    energy.set(xlabel="rank", ylabel="kept fraction of ||ΔW||²", title=f"kept energy ({result.rule})",
+               ylim=(0, 1.01))
     spectrum.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -461,6 +473,9 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
     rule = RankRule(rank, energy, max_error)
     if svd not in ("auto", "exact", "randomized"):
         raise InputError(f"--svd {svd!r}: expected auto, exact or randomized")
+    if svd == "randomized" and not rule.fixed:
+        raise InputError("--svd randomized needs --rank: --energy and --max-error choose the rank from the whole "
+                         "spectrum, which only the exact SVD gives")
     try:
         pattern = re.compile(targets) if targets else None
     except re.error as e:
@@ -486,13 +501,13 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
     for module in groups:
         if module not in targeted:
             for name in groups[module]:
-                if _difference(base_ckpt, tuned_ckpt, name) is not None:
+                if base_ckpt.tensors[name].shape != tuned_ckpt.tensors[name].shape or \
+                        _difference(base_ckpt, tuned_ckpt, name) is not None:
                     plan.left_out[name] = f"changed, but --targets {targets!r} does not match {module}"
     if not plan.loras and not plan.full:
-        raise InputError(f"TUNED ({tuned_path}) equals BASE ({base_path}) in every targeted tensor: nothing to extract")
-    _settle_biases(plan, {m: base_ckpt.tensors[f"{m}.weight"].numel + (base_ckpt.tensors[f"{m}.bias"].numel
-                                                                          if m in plan.has_bias else 0)
-                          for m in plan.loras})
+        raise InputError(f"TUNED ({tuned_path}) equals BASE ({base_path}) in every targeted tensor: nothing to "
+                         "extract")
+    _settle_biases(plan)
     full = _whole_modules(plan, tuned_ckpt, groups)
     config, tensors = lora_adapter(plan.loras, full, base_model=str(base), all_modules=set(groups))
     write_adapter(out, config, tensors, overwrite=overwrite,
