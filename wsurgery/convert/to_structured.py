@@ -43,7 +43,7 @@ from .to_lora import LowRankTarget
 #: 1e-7/σ of accuracy, so rotations are kept at least 2·margin away from it.
 HALF_TURN_MARGIN = 1e-3
 _SWEEPS = 25  # BOFT block-coordinate descent: at most this many sweeps over the levels and the scale
-_SWEEP_RTOL = 1e-7  # stop when a sweep improves the error by less than this fraction
+_SWEEP_RTOL = 1e-5  # stop when a sweep improves the error by less than this fraction
 
 
 # -- MiSS / Bone --------------------------------------------------------------------------------------------
