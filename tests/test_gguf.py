@@ -163,7 +163,7 @@ def test_merge_into_quantized_gguf_requantizes_with_ggufs_quantizer(w):
     byte, and within one Q8_0 step of PEFT's merge into the same dequantized weights."""
     from transformers import AutoModelForCausalLM
 
-    root, model, files, lora = w
+    root, _, files, lora = w
     out = root / "merged-q8.gguf"
     wsurgery.merge(files[T.Q8_0], lora, out, progress=False, overwrite=True)
     wsurgery.merge(files[T.Q8_0], lora, root / "merged-q8-st", progress=False, overwrite=True)
@@ -188,7 +188,7 @@ def test_merge_into_quantized_gguf_requantizes_with_ggufs_quantizer(w):
 
 
 def test_merge_type_option_retypes_changed_tensors_only(w):
-    root, model, files, lora = w
+    root, _, files, lora = w
     out = root / "merged-as-f16.gguf"
     wsurgery.merge(files[T.Q8_0], lora, out, progress=False, gguf_type="f16", overwrite=True)
     base = {t.name: t.tensor_type for t in gguf.GGUFReader(files[T.Q8_0]).tensors}
@@ -219,7 +219,7 @@ def test_quantize_gguf(w, target):
 
     root, _, files, _ = w
     out = root / f"requant-{target}.gguf"
-    result, kept = wsurgery.api.quantize_gguf(files[T.F32], out, target, progress=False, overwrite=True)
+    _, kept = wsurgery.api.quantize_gguf(files[T.F32], out, target, progress=False, overwrite=True)
     assert kept == []
     kind = T[target.upper()]
     src = {t.name: t for t in gguf.GGUFReader(files[T.F32]).tensors}
@@ -293,7 +293,7 @@ def test_gguf_lora_applied_as_llama_cpp_does_equals_peft_merge(w, kind):
 
 
 def test_gguf_lora_same_scale_keeps_alpha_and_b(w, tmp_path):
-    root, model, files, _ = w
+    _, model, files, _ = w
     lora = make_adapter(model, LoraConfig(r=4, lora_alpha=16, target_modules=["v_proj"]), tmp_path / "plain")
     result = wsurgery.api.export_gguf_lora(lora, tmp_path / "plain.gguf", files[T.F16])
     assert result.alpha == 16 and all(m.baked == 1.0 for m in result.modules)
@@ -306,9 +306,9 @@ def test_gguf_lora_same_scale_keeps_alpha_and_b(w, tmp_path):
 
 
 @pytest.mark.parametrize("config, reason", [
-    (dict(use_dora=True), "DoRA"),
-    (dict(modules_to_save=["lm_head"]), "modules_to_save"),
-    (dict(lora_bias=True), "lora_bias"),
+    ({"use_dora": True}, "DoRA"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"lora_bias": True}, "lora_bias"),
 ], ids=["dora", "modules_to_save", "lora_bias"])
 def test_gguf_lora_refuses_what_llama_cpp_cannot_express(w, tmp_path, config, reason):
     _, model, files, _ = w
@@ -368,7 +368,7 @@ def test_adapter_for_tensors_missing_from_the_gguf(w, tmp_path):
 
 def test_tensor_types_gguf_cannot_write_or_read(w, tmp_path):
     """IQ4_NL (dequantize only): merging into it needs --type; Q1_0 (neither): reading it is refused."""
-    root, model, _, lora = w
+    _, model, _, lora = w
     rng = np.random.default_rng(1)
     iq4 = _random_blocks(rng, T.IQ4_NL, 32 * 64 // 32, 18).reshape(32, -1)
     path = write_llama_gguf(model, tmp_path / "f32.gguf")

@@ -15,14 +15,14 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")  # before the heavy imports: a skip costs nothing
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from gguf import GGMLQuantizationType as T  # noqa: E402
-from gguf_tiny import tiny_llama, write_llama_gguf  # noqa: E402
-from oracle import make_adapter, oracle_merge  # noqa: E402
-from peft import LoraConfig  # noqa: E402
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf_tiny import tiny_llama, write_llama_gguf
+from oracle import make_adapter, oracle_merge
+from peft import LoraConfig
 
-import wsurgery  # noqa: E402
+import wsurgery
 
 TOKENS = [1, 5, 17, 42, 99, 3, 64, 120, 7, 88]
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -24,9 +24,9 @@ import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as GgmlType
-from gguf import GGUFValueType
 
 from ..errors import InputError, UnsupportedError
+from .gguf_header import KeyValue, pack_string, read_header
 from .gguf_names import Layout, arch_rules, hf_names, layout
 from .reader import Checkpoint
 from .safetensors_file import TensorInfo, copy_range, read_tensor, write_at
@@ -38,8 +38,6 @@ PLAIN_TYPES: dict[GgmlType, torch.dtype] = {
     GgmlType.I64: torch.int64,
 }
 _FLOAT_TYPES = (GgmlType.F32, GgmlType.F16, GgmlType.BF16, GgmlType.F64)
-# The key/values GGUFReader reports before the file's own ones (version and counts).
-_PSEUDO_FIELDS = 3
 
 
 def type_name(t: GgmlType) -> str:
@@ -143,48 +141,6 @@ def encode(t: torch.Tensor, info_layout: Layout, target: GgmlType) -> torch.Tens
     return torch.from_numpy(gguf.quants.quantize(t.contiguous().numpy(), target))
 
 
-@dataclass(frozen=True)
-class KeyValue:
-    """One metadata entry: its decoded value (None for arrays) and its bytes as in the file."""
-
-    key: str
-    type: GGUFValueType
-    value: object  # str, int, float or bool; None for arrays
-    count: int  # array length (1 for scalars)
-    item_type: GGUFValueType | None  # arrays: the element type
-    raw: bytes
-
-
-def _key_value(reader: gguf.GGUFReader, f: gguf.ReaderField) -> KeyValue:
-    size = sum(int(p.nbytes) for p in f.parts)
-    raw = reader.data[f.offset: f.offset + size].tobytes()
-    vtype = f.types[0]
-    if vtype == GGUFValueType.ARRAY:
-        count = int(f.parts[4][0])  # key length, key, type, item type, count, items...
-        return KeyValue(f.name, vtype, None, count, f.types[1] if len(f.types) > 1 else None, raw)
-    if vtype == GGUFValueType.STRING:
-        value: object = bytes(f.parts[-1]).decode("utf-8", errors="replace")
-    else:
-        value = f.parts[-1].tolist()[0]
-    return KeyValue(f.name, vtype, value, 1, None, raw)
-
-
-def pack_key_value(key: str, vtype: GGUFValueType, value: object) -> KeyValue:
-    """A new scalar or string entry, encoded as GGUF does (little-endian)."""
-    fmt = {GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f",
-           GGUFValueType.UINT64: "<Q", GGUFValueType.BOOL: "<?"}
-    if vtype == GGUFValueType.STRING:
-        data = _pack_string(str(value))
-    else:
-        data = struct.pack(fmt[vtype], value)
-    return KeyValue(key, vtype, value, 1, None, _pack_string(key) + struct.pack("<I", vtype) + data)
-
-
-def _pack_string(s: str) -> bytes:
-    b = s.encode("utf-8")
-    return struct.pack("<Q", len(b)) + b
-
-
 @dataclass
 class GgufCheckpoint(Checkpoint):
     """A GGUF file as a checkpoint of logical tensors (see the module docstring)."""
@@ -213,39 +169,31 @@ def open_gguf(path: Path) -> GgufCheckpoint:
     """Open a GGUF file: parse and check its header, map its tensors to Hugging Face names."""
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 -- gguf raises ValueError, KeyError, IndexError... on garbage
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path}: not a readable GGUF file ({detail}); the file is truncated or corrupt") from None
-    if reader.byte_order != "I":
-        raise UnsupportedError(f"{path}: a GGUF file for the other byte order (big-endian); not supported")
-    fields = list(reader.fields.values())[_PSEUDO_FIELDS:]
-    key_values = [_key_value(reader, f) for f in fields]
-    kv = {e.key: e.value for e in key_values}
+    header = read_header(path)
+    kv = {e.key: e.value for e in header.key_values}
     arch = kv.get(gguf.Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
         raise InputError(f"{path}: no general.architecture key; not a llama.cpp model file")
     rules = arch_rules(arch, str(path))
     size = path.stat().st_size
-    infos = [(t.name, t.tensor_type, tuple(reversed([int(d) for d in t.shape])), t.data_offset) for t in reader.tensors]
-    alignment = int(reader.alignment)
-    del reader  # drops the file mapping; tensor data is read with positioned reads
     n_blocks = kv.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
-    names = hf_names(arch, [n for n, *_ in infos], n_blocks if isinstance(n_blocks, int) else 0)
+    names = hf_names(arch, [t.name for t in header.tensors], n_blocks if isinstance(n_blocks, int) else 0)
     tensors: dict[str, GgufTensorInfo] = {}
-    for gguf_name, t, shape, offset in infos:
-        if offset + stored_nbytes(shape, t) > size:
-            raise InputError(f"{path}: tensor {gguf_name} ends past the end of the file; the file is truncated")
-        name = names[gguf_name]
+    for t in header.tensors:
+        if not fits_blocks(t.shape, t.type):
+            raise InputError(f"{path}: tensor {t.name} has rows of {t.shape[-1]} values, not whole {t.type.name} "
+                             "blocks; the file is corrupt")
+        if t.offset + stored_nbytes(t.shape, t.type) > size:
+            raise InputError(f"{path}: tensor {t.name} ends past the end of the file; the file is truncated")
+        name = names[t.name]
         if name in tensors:
-            raise InputError(f"{path}: tensors {tensors[name].gguf_name} and {gguf_name} both stand for {name}")
-        lay = layout(rules, arch, gguf_name, kv)
-        dtype = PLAIN_TYPES.get(t, torch.float32) if not lay.offset else torch.float32
-        tensors[name] = GgufTensorInfo(name, dtype, shape, path, offset, gguf_name, t, lay)
+            raise InputError(f"{path}: tensors {tensors[name].gguf_name} and {t.name} both stand for {name}")
+        lay = layout(rules, arch, t.name, kv)
+        dtype = PLAIN_TYPES.get(t.type, torch.float32) if not lay.offset else torch.float32
+        tensors[name] = GgufTensorInfo(name, dtype, t.shape, path, t.offset, t.name, t.type, lay)
     stored = {t.gguf_name: t.stored for t in tensors.values()}
     return GgufCheckpoint(path.parent, [path], tensors, "gguf", side_files=False, stored=stored, arch=arch,
-                          key_values=key_values, alignment=alignment)
+                          key_values=header.key_values, alignment=header.alignment)
 
 
 @dataclass
@@ -308,7 +256,7 @@ class GgufWriter:
         pos = 0
         for name, info in source.tensors.items():
             t = self._types[name]
-            header += _pack_string(info.gguf_name) + struct.pack("<I", len(info.shape))
+            header += pack_string(info.gguf_name) + struct.pack("<I", len(info.shape))
             header += struct.pack(f"<{len(info.shape)}Q", *reversed(info.shape))
             header += struct.pack("<IQ", t, pos)
             self._offsets[name] = pos

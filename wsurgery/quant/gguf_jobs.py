@@ -14,8 +14,16 @@ import gguf
 import torch
 
 from ..checkpoint import Checkpoint
-from ..checkpoint.gguf_format import (GgmlType, GgufCheckpoint, GgufOutput, GgufTensorInfo, fits_blocks,
-                                      pack_key_value, parse_type, type_name)
+from ..checkpoint.gguf_format import (
+    GgmlType,
+    GgufCheckpoint,
+    GgufOutput,
+    GgufTensorInfo,
+    fits_blocks,
+    parse_type,
+    type_name,
+)
+from ..checkpoint.gguf_header import pack_key_value
 from ..engine import Result, execute, plan
 from ..errors import InputError
 
