@@ -305,6 +305,16 @@ def test_gguf_lora_same_scale_keeps_alpha_and_b(w, tmp_path):
                           saved["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].numpy())
 
 
+def test_gguf_lora_for_the_hf_checkpoint_equals_for_its_gguf(w, tmp_path):
+    """--base the Hugging Face folder: names and Q/K layout from config.json, as llama.cpp's converter."""
+    root, _, files, lora = w
+    wsurgery.api.export_gguf_lora(lora, tmp_path / "from-gguf.gguf", files[T.F32])
+    wsurgery.api.export_gguf_lora(lora, tmp_path / "from-hf.gguf", root / "hf")
+    a, b = (gguf.GGUFReader(tmp_path / f) for f in ("from-gguf.gguf", "from-hf.gguf"))
+    assert {t.name: t.data.tobytes() for t in a.tensors} == {t.name: t.data.tobytes() for t in b.tensors}
+    assert _fields(tmp_path / "from-gguf.gguf") == _fields(tmp_path / "from-hf.gguf")
+
+
 @pytest.mark.parametrize("config, reason", [
     ({"use_dora": True}, "DoRA"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),

@@ -376,7 +376,8 @@ def _report(verb: str, r: Result, quiet: bool) -> None:
 @click.argument("adapter")
 @click.argument("out")
 @click.option("--to", "to", required=True, type=click.Choice(sorted([*TARGETS, "gguf-lora"])),
-              help="The PEFT method to write, or gguf-lora: a llama.cpp LoRA adapter (.gguf) for the GGUF --base.")
+              help="The PEFT method to write, or gguf-lora: a llama.cpp LoRA adapter (.gguf) for --base (the .gguf "
+                   "file it will run on, or the Hugging Face checkpoint that file was converted from).")
 @click.option("--base", default=None,
               help="The base checkpoint: needed where the change depends on W (DoRA, OFT, BOFT, HRA, IA3, MiSS bat...), "
                    "for --to oft/boft, and for adapters that do not record their layers' shapes (all but LoRA, VB-LoRA).")
@@ -395,10 +396,11 @@ def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | N
     """Rewrite ADAPTER as another PEFT method in the new folder OUT: exact where the method can express the
     change, its best approximation otherwise. Prints every module's relative error.
 
-    --to gguf-lora writes a PEFT LoRA as the llama.cpp LoRA adapter file OUT (.gguf) for the GGUF file --base."""
+    --to gguf-lora writes a PEFT LoRA as the llama.cpp LoRA adapter file OUT (.gguf) for --base."""
     if to == "gguf-lora":
         if base is None:
-            raise click.UsageError("--to gguf-lora needs --base: the .gguf file the adapter will run on")
+            raise click.UsageError("--to gguf-lora needs --base: the .gguf file the adapter will run on, or the "
+                                   "Hugging Face checkpoint it was converted from")
         _gguf_lora(adapter, out, base, gguf_type, overwrite, quiet)
         return
     with _closing_progress_bars():

@@ -148,3 +148,31 @@ def layout(rules: ArchRules, arch: str, gguf_name: str, kv: dict[str, object]) -
     if rules.norm_offset and gguf_name.endswith("norm.weight"):
         return Layout(offset=rules.norm_offset)
     return PLAIN
+
+
+#: ``config.json`` model types whose llama.cpp architecture has another name.
+_MODEL_TYPE_ARCH = {"mistral": "llama", "gemma3_text": "gemma3"}
+
+
+def arch_of_config(config: dict, where: str) -> tuple[str, ArchRules, dict[str, object]]:
+    """A Hugging Face model's llama.cpp architecture, its rules, and the key/values layouts need."""
+    model_type = config.get("model_type")
+    arch = _MODEL_TYPE_ARCH.get(model_type, model_type)
+    rules = arch_rules(str(arch), f"{where} (model_type {model_type!r})")
+    n_head = config.get("num_attention_heads")
+    kv = {gguf.Keys.Attention.HEAD_COUNT.format(arch=arch): n_head,
+          gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch): config.get("num_key_value_heads", n_head)}
+    return arch, rules, kv
+
+
+def gguf_names(arch: str, names: list[str], n_blocks: int) -> dict[str, str]:
+    """``{Hugging Face name: GGUF name}`` as llama.cpp's converter renames (names it would not convert
+    are left out)."""
+    arch_id = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    tensor_map = gguf.TensorNameMap(arch_id, n_blocks)
+    out = {}
+    for name in names:
+        converted = tensor_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if converted is not None:
+            out[name] = converted
+    return out

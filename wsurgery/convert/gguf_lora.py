@@ -1,4 +1,5 @@
-"""A PEFT LoRA as a llama.cpp LoRA adapter (GGUF), for the GGUF base it will run on.
+"""A PEFT LoRA as a llama.cpp LoRA adapter (GGUF), for the GGUF base it will run on (or the Hugging
+Face checkpoint that base was converted from: then names and layouts follow from its config.json).
 
 llama.cpp applies ``W·x + scale·B·(A·x)`` per base tensor at run time, ``scale = alpha / rank`` with
 one ``adapter.lora.alpha`` for the file and ``rank`` read from B. The file holds, per changed base
@@ -23,16 +24,15 @@ import numpy as np
 import torch
 
 from ..adapters import Adapter, load_adapter
-from ..checkpoint import open_checkpoint
-from ..checkpoint.gguf_format import (GgmlType, GgufCheckpoint, GgufTensorInfo, fits_blocks, parse_type,
-                                      type_name)
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint.gguf_format import GgmlType, GgufCheckpoint, fits_blocks, parse_type, type_name
+from ..checkpoint.gguf_names import Layout, arch_of_config, gguf_names, layout
 from ..checkpoint.output import atomic_output_file, check_output_file
 from ..engine import plan
 from ..errors import InputError, UnsupportedError
 from ..hub import resolve
 from ..methods.lora import DoraPatch, LoraPatch
 from ..methods.replace import ReplacePatch
-from ..quant.gguf_jobs import require_gguf
 
 #: Tensor types llama.cpp accepts for adapters (export-lora refuses quantized ones).
 ADAPTER_TYPES = (GgmlType.F32, GgmlType.F16, GgmlType.BF16, GgmlType.Q8_0)
@@ -89,12 +89,26 @@ def _common_alpha(products: list[float]) -> float:
     return max(counts, key=lambda p: (counts[p], -products.index(p)))
 
 
-def _pair(patch: LoraPatch, info: GgufTensorInfo, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(patch: LoraPatch, layout: Layout, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_a, lora_b) in the base's GGUF layout, numpy-ordered (rows first)."""
     A, B = patch.A.to(torch.float32), patch.B.to(torch.float32) * factor
     if patch.kind == "embedding":  # A (r, V), B (d, r); llama.cpp gathers rows of lora_a by token id
         return A.T.contiguous(), B
-    return A, info.layout.rows_to_gguf(B).contiguous()
+    return A, layout.rows_to_gguf(B).contiguous()
+
+
+def _targets(base: Checkpoint) -> tuple[str, dict[str, tuple[str, Layout]]]:
+    """The base's llama.cpp architecture and, per Hugging Face tensor, its GGUF name and layout: from the
+    GGUF file itself, or for a Hugging Face checkpoint from its config.json as llama.cpp's converter would."""
+    if isinstance(base, GgufCheckpoint):
+        return base.arch, {n: (t.gguf_name, t.layout) for n, t in base.tensors.items()}
+    where = str(base.folder)
+    if base.config is None:
+        raise InputError(f"{where}: --base is neither a .gguf file nor a model folder with a config.json; "
+                         "llama.cpp's names and layouts come from one of them")
+    arch, rules, kv = arch_of_config(base.config, where)
+    names = gguf_names(arch, list(base.tensors), int(base.config.get("num_hidden_layers", 0)))
+    return arch, {n: (g, layout(rules, arch, g, kv)) for n, g in names.items()}
 
 
 def _as_stored(t: torch.Tensor, kind: GgmlType) -> tuple[np.ndarray, GgmlType | None]:
@@ -108,7 +122,8 @@ def _as_stored(t: torch.Tensor, kind: GgmlType) -> tuple[np.ndarray, GgmlType | 
 
 def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, scale: float = 1.0,
                      gguf_type: str = "f32", overwrite: bool = False) -> GgufLora:
-    """Write ``adapter`` (a PEFT LoRA) as the llama.cpp LoRA adapter ``out`` for the GGUF file ``base``.
+    """Write ``adapter`` (a PEFT LoRA) as the llama.cpp LoRA adapter ``out`` for ``base``: the GGUF file
+    it will run on, or the Hugging Face checkpoint that file was converted from.
 
     Everything is checked (method, layers, mapping, shapes, types) before ``out`` is created; ``out``
     appears whole or not at all.
@@ -124,9 +139,10 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, 
         if reason is not None:
             raise UnsupportedError(f"{ad.folder}: cannot write {patch.module or 'the adapter'} as a GGUF LoRA: "
                                    f"{reason}; {_MERGE_INSTEAD}")
-    ckpt = require_gguf(open_checkpoint(resolve(base)), "--to gguf-lora --base")
+    ckpt = open_checkpoint(resolve(base))
+    arch, targets = _targets(ckpt)
     job = plan(ckpt, [(ad, scale)])
-    pairs = [(patch, s, ckpt.tensors[j.tensors[patch.role]]) for j in job.jobs.values() for patch, s, _ in j.patches
+    pairs = [(patch, s, j.tensors[patch.role]) for j in job.jobs.values() for patch, s, _ in j.patches
              if isinstance(patch, LoraPatch)]
     if not pairs:
         raise InputError(f"{ad.folder}: no LoRA module to export")
@@ -134,25 +150,29 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, 
     modules: list[GgufLoraModule] = []
     tensors: list[tuple[str, torch.Tensor]] = []
     order = {name: i for i, name in enumerate(ckpt.tensors)}
-    for patch, s, info in sorted(pairs, key=lambda pair: order[pair[2].name]):
+    for patch, s, name in sorted(pairs, key=lambda pair: order[pair[2]]):
+        if name not in targets:
+            raise UnsupportedError(f"{ad.folder}: {patch.module} changes {name}, which llama.cpp's {arch} converter "
+                                   "does not carry over into GGUF")
+        gguf_name, lay = targets[name]
         wanted = patch.scaling * s
         factor = 1.0 if math.isclose(wanted * patch.rank, alpha, rel_tol=1e-12) else wanted * patch.rank / alpha
-        lora_a, lora_b = _pair(patch, info, factor)
+        lora_a, lora_b = _pair(patch, lay, factor)
         for suffix, t in (("lora_a", lora_a), ("lora_b", lora_b)):
             if not fits_blocks(tuple(t.shape), kind):
-                raise UnsupportedError(f"{info.gguf_name}.{suffix}: rows of {t.shape[-1]} values do not divide into "
+                raise UnsupportedError(f"{gguf_name}.{suffix}: rows of {t.shape[-1]} values do not divide into "
                                        f"{kind.name} blocks; choose --type f32, f16 or bf16")
-            tensors.append((f"{info.gguf_name}.{suffix}", t))
-        modules.append(GgufLoraModule(patch.module, info.gguf_name, patch.rank, wanted, factor))
+            tensors.append((f"{gguf_name}.{suffix}", t))
+        modules.append(GgufLoraModule(patch.module, gguf_name, patch.rank, wanted, factor))
     check_output_file(out, [ad.folder, *ckpt.shards], overwrite)
     with atomic_output_file(out, overwrite) as tmp:
-        _write(tmp, ckpt, ad, alpha, kind, tensors)
+        _write(tmp, arch, ad, alpha, kind, tensors)
     return GgufLora(out, alpha, modules, out.stat().st_size)
 
 
-def _write(path: Path, base: GgufCheckpoint, ad: Adapter, alpha: float, kind: GgmlType,
+def _write(path: Path, arch: str, ad: Adapter, alpha: float, kind: GgmlType,
            tensors: list[tuple[str, torch.Tensor]]) -> None:
-    writer = gguf.GGUFWriter(path, base.arch)
+    writer = gguf.GGUFWriter(path, arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
