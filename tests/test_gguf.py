@@ -373,6 +373,9 @@ def test_adapter_for_tensors_missing_from_the_gguf(w, tmp_path):
     head = make_adapter(tiny_llama(), LoraConfig(r=2, target_modules=["lm_head"]), tmp_path / "head")
     with pytest.raises(UnsupportedError, match="ties to"):
         wsurgery.api.export_gguf_lora(head, tmp_path / "out.gguf", tied)
+    embedding = make_adapter(tiny_llama(tie=True), LoraConfig(r=2, target_modules=["embed_tokens"]), tmp_path / "emb")
+    with pytest.raises(UnsupportedError, match="also uses as its output head"):
+        wsurgery.api.export_gguf_lora(embedding, tmp_path / "out.gguf", tied)
     assert not (tmp_path / "out.gguf").exists()
 
 

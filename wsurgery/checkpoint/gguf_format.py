@@ -265,8 +265,12 @@ class GgufWriter:
         self.total_bytes = self._data_start + pos
         self._pending = set(source.tensors)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(self._fd, bytes(header))
-        os.ftruncate(self._fd, self.total_bytes)
+        try:
+            os.write(self._fd, bytes(header))
+            os.ftruncate(self._fd, self.total_bytes)
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Store the logical tensor ``name`` in its output type."""

@@ -150,10 +150,15 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, 
     modules: list[GgufLoraModule] = []
     tensors: list[tuple[str, torch.Tensor]] = []
     order = {name: i for i, name in enumerate(ckpt.tensors)}
+    tied = all(gguf_name != "output.weight" for gguf_name, _ in targets.values())
     for patch, s, name in sorted(pairs, key=lambda pair: order[pair[2]]):
         if name not in targets:
             raise UnsupportedError(f"{ad.folder}: {patch.module} changes {name}, which llama.cpp's {arch} converter "
                                    "does not carry over into GGUF")
+        if patch.kind == "embedding" and tied:
+            raise UnsupportedError(f"{ad.folder}: {patch.module} is the token embedding, which this base also uses as "
+                                   "its output head; llama.cpp looks LoRA pairs up by tensor name and would apply this "
+                                   f"one to the head too, in the embedding's orientation; {_MERGE_INSTEAD}")
         gguf_name, lay = targets[name]
         wanted = patch.scaling * s
         factor = 1.0 if math.isclose(wanted * patch.rank, alpha, rel_tol=1e-12) else wanted * patch.rank / alpha
