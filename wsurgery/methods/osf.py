@@ -92,9 +92,12 @@ class OsfPatch(Patch):
 
     def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
         """PEFT's factored forward: ``base_layer(x) + (x [V_low; V_0]ᵀ) [U_low S_low, −U_0 S_0]ᵀ``, the initial
-        factors (U_0, S_0, V_0) the bottom triplets of the fp32 SVD of W, as PEFT computes them at init."""
+        factors (U_0, S_0, V_0) the bottom triplets of the fp32 SVD of W, as PEFT computes them at init.
+
+        The SVD runs on the CPU, as the merge's does: another implementation (cuSOLVER) moves the low
+        subspace by ~1e-5 of |W|·|x|, as much as fp32 verify allows."""
         W = base["weight"]
-        U, S, Vt = torch.linalg.svd(W, full_matrices=False)
+        U, S, Vt = (t.to(x.device) for t in torch.linalg.svd(W.cpu(), full_matrices=False))
         k = S.numel() - self.low
         left = torch.cat([like(self.U_low, W) * like(self.S_low, W), -(U[:, k:] * S[k:])], dim=1)
         right = torch.cat([like(self.V_low, W), Vt[k:]], dim=0)
