@@ -171,9 +171,12 @@ def _read(src: _Source, base: Checkpoint | None, needs_weight: bool) -> ModuleDe
         after = patch.apply({role: t.clone() for role, t in before.items()})
         delta.matrix = as_matrix(src.kind, after["weight"].sub_(before["weight"]))
         delta.bias = after["bias"].sub_(before["bias"]) if "bias" in before else None
+        delta.weight = as_matrix(src.kind, before["weight"])
     if delta.bias is not None and not bool(delta.bias.any()):
         delta.bias = None
-    if needs_weight:
+    if not needs_weight:
+        delta.weight = None
+    elif delta.weight is None:
         delta.weight = as_matrix(src.kind, base.read(src.tensors["weight"]).to(torch.float64))
     return delta
 
@@ -235,6 +238,9 @@ def convert(adapter: str | Path, out: str | Path, *, to: str, base: str | Path |
     check_output_path(out, inputs, overwrite)
     carried, carried_config = _carried(ad, target.carries_tokens, to)
     sources = _sources(ad, ckpt)
+    if not sources:
+        raise UnsupportedError(f"{ad.folder}: the adapter changes no layer weight (only whole tensors or token rows); "
+                               "there is nothing to convert")
     for src in sources:
         target.check_module(src.module, src.kind, matrix_shape(src.kind, src.shape), src.changes_bias, options)
 
