@@ -395,6 +395,25 @@ def test_plot_without_matplotlib_is_a_clear_error(pair, tmp_path, monkeypatch):
     assert not (tmp_path / "lora").exists()
 
 
+def test_cuda_matches_the_cpu_or_is_refused_with_a_clear_error(pair, tmp_path):
+    """On a machine with CUDA the GPU's factors give the CPU's products; without it, --device cuda says so."""
+    base_dir, tuned_dir = pair
+    if not torch.cuda.is_available():
+        with pytest.raises(UnsupportedError, match="--device cuda: no CUDA device is available here"):
+            wsurgery.extract(base_dir, tuned_dir, tmp_path / "gpu", rank=2, device="cuda", progress=False)
+        return
+    for svd in ("exact", "randomized"):
+        cpu = wsurgery.extract(base_dir, tuned_dir, tmp_path / f"cpu-{svd}", rank=2, device="cpu", svd=svd,
+                               progress=False)
+        gpu = wsurgery.extract(base_dir, tuned_dir, tmp_path / f"gpu-{svd}", rank=2, device="cuda", svd=svd,
+                               progress=False)
+        assert [m.module for m in gpu.lora] == [m.module for m in cpu.lora]
+        ours, theirs = adapter_tensors(tmp_path / f"gpu-{svd}"), adapter_tensors(tmp_path / f"cpu-{svd}")
+        for m in cpu.lora:
+            want = product(theirs, m.module)
+            assert np.abs(product(ours, m.module) - want).max() <= 1e-5 * np.abs(want).max(), m.module
+
+
 # -- the command line ----------------------------------------------------------------------------------
 
 def run_cli(args, capsys) -> tuple[int, str, str]:
