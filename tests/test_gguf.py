@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
-from gguf_tiny import VOCAB, _permute, tiny_llama, write_llama_gguf
+from gguf_tiny import VOCAB, _permute, tiny_llama, tiny_model, write_llama_gguf
 from oracle import make_adapter, oracle_merge, save_base
 from peft import LoraConfig
 from test_cli import run_cli
@@ -74,6 +74,26 @@ def test_reader_matches_transformers_gguf_loader(w, kind):
     if kind == T.F32:  # the permutation is undone exactly: the original weights come back
         for name, t in model.state_dict().items():
             assert torch.equal(ckpt.read(name), t), name
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma2", "gemma3"])
+def test_reader_other_architectures(tmp_path, arch):
+    """Renamed only (Qwen) or with norms stored + 1 (Gemma): transformers' GGUF loader agrees exactly, and
+    the original weights come back (Gemma's norms to float32 rounding of the + 1)."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(arch)
+    path = write_llama_gguf(model, tmp_path / f"{arch}.gguf")
+    ckpt = open_checkpoint(path)
+    original = {n: t for n, t in model.state_dict().items() if n != "lm_head.weight" or not model.config.tie_word_embeddings}
+    assert set(ckpt.tensors) == set(original)
+    for name, t in original.items():
+        step = np.spacing(np.float32(1 + t.abs().max().item())) if "norm" in name and arch.startswith("gemma") else 0
+        assert (ckpt.read(name) - t).abs().max().item() <= step, name
+    if arch != "qwen3":  # transformers' qwen3 GGUF config leaves head_dim at its default (128)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).state_dict()
+        for name in original:
+            assert torch.equal(ckpt.read(name), loaded[name].float()), name
 
 
 def test_reader_dequantizes_every_type_gguf_can(tmp_path):
