@@ -2,7 +2,8 @@
 
 The stored tensors are byte-identical to what bitsandbytes 0.50.2 computes on CPU and what
 ``Linear4bit.state_dict()`` holds; ``dequantize_4bit`` equals bitsandbytes' ``dequantize_4bit``
-(``torch.equal``). bitsandbytes itself is never imported: the tests compare against it.
+(``torch.equal``), with the two exceptions below where bitsandbytes' CPU kernel is wrong or
+CPU-dependent. bitsandbytes itself is never imported: the tests compare against it.
 
 What bitsandbytes does, step by step, and what is reproduced here:
 
@@ -32,16 +33,25 @@ What bitsandbytes does, step by step, and what is reproduced here:
   The stored ``quant_map`` is checked for shape only: bitsandbytes ignores its values too.
 - bitsandbytes' ``dequantize_4bit`` returns ``out.t()`` when the packed tensor has a single row
   (a tensor of one or two elements), a legacy shim; we return the shape in the JSON.
+- bitsandbytes 0.50.2's CPU dequantization of a weight whose last dimension is a multiple of 16
+  but not of the blocksize (blocksize < 2048, AVX-512 machines) takes the wrong absmax: its
+  AVX-512 kernel numbers blocks row by row, as if each row started a block. Ours numbers them over
+  the flattened weight, as bitsandbytes quantizes, as its CUDA and portable kernels dequantize, and
+  as its CPU kernel does for the flattened weight.
+- Dequantized values below float32's normal range (absmax under ~1e-36): bitsandbytes' AVX-512
+  kernel flushes them to zero in bf16 on CPUs with AVX512-BF16; we keep them, as its portable
+  path and CUDA do.
 
 Non-finite weights are refused: bitsandbytes would silently store a NaN absmax or codes that do not
 round-trip.
 
-Speed: the CPU path works on chunks of ``CHUNK_ELEMENTS`` in reused buffers. The 4-bit code is
-read from a 1023-cell grid over [-1, 1], narrow enough that no cell holds two midpoints: one table
-gives the code at the cell's low end, a second the one midpoint inside the cell (if any) to
-compare against, which is exact and several times faster than ``bucketize``. On CUDA, a Triton
-kernel (``bnb4bit_triton``) does the blockwise absmax, scaling, coding and packing, and the
-dequantization, when Triton imports; otherwise the same torch code runs on the GPU.
+Speed: the CPU path works in one thread on chunks of ``CPU_CHUNK`` elements in reused buffers
+(see ``_for_each_chunk`` for why one thread). The 4-bit code is read from a 1023-cell grid over
+[-1, 1], narrow enough that no cell holds two midpoints: one table gives the code at the cell's low
+end, a second the one midpoint inside the cell (if any) to compare against, which is exact and
+several times faster than ``bucketize``. Dequantization looks both values of a byte up at once.
+On CUDA, Triton kernels (``bnb4bit_triton``) do the blockwise absmax, scaling, coding and packing,
+and the dequantization, when Triton imports; otherwise the same torch code runs on the GPU.
 """
 
 from __future__ import annotations
