@@ -9,8 +9,8 @@
 These need llama-cpp-python (1, 2) and llama.cpp's source (3), which are not installed by ``pip install -e
 ".[dev]"``: installing llama-cpp-python compiles all of llama.cpp, optimised, which took more than 40 minutes on
 this project's 2-core machine, more than the CI budget. So they are skipped where missing.
-``scripts/build_llama_cpp.sh`` builds just the library, unoptimised, from llama-cpp-python's sdist (2 to 6 minutes
-on 2 cores) and prints the two variables that make both available.
+``scripts/build_llama_cpp.sh`` builds just the library, unoptimised, from llama-cpp-python's sdist (about 3
+CPU-minutes) and writes an env.sh that makes both available.
 """
 
 from __future__ import annotations
