@@ -369,6 +369,18 @@ def test_unknown_architecture_is_refused(tmp_path):
         open_checkpoint(path)
 
 
+def test_split_files_are_refused(tmp_path):
+    writer = gguf.GGUFWriter(tmp_path / "m.gguf", "llama", split_max_tensors=1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.add_tensor("output.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedError, match="one of 2 split GGUF files"):
+        open_checkpoint(tmp_path / "m-00001-of-00002.gguf")
+
+
 def test_truncated_file_is_one_error_and_nothing_is_written(w, tmp_path, capsys):
     _, _, files, lora = w
     data = files[T.F32].read_bytes()

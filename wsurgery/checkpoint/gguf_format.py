@@ -175,6 +175,10 @@ def open_gguf(path: Path) -> GgufCheckpoint:
     if not isinstance(arch, str):
         raise InputError(f"{path}: no general.architecture key; not a llama.cpp model file")
     rules = arch_rules(arch, str(path))
+    splits = kv.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1)
+    if splits != 1:
+        raise UnsupportedError(f"{path}: one of {splits} split GGUF files; join them first "
+                               "(llama-gguf-split --merge FIRST_SPLIT OUT.gguf)")
     size = path.stat().st_size
     n_blocks = kv.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
     names = hf_names(arch, [t.name for t in header.tensors], n_blocks if isinstance(n_blocks, int) else 0)
