@@ -368,8 +368,9 @@ def _report(verb: str, r: Result, quiet: bool) -> None:
     """
     _notes(r.notes)
     if not quiet:
-        click.echo(f"{verb} {r.modules} module(s), {r.changed_tensors} tensor(s) changed of {r.tensors}; "
-                   f"wrote {r.out} ({len(r.shards)} shard(s), {r.bytes_written:,} bytes)", err=True)
+        what = (f"{r.changed_tensors} weight(s) of {r.tensors} tensors" if verb in ("quantized", "dequantized")
+                else f"{r.modules} module(s), {r.changed_tensors} tensor(s) changed of {r.tensors}")
+        click.echo(f"{verb} {what}; wrote {r.out} ({len(r.shards)} shard(s), {r.bytes_written:,} bytes)", err=True)
 
 
 @cli.command("convert")

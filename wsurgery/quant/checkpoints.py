@@ -112,6 +112,7 @@ def quantize_checkpoint(src: Checkpoint, out: Path, fmt: Bnb4bit, *, compute_dty
 
     result = execute(plan(src, []), out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                      progress=progress, quantize={n: (encoder, t) for n, t in chosen.items()}, config_update=update)
+    result.modules = result.changed_tensors = len(chosen)
     quant_report = None
     if report:
         quant_report = QuantReport(sink, src.total_bytes, result.bytes_written)
@@ -125,8 +126,10 @@ def dequantize_checkpoint(src: Checkpoint, out: Path, *, dtype: torch.dtype | No
     if not _is_quantized(src):
         raise InputError(f"{src.folder}: not a bitsandbytes 4-bit checkpoint (no quant states, no "
                          "quantization_config); nothing to dequantize")
-    return execute(plan(src, []), out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                   progress=progress, config_update=lambda c: _plain_config(c, record))
+    result = execute(plan(src, []), out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                     progress=progress, config_update=lambda c: _plain_config(c, record))
+    result.modules = result.changed_tensors = sum(isinstance(t, QuantizedTensorInfo) for t in src.tensors.values())
+    return result
 
 
 def _plain_config(config: dict, record: dict | None) -> None:
