@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_merge  # noqa: E402
-from bench_merge import WORK, ModelSize, Run, code_state, ensure_data, measure, remove, warm_up  # noqa: E402
+from bench_merge import ROOT, WORK, ModelSize, Run, code_state, ensure_data, measure, remove, warm_up  # noqa: E402
 
 RANK = 16
 # bench_merge's sizes, and a ~0.11B one (same layout, narrower) on which the exact SVDs take seconds, not minutes.
@@ -99,9 +99,11 @@ def score(adapter_dir: Path, base: Path, tuned: Path, truth_dir: Path) -> dict:
 
 
 def commands(base: Path, tuned: Path, out: Path, mergekit: Path | None) -> dict[str, list[str]]:
-    """Every variant this machine can run (the CUDA ones where torch sees a GPU, mergekit where installed)."""
-    wsurgery = [shutil.which("wsurgery")] if shutil.which("wsurgery") else [sys.executable, "-m", "wsurgery.cli"]
-    ours = [*wsurgery, "extract", str(base), str(tuned), str(out), "--rank", str(RANK), "--quiet"]
+    """Every variant this machine can run (the CUDA ones where torch sees a GPU, mergekit where installed).
+    wsurgery runs as ``python -m wsurgery.cli`` with this checkout first on PYTHONPATH (see ``main``): this
+    checkout's code is measured, whatever is installed."""
+    ours = [sys.executable, "-m", "wsurgery.cli", "extract", str(base), str(tuned), str(out), "--rank", str(RANK),
+            "--quiet"]
     found = {"wsurgery": [*ours, "--device", "cpu"], "wsurgery-exact": [*ours, "--device", "cpu", "--svd", "exact"]}
     if torch.cuda.is_available():
         found["wsurgery-cuda"] = [*ours, "--device", "cuda"]
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-wait", type=float, default=60.0)
     parser.add_argument("--retries", type=int, default=1)
     args = parser.parse_args(argv)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     mergekit = args.mergekit if (args.mergekit / "bin" / "mergekit-extract-lora").is_file() else None
     if mergekit is None:
         print(f"no mergekit-extract-lora under {args.mergekit}: mergekit is skipped")

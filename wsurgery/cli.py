@@ -310,8 +310,12 @@ def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | N
                           [[m.module, m.kind, "x".join(map(str, m.shape)), m.rank or "-", f"{m.rel_error:.3e}",
                             f"{m.energy:.5f}"] for m in r.modules]))
     _notes([*r.notes, *(f"{m.module}: stored whole (modules_to_save): {m.reason}" for m in r.saved_whole)])
+    by_reason: dict[str, list[str]] = {}
     for name, reason in r.left_out.items():
-        click.echo(f"wsurgery: warning: left out {name}: {reason}", err=True)
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        click.echo(f"wsurgery: warning: left out {', '.join(names[:3])}{more}: {reason}", err=True)
     if not quiet:
         errors = [m.rel_error for m in r.lora]
         click.echo(f"extracted {len(r.lora)} LoRA module(s) ({r.rule}; ranks {min(m.rank for m in r.lora)}-"

@@ -348,11 +348,17 @@ def _extract_module(module: str, names: list[str], base: Checkpoint, tuned: Chec
             changed[name] = d
     if not changed:
         return
-    others = sorted(set(changed) - {weight, bias})
+    others = [n.rpartition(".")[2] for n in sorted(set(changed) - {weight, bias})]
     delta = changed.pop(weight, None)
-    if delta is None or delta.ndim != 2 or not delta.is_floating_point() or others:
-        what = ", ".join(n.rpartition(".")[2] for n in sorted([*changed, *([weight] if delta is not None else [])]))
-        plan.full[module] = f"changed {what}, not a 2-D weight (and bias) to factorise"
+    if delta is None:
+        plan.full[module] = f"changed {', '.join(n.rpartition('.')[2] for n in sorted(changed))} but not its weight"
+        return
+    if delta.ndim != 2 or not delta.is_floating_point():
+        what = f"{delta.ndim}-D" if delta.is_floating_point() else str(delta.dtype).removeprefix("torch.")
+        plan.full[module] = f"its changed weight is {what}, not a matrix of numbers to factorise"
+        return
+    if others:
+        plan.full[module] = f"changed {', '.join(others)} besides the weight"
         return
     kind = layer_kind(module, conv1d)
     M = as_product(delta, kind).contiguous()
@@ -505,7 +511,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
             for name in groups[module]:
                 if base_ckpt.tensors[name].shape != tuned_ckpt.tensors[name].shape or \
                         _difference(base_ckpt, tuned_ckpt, name) is not None:
-                    plan.left_out[name] = f"changed, but --targets {targets!r} does not match {module}"
+                    plan.left_out[name] = f"changed, but --targets {targets!r} does not match its module"
     if not plan.loras and not plan.full:
         raise InputError(f"TUNED ({tuned_path}) equals BASE ({base_path}) in every targeted tensor: nothing to "
                          "extract")
