@@ -31,10 +31,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from oracle import run_cli
 from oracle import assert_close_to, load_all, make_adapter, oracle_merge, save_base, tiny_llama
 
 import wsurgery.checkpoint.safetensors_file as st_file
-from wsurgery.cli import main
 from wsurgery.errors import InputError
 
 import wsurgery.engine as engine
@@ -82,16 +82,6 @@ def work(assets, tmp_path):
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    """Run the CLI in-process; return (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def screen_lines(text: str) -> list[str]:

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from oracle import run_cli
 from oracle import assert_close_to, load_all, make_adapter, oracle_merge, save_base, tiny_llama
 
 from wsurgery.cli import main
@@ -44,15 +45,6 @@ def env(tmp_path_factory):
                            changed=changed)
 
 
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def ok(args, capsys) -> tuple[str, str]:

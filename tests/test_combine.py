@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from oracle import assert_close_to, edit_adapter_config, load_all, make_adapter, oracle_merge, save_base, tiny_gpt2, \
     tiny_llama, with_random_biases
-from test_extract import run_cli
+from oracle import run_cli
 
 import wsurgery
 from wsurgery.convert.combine import adapter_with_weight

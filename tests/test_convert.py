@@ -20,7 +20,7 @@ from oracle import (LLAMA_LINEAR, assert_close_to, conv_net, edit_adapter_tensor
 from peft import (AdaLoraConfig, BOFTConfig, HRAConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, MissConfig,
                   OFTConfig, PeftModel, RandLoraConfig, VBLoRAConfig, VeraConfig)
 from safetensors.torch import load_file
-from test_cli import run_cli
+from oracle import run_cli
 from torch import nn
 
 import wsurgery

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from oracle import LLAMA_LINEAR, assert_close_to, load_all, save_base, tiny_gpt2, tiny_llama, with_random_biases
 
 import wsurgery
-from wsurgery.cli import main
+from oracle import run_cli
 from wsurgery.convert.extract import RankRule, truncated_svd
 from wsurgery.errors import InputError, UnsupportedError
 
@@ -416,15 +416,6 @@ def test_cuda_matches_the_cpu_or_is_refused_with_a_clear_error(pair, tmp_path):
 
 # -- the command line ----------------------------------------------------------------------------------
 
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_extract_reports_per_module_and_writes_json_and_plot(pair, tmp_path, capsys):

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as T
 from gguf_tiny import VOCAB, _permute, tiny_llama, tiny_model, write_llama_gguf
 from oracle import make_adapter, oracle_merge, save_base
 from peft import LoraConfig
-from test_cli import run_cli
+from oracle import run_cli
 
 import wsurgery
 from wsurgery.checkpoint import open_checkpoint
