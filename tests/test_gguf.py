@@ -348,6 +348,32 @@ def test_gguf_lora_refuses_what_llama_cpp_cannot_express(w, tmp_path, config, re
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_convert_merge_into_merges_what_a_gguf_lora_cannot_carry(w, tmp_path, capsys):
+    """--merge-into: a DoRA adapter is merged into the GGUF base instead (the same bytes as `merge`, PEFT's
+    merge within float tolerance), the note says why, and no adapter file appears; an adapter llama.cpp
+    can carry is still written as a GGUF LoRA and nothing is merged."""
+    _, model, files, lora = w
+    dora = make_adapter(model, LoraConfig(r=4, target_modules=["v_proj", "o_proj"], use_dora=True), tmp_path / "dora")
+    code, _, err = run_cli(["convert", dora, tmp_path / "a.gguf", "--to", "gguf-lora", "--base", files[T.F32],
+                            "--merge-into", tmp_path / "m.gguf", "-q"], capsys)
+    assert code == 0, err
+    assert "DoRA" in err and "merging it into" in err and not (tmp_path / "a.gguf").exists()
+    wsurgery.merge(files[T.F32], dora, tmp_path / "direct.gguf", progress=False)
+    assert (tmp_path / "m.gguf").read_bytes() == (tmp_path / "direct.gguf").read_bytes()
+    expected = _gguf_tensors(write_llama_gguf(_peft_model(model, dora), tmp_path / "peft.gguf", T.F32))
+    for name, got in _gguf_tensors(tmp_path / "m.gguf").items():
+        np.testing.assert_allclose(got, expected[name], rtol=0, atol=1e-5 * np.abs(expected[name]).max(), err_msg=name)
+
+    code, _, err = run_cli(["convert", lora, tmp_path / "b.gguf", "--to", "gguf-lora", "--base", files[T.F32],
+                            "--merge-into", tmp_path / "m2.gguf", "-q"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "b.gguf").exists() and not (tmp_path / "m2.gguf").exists()
+
+    code, _, err = run_cli(["convert", dora, tmp_path / "c.gguf", "--to", "gguf-lora", "--base", files[T.F32]], capsys)
+    assert code == 1 and "--merge-into" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c.gguf").exists()
+
+
 # -- bad input ----------------------------------------------------------------------------------------------
 
 def _write(path, arch="llama", tensors=(), block_count=None):

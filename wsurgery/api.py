@@ -14,8 +14,8 @@ from .hub import PushResult, PushTarget, resolve
 from .hub import push as push_folder
 from .engine import Result, execute, plan
 from .convert.convert import Conversion, convert  # noqa: F401  (the API of `wsurgery convert`)
-from .convert.combine import AdapterSpec, combine, weighted_specs
-from .convert.extract import extract
+from .convert.combine import AdapterSpec, combine, weighted_specs  # noqa: F401  (API: wsurgery.api.combine)
+from .convert.extract import extract  # noqa: F401  (API: wsurgery.api.extract)
 from .errors import InputError
 from .model_card import provenance
 from .quant.checkpoints import describe_qlora, qlora_outputs, through_targets

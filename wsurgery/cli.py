@@ -15,6 +15,7 @@ from . import __version__, api
 from .describe import format_text, inspect
 from .convert.convert import TARGETS
 from .convert.combine import adapter_with_weight
+from .convert.gguf_lora import NotExpressible
 from .engine import Result
 from .errors import InputError, WsurgeryError
 from .hub import PushTarget, push_after, push_options, redacted_command, report_push
@@ -394,10 +395,14 @@ def _report(verb: str, r: Result, quiet: bool) -> None:
 @click.option("--force", is_flag=True, help="Write even where a module's relative error reaches 0.99.")
 @click.option("--type", "gguf_type", default="f32", show_default=True,
               help="--to gguf-lora: the tensor type of the adapter (f32, f16, bf16, q8_0).")
+@click.option("--merge-into", default=None, metavar="MERGED",
+              help="--to gguf-lora: where llama.cpp's LoRA format cannot carry the adapter (DoRA, modules_to_save, "
+                   "biases...), merge it into --base and write the model MERGED (a .gguf file) instead of OUT.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (the error table is still printed).")
 def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | None, block_size: int | None,
-                butterfly_factors: int | None, force: bool, gguf_type: str, overwrite: bool, quiet: bool) -> None:
+                butterfly_factors: int | None, force: bool, gguf_type: str, merge_into: str | None, overwrite: bool,
+                quiet: bool) -> None:
     """Rewrite ADAPTER as another PEFT method in the new folder OUT: exact where the method can express the
     change, its best approximation otherwise. Prints every module's relative error.
 
@@ -406,8 +411,10 @@ def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | N
         if base is None:
             raise click.UsageError("--to gguf-lora needs --base: the .gguf file the adapter will run on, or the "
                                    "Hugging Face checkpoint it was converted from")
-        _gguf_lora(adapter, out, base, gguf_type, overwrite, quiet)
+        _gguf_lora(adapter, out, base, gguf_type, merge_into, overwrite, quiet)
         return
+    if merge_into is not None:
+        raise click.UsageError("--merge-into goes with --to gguf-lora")
     with _closing_progress_bars():
         c = api.convert(adapter, out, to=to, base=base, rank=rank, block_size=block_size,
                         butterfly_factors=butterfly_factors, force=force, overwrite=overwrite, progress=not quiet)
@@ -423,8 +430,19 @@ def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | N
                    f"error {c.max_error:.3g}; wrote {c.out}", err=True)
 
 
-def _gguf_lora(adapter: str, out: str, base: str, gguf_type: str, overwrite: bool, quiet: bool) -> None:
-    r = api.export_gguf_lora(adapter, out, base, gguf_type=gguf_type, overwrite=overwrite)
+def _gguf_lora(adapter: str, out: str, base: str, gguf_type: str, merge_into: str | None, overwrite: bool,
+               quiet: bool) -> None:
+    try:
+        r = api.export_gguf_lora(adapter, out, base, gguf_type=gguf_type, overwrite=overwrite)
+    except NotExpressible as e:
+        if merge_into is None:
+            raise
+        click.echo(f"wsurgery: note: {_one_line(e.problem)}; merging it into {base} instead (--merge-into)", err=True)
+        with _closing_progress_bars():
+            result = api.merge(base, adapter, merge_into, overwrite=overwrite, progress=not quiet,
+                               command=_command_line())
+        _report("merged", result, quiet)
+        return
     if not quiet:
         click.echo(_table(["module", "tensor", "rank", "scale", "scale baked into B"],
                           [[m.module, m.tensor, m.rank, f"{m.scale:.6g}", "-" if m.baked == 1.0 else f"{m.baked:.6g}"]

@@ -36,7 +36,16 @@ from ..methods.replace import ReplacePatch
 
 #: Tensor types llama.cpp accepts for adapters (export-lora refuses quantized ones).
 ADAPTER_TYPES = (GgmlType.F32, GgmlType.F16, GgmlType.BF16, GgmlType.Q8_0)
-_MERGE_INSTEAD = "merge it into the GGUF base instead (wsurgery merge BASE.gguf ADAPTER OUT.gguf)"
+_MERGE_INSTEAD = ("merge it into the GGUF base instead (wsurgery merge BASE.gguf ADAPTER OUT.gguf, or add "
+                  "--merge-into OUT.gguf to this command)")
+
+
+class NotExpressible(UnsupportedError):
+    """The adapter is valid, but llama.cpp's LoRA format cannot carry it; merging it into the base can."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem}; {_MERGE_INSTEAD}")
+        self.problem = problem
 
 
 @dataclass
@@ -137,8 +146,7 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, 
     for patch in ad.patches():
         reason = None if _is_base_copy(patch) else _refusal(patch, ad)
         if reason is not None:
-            raise UnsupportedError(f"{ad.folder}: cannot write {patch.module or 'the adapter'} as a GGUF LoRA: "
-                                   f"{reason}; {_MERGE_INSTEAD}")
+            raise NotExpressible(f"{ad.folder}: cannot write {patch.module or 'the adapter'} as a GGUF LoRA: {reason}")
     ckpt = open_checkpoint(resolve(base))
     arch, targets = _targets(ckpt)
     job = plan(ckpt, [(ad, scale)])
@@ -156,9 +164,9 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, 
             raise UnsupportedError(f"{ad.folder}: {patch.module} changes {name}, which llama.cpp's {arch} converter "
                                    "does not carry over into GGUF")
         if patch.kind == "embedding" and tied:
-            raise UnsupportedError(f"{ad.folder}: {patch.module} is the token embedding, which this base also uses as "
-                                   "its output head; llama.cpp looks LoRA pairs up by tensor name and would apply this "
-                                   f"one to the head too, in the embedding's orientation; {_MERGE_INSTEAD}")
+            raise NotExpressible(f"{ad.folder}: {patch.module} is the token embedding, which this base also uses as "
+                                 "its output head; llama.cpp looks LoRA pairs up by tensor name and would apply this "
+                                 "one to the head too, in the embedding's orientation")
         gguf_name, lay = targets[name]
         wanted = patch.scaling * s
         factor = 1.0 if math.isclose(wanted * patch.rank, alpha, rel_tol=1e-12) else wanted * patch.rank / alpha
