@@ -45,8 +45,8 @@ What bitsandbytes does, step by step, and what is reproduced here:
 Non-finite weights are refused: bitsandbytes would silently store a NaN absmax or codes that do not
 round-trip.
 
-Speed: the CPU path works in one thread on chunks of ``CPU_CHUNK`` elements in reused buffers
-(see ``_for_each_chunk`` for why one thread). The 4-bit code is read from a 1023-cell grid over
+Speed: the CPU path works on chunks of ``CPU_CHUNK`` elements in reused buffers (see
+``_for_each_chunk``). The 4-bit code is read from a 1023-cell grid over
 [-1, 1], narrow enough that no cell holds two midpoints: one table gives the code at the cell's low
 end, a second the one midpoint inside the cell (if any) to compare against, which is exact and
 several times faster than ``bucketize``. Dequantization looks both values of a byte up at once.
@@ -74,9 +74,8 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 SUFFIXES = ("", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 JSON_SUFFIX_PREFIX = "quant_state.bitsandbytes__"
-# Elements per step on CPU: below torch's grain size (32768), so that every op runs in the calling thread (see
-# _for_each_chunk); a dozen bytes of scratch per element stay in the core's cache.
-CPU_CHUNK = 1 << 14
+# Elements per step on CPU (see _for_each_chunk).
+CPU_CHUNK = 1 << 18
 # On CUDA (the torch fallback without Triton) big steps, to keep the GPU busy between launches.
 CUDA_CHUNK = 1 << 22
 HUGE_PAGE_BYTES = 2 << 20
@@ -350,12 +349,14 @@ def _pack(codes: torch.Tensor, out: torch.Tensor, scratch: _Scratch) -> None:
 
 def _for_each_chunk(total: int, device: torch.device, work: Callable[[int, int, Any], None],
                     make_scratch: Callable[[int], Any]) -> None:
-    """Call ``work(start, stop, scratch)`` on consecutive chunks of ``total`` elements, in this thread.
+    """Call ``work(start, stop, scratch)`` on consecutive chunks of ``total`` elements, reusing one scratch.
 
-    On CPU, chunks of ``CPU_CHUNK`` elements keep every torch op below its grain size, so that none
-    forks an OpenMP team: on a shared machine, each of the thousands of small parallel regions
-    stalls whenever another process holds one of its cores (measured on 2 busy cores: a single
-    thread ran 3x to 10x faster than two, whether torch's or our own worker threads).
+    On CPU, chunks of ``CPU_CHUNK`` elements: small enough that the scratch stays in the cache, large
+    enough that torch's per-op cost (several microseconds, a dozen ops per chunk) is a few percent.
+    Measured on 2 cores, 11008x4096 bf16: 16K-element chunks took 505 ms to quantize and 118 ms to
+    dequantize, 256K-element chunks 133 ms and 36-46 ms. Worker threads over chunks (intra-op threads
+    set to 1 meanwhile) did not help: dequantization is bound by page faults on the fresh output (on
+    that VM, 100 ms per 180 MB in 4 KiB pages, hence ``_empty``'s huge pages) and memory traffic.
     """
     chunk = CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK
     scratch = make_scratch(min(chunk, total))
@@ -599,7 +600,11 @@ def _dequantize_full_blocks(packed: torch.Tensor, absmax: torch.Tensor, blocksiz
         index, pairs = (buffer[: (stop - start) // 2] for buffer in scratch)
         index.copy_(packed[start // 2:stop // 2])
         values = torch.index_select(table, 0, index, out=pairs).view(torch.float32).view(-1, blocksize)
-        torch.mul(values, absmax[start // blocksize:stop // blocksize, None], out=out[start:stop].view(-1, blocksize))
+        scales = absmax[start // blocksize:stop // blocksize, None]
+        if out.dtype == torch.float32:
+            torch.mul(values, scales, out=out[start:stop].view(-1, blocksize))
+        else:  # the product in float32, as bitsandbytes rounds it; a separate cast is faster than a mixed mul
+            out[start:stop].view(-1, blocksize).copy_(values.mul_(scales))
 
     _for_each_chunk(out.numel(), out.device, dequantize_chunk,
                     lambda elements: (torch.empty(elements // 2, dtype=torch.int32, device=out.device),
