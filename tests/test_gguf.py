@@ -276,6 +276,44 @@ def test_dequantize_gguf_matches_transformers(w):
         assert torch.equal(ours[name], t.float()), name
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_dequantized_gguf_is_a_model_folder_transformers_loads(tmp_path, arch):
+    """HF model -> GGUF (as llama.cpp converts) -> dequantize: config.json made from the key/values, and
+    transformers runs the folder with the original model's logits, exactly (F32 GGUF)."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama() if arch == "llama" else tiny_model(arch)
+    wsurgery.api.dequantize(write_llama_gguf(model, tmp_path / "m.gguf"), tmp_path / "deq", progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "deq").eval()
+    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "vocab_size",
+                "tie_word_embeddings"):
+        assert getattr(loaded.config, key) == getattr(model.config, key), key
+    tokens = torch.tensor([[1, 5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+def test_merge_from_gguf_into_a_folder_runs_in_transformers_like_peft(w, tmp_path):
+    root, model, files, lora = w
+    wsurgery.merge(files[T.F32], lora, tmp_path / "merged", progress=False)
+    from transformers import AutoModelForCausalLM
+
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    tokens = torch.tensor([[1, 5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        want = _peft_model(model, lora)(tokens).logits
+        torch.testing.assert_close(ours(tokens).logits, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_no_config_where_the_key_values_do_not_carry_it(tmp_path, arch):
+    """Gemma's soft-capping and attention scalars are llama.cpp constants, not key/values: no guessed config."""
+    out = wsurgery.api.dequantize(write_llama_gguf(tiny_model(arch), tmp_path / "m.gguf"), tmp_path / "deq",
+                                  progress=False).out
+    assert (out / "model.safetensors").is_file() and not (out / "config.json").exists()
+
+
 # -- GGUF LoRA export ---------------------------------------------------------------------------------------
 
 def _apply_gguf_lora(base: dict[str, np.ndarray], lora_path) -> dict[str, np.ndarray]:

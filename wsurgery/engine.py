@@ -237,6 +237,8 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
             raise
         if base.side_files:
             copy_side_files(base.folder, tmp)
+        for name, text in base.made_side_files().items():
+            (tmp / name).write_text(text)
         _update_config(tmp / "config.json", plan, dtype)
         if config_update is not None:
             write_config(tmp / "config.json", config_update)

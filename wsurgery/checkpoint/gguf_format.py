@@ -14,6 +14,7 @@ out first so that each tensor is written into place as it comes, one at a time.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import struct
@@ -26,6 +27,7 @@ import torch
 from gguf import GGMLQuantizationType as GgmlType
 
 from ..errors import InputError, UnsupportedError
+from .gguf_config import hf_config
 from .gguf_header import KeyValue, pack_string, read_header
 from .gguf_names import Layout, arch_rules, hf_names, layout
 from .reader import Checkpoint
@@ -156,6 +158,11 @@ class GgufCheckpoint(Checkpoint):
     @property
     def config(self) -> dict | None:
         return None  # the hyperparameters are key/values of the file itself
+
+    def made_side_files(self) -> dict[str, str]:
+        embedding = self.tensors.get("model.embed_tokens.weight")
+        config = hf_config(self.arch, self.kv, self.tensors, embedding.shape[0] if embedding is not None else None)
+        return {} if config is None else {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         t = decode(self.tensors[name])

@@ -43,6 +43,11 @@ class Checkpoint:
     def shard_of(self, name: str) -> Path:
         return self.tensors[name].file
 
+    def made_side_files(self) -> dict[str, str]:
+        """Side files to write with a plain-safetensors copy of this checkpoint where it has none of its
+        own (a GGUF file's config.json); name -> text."""
+        return {}
+
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read one (logical) tensor, into ``out`` if given; quantized weights come back dequantized."""
         info = self.tensors[name]
