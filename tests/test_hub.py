@@ -351,3 +351,29 @@ def test_card_of_a_quantized_model_from_the_record_or_the_quantization_config(tm
     assert card.data.base_model == ("org/base" if record else None)
     if record:
         assert "nf4, block size 64, double quantization" in card.text and "`wsurgery quantize org/base q`" in card.text
+
+
+@pytest.mark.parametrize("command", ["quantize", "dequantize", "extract", "convert", "combine"])
+def test_every_command_that_writes_a_folder_pushes_it(hub, tmp_path, capfd, command):
+    """--push-to on the other commands: the folder they wrote, as written, plus a generated card."""
+    out = tmp_path / "out"
+    wsurgery.merge(BASE, LORA, tmp_path / "tuned", progress=False)
+    args = {"quantize": ["quantize", str(BASE), str(out), "--nf4"],
+            "dequantize": ["dequantize", str(tmp_path / "q"), str(out)],
+            "extract": ["extract", str(BASE), str(tmp_path / "tuned"), str(out), "--rank", "8"],
+            "convert": ["convert", str(LORA), str(out), "--to", "lokr"],
+            "combine": ["combine", str(out), f"{LORA}:0.5", str(LORA)]}[command]
+    if command == "dequantize":
+        wsurgery.api.quantize(BASE, tmp_path / "q", progress=False)
+    code, output = cli(capfd, *args, "-q", "--push-to", "alice/out", "--token", TOKEN)
+    assert code == 0, output
+    [commit] = hub.commits
+    assert {k: v for k, v in commit["files"].items() if k != "README.md"} == folder_files(out)
+    assert "README.md" in commit["files"]
+
+
+def test_push_to_with_a_gguf_output_is_refused_before_any_work(hub, tmp_path, capfd):
+    code, output = cli(capfd, "merge", str(BASE), str(LORA), str(tmp_path / "m.gguf"), "--push-to", "alice/m",
+                       "--token", TOKEN)
+    assert code == 2 and "uploads a folder" in output and not (tmp_path / "m.gguf").exists()
+    assert not hub.commits

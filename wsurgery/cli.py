@@ -115,6 +115,7 @@ def merge(base: str, adapters: tuple[str, ...], out: str, dtype, max_shard_size,
     ADAPTER:WEIGHT merges W + WEIGHT·ΔW (e.g. style-lora:0.5); a trailing ':<number>' is a weight only
     where what comes before it is an existing path or a Hub repo id. BASE may be a llama.cpp .gguf file;
     an OUT ending in .gguf is then written as one GGUF file with BASE's metadata and tokenizer."""
+    _folder_for_push(out, push)
     options = _options(task_id, mha_single_out_proj, experts_transposed)
     weighted = [adapter_with_weight(a) for a in adapters]
     if then_verify and (requantize or through_nf4):
@@ -190,11 +191,13 @@ def _command_line() -> str:
                    "GGUF file OUT instead.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@push_options
 def quantize_cmd(src: str, out: str, quant_type: str, no_double_quant: bool, blocksize: int, compute_dtype: str | None,
                  skip_modules: tuple[str, ...], report: bool, dtype: str | None, max_shard_size: str | None,
-                 gguf_type: str | None, overwrite: bool, quiet: bool) -> None:
+                 gguf_type: str | None, overwrite: bool, quiet: bool, push: PushTarget | None) -> None:
     """Store SRC's Linear weights in bitsandbytes 4-bit (loadable by transformers) in the new folder OUT;
     with --gguf-type, requantize the GGUF file SRC into the GGUF file OUT."""
+    _folder_for_push(out, push)
     if gguf_type is not None:
         with _closing_progress_bars():
             r, kept = api.quantize_gguf(src, out, gguf_type, overwrite=overwrite, progress=not quiet)
@@ -210,6 +213,7 @@ def quantize_cmd(src: str, out: str, quant_type: str, no_double_quant: bool, blo
     if errors is not None:
         click.echo(errors.format())
     _report("quantized", r, quiet)
+    push_after(r.out, push, progress=not quiet)
 
 
 @cli.command("dequantize")
@@ -219,14 +223,16 @@ def quantize_cmd(src: str, out: str, quant_type: str, no_double_quant: bool, blo
 @click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB). Default: the source's sharding.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@push_options
 def dequantize_cmd(src: str, out: str, dtype: str | None, max_shard_size: str | None, overwrite: bool,
-                   quiet: bool) -> None:
+                   quiet: bool, push: PushTarget | None) -> None:
     """Write a bitsandbytes 4-bit checkpoint, or a llama.cpp .gguf file, SRC back as plain tensors (safetensors,
     Hugging Face names) in the new folder OUT."""
     with _closing_progress_bars():
         r = api.dequantize(src, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                            progress=not quiet, command=_command_line())
     _report("dequantized", r, quiet)
+    push_after(r.out, push, progress=not quiet)
 
 
 @cli.command("verify")
@@ -296,9 +302,10 @@ def _show_verify(report, json_path: str | None, show_all: bool) -> None:
 @click.option("--report", "report_path", default=None, metavar="JSON", help="Write the per-module report as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no per-module table.")
+@push_options
 def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | None, max_error: float | None,
             targets: str | None, device: str, svd: str, plot: str | None, report_path: str | None, overwrite: bool,
-            quiet: bool) -> None:
+            quiet: bool, push: PushTarget | None) -> None:
     """Extract the PEFT LoRA closest to TUNED − BASE (truncated SVD per weight) into the new folder OUT."""
     with _closing_progress_bars():
         r = api.extract(base, tuned, out, rank=rank, energy=energy, max_error=max_error, targets=targets,
@@ -322,6 +329,7 @@ def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | N
         click.echo(f"extracted {len(r.lora)} LoRA module(s) ({r.rule}; ranks {min(m.rank for m in r.lora)}-"
                    f"{max(m.rank for m in r.lora)}, largest relative error {max(errors):.3g}), "
                    f"{len(r.saved_whole)} stored whole; wrote {r.out}", err=True)
+    push_after(r.out, push, progress=not quiet)
 
 
 @cli.command()
@@ -333,8 +341,9 @@ def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | N
                                            "differently named modules onto the base's names.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no per-module table.")
+@push_options
 def combine(out: str, adapters: tuple[str, ...], rank: int | None, base: str | None, overwrite: bool,
-            quiet: bool) -> None:
+            quiet: bool, push: PushTarget | None) -> None:
     """Write one LoRA whose change is the weighted sum of the ADAPTERs' changes to the new folder OUT.
 
     ADAPTER:WEIGHT scales that adapter's change (e.g. style-lora:0.5)."""
@@ -347,6 +356,7 @@ def combine(out: str, adapters: tuple[str, ...], rank: int | None, base: str | N
     _notes(r.notes)
     if not quiet:
         click.echo(f"combined {len(adapters)} adapter(s) into {len(r.modules)} module(s); wrote {r.out}", err=True)
+    push_after(r.out, push, progress=not quiet)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -400,13 +410,17 @@ def _report(verb: str, r: Result, quiet: bool) -> None:
                    "biases...), merge it into --base and write the model MERGED (a .gguf file) instead of OUT.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (the error table is still printed).")
+@push_options
 def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | None, block_size: int | None,
                 butterfly_factors: int | None, force: bool, gguf_type: str, merge_into: str | None, overwrite: bool,
-                quiet: bool) -> None:
+                quiet: bool, push: PushTarget | None) -> None:
     """Rewrite ADAPTER as another PEFT method in the new folder OUT: exact where the method can express the
     change, its best approximation otherwise. Prints every module's relative error.
 
     --to gguf-lora writes a PEFT LoRA as the llama.cpp LoRA adapter file OUT (.gguf) for --base."""
+    if to == "gguf-lora" and push is not None:
+        raise click.UsageError("--push-to uploads a folder; --to gguf-lora writes one .gguf file (upload it with "
+                               "huggingface-cli upload)")
     if to == "gguf-lora":
         if base is None:
             raise click.UsageError("--to gguf-lora needs --base: the .gguf file the adapter will run on, or the "
@@ -428,6 +442,7 @@ def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | N
         exact = sum(m.exact for m in c.modules)
         click.echo(f"converted {len(c.modules)} module(s) from {c.source} to {c.method}, {exact} exactly; max relative "
                    f"error {c.max_error:.3g}; wrote {c.out}", err=True)
+    push_after(c.out, push, progress=not quiet)
 
 
 def _gguf_lora(adapter: str, out: str, base: str, gguf_type: str, merge_into: str | None, overwrite: bool,
@@ -449,6 +464,13 @@ def _gguf_lora(adapter: str, out: str, base: str, gguf_type: str, merge_into: st
                            for m in r.modules]))
         click.echo(f"wrote {len(r.modules)} LoRA pair(s), adapter.lora.alpha {r.alpha:.6g}, to {r.out} "
                    f"({r.bytes_written:,} bytes)", err=True)
+
+
+def _folder_for_push(out: str, push: PushTarget | None) -> None:
+    """--push-to uploads a folder: refuse it, before any work, for an output that is one .gguf file."""
+    if push is not None and str(out).endswith(".gguf"):
+        raise click.UsageError(f"--push-to uploads a folder; {out} is one .gguf file (upload it with "
+                               "huggingface-cli upload)")
 
 
 def _one_line(text: str) -> str:
