@@ -22,7 +22,7 @@ import wsurgery
 from oracle import LLAMA_LINEAR, assert_close_to, load_all, make_adapter, save_base, tiny_gpt2
 
 bnb = pytest.importorskip("bitsandbytes")
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig  # noqa: E402
 
 MODELS = {
     "llama": (lambda dtype: _llama64(dtype), AutoModelForCausalLM),

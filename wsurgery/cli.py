@@ -15,9 +15,8 @@ from . import __version__, api
 from .describe import format_text, inspect
 from .convert.convert import TARGETS
 from .convert.combine import adapter_with_weight
-from .convert.gguf_lora import NotExpressible
 from .engine import Result
-from .errors import InputError, WsurgeryError
+from .errors import InputError, NotExpressible, WsurgeryError
 from .hub import PushTarget, push_after, push_options, redacted_command, report_push
 from .model_card import provenance
 from .methods import not_mergeable
@@ -418,9 +417,7 @@ def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | N
     change, its best approximation otherwise. Prints every module's relative error.
 
     --to gguf-lora writes a PEFT LoRA as the llama.cpp LoRA adapter file OUT (.gguf) for --base."""
-    if to == "gguf-lora" and push is not None:
-        raise click.UsageError("--push-to uploads a folder; --to gguf-lora writes one .gguf file (upload it with "
-                               "huggingface-cli upload)")
+    _folder_for_push(out, push, one_file=to == "gguf-lora")
     if to == "gguf-lora":
         if base is None:
             raise click.UsageError("--to gguf-lora needs --base: the .gguf file the adapter will run on, or the "
@@ -466,9 +463,9 @@ def _gguf_lora(adapter: str, out: str, base: str, gguf_type: str, merge_into: st
                    f"({r.bytes_written:,} bytes)", err=True)
 
 
-def _folder_for_push(out: str, push: PushTarget | None) -> None:
+def _folder_for_push(out: str, push: PushTarget | None, one_file: bool = False) -> None:
     """--push-to uploads a folder: refuse it, before any work, for an output that is one .gguf file."""
-    if push is not None and str(out).endswith(".gguf"):
+    if push is not None and (one_file or str(out).endswith(".gguf")):
         raise click.UsageError(f"--push-to uploads a folder; {out} is one .gguf file (upload it with "
                                "huggingface-cli upload)")
 

@@ -21,3 +21,12 @@ class UnsupportedError(WsurgeryError):
 
 class NotInvertibleError(UnsupportedError):
     """An unmerge was asked for a change that cannot be undone from the files alone."""
+
+
+class NotExpressible(UnsupportedError):
+    """A valid adapter that a target format cannot carry (e.g. DoRA as a GGUF LoRA), where merging it into
+    the base can; ``problem`` says why, without the suggested remedy."""
+
+    def __init__(self, problem: str, remedy: str):
+        super().__init__(f"{problem}; {remedy}")
+        self.problem = problem

@@ -28,7 +28,8 @@ def _float(value: object) -> float:
 
 def hf_config(arch: str, kv: dict[str, object], tensor_names: Iterable[str], vocab_rows: int | None) -> dict | None:
     """The config.json transformers needs to load the tensors of this GGUF file, or None where the
-    key/values do not determine it (see the module docstring)."""
+    key/values do not determine it (see the module docstring). ``vocab_rows``: the token embedding's
+    rows (the header parser keeps no array values, so not the token list's length)."""
     if arch not in _MODELS or any(k.startswith(f"{arch}.rope.scaling.") for k in kv):
         return None
     names = set(tensor_names)
@@ -57,10 +58,8 @@ def hf_config(arch: str, kv: dict[str, object], tensor_names: Iterable[str], voc
         "tie_word_embeddings": "lm_head.weight" not in names,
         "hidden_act": "silu",
     }
-    tokens = kv.get("tokenizer.ggml.tokens")
-    vocab = vocab_rows or (len(tokens) if isinstance(tokens, list) else None)
-    if vocab:
-        config["vocab_size"] = vocab
+    if vocab_rows:
+        config["vocab_size"] = vocab_rows
     for key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                           ("pad_token_id", "padding_token_id")):
         value = kv.get(f"tokenizer.ggml.{gguf_key}")

@@ -29,7 +29,7 @@ from ..checkpoint.gguf_format import GgmlType, GgufCheckpoint, fits_blocks, pars
 from ..checkpoint.gguf_names import Layout, arch_of_config, gguf_names, layout
 from ..checkpoint.output import atomic_output_file, check_output_file
 from ..engine import plan
-from ..errors import InputError, UnsupportedError
+from ..errors import InputError, NotExpressible, UnsupportedError
 from ..hub import resolve
 from ..methods.lora import DoraPatch, LoraPatch
 from ..methods.replace import ReplacePatch
@@ -38,14 +38,6 @@ from ..methods.replace import ReplacePatch
 ADAPTER_TYPES = (GgmlType.F32, GgmlType.F16, GgmlType.BF16, GgmlType.Q8_0)
 _MERGE_INSTEAD = ("merge it into the GGUF base instead (wsurgery merge BASE.gguf ADAPTER OUT.gguf, or add "
                   "--merge-into OUT.gguf to this command)")
-
-
-class NotExpressible(UnsupportedError):
-    """The adapter is valid, but llama.cpp's LoRA format cannot carry it; merging it into the base can."""
-
-    def __init__(self, problem: str):
-        super().__init__(f"{problem}; {_MERGE_INSTEAD}")
-        self.problem = problem
 
 
 @dataclass
@@ -146,7 +138,8 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, 
     for patch in ad.patches():
         reason = None if _is_base_copy(patch) else _refusal(patch, ad)
         if reason is not None:
-            raise NotExpressible(f"{ad.folder}: cannot write {patch.module or 'the adapter'} as a GGUF LoRA: {reason}")
+            raise NotExpressible(f"{ad.folder}: cannot write {patch.module or 'the adapter'} as a GGUF LoRA: {reason}",
+                                 _MERGE_INSTEAD)
     ckpt = open_checkpoint(resolve(base))
     arch, targets = _targets(ckpt)
     job = plan(ckpt, [(ad, scale)])
@@ -166,7 +159,7 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, 
         if patch.kind == "embedding" and tied:
             raise NotExpressible(f"{ad.folder}: {patch.module} is the token embedding, which this base also uses as "
                                  "its output head; llama.cpp looks LoRA pairs up by tensor name and would apply this "
-                                 "one to the head too, in the embedding's orientation")
+                                 "one to the head too, in the embedding's orientation", _MERGE_INSTEAD)
         gguf_name, lay = targets[name]
         wanted = patch.scaling * s
         factor = 1.0 if math.isclose(wanted * patch.rank, alpha, rel_tol=1e-12) else wanted * patch.rank / alpha
