@@ -16,7 +16,10 @@ events around each launch as ``triton.testing.do_bench`` takes them) are timed t
 ``--check-cuda`` asserts that the CUDA path stores the same bytes and dequantizes to the same
 values as the CPU path, on many shapes, dtypes, blocksizes and both quant types.
 
-    python scripts/bench_nf4.py [--runs 7] [--threads 1] [--json out.json]
+CPU dequantization runs in the compiled kernel (``bnb4bit_native``) where it is built;
+``--no-native`` times the torch fallback instead.
+
+    python scripts/bench_nf4.py [--runs 7] [--threads 1] [--no-native] [--json out.json]
     python scripts/bench_nf4.py --device cuda [--json out.json]
     python scripts/bench_nf4.py --check-cuda
 """
@@ -35,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from wsurgery.quant import bnb4bit, dequantize_4bit, quantize_4bit  # noqa: E402
+from wsurgery.quant import bnb4bit, bnb4bit_native, dequantize_4bit, quantize_4bit  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -77,6 +80,10 @@ def weight(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Ten
 
 def bench_cpu(args: argparse.Namespace) -> list[dict]:
     bnb = load_bitsandbytes("cpu")
+    if args.no_native:
+        bnb4bit_native.supported_isas = lambda: ()
+    isas = bnb4bit_native.supported_isas()
+    print(f"dequantize: {'compiled kernel, ' + isas[0] if isas else 'torch ops'}; {torch.get_num_threads()} threads")
     rows = []
     for shape in SHAPES:
         for dtype_name in args.dtypes:
@@ -94,6 +101,7 @@ def bench_cpu(args: argparse.Namespace) -> list[dict]:
             seconds = median_seconds(calls, args.runs, lambda: None)
             gigabytes = w.numel() * w.element_size() / 1e9
             row = {"shape": list(shape), "dtype": dtype_name, "threads": torch.get_num_threads(),
+                   "dequantize_path": isas[0] if isas else "torch",
                    **{f"{name}_s": value for name, value in seconds.items()},
                    **{f"{name}_GBps": gigabytes / value for name, value in seconds.items()}}
             rows.append(row)
@@ -230,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--no-double-quant", action="store_true")
+    parser.add_argument("--no-native", action="store_true", help="CPU: time the torch ops instead of the compiled kernel")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args(argv)
     if args.runs < 5:

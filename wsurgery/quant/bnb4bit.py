@@ -49,7 +49,8 @@ Speed: the CPU path works on chunks of ``CPU_CHUNK`` elements in reused buffers 
 ``_for_each_chunk``). The 4-bit code is read from a 1023-cell grid over
 [-1, 1], narrow enough that no cell holds two midpoints: one table gives the code at the cell's low
 end, a second the one midpoint inside the cell (if any) to compare against, which is exact and
-several times faster than ``bucketize``. Dequantization looks both values of a byte up at once.
+several times faster than ``bucketize``. Dequantization runs in the compiled AVX-512/AVX2 kernel
+(``bnb4bit_native``) where it was built; otherwise torch looks both values of a byte up at once.
 On CUDA, Triton kernels (``bnb4bit_triton``) do the blockwise absmax, scaling, coding and packing,
 and the dequantization, when Triton imports; otherwise the same torch code runs on the GPU.
 """
@@ -68,6 +69,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from . import bnb4bit_native
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -593,7 +595,10 @@ def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
 
 def _dequantize_full_blocks(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                             out: torch.Tensor) -> None:
-    """Dequantize whole blocks chunk by chunk: one table lookup per byte gives both values."""
+    """Dequantize whole blocks: with the compiled kernel where it runs, else chunk by chunk with torch ops,
+    where one table lookup per byte gives both values."""
+    if bnb4bit_native.dequantize_full_blocks(packed, absmax, dequantized_codes(quant_type), blocksize, out):
+        return
     table = _pair_table(quant_type, packed.device)
 
     def dequantize_chunk(start: int, stop: int, scratch: tuple[torch.Tensor, torch.Tensor]) -> None:
