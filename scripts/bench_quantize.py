@@ -1,4 +1,4 @@
-"""Benchmark whole-model NF4 quantization: ``wsurgery quantize`` vs transformers + bitsandbytes.
+"""Benchmark whole-model NF4 quantization (and back): ``wsurgery quantize`` vs transformers + bitsandbytes.
 
 The reference route is what users do today: ``from_pretrained(..., BitsAndBytesConfig(load_in_4bit=True,
 bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))`` then ``save_pretrained``. Both run on
@@ -6,7 +6,10 @@ the synthetic bf16 Llama checkpoint ``bench_merge.py`` generates (cached in benc
 ``/usr/bin/time -v`` after ``sync`` on quiet CPUs, ``--repeats`` times; medians of wall time and peak
 RSS are reported, with the ratios, and the two outputs are compared tensor by tensor (bytes).
 
-    python scripts/bench_quantize.py --size large --repeats 3 [--json results.json]
+``--dequantize`` also times the way back from the NF4 checkpoint: ``wsurgery dequantize`` against
+``from_pretrained`` of the 4-bit folder, ``model.dequantize()`` and ``save_pretrained``.
+
+    python scripts/bench_quantize.py --size large --repeats 3 [--dequantize] [--json results.json]
 """
 
 from __future__ import annotations
@@ -30,6 +33,19 @@ def transformers_quantize(base: Path, out: Path) -> None:
                              bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(base, quantization_config=cfg, device_map="cpu", dtype=torch.bfloat16)
     model.save_pretrained(out)
+
+
+def transformers_dequantize(nf4: Path, out: Path) -> None:
+    """transformers 5.23's ``save_pretrained`` raises NotImplementedError after ``dequantize()`` (its
+    weight conversions have no reverse), so the dequantized weights are saved with safetensors."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(nf4, device_map="cpu", dtype=torch.bfloat16)
+    model.dequantize()
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"))
 
 
 def same_tensors(a: Path, b: Path) -> tuple[int, int]:
@@ -61,11 +77,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(bench_merge.SIZES), default="large")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dequantize", action="store_true", help="also time the way back to bf16")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--transformers", nargs=2, type=Path, metavar=("BASE", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--transformers-dequantize", nargs=2, type=Path, metavar=("NF4", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.transformers:
         transformers_quantize(*args.transformers)
+        return
+    if args.transformers_dequantize:
+        transformers_dequantize(*args.transformers_dequantize)
         return
 
     base, _ = bench_merge.ensure_data(args.size, bench_merge.SIZES[args.size])
@@ -77,26 +98,42 @@ def main(argv: list[str] | None = None) -> None:
                      ours_out),
         "transformers": ([sys.executable, __file__, "--transformers", str(base), str(theirs_out)], theirs_out),
     }
+    input_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    results = compare(variants, args.repeats, input_bytes, "quantize")
+    if args.dequantize:
+        bench_merge.warm_up(ours_out)
+        back_ours, back_theirs = work / "bf16-ours", work / "bf16-transformers"
+        variants = {
+            "wsurgery": ([sys.executable, "-m", "wsurgery.cli", "dequantize", str(ours_out), str(back_ours), "-q"],
+                         back_ours),
+            "transformers": ([sys.executable, __file__, "--transformers-dequantize", str(ours_out), str(back_theirs)],
+                             back_theirs),
+        }
+        results["dequantize"] = compare(variants, args.repeats, input_bytes, "dequantize")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def compare(variants: dict[str, tuple[list[str], Path]], repeats: int, input_bytes: int, job: str) -> dict:
+    """Run each variant ``repeats`` times, alternating; print and return medians, ratios and output equality."""
     runs: dict[str, list] = {name: [] for name in variants}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for name, (cmd, out) in variants.items():
             runs[name].append(bench_merge.measure(cmd, out, 0.25, 30, 2))
-    input_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-    results = {}
+    results: dict = {}
     for name, rs in runs.items():
         wall = statistics.median(r.wall_s for r in rs)
         rss = statistics.median(r.peak_rss_bytes for r in rs)
         results[name] = {"wall_s": wall, "peak_rss_mb": rss / 2**20, "runs_wall_s": [r.wall_s for r in rs],
                          "input_gb_per_s": input_bytes / wall / 1e9}
-        print(f"{name:13s} median wall {wall:7.2f} s   peak RSS {rss / 2**20:8.0f} MB   "
-              f"{input_bytes / wall / 1e9:5.2f} GB/s of input", flush=True)
-    total, differ = same_tensors(ours_out, theirs_out)
+        print(f"{job:10s} {name:13s} median wall {wall:7.2f} s   peak RSS {rss / 2**20:8.0f} MB   "
+              f"{input_bytes / wall / 1e9:5.2f} GB/s of bf16 weights", flush=True)
+    total, differ = same_tensors(*(out for _, out in variants.values()))
     t, w = results["transformers"], results["wsurgery"]
-    print(f"transformers / wsurgery: time {t['wall_s'] / w['wall_s']:.2f}x, peak RSS "
+    print(f"{job:10s} transformers / wsurgery: time {t['wall_s'] / w['wall_s']:.2f}x, peak RSS "
           f"{t['peak_rss_mb'] / w['peak_rss_mb']:.2f}x; outputs: {total - differ}/{total} tensors byte-identical")
     results["byte_identical_tensors"] = [total - differ, total]
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
 
 if __name__ == "__main__":

@@ -48,19 +48,12 @@ DTYPES = dtypes_fp32_bf16()
 
 
 
-def _edit_adapter(adapter_dir, edit=None, config=None) -> None:
-    """Change the saved adapter tensors (``edit`` mutates the dict) and/or config fields in place."""
-    if edit is not None:
-        edit_adapter_tensors(adapter_dir, edit)
-    if config is not None:
-        edit_adapter_config(adapter_dir, **config)
-
-
 def _oracle_case(tmp_path, model, config, *, dtype=torch.float32, edit=None, ulps=1):
     """run_case's merge half, with an optional edit of the saved adapter before anyone reads it."""
     base_dir = save_base(model, tmp_path / "base")
     adapter_dir = make_adapter(model, config, tmp_path / "adapter")
-    _edit_adapter(adapter_dir, edit)
+    if edit is not None:
+        edit_adapter_tensors(adapter_dir, edit)
     expected = oracle_merge(reload(model, base_dir, dtype), adapter_dir)
     wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
     merged = load_all(tmp_path / "merged")
@@ -280,7 +273,7 @@ def test_glora_trained_bias_paths_need_a_base_bias(tmp_path):
 def test_glora_saved_path_must_match_config(tmp_path):
     model = tiny_llama()
     adapter_dir = make_adapter(model, GloraConfig(target_modules=["q_proj"]), tmp_path / "adapter")
-    _edit_adapter(adapter_dir, config={"config_A_B": "vector"})
+    edit_adapter_config(adapter_dir, config_A_B="vector")
     with pytest.raises(InputError, match=r"glora_A\.Xd.*config_A_B is 'vector'"):
         wsurgery.merge(save_base(model, tmp_path / "base"), adapter_dir, tmp_path / "merged", progress=False)
 
@@ -373,7 +366,7 @@ def test_deft_gpt2_conv1d(tmp_path, method):
 def test_deft_para_with_saved_injection_is_refused(tmp_path):
     model = tiny_llama()
     adapter_dir = make_adapter(model, DeftConfig(r=2, target_modules=["q_proj"]), tmp_path / "adapter")
-    _edit_adapter(adapter_dir, config={"para": True})
+    edit_adapter_config(adapter_dir, para=True)
     with pytest.raises(InputError, match=r"deft_R.*para=true"):
         wsurgery.merge(save_base(model, tmp_path / "base"), adapter_dir, tmp_path / "merged", progress=False)
 
@@ -403,10 +396,10 @@ def test_peanut_unknown_activation_and_depth_mismatch_are_refused(tmp_path):
     model = tiny_llama()
     base_dir = save_base(model, tmp_path / "base")
     adapter_dir = make_adapter(model, PeanutConfig(r=2, depth=1, target_modules=["q_proj"]), tmp_path / "adapter")
-    _edit_adapter(adapter_dir, config={"act_fn": "xielu"})
+    edit_adapter_config(adapter_dir, act_fn="xielu")
     with pytest.raises(UnsupportedError, match="xielu"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
-    _edit_adapter(adapter_dir, config={"act_fn": "relu", "depth": 0})
+    edit_adapter_config(adapter_dir, act_fn="relu", depth=0)
     with pytest.raises(InputError, match=r"peanut_encoders\.0\.weight.*depth is 0"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
 

@@ -8,7 +8,6 @@ them to 0, which would hide a wrong bias merge).
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from oracle import (
     LLAMA_LINEAR,
     assert_close_to,
     dtypes_fp32_bf16,
+    edit_adapter_config,
     edit_adapter_tensors,
     load_all,
     make_adapter,
@@ -37,28 +37,18 @@ from wsurgery.errors import InputError, NotInvertibleError, UnsupportedError
 DTYPES = dtypes_fp32_bf16()
 
 
-def _edit_adapter(adapter_dir, edit=None, config_edit=None) -> None:
-    """Change the saved adapter (tensors and/or config) in place before anyone reads it."""
-    if edit is not None:
-        edit_adapter_tensors(adapter_dir, edit)
-    if config_edit is not None:
-        path = adapter_dir / "adapter_config.json"
-        cfg = json.loads(path.read_text())
-        config_edit(cfg)
-        path.write_text(json.dumps(cfg))
-
-
 def _adapter_tensors(adapter_dir, suffix):
     return {k: v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items() if k.endswith(suffix)}
 
 
 
 
-def _oracle_case(tmp_path, model, config, *, dtype=torch.float32, edit=None, config_edit=None):
+def _oracle_case(tmp_path, model, config, *, dtype=torch.float32, edit=None):
     """run_case's merge half, with an optional edit of the saved adapter before PEFT or we read it."""
     base_dir = save_base(model, tmp_path / "base")
     adapter_dir = make_adapter(model, config, tmp_path / "adapter")
-    _edit_adapter(adapter_dir, edit, config_edit)
+    if edit is not None:
+        edit_adapter_tensors(adapter_dir, edit)
     expected = oracle_merge(reload(model, base_dir, dtype), adapter_dir)
     wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
     merged, base = load_all(tmp_path / "merged"), load_all(base_dir)
@@ -85,7 +75,7 @@ def test_c3a_llama_with_block_size_pattern(tmp_path, dtype):
 def test_c3a_refuses_a_kernel_that_does_not_fit(tmp_path):
     base_dir = save_base(tiny_llama(), tmp_path / "base")
     adapter_dir = make_adapter(tiny_llama(), C3AConfig(block_size=8, target_modules=["q_proj"]), tmp_path / "adapter")
-    _edit_adapter(adapter_dir, lambda t: t.update({k: v[:, :3].contiguous() for k, v in t.items() if "layers.1." in k}))
+    edit_adapter_tensors(adapter_dir, lambda t: t.update({k: v[:, :3].contiguous() for k, v in t.items() if "layers.1." in k}))
     with pytest.raises(InputError, match=r"layers\.1\.self_attn\.q_proj: c3a_kernel is \[4, 3, 8\]"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
 
@@ -118,7 +108,7 @@ def test_shira_refuses_indices_outside_the_weight(tmp_path):
         for k in [k for k in t if k.endswith("shira_indices")]:
             t[k] = t[k].clone()
             t[k][0, 0] = 16  # k_proj has 16 output rows
-    _edit_adapter(adapter_dir, edit)
+    edit_adapter_tensors(adapter_dir, edit)
     with pytest.raises(InputError, match=r"shira_indices reach row 16.*outside the base weight \[16, 32\]"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
 
@@ -141,7 +131,7 @@ def test_gralora_refuses_a_config_that_disagrees_with_the_tensors(tmp_path):
     base_dir = save_base(tiny_llama(), tmp_path / "base")
     adapter_dir = make_adapter(tiny_llama(), GraloraConfig(r=4, gralora_k=2, target_modules=["q_proj"]),
                                tmp_path / "adapter")
-    _edit_adapter(adapter_dir, config_edit=lambda c: c.update(gralora_k=4))
+    edit_adapter_config(adapter_dir, gralora_k=4)
     with pytest.raises(InputError, match="gralora_k=4"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
 
@@ -229,7 +219,7 @@ def test_supertuning_refuses_saved_indices_the_config_says_are_not_saved(tmp_pat
     base_dir = save_base(tiny_llama(), tmp_path / "base")
     adapter_dir = make_adapter(tiny_llama(), SupertuningConfig(sparsity=0.9, target_modules=["q_proj"]),
                                tmp_path / "adapter")
-    _edit_adapter(adapter_dir, config_edit=lambda c: c.update(save_precomputed_indices=False))
+    edit_adapter_config(adapter_dir, save_precomputed_indices=False)
     with pytest.raises(UnsupportedError, match="save_precomputed_indices=false"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
 
@@ -238,7 +228,7 @@ def test_supertuning_recomputed_indices_refuse_a_wrong_sparsity(tmp_path):
     base_dir = save_base(tiny_llama(), tmp_path / "base")
     cfg = SupertuningConfig(sparsity=0.9, save_precomputed_indices=False, target_modules=["q_proj"])
     adapter_dir = make_adapter(tiny_llama(), cfg, tmp_path / "adapter")
-    _edit_adapter(adapter_dir, config_edit=lambda c: c.update(sparsity=0.8))
+    edit_adapter_config(adapter_dir, sparsity=0.8)
     with pytest.raises(InputError, match=r"supertuning_values has 102 entries but sparsity=0.8 .* selects 204"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
 
@@ -257,7 +247,7 @@ def test_delora_llama_with_rank_and_lambda_patterns(tmp_path, dtype):
 def test_delora_requires_the_saved_weight_norm(tmp_path):
     base_dir = save_base(tiny_llama(), tmp_path / "base")
     adapter_dir = make_adapter(tiny_llama(), DeloraConfig(r=4, target_modules=["q_proj"]), tmp_path / "adapter")
-    _edit_adapter(adapter_dir, lambda t: [t.pop(k) for k in [k for k in t if k.endswith("delora_w_norm")]])
+    edit_adapter_tensors(adapter_dir, lambda t: [t.pop(k) for k in [k for k in t if k.endswith("delora_w_norm")]])
     with pytest.raises(InputError, match="delora_w_norm"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
 
