@@ -15,6 +15,10 @@ could be subnormal, absmax of 2**125 or more) or whose absmax is not finite, and
 those blocks with torch ops, which keep subnormals and refuse non-finite weights. Dequantization
 can only meet subnormals in blocks whose absmax is below ``TINY_ABSMAX``, which the caller redoes
 the same way. The ragged last block and the double quantization stay in torch.
+
+Both kernels load and store contiguous rows (pairs are split and joined in registers). Their
+arithmetic is tested without a GPU by Triton's interpreter (tests/test_bnb4bit_triton_interpreted.py);
+on a GPU, ``scripts/bench_nf4.py --check-cuda`` and the CUDA tests.
 """
 
 from __future__ import annotations
@@ -103,9 +107,10 @@ def _quantize_kernel(x_ptr, packed_ptr, absmax_ptr, redo_ptr, midpoints_ptr, cod
     in_range = rows < n_blocks
     rows = rows.to(tl.int64)
     pairs = tl.arange(0, BLOCKSIZE // 2)
-    first = rows[:, None] * BLOCKSIZE + 2 * pairs[None, :]
-    raw_first = tl.load(x_ptr + first, mask=in_range[:, None], other=0.0)
-    raw_second = tl.load(x_ptr + first + 1, mask=in_range[:, None], other=0.0)
+    # One contiguous load, split into the pairs' first and second elements in registers.
+    raw = tl.load(x_ptr + rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :], mask=in_range[:, None],
+                  other=0.0)
+    raw_first, raw_second = tl.split(tl.reshape(raw, [ROWS, BLOCKSIZE // 2, 2]))
     x_first, x_second = raw_first.to(tl.float32), raw_second.to(tl.float32)
     absmax = tl.maximum(tl.max(_magnitude(x_first), axis=1), tl.max(_magnitude(x_second), axis=1))
     tl.store(absmax_ptr + rows, absmax, mask=in_range)
