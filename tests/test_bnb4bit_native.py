@@ -35,8 +35,7 @@ def kernel(parts, isa, out_dtype=None):
     out = expected.clone().view(-1)
     full = state.numel - state.numel % state.blocksize
     out[:full] = 0
-    absmax = parts["absmax"] if not state.double_quant else bnb4bit._dequantize_nested(
-        parts["absmax"], parts["nested_absmax"], parts["nested_quant_map"], state.nested_blocksize, state.nested_offset)
+    absmax = bnb4bit.block_absmax(parts, state, torch.device("cpu"))
     assert bnb4bit_native.dequantize_full_blocks(parts[""].view(torch.uint8).view(-1)[: full // 2], absmax,
                                                  bnb4bit.dequantized_codes(state.quant_type), state.blocksize,
                                                  out[:full], isa=isa)

@@ -73,8 +73,7 @@ def check() -> int:
                 for out_dtype in (torch.float32, torch.float16):
                     out, expected = torch.empty(n, dtype=out_dtype), torch.empty(n, dtype=out_dtype)
                     bnb4bit_triton.launch_dequantize(packed, absmax, blocksize, quant_type, out)
-                    with torch.no_grad():
-                        bnb4bit._dequantize_full_blocks(packed, absmax, blocksize, quant_type, expected)
+                    bnb4bit._dequantize_full_blocks(packed, absmax, blocksize, quant_type, expected)
                     same = out.view(torch.uint8 if out_dtype == torch.float32 else torch.int16)
                     if not torch.equal(same, expected.view(same.dtype)):
                         print(f"MISMATCH dequantize: {dtype} -> {out_dtype} {quant_type} {tuple(w.shape)}")

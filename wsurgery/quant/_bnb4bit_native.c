@@ -25,6 +25,8 @@
 
 enum { OUT_FLOAT32 = 0, OUT_FLOAT16 = 1, OUT_BFLOAT16 = 2 };
 enum { ISA_AVX2 = 1, ISA_AVX512 = 2 };
+/* Indexed by the enum above: the names Python sees. */
+static const char *const isa_names[] = {"", "avx2", "avx512"};
 
 #ifdef WSURGERY_X86
 
@@ -132,12 +134,10 @@ static PyObject *supported_isas(PyObject *self, PyObject *unused) {
     PyObject *names = PyList_New(0);
     if (names == NULL)
         return NULL;
-    const char *labels[] = {"avx512", "avx2"};
-    const int isas[] = {ISA_AVX512, ISA_AVX2};
-    for (int i = 0; i < 2; i++) {
-        if (!isa_supported(isas[i]))
+    for (int isa = ISA_AVX512; isa >= ISA_AVX2; isa--) {
+        if (!isa_supported(isa))
             continue;
-        PyObject *label = PyUnicode_FromString(labels[i]);
+        PyObject *label = PyUnicode_FromString(isa_names[isa]);
         if (label == NULL || PyList_Append(names, label) < 0) {
             Py_XDECREF(label);
             Py_DECREF(names);
@@ -158,13 +158,12 @@ static int lookup(const char *name, const char *const *names, int count) {
 static PyObject *dequantize(PyObject *self, PyObject *args) {
     (void)self;
     static const char *const out_types[] = {"float32", "float16", "bfloat16"};
-    static const char *const isas[] = {"", "avx2", "avx512"};
     unsigned long long packed, absmax, code, out;
     long long n, blocksize;
     const char *out_name, *isa_name;
     if (!PyArg_ParseTuple(args, "KKKLLsKs", &packed, &absmax, &code, &n, &blocksize, &out_name, &out, &isa_name))
         return NULL;
-    const int out_type = lookup(out_name, out_types, 3), isa = lookup(isa_name, isas, 3);
+    const int out_type = lookup(out_name, out_types, 3), isa = lookup(isa_name, isa_names, 3);
     if (n < 0 || blocksize < 32 || blocksize % 32 || n % blocksize) {
         PyErr_SetString(PyExc_ValueError, "dequantize: n must be whole blocks of a multiple of 32 elements");
         return NULL;

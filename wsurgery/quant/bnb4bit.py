@@ -639,6 +639,14 @@ def _empty(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=dtype)
 
 
+def block_absmax(parts: dict[str, torch.Tensor], state: QuantState, device: torch.device) -> torch.Tensor:
+    """The float32 absmax of every block on ``device``, with the double quantization undone."""
+    if not state.double_quant:
+        return parts["absmax"].to(device)
+    return _dequantize_nested(parts["absmax"].to(device), parts["nested_absmax"].to(device),
+                              parts["nested_quant_map"].to(device), state.nested_blocksize, state.nested_offset)
+
+
 def dequantize_4bit(parts: dict[str, torch.Tensor], *, where: str, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight a stored bitsandbytes 4-bit tensor stands for, from its parts alone.
 
@@ -651,12 +659,7 @@ def dequantize_4bit(parts: dict[str, torch.Tensor], *, where: str, out_dtype: to
     if dtype not in _DTYPE_NAMES:
         raise InputError(f"{where}: 4-bit dequantization writes float32/float16/bfloat16, not {dtype}")
     packed = parts[""].contiguous().view(torch.uint8).view(-1)
-    absmax = parts["absmax"]
-    if state.double_quant:
-        absmax = _dequantize_nested(absmax, parts["nested_absmax"].to(packed.device),
-                                    parts["nested_quant_map"].to(packed.device), state.nested_blocksize,
-                                    state.nested_offset)
-    absmax = absmax.to(packed.device)
+    absmax = block_absmax(parts, state, packed.device)
 
     n, blocksize = state.numel, state.blocksize
     full = n - n % blocksize
