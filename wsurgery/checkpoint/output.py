@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,20 @@ from ..errors import InputError
 # Files that belong to the weights (rewritten, never copied) or that would describe the wrong thing.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
 _NEVER_COPY = {"README.md", "adapter_config.json", ".gitattributes"}
+
+# The one naming convention of wsurgery's temporary siblings: ``.OUT.wsurgery-tmp-PID`` (the output being
+# written) and ``.OUT.wsurgery-old-PID`` (the old OUT while --overwrite swaps it out).
+_TEMPORARY = re.compile(r"^\.(?P<out>.+)\.wsurgery-(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
+
+def temporary_sibling(out: Path, kind: str, pid: int | None = None) -> Path:
+    """The temporary sibling of ``out`` of ``kind`` ("tmp" or "old") for process ``pid`` (this one)."""
+    return out.parent / f".{out.name}.wsurgery-{kind}-{os.getpid() if pid is None else pid}"
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether a file or folder name is one of wsurgery's temporary siblings."""
+    return _TEMPORARY.match(name) is not None
 
 
 def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> None:
@@ -36,7 +51,7 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
 
     On any error, including Ctrl-C, the temporary folder is removed and ``out`` is untouched.
     """
-    tmp = out.parent / f".{out.name}.wsurgery-tmp-{os.getpid()}"
+    tmp = temporary_sibling(out, "tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -49,7 +64,7 @@ def atomic_output_dir(out: Path, overwrite: bool) -> Iterator[Path]:
         if not overwrite:
             shutil.rmtree(tmp, ignore_errors=True)
             raise InputError(f"{out}: appeared while writing; not replacing it without --overwrite")
-        old = out.parent / f".{out.name}.wsurgery-old-{os.getpid()}"
+        old = temporary_sibling(out, "old")
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
@@ -73,7 +88,7 @@ def check_output_file(out: Path, inputs: list[Path], overwrite: bool) -> None:
 @contextmanager
 def atomic_output_file(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling file of ``out``, renamed to ``out`` only if the block succeeds."""
-    tmp = out.parent / f".{out.name}.wsurgery-tmp-{os.getpid()}"
+    tmp = temporary_sibling(out, "tmp")
     tmp.unlink(missing_ok=True)
     try:
         yield tmp
