@@ -547,7 +547,7 @@ def test_empty_folder_as_base(work, capsys):
 
 def test_out_already_exists(work, capsys):
     work.out.mkdir()
-    (work.out / "keep.txt").write_text("precious")
+    (work.out / "model.safetensors").write_text("an earlier result")
     before = snapshot(work.base, work.adapter, work.out)
     code, _, err = run_cli(merge_args(work.base, work.adapter, work.out), capsys)
     assert code == 1
@@ -560,8 +560,8 @@ def test_out_already_exists(work, capsys):
 
     code, _, err = run_cli(merge_args(work.base, work.adapter, work.out, "--overwrite", "--quiet"), capsys)
     assert code == 0, err
-    assert not (work.out / "keep.txt").exists()
-    assert (work.out / "model.safetensors").is_file()
+    assert (work.out / "model.safetensors").read_bytes() != b"an earlier result"
+    assert load_all(work.out)
     assert leftovers(work.out) == []
     assert snapshot(work.base, work.adapter) == {k: v for k, v in before.items() if not k.startswith(str(work.out))}
 
@@ -719,13 +719,14 @@ def test_keyboard_interrupt_in_the_middle_of_writing(work, capsys, monkeypatch):
 def test_error_while_replacing_with_overwrite_keeps_old_out(work, capsys, monkeypatch):
     """With --overwrite, a failure part-way leaves the old OUT as it was."""
     work.out.mkdir()
-    (work.out / "old.txt").write_text("old result")
-    _fail_on_second_call(monkeypatch, engine, "_run_job", InputError("injected failure"))
+    (work.out / "config.json").write_text("old result")
+    calls = _fail_on_second_call(monkeypatch, engine, "_run_job", InputError("injected failure"))
     code, _, err = run_cli(merge_args(work.base, work.adapter, work.out, "--overwrite"), capsys)
-    assert code == 1
+    assert code == 1 and calls["n"] == 2
     lines = screen_lines(err)
     assert len(lines) == 1 and lines[0].startswith("wsurgery: error:"), lines
-    assert sorted(p.name for p in work.out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in work.out.iterdir()) == ["config.json"]
+    assert (work.out / "config.json").read_text() == "old result"
     assert leftovers(work.out) == []
 
 

@@ -195,7 +195,7 @@ def test_overwrite_replaces_previous_output(env, tmp_path, capsys):
     first = load_all(out_dir)
     assert not torch.equal(first["model.layers.0.self_attn.k_proj.weight"],
                            env.state["model.layers.0.self_attn.k_proj.weight"])
-    (out_dir / "stale.txt").write_text("from before")
+    (out_dir / "model-00002-of-00002.safetensors").write_text("a stale shard of an earlier, sharded run")
 
     code, _, err = run_cli(["merge", env.base, env.adapter, out_dir, "-q"], capsys)
     assert code == 1 and "--overwrite" in err
@@ -203,7 +203,7 @@ def test_overwrite_replaces_previous_output(env, tmp_path, capsys):
                        first["model.layers.0.self_attn.k_proj.weight"])
 
     ok(["merge", env.base, env.adapter, out_dir, "-q", "--overwrite"], capsys)
-    assert not (out_dir / "stale.txt").exists()
+    assert not (out_dir / "model-00002-of-00002.safetensors").exists()
     assert_close_to(load_all(out_dir), env.expected, rel=1e-5)
     assert not list(tmp_path.glob(".merged.wsurgery-*"))
 
