@@ -252,7 +252,7 @@ def _break(folder: Path, how: str) -> str:
     """Damage a copy of the tiny model in one way; return what the refusal must mention."""
     if how == "missing shard":
         (folder / "model-00002-of-00004.safetensors").unlink()
-        return "names shard 'model-00002-of-00004.safetensors', which does not exist"
+        return "shard 'model-00002-of-00004.safetensors'"
     if how == "corrupt header":
         (folder / "model-00003-of-00004.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
         return "header is not valid JSON"

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .checkpoint import open_checkpoint, read_header
+from .checkpoint.output import is_temporary_name
 from .errors import InputError, WsurgeryError
 from .model_card import model_card
 
@@ -48,8 +49,9 @@ _SIDE = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py", "*.ji
 _MODEL_ST = ["*.safetensors", "*.safetensors.index.json", *_SIDE]
 _MODEL_BIN = ["*.bin", "*.bin.index.json", *_SIDE]
 _ADAPTER = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "*.json"]
-# Left behind by an interrupted write or download: pushing them would publish a broken repo.
-_STRAY = ["*.wsurgery-tmp-*", "*.wsurgery-old-*", "*.tmp", "*.incomplete", "*.part", "*.partial"]
+# Left behind by an interrupted write or download (besides wsurgery's own temporary siblings, which
+# ``is_temporary_name`` tells): pushing them would publish a broken repo.
+_STRAY = ["*.tmp", "*.incomplete", "*.part", "*.partial"]
 _NOT_UPLOADED = (".git", ".cache")  # folders huggingface_hub's folder upload skips too
 _MAX_LISTED = 5
 
@@ -211,24 +213,47 @@ def check_login(target: PushTarget) -> None:
 def check_folder(folder: Path) -> list[str]:
     """Check that ``folder`` is a whole checkpoint or adapter folder; return the files to upload.
 
-    Every safetensors header must parse, every index must name only existing shards, no shard may be
-    missing from its index, and no unfinished temporary file may lie around.
+    Every safetensors header must parse and its data end exactly at the file's end, every index must
+    name only existing shards, no shard may be missing from its index, and no unfinished temporary
+    file or folder may lie anywhere inside.
     """
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder")
-    if any(fnmatch.fnmatch(folder.resolve().name, p) for p in _STRAY):
+    if _is_stray(folder.resolve().name):
         raise InputError(f"{folder}: an unfinished temporary output folder; push the finished one")
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if p.is_file() and p.relative_to(folder).parts[0] not in _NOT_UPLOADED)
-    stray = [f for f in files if any(fnmatch.fnmatch(Path(f).name, p) for p in _STRAY)]
+    inside = [p.relative_to(folder) for p in folder.rglob("*")]
+    inside = [p for p in inside if p.parts[0] not in _NOT_UPLOADED]
+    stray = sorted({Path(*p.parts[:i + 1]).as_posix() for p in inside for i, part in enumerate(p.parts)
+                    if _is_stray(part)})
     if stray:
         raise InputError(f"{folder}: holds unfinished temporary files ({_listing(stray)}); "
                          "remove them or re-run the command that wrote the folder")
+    files = sorted(p.as_posix() for p in inside if (folder / p).is_file())
     if (folder / "adapter_config.json").is_file():
         _check_adapter(folder)
     else:
         _check_weights(folder, [f for f in files if "/" not in f])
+    for name in files:
+        if name.endswith(".safetensors"):
+            _check_data_ends_at_end(folder / name)
     return files
+
+
+def _is_stray(name: str) -> bool:
+    return is_temporary_name(name) or any(fnmatch.fnmatch(name, p) for p in _STRAY)
+
+
+def _check_data_ends_at_end(path: Path) -> None:
+    """A safetensors file whose data section is shorter or longer than its header says is damaged (a
+    truncated copy, an appended or interrupted write): publishing it would publish a broken file."""
+    tensors, _ = read_header(path)
+    with open(path, "rb") as f:
+        data_start = 8 + int.from_bytes(f.read(8), "little")
+    end = max((t.offset + t.nbytes for t in tensors.values()), default=data_start)
+    size = path.stat().st_size
+    if end != size:
+        raise InputError(f"{path}: its header describes {end - data_start} bytes of data but the file holds "
+                         f"{size - data_start}; the file is damaged, write it again")
 
 
 def _check_adapter(folder: Path) -> None:

@@ -26,6 +26,7 @@ from ..hub import looks_like_repo_id, resolve
 from ..methods import Patch, ReplacePatch
 from ..methods.lora import LoraPatch
 from .extract import LoraModule, RankRule, as_product, layer_kind, lora_adapter, truncated_svd, uses_conv1d
+from ..model_card import provenance
 from .peft_writer import write_adapter
 
 AdapterSpec = str | Path | tuple[str | Path, float]
@@ -49,15 +50,24 @@ def adapter_with_weight(spec: str) -> tuple[str, float]:
 def weighted_specs(adapters: AdapterSpec | list[AdapterSpec]) -> list[tuple[str | Path, float]]:
     """``adapter``, ``(adapter, weight)`` or a list of those -> ``[(adapter, weight), ...]`` (weight 1 by default)."""
     if isinstance(adapters, (str, Path)) or (isinstance(adapters, tuple) and len(adapters) == 2
-                                             and isinstance(adapters[1], (int, float))):
+                                             and isinstance(adapters[1], (int, float, str))):
         adapters = [adapters]
-    out = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], float(a[1])) for a in adapters]
+    out = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], _weight(a[0], a[1])) for a in adapters]
     if not out:
         raise InputError("no adapter given")
-    for spec, weight in out:
-        if not math.isfinite(weight):
-            raise InputError(f"{spec}: weight {weight} is not a finite number")
     return out
+
+
+def _weight(spec: str | Path, weight: object) -> float:
+    """An adapter's weight: a finite number (a bool is no number here)."""
+    try:
+        value = float(weight) if not isinstance(weight, bool) else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise InputError(f"{spec}: weight {weight!r} is not a finite number; give ADAPTER:WEIGHT with a number "
+                         "such as 0.5")
+    return value
 
 
 @dataclass
@@ -136,16 +146,20 @@ def recompress(lora: LoraModule, rank: int) -> tuple[LoraModule, float]:
     return LoraModule(lora.kind, new_a, new_b, lora.bias), error
 
 
-def _dense_change(c: Contribution, base: Checkpoint | None) -> torch.Tensor:
-    """One contribution's weighted change of the module's ``weight``, in the base's layout."""
-    if c.plain_lora:
-        return c.patch.weight_delta().mul_(c.weight)
+def _check_dense(c: Contribution, base: Checkpoint | None) -> None:
+    """What a change summed densely needs: a change of the weight alone, and a base to compute it on."""
     extra = sorted(set(c.patch.roles) - {"weight"})
     if extra:
         raise UnsupportedError(f"{c.where()}: changes {', '.join(extra)} besides the weight, which a LoRA cannot hold")
     if base is None:
         raise InputError(f"{c.where()}: not a plain LoRA; its change is computed from the base (the layer's shape, and "
                          "for some methods its weight); pass --base")
+
+
+def _dense_change(c: Contribution, base: Checkpoint | None) -> torch.Tensor:
+    """One contribution's weighted change of the module's ``weight``, in the base's layout."""
+    if c.plain_lora:
+        return c.patch.weight_delta().mul_(c.weight)
     W = base.read(c.tensors["weight"]).to(torch.float32)
     return c.patch.merge({"weight": W.clone()}, c.weight)["weight"].sub_(W)
 
@@ -158,7 +172,7 @@ def _module_kind(module: str, parts: list[Contribution], conv1d: bool) -> str:
     return kinds.pop() if kinds else layer_kind(module, conv1d)
 
 
-def _carry_whole(module: str, parts: list[Contribution]) -> dict[str, torch.Tensor]:
+def _check_whole(module: str, parts: list[Contribution]) -> None:
     """Replacements (modules_to_save) pass through unchanged, where that is still the weighted sum."""
     sources = {c.adapter.folder for c in parts}
     weights = {c.weight for c in parts}
@@ -166,7 +180,6 @@ def _carry_whole(module: str, parts: list[Contribution]) -> dict[str, torch.Tens
         raise UnsupportedError(
             f"{module}: {parts[0].where()} replaces tensors outright (modules_to_save, saved biases), which cannot be "
             "summed with other changes or weighted; combine adapters that do not touch it, or with weight 1")
-    return {c.patch.role: c.patch.tensor for c in parts}
 
 
 def _is_base_copy(c: Contribution) -> bool:
@@ -175,14 +188,58 @@ def _is_base_copy(c: Contribution) -> bool:
         torch.equal(c.patch.tensor, c.patch.original)
 
 
+@dataclass
+class _Module:
+    """One module of the combination, as decided from the adapters' configs and shapes before any work."""
+
+    module: str
+    parts: list[Contribution]
+    kind: str  # linear | conv1d | embedding | conv | full
+    how: str  # concatenated | svd of the summed change | copied (modules_to_save)
+
+
+def _layout(by_module: dict[str, list[Contribution]], rank: int | None, base: Checkpoint | None,
+            conv1d: bool) -> list[_Module]:
+    """What becomes of every module, with everything that can be refused refused before any computation."""
+    layout = []
+    for module, parts in by_module.items():
+        parts = [c for c in parts if not _is_base_copy(c)]
+        if not parts:
+            continue
+        if any(isinstance(c.patch, ReplacePatch) for c in parts):
+            _check_whole(module, parts)
+            layout.append(_Module(module, parts, "full", "copied (modules_to_save)"))
+            continue
+        kind = _module_kind(module, parts, conv1d)
+        if all(c.plain_lora for c in parts):
+            layout.append(_Module(module, parts, kind, "concatenated"))
+            continue
+        other = next(c for c in parts if not c.plain_lora)
+        if rank is None:
+            raise InputError(f"{other.where()}: not a plain LoRA, so its change is re-compressed by SVD; give --rank")
+        if kind == "conv":
+            raise UnsupportedError(f"{module}: summing a convolution's dense changes is not supported")
+        for c in parts:
+            if not c.plain_lora:
+                _check_dense(c, base)
+        layout.append(_Module(module, parts, kind, "svd of the summed change"))
+    if not any(m.kind != "full" for m in layout):
+        raise UnsupportedError("no module is left for the LoRA itself (every change replaces tensors outright); "
+                               "PEFT cannot load a LoRA without target modules")
+    return layout
+
+
 def combine(out: str | Path, adapters: AdapterSpec | list[AdapterSpec], *, rank: int | None = None,
-            base: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> CombineResult:
+            base: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+            command: str | None = None) -> CombineResult:
     """Write one PEFT LoRA adapter whose change is Σ wᵢ·ΔWᵢ of ``adapters`` (paths, repo ids or
     ``(adapter, weight)`` pairs) to the new folder ``out``.
 
     LoRAs are concatenated (exact; rank = sum of ranks), then re-compressed to ``rank`` if given.
     Other methods' changes are computed on ``base`` (required then), summed densely and truncated by SVD
     to ``rank`` (required too). ``base`` also maps differently named modules onto the base's names.
+    Everything the configs and headers tell is checked before any change is computed. ``command``: the
+    command line to record in the adapter's provenance (paths cut to their names).
     """
     if rank is not None and rank < 1:
         raise InputError(f"--rank must be at least 1, not {rank}")
@@ -193,44 +250,47 @@ def combine(out: str | Path, adapters: AdapterSpec | list[AdapterSpec], *, rank:
     inputs = [a.folder for a, _ in loaded] + ([ckpt.folder, *ckpt.shards] if ckpt else [])
     check_output_path(Path(out), inputs, overwrite)
     conv1d = uses_conv1d(ckpt) if ckpt else any(a.config.get("fan_in_fan_out", False) for a, _ in loaded)
+    layout = _layout(_contributions(loaded, ckpt), rank, ckpt, conv1d)
+    record = provenance("combine", command, str(base) if base is not None else None,
+                        [(str(spec), w) for spec, w in specs])
     loras: dict[str, LoraModule] = {}
     full: dict[str, dict[str, torch.Tensor]] = {}
     summaries: list[ModuleSummary] = []
     notes: list[str] = []
-    for module, parts in tqdm(_contributions(loaded, ckpt).items(), desc="combine", unit="module",
-                              disable=not progress, leave=False):
-        parts = [c for c in parts if not _is_base_copy(c)]
-        if not parts:
+    for m in tqdm(layout, desc="combine", unit="module", disable=not progress, leave=False):
+        if m.kind == "full":
+            full[m.module] = {c.patch.role: c.patch.tensor for c in m.parts}
+            summaries.append(ModuleSummary(m.module, "full", None, m.how))
             continue
-        if any(isinstance(c.patch, ReplacePatch) for c in parts):
-            full[module] = _carry_whole(module, parts)
-            summaries.append(ModuleSummary(module, "full", None, "copied (modules_to_save)"))
-            continue
-        kind = _module_kind(module, parts, conv1d)
-        if all(c.plain_lora for c in parts):
-            lora, how, error = _concatenate(parts, kind), "concatenated", 0.0
+        how, error = m.how, 0.0
+        if how == "concatenated":
+            lora = _concatenate(m.parts, m.kind)
             if rank is not None and rank < lora.rank:
                 lora, error = recompress(lora, rank)
                 how = "recompressed"
         else:
-            if rank is None:
-                other = next(c for c in parts if not c.plain_lora)
-                raise InputError(f"{other.where()}: not a plain LoRA, so its change is re-compressed by SVD; give "
-                                 "--rank")
-            if kind == "conv":
-                raise UnsupportedError(f"{module}: summing a convolution's dense changes is not supported")
-            delta = torch.stack([_dense_change(c, ckpt) for c in parts]).sum(0)
-            f = truncated_svd(as_product(delta, kind).contiguous(), RankRule(rank=rank), svd="exact")
-            lora, how, error = LoraModule(kind, f.A.contiguous(), f.B.contiguous()), "svd of the summed change", \
-                f.rel_error
-        loras[module] = lora
-        summaries.append(ModuleSummary(module, kind, lora.rank, how, error))
+            delta = torch.stack([_dense_change(c, ckpt) for c in m.parts]).sum(0)
+            _check_finite(m, {"change": delta})
+            f = truncated_svd(as_product(delta, m.kind).contiguous(), RankRule(rank=rank), svd="exact")
+            lora, error = LoraModule(m.kind, f.A.contiguous(), f.B.contiguous()), f.rel_error
+        _check_finite(m, {"A": lora.A, "B": lora.B, "bias": lora.bias})
+        loras[m.module] = lora
+        summaries.append(ModuleSummary(m.module, m.kind, lora.rank, how, error))
     if rank is not None and loras and all(s.how == "concatenated" for s in summaries if s.kind != "full"):
         notes.append(f"every module's summed rank is at most {rank}: concatenated without re-compression (exact)")
     config, tensors = lora_adapter(loras, full, base_model=_base_name(loaded, base),
                                    all_modules={n.rpartition(".")[0] for n in ckpt.tensors} if ckpt else None)
-    write_adapter(out, config, tensors, overwrite=overwrite, inputs=inputs)
+    write_adapter(out, config, tensors, overwrite=overwrite, inputs=inputs, record=record)
     return CombineResult(Path(out), summaries, notes)
+
+
+def _check_finite(m: _Module, tensors: dict[str, torch.Tensor | None]) -> None:
+    """A combined LoRA must hold numbers: inf or NaN in an adapter, or a sum beyond float32, is refused."""
+    bad = [name for name, t in tensors.items() if t is not None and not bool(torch.isfinite(t).all())]
+    if bad:
+        sources = ", ".join(dict.fromkeys(f"{c.adapter.folder} (weight {c.weight})" for c in m.parts))
+        raise InputError(f"{m.module}: the combined change is not finite (inf or NaN in its {'/'.join(bad)}) from "
+                         f"{sources}; check those adapters' tensors, scaling and weights")
 
 
 def _check_lora_bias(adapters: list[tuple[Adapter, float]]) -> None:

@@ -15,6 +15,7 @@ keeps the adapter smaller.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import Checkpoint, check_output_path, open_checkpoint
 from ..errors import InputError, UnsupportedError
 from ..hub import resolve
+from ..model_card import provenance
 from .peft_writer import write_adapter
 
 # transformers' model types whose linear layers are GPT-2's Conv1D (weight stored (in, out)), and those layers.
@@ -328,21 +330,34 @@ def _vocabulary_sized(module: str, rows: int, ckpt: Checkpoint) -> bool:
         rows == (ckpt.config or {}).get("vocab_size")
 
 
+def _resized(module: str, names: list[str], base: Checkpoint, tuned: Checkpoint) -> tuple[int, int] | None:
+    """(rows in BASE, rows in TUNED) where the module is a resized embedding or output head, None where no
+    shape differs; any other difference in shape is refused (from the headers alone)."""
+    for name in names:
+        b, t = base.tensors[name].shape, tuned.tensors[name].shape
+        if b == t:
+            continue
+        if name == f"{module}.weight" and len(b) == len(t) == 2 and b[1] == t[1] and \
+                _vocabulary_sized(module, b[0], base):
+            return b[0], t[0]
+        raise InputError(f"{name}: BASE has shape {list(b)} but TUNED has {list(t)}; only a resized embedding "
+                         "or output head may change shape")
+    return None
+
+
 def _extract_module(module: str, names: list[str], base: Checkpoint, tuned: Checkpoint, rule: RankRule,
                     conv1d: bool, svd: str, device: torch.device, plan: _Plan) -> None:
     """Classify one module from its tensors' differences; factorise its weight where that is a LoRA."""
     weight, bias = f"{module}.weight", f"{module}.bias"
+    resized = _resized(module, names, base, tuned)
+    if resized is not None:
+        rows, new_rows = resized
+        plan.full[module] = f"resized from {rows} to {new_rows} rows"
+        plan.notes.append(f"{module}: resized from {rows} to {new_rows} rows; PEFT needs "
+                          f"model.resize_token_embeddings({new_rows}) on the base before loading the adapter")
+        return
     changed: dict[str, torch.Tensor] = {}
     for name in names:
-        b, t = base.tensors[name].shape, tuned.tensors[name].shape
-        if b != t:
-            if name == weight and len(b) == len(t) == 2 and b[1] == t[1] and _vocabulary_sized(module, b[0], base):
-                plan.full[module] = f"resized from {b[0]} to {t[0]} rows"
-                plan.notes.append(f"{module}: resized from {b[0]} to {t[0]} rows; PEFT needs "
-                                  f"model.resize_token_embeddings({t[0]}) on the base before loading the adapter")
-                return
-            raise InputError(f"{name}: BASE has shape {list(b)} but TUNED has {list(t)}; only a resized embedding "
-                             "or output head may change shape")
         d = _difference(base, tuned, name)
         if d is not None:
             changed[name] = d
@@ -431,6 +446,23 @@ def _figure_class():
     return Figure
 
 
+def check_plot_path(path: Path) -> None:
+    """Refuse a ``--plot`` file that could not be written, before the work rather than after it."""
+    figure = _figure_class()
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(f"--plot {path}: the folder {folder} does not exist; create it or choose another path")
+    if path.is_dir():
+        raise InputError(f"--plot {path}: is a folder; give a file name such as {path / 'spectra.png'}")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"--plot {path}: not writable here; choose a path in a folder you can write to")
+    suffix = path.suffix.lstrip(".").lower()
+    formats = figure().canvas.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise InputError(f"--plot {path}: matplotlib cannot write .{suffix} files; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+
+
 def plot_spectra(result: ExtractResult, path: Path, count: int = 6) -> None:
     """Singular values (relative to the largest) and kept energy against rank, for ``count`` LoRA modules
     spread over the model, each with its chosen rank marked: to choose a rank by eye."""
@@ -468,7 +500,7 @@ def _check_rank_fits(rule: RankRule, base: Checkpoint, targeted: list[str], grou
 def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int | None = None,
             energy: float | None = None, max_error: float | None = None, targets: str | None = None,
             device: str = "auto", svd: str = "auto", overwrite: bool = False, progress: bool = True,
-            plot: str | Path | None = None) -> ExtractResult:
+            plot: str | Path | None = None, command: str | None = None) -> ExtractResult:
     """Write the PEFT LoRA that best approximates TUNED − BASE to the new adapter folder ``out``.
 
     Exactly one of ``rank`` (the same rank everywhere), ``energy`` (per module, the smallest rank that
@@ -477,6 +509,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
     names; changed modules it does not match are left out (and listed). ``svd``: ``exact``
     (torch.linalg.svd), ``randomized`` (torch.svd_lowrank, fixed rank only) or ``auto`` (randomized
     for a fixed rank on large matrices, exact otherwise). ``plot`` draws a few modules' spectra.
+    ``command``: the command line to record in the adapter's provenance (paths cut to their names).
     """
     rule = RankRule(rank, energy, max_error)
     if svd not in ("auto", "exact", "randomized"):
@@ -489,9 +522,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
     except re.error as e:
         raise InputError(f"--targets {targets!r} is not a valid regular expression: {e}") from None
     if plot is not None:
-        _figure_class()  # fail before the work, not after it
-        if not Path(plot).parent.is_dir():
-            raise InputError(f"--plot {plot}: the folder {Path(plot).parent} does not exist")
+        check_plot_path(Path(plot))
     dev = resolve_device(device)
     base_path, tuned_path, out = resolve(base), resolve(tuned), Path(out)
     base_ckpt, tuned_ckpt = open_checkpoint(base_path), open_checkpoint(tuned_path)
@@ -502,6 +533,9 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
     if not targeted:
         raise InputError(f"--targets {targets!r} matches no module of {base_path}")
     _check_rank_fits(rule, base_ckpt, targeted, groups)
+    for module in targeted:  # every shape from the headers, before the first tensor is read
+        _resized(module, groups[module], base_ckpt, tuned_ckpt)
+    record = provenance("extract", command, str(base), tuned=str(tuned))
     conv1d = uses_conv1d(base_ckpt)
     plan = _Plan()
     for module in tqdm(targeted, desc="extract", unit="module", disable=not progress, leave=False):
@@ -519,7 +553,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
     full = _whole_modules(plan, tuned_ckpt, groups)
     config, tensors = lora_adapter(plan.loras, full, base_model=str(base), all_modules=set(groups))
     write_adapter(out, config, tensors, overwrite=overwrite,
-                  inputs=[base_ckpt.folder, *base_ckpt.shards, tuned_ckpt.folder, *tuned_ckpt.shards])
+                  inputs=[base_ckpt.folder, *base_ckpt.shards, tuned_ckpt.folder, *tuned_ckpt.shards], record=record)
     reports = [plan.reports[m] for m in groups if m in plan.reports]
     result = ExtractResult(out, rule.describe(), reports, plan.left_out, plan.notes)
     if plot is not None:
