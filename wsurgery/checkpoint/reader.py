@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,12 @@ import torch
 from ..errors import InputError
 from .bnb4bit import QuantizedTensorInfo, dequantize_info, group_quantized
 from .safetensors_file import TensorInfo, read_header, read_tensor
+from .untrusted import UntrustedError, load_json, read_small, shown
 
 SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+#: Indexes and configs are a few megabytes at most; a larger "index" is not one (and is not read into memory).
+MAX_JSON_BYTES = 100_000_000
 
 
 @dataclass
@@ -78,10 +82,14 @@ class Checkpoint:
         path = self.folder / "config.json"
         if not path.is_file():
             return None
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputError(f"{path}: not valid JSON ({e})") from None
+        try:  # plain json: a config may hold Infinity, which json.dumps writes
+            config = json.loads(read_small(path, MAX_JSON_BYTES, "a config.json"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
+            raise InputError(f"{path}: not valid JSON ({reason})") from None
+        if not isinstance(config, dict):
+            raise InputError(f"{path}: not a JSON object; a model config maps names to values")
+        return config
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -104,7 +112,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 def _open(path: Path) -> Checkpoint:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
-    if path.is_file():
+    if not path.is_dir():
         if path.name.endswith(SAFETENSORS_INDEX_SUFFIX) or path.name == BIN_INDEX_NAME:
             return _open_index(path)
         if path.suffix == ".safetensors":
@@ -124,16 +132,16 @@ def _open(path: Path) -> Checkpoint:
     if indexes:
         return _open_index(indexes[0])
     singles = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_model"))
-    if (path / "model.safetensors").is_file():
+    if path / "model.safetensors" in singles:
         singles = [path / "model.safetensors"]
     if len(singles) == 1:
         return _open_safetensors(singles, path, None)
     if len(singles) > 1:
         raise InputError(f"{path}: several .safetensors files and no index ({', '.join(p.name for p in singles)}); "
                          "pass the file to use")
-    if (path / BIN_INDEX_NAME).is_file():
+    if (path / BIN_INDEX_NAME).exists():
         return _open_index(path / BIN_INDEX_NAME)
-    if (path / "pytorch_model.bin").is_file():
+    if (path / "pytorch_model.bin").exists():
         return _open_bin([path / "pytorch_model.bin"], path, None)
     if (path / "adapter_config.json").is_file():
         raise InputError(f"{path}: this is an adapter folder, not a model checkpoint")
@@ -141,39 +149,69 @@ def _open(path: Path) -> Checkpoint:
                      "or pytorch_model.bin)")
 
 
+def check_weights_file(path: Path, folder: Path, named_by: Path | None = None) -> None:
+    """Refuse a weights file that is not a regular file, or that resolves outside its checkpoint folder.
+
+    A folder from elsewhere (a download, an archive) may hold a symlink ``model.safetensors ->
+    /home/you/private.safetensors``: merged and pushed, that would publish a file its owner never
+    named. The one layout where weights legitimately point out of their folder is the Hugging Face
+    cache, recognised exactly: ``<repo>/snapshots/<revision>/<file> -> <repo>/blobs/<hash>``.
+    """
+    where = f"{named_by}: shard {shown(os.path.relpath(path, folder))}" if named_by else str(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"{where} does not exist in {folder}") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{where}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{where} is not a regular file; a checkpoint's weights are files")
+    real, home = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if real.is_relative_to(home):
+        return
+    if home.parent.name == "snapshots" and real.parent == home.parent.parent / "blobs":
+        return
+    raise InputError(f"{where} is a link to a file outside {folder}; refusing it (pass the file itself if you "
+                     "trust it)")
+
+
+def _shard_name(index_path: Path, tensor_name: str, shard: object) -> str:
+    """The shard an index names, normalized (``./a`` and ``a`` are one shard); only files inside its folder."""
+    if not isinstance(shard, str) or not shard or "\0" in shard:
+        raise InputError(f"{index_path}: tensor {shown(tensor_name)} maps to {shown(shard)}, not a file name")
+    name = os.path.normpath(shard)
+    if os.path.isabs(name) or name == ".." or name.startswith("../"):
+        raise InputError(f"{index_path}: shard {shown(shard)} lies outside the checkpoint folder; refusing it")
+    if name == ".":
+        raise InputError(f"{index_path}: tensor {shown(tensor_name)} maps to {shown(shard)}, the folder itself, "
+                         "not a file")
+    return name
+
+
 def _open_index(index_path: Path) -> Checkpoint:
     folder = index_path.parent
     try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise InputError(f"{index_path}: not a valid index (needs a JSON object with a 'weight_map')") from None
-    shard_names: list[str] = []
-    for tensor_name, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard:
-            raise InputError(f"{index_path}: tensor {tensor_name!r} maps to {shard!r}, not a file name")
-        if shard not in shard_names:
-            shard_names.append(shard)
-    shards: list[Path] = []
-    for shard in shard_names:
-        p = folder / shard
-        # Checked on the name, not on the resolved file: Hub cache snapshots are symlinks into blobs/.
-        if Path(shard).is_absolute() or Path(os.path.normpath(shard)).parts[0] == "..":
-            raise InputError(f"{index_path}: shard {shard!r} lies outside the checkpoint folder; refusing it")
-        if not p.is_file():
-            raise InputError(f"{index_path}: names shard {shard!r}, which does not exist in {folder}")
-        shards.append(p)
-    shards.sort(key=lambda p: shard_names.index(p.name))
+        index = load_json(read_small(index_path, MAX_JSON_BYTES, "an index"))
+    except UntrustedError as e:
+        raise InputError(f"{index_path}: the index is {e}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{index_path}: not a valid index (needs a JSON object with a 'weight_map' object)")
+    if not weight_map:
+        raise InputError(f"{index_path}: the index's weight_map is empty; it names no tensor")
+    listed = {tensor: _shard_name(index_path, tensor, shard) for tensor, shard in weight_map.items()}
+    shards = [folder / name for name in dict.fromkeys(listed.values())]  # in order of first mention
+    for shard in shards:
+        check_weights_file(shard, folder, index_path)
     is_bin = index_path.name == BIN_INDEX_NAME or all(p.suffix == ".bin" for p in shards)
     ckpt = _open_bin(shards, folder, index_path) if is_bin else _open_safetensors(shards, folder, index_path)
-    for tensor_name, shard in weight_map.items():
+    for tensor_name, name in listed.items():
         info = ckpt.tensors.get(tensor_name)
         if info is None:
-            raise InputError(f"{index_path}: names tensor {tensor_name!r} in {shard}, but that shard lacks it")
-        if info.file.name != Path(shard).name:
-            raise InputError(f"{index_path}: tensor {tensor_name!r} is listed in {shard} but found in {info.file.name}")
+            raise InputError(f"{index_path}: names tensor {shown(tensor_name)} in {name}, but that shard lacks it")
+        if info.file != folder / name:
+            raise InputError(f"{index_path}: tensor {shown(tensor_name)} is listed in {name} but found in "
+                             f"{os.path.relpath(info.file, folder)}")
     return ckpt
 
 
@@ -181,13 +219,14 @@ def _open_safetensors(shards: list[Path], folder: Path, index: Path | None) -> C
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     for shard in shards:
+        check_weights_file(shard, folder, index)
         infos, meta = read_header(shard)
         metadata = metadata or meta
         for name, info in infos.items():
             if name in tensors:
-                raise InputError(f"{shard}: tensor {name!r} is also in {tensors[name].file.name}")
+                raise InputError(f"{shard}: tensor {shown(name)} is also in {tensors[name].file.name}")
             tensors[name] = info
-    return Checkpoint(folder, shards, tensors, "safetensors", index, metadata)
+    return Checkpoint(folder, shards, tensors, "safetensors", index, metadata=metadata)
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -221,6 +260,7 @@ def _open_bin(shards: list[Path], folder: Path, index: Path | None) -> Checkpoin
     tensors: dict[str, TensorInfo] = {}
     ckpt = Checkpoint(folder, shards, tensors, "bin", index)
     for shard in shards:
+        check_weights_file(shard, folder, index)
         sd = _load_bin(shard)
         for name, t in sd.items():
             tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), shard, -1)

@@ -19,11 +19,18 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedError
 from .dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, itemsize
+from .untrusted import UntrustedError, load_json, open_regular, pread_exact, shown
 
-# The safetensors crate refuses headers above 100 MB; so do we, before allocating anything.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# The safetensors crate's limit (MAX_HEADER_SIZE): larger headers are refused before anything is read.
+MAX_HEADER_BYTES = 100_000_000
+_U64_MAX = 2**64 - 1
+#: Every dtype name the safetensors crate knows: a file using one we lack is valid but unsupported.
+SAFETENSORS_DTYPES = frozenset({
+    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
+    "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
+})
 
 
 @dataclass(frozen=True)
@@ -48,71 +55,105 @@ class TensorInfo:
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header: every tensor's dtype, shape and byte range.
 
-    Validation covers everything that can go wrong before data is touched: a truncated file, a
-    header length past the end, JSON garbage, unknown dtypes, byte ranges that disagree with the
-    shape, overlap, or point past the end of the file.
+    The rules are the safetensors crate's (``SafeTensors::read_metadata``): what it refuses, this
+    refuses, so that a file we accept is one every safetensors reader reads the same way. The tensors'
+    bytes must tile the data section exactly: no gap, no overlap, nothing after the last tensor.
+    Stricter than the crate, on purpose: a key repeated in one JSON object (readers disagree on which
+    one counts), a tensor entry that is not a JSON object or whose dtype is not a string (serde
+    artefacts no writer produces), and dtypes torch has no equivalent for (``UnsupportedError``).
     """
+    fd = open_regular(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise InputError(f"{path}: not a safetensors file (only {size} bytes); the file is truncated")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise InputError(
-                    f"{path}: corrupt safetensors header length {header_len} for a {size}-byte file; "
-                    "the file is truncated or not safetensors"
-                )
-            header_bytes = f.read(header_len)
+        size = os.fstat(fd).st_size
+        if size < 8:
+            raise InputError(f"{path}: not a safetensors file (only {size} bytes); the file is truncated")
+        (header_len,) = struct.unpack("<Q", pread_exact(fd, 8, 0, path))
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:  # the number itself is not shown: any 8 bytes
+            raise InputError(f"{path}: its first 8 bytes are not a safetensors header length that fits its {size} "
+                             f"bytes (and at most {MAX_HEADER_BYTES}); the file is truncated or not safetensors")
+        header_bytes = pread_exact(fd, header_len, 8, path)
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
     try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: safetensors header is not valid JSON ({e}); the file is corrupt") from None
+        header = load_json(header_bytes)
+    except UntrustedError as e:
+        raise InputError(f"{path}: safetensors header is {e}; the file is corrupt") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
-
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{path}: safetensors __metadata__ is not an object of strings; the file is corrupt")
     data_start = 8 + header_len
-    data_size = size - data_start
-    tensors: dict[str, TensorInfo] = {}
-    spans: list[tuple[int, int, str]] = []
-    for name, entry in header.items():
-        try:
-            dtype_s, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(d) for d in shape)
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"{path}: header entry for tensor {name!r} is malformed; the file is corrupt") from None
-        dtype = SAFETENSORS_TO_TORCH.get(dtype_s)
-        if dtype is None:
-            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {dtype_s!r}")
-        if any(d < 0 for d in shape):
-            raise InputError(f"{path}: tensor {name!r} has a negative dimension in shape {list(shape)}")
-        expected = math.prod(shape) * itemsize(dtype)
-        if begin < 0 or end < begin or end - begin != expected:
-            raise InputError(
-                f"{path}: tensor {name!r} spans bytes [{begin}, {end}) but {dtype_s}{list(shape)} needs "
-                f"{expected}; the file is corrupt"
-            )
-        if end > data_size:
-            raise InputError(
-                f"{path}: tensor {name!r} ends at byte {end} of the data section but the file has only "
-                f"{data_size}; the file is truncated"
-            )
-        spans.append((begin, end, name))
-        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin)
-    spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise InputError(f"{path}: tensors {n0!r} and {n1!r} overlap; the file is corrupt")
+    tensors = {name: _entry(path, name, entry) for name, entry in header.items()}
+    _check_layout(path, tensors, size - data_start)
     # Keep the file's own order (by offset): writing in that order keeps output files alike.
-    ordered = {name: tensors[name] for _, _, name in spans}
-    if not isinstance(metadata, dict):
-        raise InputError(f"{path}: safetensors __metadata__ is not an object; the file is corrupt")
-    return ordered, {str(k): str(v) for k, v in metadata.items()}
+    ordered = sorted(tensors.items(), key=lambda item: (item[1][2], item[0]))
+    return {name: TensorInfo(name, dtype, shape, path, data_start + begin)
+            for name, (dtype, shape, (begin, _)) in ordered}, metadata
+
+
+def _entry(path: Path, name: str, entry: object) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+    """One tensor's dtype, shape and data offsets, checked on their own (not against the other tensors)."""
+    where = f"{path}: tensor {shown(name)}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise InputError(f"{where}: its header entry is not an object with dtype, shape and data_offsets; "
+                         "the file is corrupt")
+    dtype_s, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
+        raise InputError(f"{where}: its shape is not a list of non-negative integers; the file is corrupt")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
+        raise InputError(f"{where}: its data_offsets are not two non-negative integers; the file is corrupt")
+    dtype = SAFETENSORS_TO_TORCH.get(dtype_s) if isinstance(dtype_s, str) else None
+    if dtype is None:
+        if dtype_s in SAFETENSORS_DTYPES:
+            raise UnsupportedError(f"{where} has dtype {dtype_s}, which wsurgery does not handle")
+        raise InputError(f"{where} has unknown dtype {shown(dtype_s)}; the file is corrupt")
+    begin, end = offsets
+    expected = _nbytes(shape, itemsize(dtype))
+    if end < begin or end - begin != expected:
+        needs = "more than 2^64 bytes" if expected is None else f"{expected} bytes"
+        raise InputError(f"{where} spans bytes [{begin}, {end}) but {dtype_s}{shown(shape)} needs {needs}; "
+                         "the file is corrupt")
+    return dtype, tuple(shape), (begin, end)
+
+
+def _is_u64(x: object) -> bool:
+    return type(x) is int and 0 <= x <= _U64_MAX
+
+
+def _nbytes(shape: list[int], size: int) -> int | None:
+    """Bytes of a tensor, None past 2^64 (stops early: a header may list millions of huge dimensions)."""
+    if 0 in shape:
+        return 0
+    n = size
+    for d in shape:
+        n *= d
+        if n > _U64_MAX:
+            return None
+    return n
+
+
+def _check_layout(path: Path, tensors: dict[str, tuple[torch.dtype, tuple[int, ...], tuple[int, int]]],
+                  data_size: int) -> None:
+    """The tensors, ordered by offsets, must tile the data section from its first byte to its last."""
+    pos, previous = 0, None
+    for name, (_, _, (begin, end)) in sorted(tensors.items(), key=lambda item: item[1][2]):
+        if begin < pos:
+            raise InputError(f"{path}: tensors {shown(previous)} and {shown(name)} overlap; the file is corrupt")
+        if begin > pos:
+            raise InputError(f"{path}: tensor {shown(name)} starts at byte {begin} of the data section, but the "
+                             f"tensor before it ends at byte {pos}: a gap; the file is corrupt")
+        pos, previous = end, name
+    if pos > data_size:
+        raise InputError(f"{path}: tensor {shown(previous)} ends at byte {pos} of the data section but the file "
+                         f"has only {data_size}; the file is truncated")
+    if pos < data_size:
+        raise InputError(f"{path}: the data section goes on past the last tensor's end ({data_size - pos} bytes "
+                         "more); the file is corrupt or was appended to")
 
 
 def read_tensor(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
