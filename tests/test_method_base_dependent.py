@@ -121,6 +121,32 @@ def test_hira_square_weight_in_a_model_mixing_linear_and_conv1d_is_refused(tmp_p
     assert_close_to(load_all(tmp_path / "merged2"), expected)
 
 
+class _Conv3dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv3d = nn.Conv3d(3, 10, 3)
+        self.lin0 = nn.Linear(10, 2)
+
+
+def test_hira_conv3d_unmerge_where_one_plus_ba_nearly_cancels(tmp_path):
+    """Unmerge divides by 1 + B·A; where B·A ≈ -1 a float32 sum 1 + ΔW keeps only a few significant bits (this
+    case: 1 + ΔW = 2e-4 at the largest weight gave the base back 3e-4 off, relative); the contract is 1e-5."""
+    torch.manual_seed(0)
+    model = _Conv3dNet()
+    o, i, *k = torch.nonzero(model.conv3d.weight.abs() == model.conv3d.weight.abs().max())[0].tolist()
+    key = "base_model.model.conv3d"
+
+    def nearly_minus_one(t):  # (B·A)[o, i, k] = 0.3 · (-(1 - 2e-4) / 0.3), rounded in float32 on PEFT's side
+        A, B = t[f"{key}.hira_A"], t[f"{key}.hira_B"]
+        A[:, i, k[0], k[1], k[2]] = torch.tensor([0.3, 0.0, 0.0])
+        B[o, 0] = -(1 - 2e-4) / 0.3
+
+    base_dir, adapter_dir, base, merged = _oracle_case(tmp_path, model, HiraConfig(r=3, target_modules=[
+        "conv3d", "lin0"]), edit=nearly_minus_one)
+    _unmerge(tmp_path, adapter_dir)
+    assert_close_to(load_all(tmp_path / "unmerged"), base, rel=1e-5, base=merged, ulps=2)
+
+
 def test_hira_unmerge_refused_where_one_plus_ba_is_zero(tmp_path):
     key = "base_model.model.model.layers.0.self_attn.q_proj"
 

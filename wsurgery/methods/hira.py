@@ -8,7 +8,9 @@
 
 The change depends on W but is an elementwise scale ``W' = W ⊙ (1 + ΔW)``: unmerge divides by
 ``1 + ΔW`` exactly, and is refused where ``1 + ΔW = 0`` (the merge zeroed those weights). PEFT itself
-unmerges from a cached copy of the base.
+unmerges from a cached copy of the base. The factor ``1 + ΔW`` is formed in float64 and rounded once:
+in float32, where ``ΔW ≈ -1`` the sum cancels to a few significant bits, and dividing by it would
+amplify that error (3e-5 relative on a Conv3d before).
 
 Linear or Conv1D: PEFT picks the layout from the layer's type, not from ``fan_in_fan_out`` in the
 saved config (it warns and overrides the flag). A tensor tool sees only shapes: a non-square weight
@@ -33,7 +35,6 @@ from .base import (
     Shapes,
     Support,
     Tensors,
-    like,
     register,
 )
 from .layers import Conv, Embedding, Layer, Linear
@@ -149,23 +150,23 @@ class HiraPatch(Patch):
         return self.kind == "linear" and self.layout.transposed(self.module, self._by_shape)
 
     def product(self) -> torch.Tensor:
-        """B·A in float32, in PEFT's logical layout ((out, in[, k…]), or (d, V) for embeddings)."""
-        A = self.A.to(torch.float32)
-        B = self.B.to(torch.float32)
+        """B·A in float64, in PEFT's logical layout ((out, in[, k…]), or (d, V) for embeddings)."""
+        A = self.A.to(torch.float64)
+        B = self.B.to(torch.float64)
         if self.kind == "conv":
             return torch.einsum("or,ri...->oi...", B.flatten(1), A)
         return B @ A
 
-    def weight_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        d = self.product()
+    def factor(self, dtype: torch.dtype) -> torch.Tensor:
+        """1 + ΔW laid out like W, summed in float64 and rounded once to ``dtype`` (see the module docstring)."""
+        f = self.product().add_(1.0)
         if self.kind == "embedding" or self.transposed():
-            d = d.T
-        return d.to(dtype)
+            f = f.T
+        return f.to(dtype)
 
     def apply(self, tensors: Tensors) -> Tensors:
         W = tensors["weight"]
-        d = self.weight_delta(W.dtype).mul_(W)  # W ⊙ ΔW, as PEFT adds it
-        return {"weight": W.add_(d)}
+        return {"weight": W.mul_(self.factor(W.dtype))}  # W + W ⊙ ΔW, as PEFT adds it
 
     def zero_factors(self) -> int:
         """How many elements of 1 + ΔW are 0 (those weights were wiped by the merge); layout-free."""
@@ -185,7 +186,7 @@ class HiraPatch(Patch):
         if reason is not None:
             raise NotInvertibleError(f"{self.module}: {reason}")
         W = tensors["weight"]
-        factor = self.weight_delta(W.dtype).add_(1.0)
+        factor = self.factor(W.dtype)
         smallest = float(factor.abs().min()) if factor.numel() else 1.0
         if smallest < _AMPLIFICATION_NOTE:
             self.notes.append(f"HiRA unmerge divides by 1 + hira_B·hira_A, whose smallest magnitude is "
@@ -202,9 +203,12 @@ class HiraPatch(Patch):
     def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
         """PEFT's HiRA forward: ``base_layer(x)`` plus the same layer run without bias on ``W ⊙ (B A)``, the
         modulation laid out like W (Linear/Conv1D ``transpose(B A)``, embedding ``(B A)ᵀ``, conv PEFT's
-        ``conv(Aᵀ, B)ᵀ``, a 1x1 convolution of A by B)."""
+        ``conv(Aᵀ, B)ᵀ``, a 1x1 convolution of A by B). Run in float64: where B A ≈ -1 the two terms cancel, and
+        a float32 sum would be less exact than the merge it checks (an embedding row has no sum to dilute it)."""
+        base = {r: t.double() for r, t in base.items()}
+        x = x.double() if x.is_floating_point() else x
         W = base["weight"]
-        A, B = like(self.A, W), like(self.B, W)
+        A, B = self.A.to(W), self.B.to(W)
         if self.kind == "conv":
             conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[A.dim()]
             modulation = conv(A.transpose(0, 1), B).transpose(0, 1)
@@ -212,7 +216,7 @@ class HiraPatch(Patch):
             modulation = B @ A
             if self.kind == "embedding" or self.transposed():
                 modulation = modulation.T
-        return layer(x, base) + layer(x, {"weight": W * modulation})
+        return (layer(x, base) + layer(x, {"weight": W * modulation})).float()
 
     def describe(self) -> dict[str, Any]:
         facts: dict[str, Any] = {"kind": self.kind, "rank": self.rank}
