@@ -24,6 +24,7 @@ from .checkpoint import (Checkpoint, CheckpointWriter, TensorSpec, atomic_output
                          copy_side_files, plan_shards)
 from .checkpoint.bnb4bit import Bnb4bit, QuantizedTensorInfo, write_config
 from .checkpoint.dtypes import dtype_name
+from .checkpoint.encodings import check_decoded
 from .checkpoint.reader import SAFETENSORS_INDEX_SUFFIX
 from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
 from .methods import AdditivePatch, Patch
@@ -56,6 +57,7 @@ class ModuleJob:
     module: str
     tensors: dict[str, str] = field(default_factory=dict)  # role -> base tensor name
     patches: list[tuple[Patch, float, tuple[str, ...]]] = field(default_factory=list)  # patch, scale, roles
+    sources: list[str] = field(default_factory=list)  # the adapters' folders, for messages
 
 
 @dataclass
@@ -91,6 +93,7 @@ def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str
     base_desc = f"base {base.index_file or (base.shards[0] if len(base.shards) == 1 else base.folder)}"
     tied = tied_heads(base)
     for adapter, scale in adapters:
+        check_scale(scale, f"adapter {adapter.folder}")
         patches = sorted(adapter.patches(), key=lambda p: p.priority)
         mapping = map_modules([p.module for p in patches], [*base.tensors, *(f"{h}.weight" for h in tied)],
                               f"adapter {adapter.folder}", base_desc)
@@ -129,11 +132,21 @@ def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str
                 if reason is not None:
                     raise NotInvertibleError(f"cannot unmerge {adapter.folder} at {module}: {reason}")
             job.patches.append((patch, scale, tuple(roles)))
+            if str(adapter.folder) not in job.sources:
+                job.sources.append(str(adapter.folder))
     owner = {name: job.module for job in jobs.values() for name in job.tensors.values()}
+    check_decoded(base.tensors, base.config, owner, base_desc)
     if direction == "unmerge":
         for job in jobs.values():
             job.patches.reverse()
     return Plan(base, direction, jobs, owner, shapes)
+
+
+def check_scale(scale: object, where: str) -> None:
+    """A merge weight (``--scale``, ``ADAPTER:WEIGHT``) must be a finite number float32 can hold."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+            or abs(scale) > torch.finfo(torch.float32).max:
+        raise InputError(f"{where}: scale {scale!r} is not a finite number; pass a finite --scale (or ADAPTER:WEIGHT)")
 
 
 def notes(plan: Plan) -> list[str]:
@@ -209,7 +222,10 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
     scratch = _Scratch()
 
     def emit(name: str, tensor: torch.Tensor) -> None:
-        t = scratch.cast("out", tensor, logical_dtype[name])
+        if name in plan.owner:
+            t = _rounded_finite(scratch, tensor, logical_dtype[name], plan, name)
+        else:
+            t = scratch.cast("out", tensor, logical_dtype[name])
         if name in quantize:
             fmt, transposed = quantize[name]
             for stored_name, part in fmt.encode(name, t, transposed).items():
@@ -271,7 +287,7 @@ def _execute_gguf(plan: Plan, out: Path, gguf: GgufOutput | None, overwrite: boo
                   extra_inputs: list[Path]) -> Result:
     """Write the result as one GGUF file: the base's key/values and tensor order, changed tensors (and
     those ``gguf.types`` retypes) re-encoded, the others copied byte for byte."""
-    from .checkpoint.gguf_format import GgufCheckpoint, GgufOutput, GgufWriter, check_encodable
+    from .checkpoint.gguf_format import PLAIN_TYPES, GgufCheckpoint, GgufOutput, GgufWriter, check_encodable
     from .checkpoint.output import atomic_output_file, check_output_file
 
     base, gguf = plan.base, gguf or GgufOutput()
@@ -287,10 +303,19 @@ def _execute_gguf(plan: Plan, out: Path, gguf: GgufOutput | None, overwrite: boo
         info = base.tensors[name]
         return base.read(name, scratch.take(use, info.shape, info.dtype))
 
+    def emit(name: str, tensor: torch.Tensor) -> None:
+        if name in plan.owner:
+            target = gguf.types.get(name, base.tensors[name].type)
+            if target in PLAIN_TYPES:
+                _rounded_finite(scratch, tensor, PLAIN_TYPES[target], plan, name)
+            else:  # block types store float16 scales: an |x| beyond float16's range makes one infinite
+                _rounded_finite(scratch, tensor, tensor.dtype, plan, name, limit=torch.finfo(torch.float16).max)
+        writer.write(name, tensor)
+
     with atomic_output_file(out, overwrite) as tmp:
         writer = GgufWriter(tmp, base, gguf.types, gguf.updates)
         try:
-            _stream(plan, read, writer.write, writer.copy_raw, scratch, progress)
+            _stream(plan, read, emit, writer.copy_raw, scratch, progress)
             writer.close()
         except BaseException:
             writer.abort()
@@ -332,6 +357,41 @@ class _Scratch:
         if t.dtype == dtype:
             return t.contiguous()
         return self.take(use, tuple(t.shape), dtype).copy_(t)
+
+
+#: Elements rounded and checked at a time: the rounded chunk is still in the cache when it is checked.
+_CHECK_CHUNK = 1 << 16
+
+
+def _rounded_finite(scratch: _Scratch, tensor: torch.Tensor, dtype: torch.dtype, plan: Plan, name: str,
+                    limit: float | None = None) -> torch.Tensor:
+    """``tensor`` rounded to ``dtype`` (as ``scratch.cast``), each chunk checked for inf/NaN (and
+    ``|x| <= limit``) right after it is rounded: a changed tensor that is not finite is refused, at
+    the cost of one pass over data already in the cache rather than one more over memory."""
+    out = tensor.contiguous() if tensor.dtype == dtype else scratch.take("out", tuple(tensor.shape), dtype)
+    source = tensor.reshape(-1) if out is not tensor and tensor.is_contiguous() else None
+    if out is not tensor and source is None:
+        out.copy_(tensor)  # strided: one copy, then the check
+    flat = out.view(-1)
+    for start in range(0, flat.numel(), _CHECK_CHUNK):
+        chunk = flat[start:start + _CHECK_CHUNK]
+        if source is not None:
+            chunk.copy_(source[start:start + _CHECK_CHUNK])
+        ok = bool(chunk.abs().amax() <= limit) if limit is not None else bool(torch.isfinite(chunk).all())
+        if not ok:
+            raise _not_finite(plan, name, tensor, dtype, limit)
+    return out
+
+
+def _not_finite(plan: Plan, name: str, tensor: torch.Tensor, dtype: torch.dtype, limit: float | None) -> InputError:
+    job = plan.jobs[plan.owner[name]]
+    what = f"{plan.direction} of {', '.join(job.sources)} into {job.module}"
+    if bool(torch.isfinite(tensor).all()):
+        bound = f"|x| <= {limit:g} (float16 block scales)" if limit is not None else f"{dtype_name(dtype)}'s range"
+        return InputError(f"{name}: the {what} has values beyond {bound}; write a wider --dtype/--type, or check "
+                          "the adapter's alpha and tensors and the --scale")
+    return InputError(f"{name}: the {what} gives inf or NaN values; check the adapter's tensors (inf/NaN?), its "
+                      "alpha and the --scale")
 
 
 def _run_job(job: ModuleJob, direction: str, read: Callable[[str, str], torch.Tensor],

@@ -83,6 +83,23 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_options(tokens: object, seed: object, rtol: object = None, atol: object = 0.0) -> None:
+    """``--tokens``/``--seed``/``--rtol``/``--atol`` as numbers the check can use: a NaN tolerance
+    would fail every module, an infinite one pass every module."""
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(tokens) or tokens < 1:
+        raise InputError(f"--tokens {tokens!r}: must be a positive integer (input rows per module)")
+    if not is_int(seed):
+        raise InputError(f"--seed {seed!r}: must be an integer")
+    for name, value in (("--rtol", rtol), ("--atol", atol)):
+        if value is None and name == "--rtol":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise InputError(f"{name} {value!r}: must be a finite number >= 0")
+
+
 def verify_merge(base: Checkpoint, adapters: list[tuple[Adapter, float]], merged: Checkpoint, *,
                  device: str = "auto", tokens: int = 64, seed: int = 0, rtol: float | None = None,
                  atol: float = 0.0, progress: bool = True) -> Report:
@@ -90,6 +107,7 @@ def verify_merge(base: Checkpoint, adapters: list[tuple[Adapter, float]], merged
     import time
 
     start = time.perf_counter()
+    check_options(tokens, seed, rtol, atol)
     dev = pick_device(device)
     job_plan = plan(base, adapters, "merge")
     _check_same_tensors(job_plan, merged)
@@ -225,7 +243,10 @@ def verify_quantized(original: Checkpoint, quantized: Checkpoint, *, device: str
     from .methods.layers import Linear
 
     start = time.perf_counter()
+    check_options(tokens, seed)
     dev = pick_device(device)
+    plan(original, [])  # refuses encodings not decoded: their codes would be compared as numbers
+    plan(quantized, [])
     missing = [n for n in original.tensors if n not in quantized.tensors]
     if missing:
         raise InputError(f"{quantized.folder}: lacks {len(missing)} tensors of {original.folder} "

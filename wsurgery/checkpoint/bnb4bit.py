@@ -173,6 +173,7 @@ def group_quantized(tensors: dict[str, TensorInfo], read_bytes: Callable[[Tensor
             if f"{name}.{suffix}" in tensors:
                 parts[suffix] = tensors[f"{name}.{suffix}"]
         _check_parts(parts, state, where_t)
+        _check_finite_state(parts, read_bytes, where_t)
         transposed = is_conv1d(name.rpartition(".")[0], config)
         shape = tuple(state.shape[::-1]) if transposed else tuple(state.shape)
         infos[name] = QuantizedTensorInfo(name, state.dtype, shape, parts, state, transposed)
@@ -207,11 +208,34 @@ def _check_parts(parts: dict[str, TensorInfo], state: QuantState, where: str) ->
         raise InputError(f"{where}: {sorted(extra)} present but the quant state says no double quantization")
 
 
+# The small float32 parts of a quant state, read when the checkpoint is opened (the absmax vector of
+# a weight without double quantization is checked where it is read, when the weight is dequantized).
+_STATE_PARTS = ("quant_map", "nested_absmax", "nested_quant_map")
+
+
+def _check_finite_state(parts: dict[str, TensorInfo], read_bytes: Callable[[TensorInfo], bytes], where: str) -> None:
+    """Refuse inf/NaN in a quant state's code books and nested scales: a damaged file, never bitsandbytes' output."""
+    for suffix in _STATE_PARTS:
+        if suffix in parts:
+            values = torch.frombuffer(bytearray(read_bytes(parts[suffix])), dtype=torch.float32)
+            if not bool(torch.isfinite(values).all()):
+                raise InputError(f"{where}: {parts[suffix].name} holds inf or NaN; the quantized checkpoint is damaged")
+
+
 def dequantize_info(info: QuantizedTensorInfo, read: Callable[[TensorInfo], torch.Tensor]) -> torch.Tensor:
     """The logical tensor, in its original dtype."""
     parts = {suffix: read(p) for suffix, p in info.parts.items()}
     w = _q().dequantize_4bit(parts, where=info.name)
     return w.T.contiguous() if info.transposed else w
+
+
+def compile_skip(pattern: str) -> re.Pattern:
+    """One ``--skip-modules`` regex, compiled before any work; InputError naming it if it is not one."""
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise InputError(f"--skip-modules {pattern!r} is not a valid regular expression ({e}); quote or escape it") \
+            from None
 
 
 def linear_weights(tensors: dict[str, TensorInfo | QuantizedTensorInfo], config: dict | None,
@@ -223,7 +247,7 @@ def linear_weights(tensors: dict[str, TensorInfo | QuantizedTensorInfo], config:
     ``*.weight`` tensors except embeddings, output heads, bias-free task heads, and ``skip`` (regexes,
     searched in module paths).
     """
-    patterns = [re.compile(p) for p in skip]
+    patterns = [compile_skip(p) for p in skip]
     modules = [n[: -len(".weight")] for n, t in tensors.items()
                if n.endswith(".weight") and len(t.shape) == 2 and t.dtype.is_floating_point]
     heads = {m for m in modules if m.rpartition(".")[2] in _OUTPUT_HEADS

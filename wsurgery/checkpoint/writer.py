@@ -22,7 +22,10 @@ def parse_size(text: str) -> int:
     unit = (m.group(2) or "").upper() if m else None
     if not m or unit not in _UNITS:
         raise InputError(f"cannot read size {text!r}: write e.g. 5GB, 500MB or 2GiB")
-    return int(float(m.group(1)) * _UNITS[unit])
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size < 1:
+        raise InputError(f"size {text!r} is less than one byte: a shard must hold something; write e.g. 5GB")
+    return size
 
 
 def plan_shards(

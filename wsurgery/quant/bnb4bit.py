@@ -136,7 +136,7 @@ def dynamic_map() -> torch.Tensor:
 
 def check_blocksize(blocksize: int) -> None:
     """Raise InputError unless bitsandbytes' 4-bit quantization accepts this blocksize."""
-    if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
+    if not _is_int(blocksize) or blocksize not in BLOCKSIZES:
         raise InputError(f"4-bit blocksize {blocksize!r} is not supported: bitsandbytes accepts "
                          f"{', '.join(map(str, BLOCKSIZES))}")
 
@@ -660,6 +660,8 @@ def dequantize_4bit(parts: dict[str, torch.Tensor], *, where: str, out_dtype: to
         raise InputError(f"{where}: 4-bit dequantization writes float32/float16/bfloat16, not {dtype}")
     packed = parts[""].contiguous().view(torch.uint8).view(-1)
     absmax = block_absmax(parts, state, packed.device)
+    if not bool(torch.isfinite(absmax).all()):  # a damaged file: every weight of its block would be inf/NaN
+        raise InputError(f"{where}: the 4-bit absmax (block scales) holds inf or NaN; the checkpoint is damaged")
 
     n, blocksize = state.numel, state.blocksize
     full = n - n % blocksize

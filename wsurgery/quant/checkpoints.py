@@ -93,6 +93,7 @@ def quantize_checkpoint(src: Checkpoint, out: Path, fmt: Bnb4bit, *, compute_dty
                         max_shard_size: int | None = None, overwrite: bool = False, progress: bool = True,
                         report: bool = False, record: dict | None = None) -> tuple[Result, QuantReport | None]:
     """Store the Linear weights of ``src`` in 4-bit; ``record`` goes to config.json's "wsurgery" key."""
+    job = plan(src, [])  # first: refuses encodings not decoded, before they read as "already quantized"
     if _is_quantized(src):
         raise InputError(f"{src.folder}: already quantized (bitsandbytes 4-bit); nothing to do. To change the "
                          "format, dequantize it first")
@@ -110,7 +111,7 @@ def quantize_checkpoint(src: Checkpoint, out: Path, fmt: Bnb4bit, *, compute_dty
         if record is not None:
             config["wsurgery"] = record
 
-    result = execute(plan(src, []), out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+    result = execute(job, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                      progress=progress, quantize={n: (encoder, t) for n, t in chosen.items()}, config_update=update)
     result.modules = result.changed_tensors = len(chosen)
     quant_report = None
@@ -123,10 +124,11 @@ def dequantize_checkpoint(src: Checkpoint, out: Path, *, dtype: torch.dtype | No
                           max_shard_size: int | None = None, overwrite: bool = False, progress: bool = True,
                           record: dict | None = None) -> Result:
     """Write every tensor of a 4-bit checkpoint plain (its original dtype, or ``dtype``)."""
+    job = plan(src, [])  # first: refuses encodings not decoded, whose tensors cannot be written plain
     if not _is_quantized(src):
         raise InputError(f"{src.folder}: not a bitsandbytes 4-bit checkpoint (no quant states, no "
                          "quantization_config); nothing to dequantize")
-    result = execute(plan(src, []), out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+    result = execute(job, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                      progress=progress, config_update=lambda c: _plain_config(c, record))
     result.modules = result.changed_tensors = sum(isinstance(t, QuantizedTensorInfo) for t in src.tensors.values())
     return result
