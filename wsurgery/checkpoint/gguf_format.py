@@ -30,8 +30,9 @@ from ..errors import InputError, UnsupportedError
 from .gguf_config import hf_config
 from .gguf_header import KeyValue, pack_string, read_header
 from .gguf_names import Layout, arch_rules, hf_names, layout
-from .reader import Checkpoint
+from .reader import Checkpoint, check_weights_file
 from .safetensors_file import TensorInfo, copy_range, read_tensor, write_at
+from .untrusted import shown
 
 #: ggml types stored as plain elements, and their torch dtypes.
 PLAIN_TYPES: dict[GgmlType, torch.dtype] = {
@@ -39,6 +40,8 @@ PLAIN_TYPES: dict[GgmlType, torch.dtype] = {
     GgmlType.F64: torch.float64, GgmlType.I8: torch.int8, GgmlType.I16: torch.int16, GgmlType.I32: torch.int32,
     GgmlType.I64: torch.int64,
 }
+#: Far above any released model (Llama 3.1 405B has 126); the name map's size grows with it.
+MAX_BLOCKS = 4096
 _FLOAT_TYPES = (GgmlType.F32, GgmlType.F16, GgmlType.BF16, GgmlType.F64)
 
 
@@ -174,8 +177,9 @@ class GgufCheckpoint(Checkpoint):
 
 def open_gguf(path: Path) -> GgufCheckpoint:
     """Open a GGUF file: parse and check its header, map its tensors to Hugging Face names."""
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{path}: no such file")
+    check_weights_file(path, path.parent)
     header = read_header(path)
     kv = {e.key: e.value for e in header.key_values}
     arch = kv.get(gguf.Keys.General.ARCHITECTURE)
@@ -187,19 +191,28 @@ def open_gguf(path: Path) -> GgufCheckpoint:
         raise UnsupportedError(f"{path}: one of {splits} split GGUF files; join them first "
                                "(llama-gguf-split --merge FIRST_SPLIT OUT.gguf)")
     size = path.stat().st_size
-    n_blocks = kv.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
-    names = hf_names(arch, [t.name for t in header.tensors], n_blocks if isinstance(n_blocks, int) else 0)
+    n_blocks = kv.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch), 0)
+    if type(n_blocks) is not int or not 0 <= n_blocks <= len(header.tensors):  # every block has tensors
+        raise InputError(f"{path}: {arch}.block_count is {shown(n_blocks)} for {len(header.tensors)} tensors; "
+                         "the file is corrupt")
+    if n_blocks > MAX_BLOCKS:  # the name map is built per block: bounded work for any file
+        raise UnsupportedError(f"{path}: {n_blocks} blocks; wsurgery reads GGUF models of up to {MAX_BLOCKS}")
+    names = hf_names(arch, [t.name for t in header.tensors], n_blocks)
     tensors: dict[str, GgufTensorInfo] = {}
     for t in header.tensors:
         if not fits_blocks(t.shape, t.type):
-            raise InputError(f"{path}: tensor {t.name} has rows of {t.shape[-1]} values, not whole {t.type.name} "
-                             "blocks; the file is corrupt")
+            raise InputError(f"{path}: tensor {shown(t.name)} has rows of {t.shape[-1]} values, not whole "
+                             f"{t.type.name} blocks; the file is corrupt")
         if t.offset + stored_nbytes(t.shape, t.type) > size:
-            raise InputError(f"{path}: tensor {t.name} ends past the end of the file; the file is truncated")
+            raise InputError(f"{path}: tensor {shown(t.name)} ends past the end of the file; the file is truncated")
         name = names[t.name]
         if name in tensors:
-            raise InputError(f"{path}: tensors {tensors[name].gguf_name} and {t.name} both stand for {name}")
+            raise InputError(f"{path}: tensors {shown(tensors[name].gguf_name)} and {shown(t.name)} both stand "
+                             f"for {shown(name)}")
         lay = layout(rules, arch, t.name, kv)
+        if lay.heads is not None and (lay.heads <= 0 or not t.shape or t.shape[0] % (2 * lay.heads)):
+            raise InputError(f"{path}: tensor {shown(t.name)} has shape {list(t.shape)}, which does not split "
+                             f"into {lay.heads} heads of row pairs; the file or its head counts are corrupt")
         dtype = PLAIN_TYPES.get(t.type, torch.float32) if not lay.offset else torch.float32
         tensors[name] = GgufTensorInfo(name, dtype, t.shape, path, t.offset, t.name, t.type, lay)
     stored = {t.gguf_name: t.stored for t in tensors.values()}

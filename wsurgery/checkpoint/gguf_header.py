@@ -9,15 +9,16 @@ of the file, so a truncated or corrupt header is one clear error.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import gguf
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..errors import InputError, UnsupportedError
+from .untrusted import open_regular, shown
 
 _SCALARS: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
@@ -25,6 +26,8 @@ _SCALARS: dict[GGUFValueType, str] = {
     GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }
 _CHUNK = 1 << 20
+#: Arrays of arrays are legal; deeper nesting than any real file uses is refused (the walk recurses).
+_MAX_ARRAY_DEPTH = 8
 
 
 @dataclass(frozen=True)
@@ -58,21 +61,29 @@ class Header:
 class _Cursor:
     """Sequential reads from the file's start, buffered, every one checked against the file size."""
 
-    def __init__(self, path: Path, f: BinaryIO):
-        self.path, self.size = path, path.stat().st_size
-        self._f = f
+    def __init__(self, path: Path, fd: int):
+        self.path, self.size = path, os.fstat(fd).st_size
+        self._fd = fd
         self._buf = bytearray()
         self.pos = 0
 
     def take(self, n: int) -> bytes:
-        if self.pos + n > self.size:
-            raise InputError(f"{self.path}: the GGUF header runs past the end of the file ({self.size} bytes); "
-                             "the file is truncated or corrupt")
+        self.need(n)
         while len(self._buf) < self.pos + n:
-            self._buf += self._f.read(max(_CHUNK, self.pos + n - len(self._buf)))
+            chunk = os.pread(self._fd, max(_CHUNK, self.pos + n - len(self._buf)), len(self._buf))
+            if not chunk:
+                raise InputError(f"{self.path}: the file ended while its header was read (it shrank?); "
+                                 "the file is truncated")
+            self._buf += chunk
         out = bytes(self._buf[self.pos: self.pos + n])
         self.pos += n
         return out
+
+    def need(self, n: int) -> None:
+        """Refuse before reading (or looping) when ``n`` more bytes cannot be in the file."""
+        if self.pos + n > self.size:
+            raise InputError(f"{self.path}: the GGUF header runs past the end of the file ({self.size} bytes); "
+                             "the file is truncated or corrupt")
 
     def since(self, start: int) -> bytes:
         return bytes(self._buf[start: self.pos])
@@ -91,16 +102,20 @@ def _value_type(raw: int, where: str) -> GGUFValueType:
         raise InputError(f"{where}: unknown GGUF value type {raw}; the file is corrupt") from None
 
 
-def _skip_array(cur: _Cursor, item: GGUFValueType, count: int, where: str) -> None:
+def _skip_array(cur: _Cursor, item: GGUFValueType, count: int, where: str, depth: int = 1) -> None:
+    if depth > _MAX_ARRAY_DEPTH:
+        raise InputError(f"{where}: arrays nested more than {_MAX_ARRAY_DEPTH} deep; the file is corrupt")
     if item in _SCALARS:
         cur.take(count * struct.calcsize(_SCALARS[item]))
     elif item == GGUFValueType.STRING:
+        cur.need(count * 8)  # each string has at least its 8-byte length
         for _ in range(count):
             cur.take(cur.unpack("<Q"))
     elif item == GGUFValueType.ARRAY:
+        cur.need(count * 12)  # each array has at least its type and count
         for _ in range(count):
             inner = _value_type(cur.unpack("<I"), where)
-            _skip_array(cur, inner, cur.unpack("<Q"), where)
+            _skip_array(cur, inner, cur.unpack("<Q"), where, depth + 1)
     else:
         raise InputError(f"{where}: unknown GGUF value type {item}; the file is corrupt")
 
@@ -108,7 +123,7 @@ def _skip_array(cur: _Cursor, item: GGUFValueType, count: int, where: str) -> No
 def _key_value(cur: _Cursor) -> KeyValue:
     start = cur.pos
     key = cur.string()
-    where = f"{cur.path}: key {key!r}"
+    where = f"{cur.path}: key {shown(key)}"
     vtype = _value_type(cur.unpack("<I"), where)
     if vtype == GGUFValueType.ARRAY:
         item = _value_type(cur.unpack("<I"), where)
@@ -123,21 +138,22 @@ def _tensor_info(cur: _Cursor) -> tuple[str, GGMLQuantizationType, tuple[int, ..
     name = cur.string()
     n_dims = cur.unpack("<I")
     if n_dims > 8:
-        raise InputError(f"{cur.path}: tensor {name!r} claims {n_dims} dimensions; the file is corrupt")
+        raise InputError(f"{cur.path}: tensor {shown(name)} claims {n_dims} dimensions; the file is corrupt")
     dims = struct.unpack(f"<{n_dims}Q", cur.take(8 * n_dims))
     raw_type = cur.unpack("<I")
     try:
         kind = GGMLQuantizationType(raw_type)
     except ValueError:
-        raise UnsupportedError(f"{cur.path}: tensor {name} has ggml type {raw_type}, which the gguf package does not "
+        raise UnsupportedError(f"{cur.path}: tensor {shown(name)} has ggml type {raw_type}, which the gguf package does not "
                                "know (a newer llama.cpp type?)") from None
     return name, kind, tuple(reversed(dims)), cur.unpack("<Q")
 
 
 def read_header(path: Path) -> Header:
     """Parse and check the header of the GGUF file ``path``."""
-    with open(path, "rb") as f:
-        cur = _Cursor(path, f)
+    fd = open_regular(path)
+    try:
+        cur = _Cursor(path, fd)
         if cur.size < 4 or cur.take(4) != struct.pack("<I", gguf.GGUF_MAGIC):
             raise InputError(f"{path}: not a GGUF file (no GGUF magic at its start)")
         version = cur.unpack("<I")
@@ -146,23 +162,34 @@ def read_header(path: Path) -> Header:
         if version not in (2, 3):
             raise UnsupportedError(f"{path}: GGUF version {version}; versions 2 and 3 are supported")
         n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+        cur.need(n_kv * 13 + n_tensors * 24)  # the smallest key/value and tensor info, so counts are bounded
         key_values = [_key_value(cur) for _ in range(n_kv)]
         infos = [_tensor_info(cur) for _ in range(n_tensors)]
         header_end = cur.pos
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
     _check_unique([e.key for e in key_values], path, "key")
     _check_unique([name for name, *_ in infos], path, "tensor")
     alignment = next((e.value for e in key_values if e.key == gguf.Keys.General.ALIGNMENT), gguf.GGUF_DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise InputError(f"{path}: general.alignment is {alignment!r}, not a power of two; the file is corrupt")
+    if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+        raise InputError(f"{path}: general.alignment is {shown(alignment)}, not a power of two; the file is corrupt")
     data_start = -(-header_end // alignment) * alignment
+    for name, _, _, offset in infos:
+        if offset % alignment:
+            raise InputError(f"{path}: tensor {shown(name)} has offset {offset}, not a multiple of the alignment "
+                             f"{alignment}; the file is corrupt")
     tensors = [TensorEntry(name, kind, shape, data_start + offset) for name, kind, shape, offset in infos]
     return Header(version, key_values, tensors, alignment)
 
 
 def _check_unique(names: list[str], path: Path, what: str) -> None:
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise InputError(f"{path}: {what} {dup!r} appears twice; the file is corrupt")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise InputError(f"{path}: {what} {shown(name)} appears twice; the file is corrupt")
+        seen.add(name)
 
 
 def pack_string(s: str) -> bytes:
