@@ -256,6 +256,55 @@ def test_ia3_gpt2_conv1d_fan_in_fan_out(tmp_path):
     assert ls["base_model.model.transformer.h.0.mlp.c_proj.ia3_l"].shape == (1, 128)
 
 
+def _untied_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=80, n_positions=32, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=False)
+    return with_random_biases(GPT2LMHeadModel(cfg))
+
+
+class _EmbConv1D(nn.Module):
+    """PEFT's own test model "EmbConv1D": a transformers Conv1D (stored (in=5, out=1)) next to an nn.Linear."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.emb = nn.Embedding(100, 5)
+        self.conv1d = Conv1D(1, 5)
+        self.lin0 = nn.Linear(10, 2)
+
+
+@pytest.mark.parametrize("case", ["gpt2-with-lm_head", "emb-conv1d-ff", "emb-conv1d-out"])
+def test_ia3_conv1d_next_to_linear_whatever_the_saved_flag(tmp_path, case):
+    """PEFT sets fan_in_fan_out per layer by its type and saves the last layer's value (here nn.Linear's
+    False) although the Conv1D layers were merged transposed: the shapes decide, as in PEFT."""
+    if case == "gpt2-with-lm_head":
+        model = _untied_gpt2()
+        cfg = IA3Config(target_modules=["c_attn", "c_fc", "mlp.c_proj", "lm_head"],
+                        feedforward_modules=["c_fc", "mlp.c_proj"])
+    else:
+        torch.manual_seed(0)
+        model = with_random_biases(_EmbConv1D())
+        ff = ["conv1d", "lin0"] if case == "emb-conv1d-ff" else []
+        cfg = IA3Config(target_modules=["conv1d", "lin0"], feedforward_modules=ff)
+    _, adapter_dir, _ = run_case(tmp_path, model, cfg)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+
+
+def test_ia3_square_conv1d_next_to_linear_is_refused(tmp_path):
+    """A square weight in an adapter whose other modules are both nn.Linear and Conv1D: the files do not say
+    which layout it has (the flag is the last layer's), so it is refused rather than guessed."""
+    model = _untied_gpt2()
+    cfg = IA3Config(target_modules=["c_attn", "attn.c_proj", "lm_head"], feedforward_modules=[])
+    base_dir = save_base(model, tmp_path / "base")
+    adapter_dir = make_adapter(model, cfg, tmp_path / "adapter")
+    with pytest.raises(InputError, match=r"attn\.c_proj: its IA3 weight is square.*nn\.Linear.*Conv1D"):
+        wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+    assert not (tmp_path / "merged").exists()
+
+
 @DTYPES
 def test_ia3_conv_layers(tmp_path, dtype):
     # c2 (Conv2d 3x3) and c3 (Conv3d) scale output channels and biases, pw (1x1) and fc input features.

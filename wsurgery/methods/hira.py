@@ -16,7 +16,7 @@ Linear or Conv1D: PEFT picks the layout from the layer's type, not from ``fan_in
 saved config (it warns and overrides the flag). A tensor tool sees only shapes: a non-square weight
 tells by its shape; a square one follows the other 2-D modules of the same adapter when they all
 agree, else the config's ``fan_in_fan_out``; when they disagree (a model mixing nn.Linear and
-Conv1D) a square weight is refused rather than guessed. DEFT shares this rule (:class:`Layout`).
+Conv1D) a square weight is refused rather than guessed. DEFT and IA3 share this rule (:class:`Layout`).
 """
 
 from __future__ import annotations

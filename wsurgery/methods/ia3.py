@@ -9,6 +9,11 @@
   a regex string must fully match the module path, a list entry must be a suffix of it (plain
   ``endswith``, as PEFT does).
 
+Linear or Conv1D: PEFT picks the layout from the layer's type and overwrites ``fan_in_fan_out`` in the
+config with each layer it wraps, so the saved flag is the last layer's (wrong for the Conv1D layers of a
+model that also has targeted nn.Linear layers). The shapes decide instead, and a square weight follows
+the adapter's other modules, as for HiRA (:class:`~wsurgery.methods.hira.Layout`).
+
 Unmerge divides by ``l`` exactly. PEFT divides by ``l + 1e-8``, which in float32 equals ``l`` wherever
 ``|l| ≳ 0.17``; elsewhere our result is the true inverse and PEFT's is not. A scale of exactly 0 wiped
 its row/column, which cannot be undone: such an unmerge is refused.
@@ -23,6 +28,7 @@ import torch
 
 from ..errors import InputError, NotInvertibleError
 from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .hira import Layout
 from .layers import Conv, Layer, Linear
 
 
@@ -37,11 +43,17 @@ def is_feedforward(config, module: str) -> bool:
 
 
 class Ia3Patch(Patch):
-    def __init__(self, module: str, l: torch.Tensor, feedforward: bool, fan_in_fan_out: bool):
+    def __init__(self, module: str, l: torch.Tensor, feedforward: bool, layout: Layout):
         super().__init__(module, ("weight",), optional_roles=() if feedforward else ("bias",))
-        self.l, self.feedforward, self.fan_in_fan_out = l, feedforward, fan_in_fan_out
-        self.kind = "conv" if l.ndim > 2 else ("conv1d_transposed" if fan_in_fan_out else "linear")
+        self.l, self.feedforward, self.layout = l, feedforward, layout
+        self._by_shape: bool | None = None  # 2-D: stored (in, out) like Conv1D, as the shape says (None: square)
         self._weight_shape: tuple[int, ...] | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.l.ndim > 2:
+            return "conv"
+        return "conv1d_transposed" if self.layout.transposed(self.module, self._by_shape) else "linear"
 
     @property
     def scales(self) -> torch.Tensor:
@@ -63,11 +75,12 @@ class Ia3Patch(Patch):
         else:
             if len(w) != 2:
                 raise InputError(f"{where} (a linear layer's) but the base weight is {list(w)}")
-            axis = (0 if self.feedforward else 1) if self.fan_in_fan_out else (1 if self.feedforward else 0)
-            ok = w[axis] == n
-            if not ok and w[1 - axis] == n:
-                raise InputError(f"{where}, one scale per {side} feature, but it fits the other axis of the base "
-                                 f"weight {list(w)}; is fan_in_fan_out set right in adapter_config.json?")
+            linear_axis = 1 if self.feedforward else 0  # nn.Linear stores (out, in), Conv1D (in, out)
+            as_linear, as_conv1d = w[linear_axis] == n, w[1 - linear_axis] == n
+            ok = as_linear or as_conv1d
+            if ok:
+                self._by_shape = None if as_linear and as_conv1d else as_conv1d
+                self.layout.observe(self.module, self._by_shape)
         if not ok:
             raise InputError(f"{where}, one scale per {side} feature ({'feed-forward' if self.feedforward else 'not'} "
                              f"in feedforward_modules), but the base weight is {list(w)}; was the adapter trained on "
@@ -90,7 +103,7 @@ class Ia3Patch(Patch):
             per_group = s.view(groups, 1, shape[1])
             full = per_group.expand(groups, shape[0] // groups, shape[1]).reshape(shape[0], shape[1])
             return full.view(shape[0], shape[1], *rest)
-        rows = self.feedforward == self.fan_in_fan_out  # the scaled features are rows of the stored W
+        rows = self.feedforward == (self.kind == "conv1d_transposed")  # the scaled features are rows of W
         return s.view(-1, 1) if rows else s.view(1, -1)
 
     def apply(self, tensors: Tensors) -> Tensors:
@@ -168,4 +181,5 @@ class Ia3(Method):
                                  f"adapter_config.json says the module is {'' if ff else 'not '}feed-forward")
         elif l.shape[0] != 1 or any(d != 1 for d in l.shape[2:]):
             raise InputError(f"{where}: ia3_l is {list(l.shape)}; a convolution's must be (1, C, 1, ...)")
-        return Ia3Patch(params.module, l, ff, bool(config.get("fan_in_fan_out", False)) and l.ndim == 2)
+        layout = Layout.of(params.context, "IA3", bool(config.get("fan_in_fan_out", False)))
+        return Ia3Patch(params.module, l, ff, layout)
