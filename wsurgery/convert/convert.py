@@ -2,14 +2,15 @@
 
 Each module's change ΔW comes from the source adapter's own patch: its dense delta where the change
 does not depend on W, else the patched base weight minus W (read from ``--base``, in float64). The
-target fits it (see ``to_lora``, ``to_structured``) and the relative error ``‖ΔW' − ΔW‖_F / ‖ΔW‖_F``
-of what the target writes is reported for every module. A module the target cannot express at all
-(error >= 0.99) stops the conversion unless ``force``.
+target fits it (see ``to_lora``, ``to_structured``). The relative error ``‖ΔW' − ΔW‖_F / ‖ΔW‖_F`` (bias
+change included) is measured on the adapter as written: read back from its files like any adapter,
+its change against the source's. A module the target cannot express at all (error >= 0.99) stops the
+conversion unless ``force``; one whose written change is not finite stops it always.
 
-Everything that can be checked from headers and configs (targets, shapes, the need for a base) is
-checked before the first module is read; modules are then read and fitted one at a time, and the
-adapter is written atomically once all are done. ``modules_to_save`` and trainable-token rows are
-carried over as they are.
+Everything that can be checked from headers and configs (targets, shapes, layer kinds, the need for
+a base) is checked before the first module is read; modules are then read and fitted one at a time
+(a non-finite change is refused there), and the adapter is written atomically once all are done and
+measured. ``modules_to_save`` and trainable-token rows are carried over as they are.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..checkpoint import Checkpoint, check_output_path, open_checkpoint
 from ..engine import plan
 from ..errors import InputError, UnsupportedError
 from ..hub import resolve
+from ..model_card import provenance
 from ..methods import AdditivePatch, Patch
 from ..methods.adalora import AdaLoraPatch
 from ..methods.lora import LoraPatch
@@ -76,9 +78,16 @@ class _Source:
 
     patch: Patch
     kind: str
-    shape: tuple[int, ...]  # the base weight as stored
+    shapes: dict[str, tuple[int, ...]]  # role -> the base tensor's shape as stored
     tensors: dict[str, str]  # role -> base tensor name; empty without a base
-    changes_bias: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.shapes["weight"]
+
+    @property
+    def changes_bias(self) -> bool:
+        return "bias" in self.shapes
 
     @property
     def module(self) -> str:
@@ -124,9 +133,9 @@ def _sources(ad: Adapter, base: Checkpoint | None) -> list[_Source]:
                 if id(patch) not in methods:
                     continue
                 _check_roles(patch, roles)
-                shape = tuple(base.tensors[job.tensors["weight"]].shape)
-                found.append(_Source(patch, _kind(patch, shape, fan_in_fan_out), shape,
-                                     {r: job.tensors[r] for r in roles}, "bias" in roles))
+                shapes = {r: tuple(base.tensors[job.tensors[r]].shape) for r in roles}
+                found.append(_Source(patch, _kind(patch, shapes["weight"], fan_in_fan_out), shapes,
+                                     {r: job.tensors[r] for r in roles}))
         return found
     for patch in ad.method_patches:
         _check_roles(patch, patch.roles)
@@ -138,8 +147,8 @@ def _sources(ad: Adapter, base: Checkpoint | None) -> list[_Source]:
             raise InputError(f"{ad.folder}: {ad.config.peft_type} adapters do not record the shape of "
                              f"{patch.module}'s weight (in_features, layer type); pass --base BASE")
         patch.check(shapes)
-        shape = tuple(shapes["weight"])
-        found.append(_Source(patch, _kind(patch, shape, fan_in_fan_out), shape, {}, "bias" in shapes))
+        shapes = {r: tuple(shape) for r, shape in shapes.items()}
+        found.append(_Source(patch, _kind(patch, shapes["weight"], fan_in_fan_out), shapes, {}))
     return found
 
 
@@ -172,6 +181,11 @@ def _read(src: _Source, base: Checkpoint | None, needs_weight: bool) -> ModuleDe
         delta.matrix = as_matrix(src.kind, after["weight"].sub_(before["weight"]))
         delta.bias = after["bias"].sub_(before["bias"]) if "bias" in before else None
         delta.weight = as_matrix(src.kind, before["weight"])
+    parts = [*(delta.factors or ()), delta.matrix, delta.bias]
+    if not all(bool(torch.isfinite(t).all()) for t in parts if t is not None):
+        where = "the adapter's tensors or scaling" + (", or the base weight" if src.tensors else "")
+        raise InputError(f"{src.module}: the change is not finite (inf or NaN in {where}); fix or retrain the "
+                         "adapter")
     if delta.bias is not None and not bool(delta.bias.any()):
         delta.bias = None
     if not needs_weight:
@@ -186,15 +200,35 @@ def _product_norm(B: torch.Tensor, A: torch.Tensor) -> float:
     return math.sqrt(max(float(((B.T @ B) * (A @ A.T)).sum()), 0.0))
 
 
-def _relative_error(realized: torch.Tensor | Factors, d: ModuleDelta) -> float:
-    """‖ΔW' − ΔW‖_F / ‖ΔW‖_F (0 where the source changes nothing), from factors where both sides have them."""
-    if isinstance(realized, tuple) and d.matrix is None:
-        (B1, A1), (B2, A2) = realized, d.factors
+def _relative_error(written: ModuleDelta, source: ModuleDelta) -> float:
+    """‖ΔW' − ΔW‖_F / ‖ΔW‖_F with the bias changes counted in (0 where the source changes nothing), from
+    factors where both sides have them."""
+    if written.matrix is None and source.matrix is None:
+        (B1, A1), (B2, A2) = written.factors, source.factors
         diff, norm = _product_norm(torch.cat([B1, -B2], 1), torch.cat([A1, A2])), _product_norm(B2, A2)
     else:
-        dense = realized[0] @ realized[1] if isinstance(realized, tuple) else realized
-        diff, norm = float(torch.linalg.matrix_norm(dense - d.delta)), float(torch.linalg.matrix_norm(d.delta))
-    return diff / norm if norm > 0 else 0.0
+        diff = float(torch.linalg.matrix_norm(written.delta - source.delta))
+        norm = float(torch.linalg.matrix_norm(source.delta))
+    zero = torch.zeros(())
+    bias_w, bias_s = (d.bias if d.bias is not None else zero for d in (written, source))
+    diff, norm = math.hypot(diff, float((bias_w - bias_s).norm())), math.hypot(norm, float(bias_s.norm()))
+    return diff / norm if norm > 0 else 0.0 if diff == 0 else math.inf
+
+
+def _measure(folder: Path, sources: list[_Source], base: Checkpoint | None, fits: dict) -> list[ModuleReport]:
+    """Every module's relative error, from the adapter written in ``folder`` read back as any adapter."""
+    written = {p.module: p for p in load_adapter(folder).method_patches}
+    reports = []
+    for src in sources:
+        patch = written.get(src.module)
+        if patch is None:
+            raise UnsupportedError(f"{src.module}: the written adapter does not hold this module; please report this")
+        patch.base_dtypes = src.patch.base_dtypes
+        patch.check(src.shapes)
+        error = _relative_error(_read(_Source(patch, src.kind, src.shapes, src.tensors), base, False),
+                                _read(src, base, False))
+        reports.append(ModuleReport(src.module, fits[src.module].rank, error))
+    return reports
 
 
 def _carried(ad: Adapter, carries_tokens: bool, to: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -216,14 +250,16 @@ def _carried(ad: Adapter, carries_tokens: bool, to: str) -> tuple[dict[str, torc
 
 def convert(adapter: str | Path, out: str | Path, *, to: str, base: str | Path | None = None,
             rank: int | None = None, block_size: int | None = None, butterfly_factors: int | None = None,
-            force: bool = False, overwrite: bool = False, progress: bool = True) -> Conversion:
+            force: bool = False, overwrite: bool = False, progress: bool = True,
+            command: str | None = None) -> Conversion:
     """Rewrite ``adapter`` as a ``to`` adapter (``lora``, ``miss``, ``bone``, ``oft``, ``boft``, ``loha``, ``lokr``).
 
     ``base`` is needed where the change depends on W (DoRA, OFT, BOFT, HRA, IA3, MiSS bat...), for the
     ``oft``/``boft`` targets, and where the adapter does not record its layers' shapes (all but LoRA and
     VB-LoRA). ``rank``: the LoRA/LoHa/LoKr rank (default: each module's exact rank) or MiSS/Bone's r.
     ``block_size``/``butterfly_factors``: OFT/BOFT's size. Raises ``UnsupportedError`` where a module's
-    relative error reaches 0.99, unless ``force``.
+    relative error reaches 0.99, unless ``force``. ``command``: the command line to record in the
+    adapter's provenance (paths cut to their names).
     """
     target = get_target(to)
     ad = load_adapter(resolve(adapter, kind="adapter"))
@@ -243,24 +279,37 @@ def convert(adapter: str | Path, out: str | Path, *, to: str, base: str | Path |
                                "there is nothing to convert")
     for src in sources:
         target.check_module(src.module, src.kind, matrix_shape(src.kind, src.shape), src.changes_bias, options)
+    target.check_kinds({src.kind for src in sources})
+    record = provenance("convert", command, str(base) if base is not None else None, [(str(adapter), 1.0)])
 
-    fits, reports, notes = {}, [], [target.remark] if target.remark else []
+    fits, notes = {}, [target.remark] if target.remark else []
     for src in tqdm(sources, desc=f"convert to {to}", unit="module", disable=not progress, leave=False):
-        delta = _read(src, ckpt, target.needs_weight)
-        fit = target.fit(delta, options)
-        reports.append(ModuleReport(src.module, fit.rank, _relative_error(fit.realized, delta)))
+        fit = target.fit(_read(src, ckpt, target.needs_weight), options)
+        if not all(bool(torch.isfinite(t).all()) for t in fit.tensors.values()):
+            raise InputError(f"{src.module}: the {target.method} tensors of this change are not finite (it exceeds "
+                             "float32's range); check the adapter's scaling (lora_alpha, r)")
         notes += [f"{src.module}: {n}" for n in fit.notes]
-        fit.realized = None
         fits[src.module] = fit
-    useless = [r for r in reports if r.error >= USELESS_ERROR]
-    if useless and not force:
-        worst = max(useless, key=lambda r: r.error)
-        raise UnsupportedError(
-            f"{target.method} cannot express the change of {len(useless)} of {len(reports)} module(s): relative error "
-            f">= {USELESS_ERROR} (worst {worst.module}: {worst.error:.3f}), no better than no adapter; pass --force "
-            "to write it anyway")
     config = {**target.config(fits, options), **carried_config,
               "base_model_name_or_path": ad.config.base_model, "task_type": ad.config.raw.get("task_type")}
     tensors = {f"base_model.model.{m}.{name}": t for m, fit in fits.items() for name, t in fit.tensors.items()}
-    write_adapter(out, config, {**tensors, **carried}, overwrite=overwrite, inputs=inputs)
+    reports: list[ModuleReport] = []
+
+    def measured(folder: Path) -> None:
+        """Refuse, before ``out`` exists, a written adapter whose change is not the source's."""
+        reports.extend(_measure(folder, sources, ckpt, fits))
+        broken = [r for r in reports if not math.isfinite(r.error)]
+        if broken:
+            raise UnsupportedError(f"{broken[0].module}: the written {target.method} adapter does not hold the "
+                                   f"change (relative error {broken[0].error}); nothing was written")
+        useless = [r for r in reports if r.error >= USELESS_ERROR]
+        if useless and not force:
+            worst = max(useless, key=lambda r: r.error)
+            raise UnsupportedError(
+                f"{target.method} cannot express the change of {len(useless)} of {len(reports)} module(s): relative "
+                f"error >= {USELESS_ERROR} (worst {worst.module}: {worst.error:.3f}), no better than no adapter; pass "
+                "--force to write it anyway")
+
+    write_adapter(out, config, {**tensors, **carried}, overwrite=overwrite, inputs=inputs, record=record,
+                  check=measured)
     return Conversion(out, ad.config.peft_type, to, target.method, target.size_name, reports, notes)

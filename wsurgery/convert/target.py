@@ -3,9 +3,9 @@ it, and the registry behind ``--to``.
 
 A target sees each module's change ΔW in LoRA's orientation, ``(out, fan_in)``: a Conv1D weight
 (stored ``(in, out)``) and an embedding (``(V, d)``, whose "output" is d) are transposed, a
-convolution is flattened to ``(out, in·k…)``. It returns its own method's tensors for the module
-and the change those tensors make, so that the dispatcher can report every module's relative error
-from what is actually written; ``config`` then builds ``adapter_config.json`` once for all modules.
+convolution is flattened to ``(out, in·k…)``. It returns its own method's tensors for the module;
+``config`` then builds ``adapter_config.json`` once for all modules. The dispatcher measures every
+module's relative error on the adapter as written, read back like any other adapter.
 """
 
 from __future__ import annotations
@@ -63,11 +63,9 @@ class ModuleDelta:
 
 @dataclass
 class Fit:
-    """A target's tensors for one module, and the change they make."""
+    """A target's tensors for one module."""
 
     tensors: dict[str, torch.Tensor]  # by parameter name as PEFT saves it (``lora_A.weight``)
-    # The change the tensors make as written (float64, dense or factors), like ``ModuleDelta``; None once measured.
-    realized: torch.Tensor | Factors | None
     rank: int  # the size the target spends on the module (rank, MiSS r, block size), for configs and reports
     kind: str
     notes: list[str] = field(default_factory=list)
@@ -110,6 +108,9 @@ class Target(ABC):
         if has_bias_change:
             raise UnsupportedError(f"{module}: the source also changes the bias, which {self.method} cannot hold; "
                                    "convert to lora (lora_bias) instead")
+
+    def check_kinds(self, kinds: set[str]) -> None:
+        """Refuse, before any work, a mix of layer kinds one adapter of this method cannot hold."""
 
     @abstractmethod
     def fit(self, delta: ModuleDelta, options: Options) -> Fit:

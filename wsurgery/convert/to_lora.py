@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import UnsupportedError
-from .target import (KINDS, OUTPUT_DTYPE, Factors, Fit, ModuleDelta, Options, Target, check_rank, common_rank,
+from .target import (KINDS, OUTPUT_DTYPE, Fit, ModuleDelta, Options, Target, check_rank, common_rank,
                      register_target)
 
 #: Relative Frobenius error below which a factorisation counts as exact (float32 rounding is ~1e-7).
@@ -162,13 +162,11 @@ class LowRankTarget(Target):
         spec = spectrum(d)
         k = chosen_rank(d, spec, options, self.method)
         B, A = (x.to(OUTPUT_DTYPE) for x in spec.factors(k))
-        tensors, realized = self.hold(d, B, A)
-        return Fit(tensors, realized, k, d.kind)
+        return Fit(self.hold(d, B, A), k, d.kind)
 
     @abstractmethod
-    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor],
-                                                                             torch.Tensor | Factors]:
-        """The method's tensors for ``B·A`` and the change they make, computed from them as written."""
+    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The method's tensors for ``B·A``."""
 
 
 @register_target
@@ -179,17 +177,19 @@ class LoraTarget(LowRankTarget):
     carries_tokens = True
     holds_bias = True  # as lora_B.bias (lora_bias)
 
-    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> dict[str, torch.Tensor]:
         tensors = lora_tensors(d.kind, d.shape, A, B)
         if d.bias is not None:
             tensors["lora_B.bias"] = d.bias.to(OUTPUT_DTYPE)
-        return tensors, (B.double(), A.double())
+        return tensors
 
-    def config(self, fits: dict[str, Fit], options: Options) -> dict[str, Any]:
-        kinds = {f.kind for f in fits.values()}
+    def check_kinds(self, kinds: set[str]) -> None:
         if {"linear", "conv1d_transposed"} <= kinds:
             raise UnsupportedError("the adapter changes both Linear and Conv1D layers, but LoRA's fan_in_fan_out is "
                                    "one setting for the whole adapter; convert them separately")
+
+    def config(self, fits: dict[str, Fit], options: Options) -> dict[str, Any]:
+        kinds = {f.kind for f in fits.values()}
         lora_bias = any("lora_B.bias" in f.tensors for f in fits.values())
         if lora_bias:  # PEFT gives every module a lora_B.bias then: zero where the bias does not change
             for f in fits.values():

@@ -34,9 +34,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import InputError
-from ..methods.boft import _factors, butterfly_perms, cayley
-from ..methods.oft import cayley_exact, skew_from_triangle
-from .target import OUTPUT_DTYPE, Factors, Fit, ModuleDelta, Options, Target, common_rank, register_target
+from ..methods.boft import _factors, butterfly_perms
+from .target import OUTPUT_DTYPE, Fit, ModuleDelta, Options, Target, common_rank, register_target
 from .to_lora import LowRankTarget
 
 #: σ_min(I + R) below which a rotation counts as a half turn: PEFT's float32 Cayley solve loses about
@@ -56,12 +55,6 @@ def periodic_means(D: torch.Tensor, r: int) -> torch.Tensor:
     padded[:, :n] = D
     counts = torch.tensor([len(range(j, n, r)) for j in range(r)], dtype=D.dtype)
     return (padded.view(m, cycles, r).sum(1) / counts).T
-
-
-def tiled(block: torch.Tensor, n: int) -> torch.Tensor:
-    """MiSS's change ``(out, n)`` from ``block (r, out)``."""
-    r = block.shape[0]
-    return block.T.repeat(1, -(-n // r))[:, :n]
 
 
 class _SharedBlockTarget(Target):
@@ -85,7 +78,7 @@ class _SharedBlockTarget(Target):
 
     def fit(self, d: ModuleDelta, options: Options) -> Fit:
         block = periodic_means(d.delta, options.rank).to(OUTPUT_DTYPE)
-        return Fit({self.key: block}, tiled(block.double(), d.out_in[1]), options.rank, d.kind)
+        return Fit({self.key: block}, options.rank, d.kind)
 
     def config(self, fits: dict[str, Fit], options: Options) -> dict[str, Any]:
         return {"peft_type": self.peft_type, "r": options.rank, "init_weights": True, "target_modules": sorted(fits),
@@ -120,13 +113,6 @@ def procrustes_blocks(X: torch.Tensor, T: torch.Tensor, b: int) -> torch.Tensor:
     U, _, Vh = torch.linalg.svd(M)
     U[..., -1] *= torch.linalg.det(U @ Vh).sign()[:, None]  # det −1: flip the least significant direction
     return (U @ Vh).transpose(-1, -2)
-
-
-def rotate_blocks(W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """``W·Rᵀ`` for block-diagonal R (p, b, b), without forming R."""
-    m, n = W.shape
-    p, b, _ = R.shape
-    return torch.einsum("okj,kij->oki", W.reshape(m, p, b), R).reshape(m, n)
 
 
 def _back_off_half_turn(R: torch.Tensor) -> torch.Tensor:
@@ -204,9 +190,7 @@ class OftTarget(_RotationTarget):
         Q, backed_off = cayley_preimage(R)
         rows, cols = torch.triu_indices(b, b, 1)
         vector = Q[:, rows, cols].to(OUTPUT_DTYPE)
-        written = cayley_exact(skew_from_triangle(vector.double(), b))
-        realized = rotate_blocks(d.weight, written) - d.weight
-        return Fit({"oft_R.weight": vector}, realized, b, d.kind, _half_turn_note(backed_off, b))
+        return Fit({"oft_R.weight": vector}, b, d.kind, _half_turn_note(backed_off, b))
 
     def config(self, fits: dict[str, Fit], options: Options) -> dict[str, Any]:
         return {"peft_type": "OFT", "r": 0, "oft_block_size": self.block_size(options), "target_modules": sorted(fits),
@@ -284,10 +268,7 @@ class BoftTarget(_RotationTarget):
         Q, backed_off = cayley_preimage(blocks.reshape(-1, b, b))
         R = Q.reshape(N, n // b, b, b).to(OUTPUT_DTYPE)
         scale = s.reshape(m, 1).to(OUTPUT_DTYPE)
-        written = cayley(R).reshape(N, n // b, b, b)
-        perms = butterfly_perms(n, N, n // b, b)
-        realized = _factors(d.weight, written, perms, range(N)) * scale.double() - d.weight
-        return Fit({"boft_R": R, "boft_s": scale}, realized, b, d.kind, _half_turn_note(backed_off, b))
+        return Fit({"boft_R": R, "boft_s": scale}, b, d.kind, _half_turn_note(backed_off, b))
 
     def config(self, fits: dict[str, Fit], options: Options) -> dict[str, Any]:
         return {"peft_type": "BOFT", "boft_block_size": self.block_size(options), "boft_block_num": 0,
@@ -302,12 +283,11 @@ class LohaTarget(LowRankTarget):
     name = "loha"
     method = "LoHa"
 
-    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor], Factors]:
+    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> dict[str, torch.Tensor]:
         k = A.shape[0]
         w2a = torch.full((B.shape[0], k), k ** -0.5, dtype=B.dtype)
         w2b = torch.full((k, A.shape[1]), k ** -0.5, dtype=A.dtype)
-        ones = k * (float(w2a[0, 0]) * float(w2b[0, 0]))  # every entry of w2a·w2b, as written
-        return {"hada_w1_a": B, "hada_w1_b": A, "hada_w2_a": w2a, "hada_w2_b": w2b}, (B.double() * ones, A.double())
+        return {"hada_w1_a": B, "hada_w1_b": A, "hada_w2_a": w2a, "hada_w2_b": w2b}
 
     def config(self, fits: dict[str, Fit], options: Options) -> dict[str, Any]:
         r, pattern = common_rank(fits)
@@ -321,14 +301,12 @@ class LokrTarget(LowRankTarget):
     name = "lokr"
     method = "LoKr"
 
-    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> tuple[dict[str, torch.Tensor],
-                                                                             torch.Tensor | Factors]:
+    def hold(self, d: ModuleDelta, B: torch.Tensor, A: torch.Tensor) -> dict[str, torch.Tensor]:
         k, (m, n) = A.shape[0], (B.shape[0], A.shape[1])
         one = torch.ones(1, 1, dtype=A.dtype)
         if k >= max(m, n) / 2:  # PEFT's rule: a full w2 from this rank on
-            w2 = (B.double() @ A.double()).to(A.dtype)
-            return {"lokr_w1": one, "lokr_w2": w2}, w2.double()
-        return {"lokr_w1": one, "lokr_w2_a": B, "lokr_w2_b": A}, (B.double(), A.double())
+            return {"lokr_w1": one, "lokr_w2": (B.double() @ A.double()).to(A.dtype)}
+        return {"lokr_w1": one, "lokr_w2_a": B, "lokr_w2_b": A}
 
     def config(self, fits: dict[str, Fit], options: Options) -> dict[str, Any]:
         r, pattern = common_rank(fits)
