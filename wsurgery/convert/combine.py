@@ -50,7 +50,7 @@ def adapter_with_weight(spec: str) -> tuple[str, float]:
 def weighted_specs(adapters: AdapterSpec | list[AdapterSpec]) -> list[tuple[str | Path, float]]:
     """``adapter``, ``(adapter, weight)`` or a list of those -> ``[(adapter, weight), ...]`` (weight 1 by default)."""
     if isinstance(adapters, (str, Path)) or (isinstance(adapters, tuple) and len(adapters) == 2
-                                             and isinstance(adapters[1], (int, float, str))):
+                                             and isinstance(adapters[1], (int, float))):
         adapters = [adapters]
     out = [(a, 1.0) if isinstance(a, (str, Path)) else (a[0], _weight(a[0], a[1])) for a in adapters]
     if not out:

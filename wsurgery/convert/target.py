@@ -95,9 +95,20 @@ class Target(ABC):
     size_name: ClassVar[str] = "rank"
     #: A fact about the output format worth telling every user of this target.
     remark: ClassVar[str | None] = None
+    #: The ``Options`` fields that size this target's method (--rank, --block-size, --butterfly-factors).
+    sizes: ClassVar[tuple[str, ...]] = ()
 
     def check_options(self, options: Options) -> None:
-        """Refuse, before any work, options this target cannot use."""
+        """Refuse, before any work, options this target cannot use, and sizes below 1."""
+        for name in ("rank", "block_size", "butterfly_factors"):
+            value, flag = getattr(options, name), "--" + name.replace("_", "-")
+            if value is None:
+                continue
+            if name not in self.sizes:
+                given = " and ".join("--" + n.replace("_", "-") for n in self.sizes)
+                raise InputError(f"{flag} does not apply to --to {self.name}; {self.method}'s size is {given}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{flag} must be a whole number of at least 1, not {value!r}")
 
     def check_module(self, module: str, kind: str, shape: tuple[int, int], has_bias_change: bool,
                      options: Options) -> None:
@@ -131,9 +142,7 @@ def common_rank(fits: dict[str, Fit]) -> tuple[int, dict[str, int]]:
 
 
 def check_rank(module: str, rank: int, shape: tuple[int, int]) -> None:
-    """A rank must fit the matrix: at least 1, at most min(out, in)."""
-    if rank < 1:
-        raise InputError(f"--rank must be at least 1, got {rank}")
+    """A rank (at least 1, from ``check_options``) must fit the matrix: at most min(out, in)."""
     if rank > min(shape):
         raise InputError(f"{module}: --rank {rank} is larger than min(out, in) = {min(shape)} of its "
                          f"{shape[0]}x{shape[1]} weight; choose a rank of at most {min(shape)}")

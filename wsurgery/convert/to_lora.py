@@ -149,6 +149,8 @@ def lora_tensors(kind: str, shape: tuple[int, ...], A: torch.Tensor, B: torch.Te
 class LowRankTarget(Target):
     """A target that holds the best rank-r approximation of the change, exact at the change's own rank."""
 
+    sizes = ("rank",)
+
     #: Whether the target's tensors can also hold a change of the bias.
     holds_bias: ClassVar[bool] = False
 

@@ -62,12 +62,13 @@ class _SharedBlockTarget(Target):
     peft_type: ClassVar[str]
     key: ClassVar[str]
 
+    sizes = ("rank",)
+
     def check_options(self, options: Options) -> None:
+        super().check_options(options)
         if options.rank is None:
             raise InputError(f"--to {self.name} needs --rank R: the number of input columns one {self.method} block "
                              "spans (its r)")
-        if options.rank < 1:
-            raise InputError(f"--rank must be at least 1, got {options.rank}")
 
     def check_module(self, module: str, kind: str, shape: tuple[int, int], has_bias_change: bool,
                      options: Options) -> None:
@@ -159,13 +160,13 @@ class _RotationTarget(Target):
     size_name = "block"
     default_block: ClassVar[int]
 
+    sizes = ("block_size",)
+
     def block_size(self, options: Options) -> int:
-        return options.block_size or self.default_block
+        return self.default_block if options.block_size is None else options.block_size
 
     def check_options(self, options: Options) -> None:
-        if options.rank is not None:
-            raise InputError(f"--rank does not apply to --to {self.name}: {self.method} rotates W; its size is "
-                             "--block-size")
+        super().check_options(options)
         if self.block_size(options) < 2:
             raise InputError(f"--block-size must be at least 2, got {options.block_size}")
 
@@ -238,16 +239,15 @@ class BoftTarget(_RotationTarget):
     name = "boft"
     method = "BOFT"
     default_block = 4  # PEFT's default boft_block_size
+    sizes = ("block_size", "butterfly_factors")
 
     @staticmethod
     def factors(options: Options) -> int:
-        return options.butterfly_factors or 1
+        return 1 if options.butterfly_factors is None else options.butterfly_factors
 
     def check_options(self, options: Options) -> None:
         super().check_options(options)
         N, b = self.factors(options), self.block_size(options)
-        if N < 1:
-            raise InputError(f"--butterfly-factors must be at least 1, got {N}")
         if N > 1 and b % 2:
             raise InputError(f"--block-size {b} must be even with --butterfly-factors {N} (PEFT refuses odd ones)")
 
