@@ -146,7 +146,8 @@ def check_scale(scale: object, where: str) -> None:
     """A merge weight (``--scale``, ``ADAPTER:WEIGHT``) must be a finite number float32 can hold."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
             or abs(scale) > torch.finfo(torch.float32).max:
-        raise InputError(f"{where}: scale {scale!r} is not a finite number; pass a finite --scale (or ADAPTER:WEIGHT)")
+        raise InputError(f"{where}: scale {scale!r} is not a finite number within float32's range; pass a finite "
+                         "--scale (or ADAPTER:WEIGHT)")
 
 
 def notes(plan: Plan) -> list[str]:

@@ -1,0 +1,333 @@
+"""No silent wrong output from numbers: bad numbers in configs and options, non-finite results, and
+weight encodings wsurgery does not decode are refused, through the real command line, with the
+contract of ``test_bad_input.py``: exit 1, one ``wsurgery: error:`` line naming the culprit, no
+traceback, no OUT and no temporary sibling, inputs byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from oracle import edit_adapter_config, edit_adapter_tensors, make_adapter, run_cli, save_base, tiny_llama
+from test_bad_input import assert_refused
+
+Q = "model.layers.0.self_attn.q_proj"
+LATE = "model.layers.1.self_attn.v_proj"  # changed after the first output shard is written
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny Llama in float32 and in bfloat16, and a LoRA for each."""
+    from peft import LoraConfig
+
+    root = tmp_path_factory.mktemp("trust")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model, model16 = tiny_llama(), tiny_llama(torch.bfloat16)
+    base, base16 = save_base(model, root / "base"), save_base(model16, root / "base16")
+    lora = make_adapter(model, config, root / "lora")
+    lora16 = make_adapter(model16, config, root / "lora16")
+    return SimpleNamespace(base=base, base16=base16, lora=lora, lora16=lora16)
+
+
+def copy_of(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def cli_ok(capsys, args) -> None:
+    status, _, stderr = run_cli(args, capsys)
+    assert status == 0, stderr
+
+
+# -- numbers in adapter configs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_lora_alpha_is_refused(assets, tmp_path, capsys, literal):
+    """JSON NaN/Infinity (which Python's json accepts) and 1e400 (which parses to inf); NaN was read as a
+    scale of 1, the others wrote non-finite weights."""
+    adapter = copy_of(assets.lora, tmp_path / "adapter")
+    path = adapter / "adapter_config.json"
+    path.write_text(path.read_text().replace('"lora_alpha": 8', f'"lora_alpha": {literal}'))
+    assert literal in path.read_text()
+    out = tmp_path / "out"
+    assert_refused(capsys, ["merge", assets.base, adapter, out], out, [assets.base, adapter],
+                   [path, "lora_alpha", "finite"])
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("lora_alpha", "sixteen", "must be a number"),
+    ("lora_alpha", True, "must be a number"),
+    ("lora_alpha", 1e300, "float32"),
+    ("r", 2.5, "positive integer"),
+    ("alpha_pattern", {"(": 3}, "'('"),
+    ("rank_pattern", {"q_proj[": 2}, "'q_proj['"),
+    ("alpha_pattern", {"q_proj": "x"}, "must be a number"),
+    ("rank_pattern", {"q_proj": 0}, "positive integer"),
+    ("alpha_pattern", ["q_proj"], "mapping"),
+    ("use_rslora", "false", "true or false"),
+])
+def test_mistyped_config_numbers_are_refused(assets, tmp_path, capsys, field, value, named):
+    """Each of these crashed with an internal error (ValueError, overflow, re.error) or was misread."""
+    adapter = copy_of(assets.lora, tmp_path / "adapter")
+    edit_adapter_config(adapter, **{field: value})
+    out = tmp_path / "out"
+    assert_refused(capsys, ["merge", assets.base, adapter, out], out, [assets.base, adapter],
+                   [adapter / "adapter_config.json", field, named])
+
+
+# -- numbers on the command line -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "-inf", "1e39"])
+def test_non_finite_scale_is_refused(assets, tmp_path, capsys, scale):
+    out = tmp_path / "out"
+    assert_refused(capsys, ["merge", assets.base, assets.lora, out, "--scale", scale], out,
+                   [assets.base, assets.lora], ["scale", "finite"])
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), 1e39])
+def test_plan_refuses_a_non_finite_adapter_weight(assets, weight):
+    """The engine's own check, for callers of ``plan`` that bypass the CLI's and the API's parsing."""
+    from wsurgery.adapters import load_adapter
+    from wsurgery.checkpoint import open_checkpoint
+    from wsurgery.engine import plan
+    from wsurgery.errors import InputError
+
+    with pytest.raises(InputError, match=re.escape(f"scale {weight!r} is not a finite number")):
+        plan(open_checkpoint(assets.base), [(load_adapter(assets.lora), weight)])
+
+
+@pytest.mark.parametrize("size", ["0", "0GB", "0.4B"])
+def test_shard_size_below_one_byte_is_refused(assets, tmp_path, capsys, size):
+    out = tmp_path / "out"
+    assert_refused(capsys, ["merge", assets.base, assets.lora, out, "--max-shard-size", size], out,
+                   [assets.base, assets.lora], [repr(size)])
+
+
+def test_invalid_skip_modules_regex_is_refused(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert_refused(capsys, ["quantize", assets.base, out, "--skip-modules", "("], out, [assets.base],
+                   ["--skip-modules '('", "regular expression"])
+
+
+@pytest.mark.parametrize("option", [["--rtol", "nan"], ["--atol", "inf"], ["--rtol", "-1"]])
+def test_verify_tolerances_must_be_finite(assets, tmp_path, capsys, option):
+    """A NaN tolerance fails every module and an infinite one passes every module."""
+    merged = tmp_path / "merged"
+    cli_ok(capsys, ["merge", assets.base, assets.lora, merged, "-q"])
+    status, _, stderr = run_cli(["verify", assets.base, assets.lora, merged, *option], capsys)
+    assert status == 1 and stderr.startswith("wsurgery: error:") and option[0] in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+
+
+def test_blocksize_must_be_an_integer():
+    from wsurgery.checkpoint.bnb4bit import Bnb4bit
+    from wsurgery.errors import InputError
+
+    with pytest.raises(InputError, match="blocksize 64.0"):
+        Bnb4bit(blocksize=64.0)
+
+
+# -- non-finite results --------------------------------------------------------------------------------------
+
+def _poison(which: str, value: float, module: str = Q):
+    def edit(tensors):
+        key = next(k for k in tensors if module in k and which in k)
+        tensors[key][0, 0] = value
+    return edit
+
+
+@pytest.mark.parametrize("which, value", [("lora_A", float("inf")), ("lora_B", float("nan"))])
+def test_non_finite_adapter_tensors_are_refused(assets, tmp_path, capsys, which, value):
+    """The base has several output shards; the poisoned module comes after the first is written."""
+    adapter = copy_of(assets.lora, tmp_path / "adapter")
+    edit_adapter_tensors(adapter, _poison(which, value, LATE))
+    out = tmp_path / "out"
+    assert_refused(capsys, ["merge", assets.base, adapter, out, "--max-shard-size", "20KB"], out,
+                   [assets.base, adapter], [f"{LATE}.weight", adapter, "inf or NaN"])
+
+
+def test_result_beyond_float16_is_refused(assets, tmp_path, capsys):
+    """ΔW = (alpha/r)·B·A reaches ~1e5 with alpha 1e7: finite in float32, inf in float16."""
+    adapter = copy_of(assets.lora, tmp_path / "adapter")
+    edit_adapter_config(adapter, lora_alpha=1e7)
+    out = tmp_path / "out"
+    assert_refused(capsys, ["merge", assets.base, adapter, out, "--dtype", "float16"], out, [assets.base, adapter],
+                   [f"{Q}.weight", "float16's range"])
+
+
+def test_result_beyond_bfloat16_is_refused(assets, tmp_path, capsys):
+    """W'[0,0] = W[0,0] + (8/4)·1.6995e38 ≈ 3.399e38: a float32, but past bfloat16's largest value
+    (3.3895e38) by more than half its last step (2**120), so it rounds to inf in the bf16 base's dtype."""
+    adapter = copy_of(assets.lora16, tmp_path / "adapter")
+
+    def edit(tensors):
+        a = next(k for k in tensors if Q in k and "lora_A" in k)
+        b = next(k for k in tensors if Q in k and "lora_B" in k)
+        tensors[a] = torch.zeros_like(tensors[a])
+        tensors[a][0, 0] = 1.0
+        tensors[b] = torch.zeros(tensors[b].shape, dtype=torch.float32)
+        tensors[b][0, 0] = 1.6995e38
+    edit_adapter_tensors(adapter, edit)
+    expected = 2 * 1.6995e38
+    assert torch.isfinite(torch.tensor(expected, dtype=torch.float32))
+    assert torch.isinf(torch.tensor(expected).to(torch.bfloat16))
+    out = tmp_path / "out"
+    assert_refused(capsys, ["merge", assets.base16, adapter, out], out, [assets.base16, adapter],
+                   [f"{Q}.weight", "bfloat16's range"])
+
+
+def test_non_finite_result_into_gguf_is_refused(tmp_path, capsys):
+    from gguf import GGMLQuantizationType as T
+    from gguf_tiny import tiny_llama as gguf_llama, write_llama_gguf
+    from peft import LoraConfig
+
+    model = gguf_llama()
+    base = write_llama_gguf(model, tmp_path / "base.gguf", T.Q8_0)
+    adapter = make_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), tmp_path / "adapter")
+    edit_adapter_tensors(adapter, _poison("lora_B", float("nan")))
+    out = tmp_path / "out.gguf"
+    assert_refused(capsys, ["merge", base, adapter, out], out, [base, adapter], [f"{Q}.weight", "inf or NaN"])
+
+
+def test_result_beyond_gguf_block_scales_is_refused(tmp_path, capsys):
+    """Q8_0 stores each block's scale absmax/127 as float16: an absmax of 1e7 would make it inf."""
+    from gguf import GGMLQuantizationType as T
+    from gguf_tiny import tiny_llama as gguf_llama, write_llama_gguf
+    from peft import LoraConfig
+
+    model = gguf_llama()
+    base = write_llama_gguf(model, tmp_path / "base.gguf", T.Q8_0)
+    adapter = make_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), tmp_path / "adapter")
+    edit_adapter_tensors(adapter, _poison("lora_B", 1e7))
+    out = tmp_path / "out.gguf"
+    assert_refused(capsys, ["merge", base, adapter, out], out, [base, adapter], [f"{Q}.weight", "float16"])
+
+
+# -- bitsandbytes 4-bit states -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nf4(assets, tmp_path_factory):
+    """The base quantized by transformers + bitsandbytes, with and without double quantization."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    root = tmp_path_factory.mktemp("nf4")
+    folders = {}
+    for double in (True, False):
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double)
+        model = AutoModelForCausalLM.from_pretrained(assets.base, quantization_config=config, device_map="cpu")
+        folders[double] = root / f"dq{int(double)}"
+        model.save_pretrained(folders[double])
+    return folders
+
+
+@pytest.mark.parametrize("part, double", [("quant_map", True), ("nested_quant_map", True),
+                                          ("nested_absmax", True), ("absmax", False), ("quant_map", False)])
+def test_non_finite_4bit_state_is_refused(assets, nf4, tmp_path, capsys, part, double):
+    base = copy_of(nf4[double], tmp_path / "base")
+    path = base / "model.safetensors"
+    tensors = load_file(path)
+    name = f"{Q}.weight.{part}"
+    tensors[name] = tensors[name].clone()
+    tensors[name][0] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    for args in (["merge", base, assets.lora, tmp_path / "out"], ["dequantize", base, tmp_path / "out"]):
+        assert_refused(capsys, args, tmp_path / "out", [base, assets.lora],
+                       [name if part != "absmax" else f"{Q}.weight", "inf or NaN"])
+
+
+def test_nf4_requantize_refuses_a_non_finite_change(assets, nf4, tmp_path, capsys):
+    adapter = copy_of(assets.lora, tmp_path / "adapter")
+    edit_adapter_tensors(adapter, _poison("lora_B", float("inf")))
+    out = tmp_path / "out"
+    assert_refused(capsys, ["merge", nf4[True], adapter, out, "--requantize"], out, [nf4[True], adapter],
+                   [f"{Q}.weight", "inf or NaN"])
+
+
+# -- encodings wsurgery does not decode ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def int8(assets, tmp_path_factory):
+    """A real LLM.int8 checkpoint, written by transformers + bitsandbytes on the CPU: ``weight`` int8,
+    ``SCB`` float32 and ``weight_format`` per Linear, quantization_config load_in_8bit."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    folder = tmp_path_factory.mktemp("int8") / "base"
+    model = AutoModelForCausalLM.from_pretrained(assets.base, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                 device_map="cpu")
+    model.save_pretrained(folder)
+    stored = load_file(folder / "model.safetensors")
+    assert stored[f"{Q}.weight"].dtype == torch.int8 and f"{Q}.SCB" in stored, sorted(stored)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fp8(assets, tmp_path_factory):
+    """transformers' FineGrainedFP8 (DeepSeek-V3) layout: each Linear ``weight`` float8_e4m3fn with a
+    float32 ``weight_scale_inv`` per 128x128 block (W ≈ weight · scale_inv), quant_method fp8."""
+    folder = copy_of(assets.base, tmp_path_factory.mktemp("fp8") / "base")
+    plain = load_file(folder / "model.safetensors")
+    tensors = {}
+    for name, w in plain.items():
+        if name.endswith("_proj.weight"):
+            rows, cols = w.shape
+            blocks = torch.nn.functional.pad(w, (0, -cols % 128, 0, -rows % 128))
+            blocks = blocks.view(blocks.shape[0] // 128, 128, blocks.shape[1] // 128, 128)
+            scale_inv = blocks.abs().amax(dim=(1, 3)) / torch.finfo(torch.float8_e4m3fn).max
+            codes = (blocks / scale_inv[:, None, :, None]).flatten(0, 1).flatten(1)[:rows, :cols]
+            tensors[name] = codes.to(torch.float8_e4m3fn)
+            tensors[name + "_scale_inv"] = scale_inv.float()
+        else:
+            tensors[name] = w
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128],
+                                     "activation_scheme": "dynamic"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_merge_into_int8_base_is_refused(assets, int8, tmp_path, capsys):
+    """It wrote the int8 codes unchanged (the change rounded away) and dropped quantization_config."""
+    out = tmp_path / "out"
+    assert_refused(capsys, ["merge", int8, assets.lora, out], out, [int8, assets.lora],
+                   [f"{Q}.weight", "int8", f"{Q}.SCB", "bitsandbytes 8-bit"])
+
+
+def test_merge_into_fp8_base_is_refused(assets, fp8, tmp_path, capsys):
+    """It ended in an internal error (float8 promotion) after the progress bar started."""
+    out = tmp_path / "out"
+    assert_refused(capsys, ["merge", fp8, assets.lora, out], out, [fp8, assets.lora],
+                   [f"{Q}.weight", "float8_e4m3fn", f"{Q}.weight_scale_inv", "quant_method: fp8"])
+
+
+@pytest.mark.parametrize("command", ["dequantize", "quantize", "verify"])
+def test_rewriting_an_undecoded_encoding_is_refused(int8, fp8, tmp_path, capsys, command):
+    """dequantize wrote int8 codes as the weights; the others must not read codes as numbers either."""
+    for base, method in ((int8, "bitsandbytes 8-bit"), (fp8, "fp8")):
+        out = tmp_path / f"out-{method[:3]}"
+        args = ["verify", "--quantized", base, base] if command == "verify" else [command, base, out]
+        assert_refused(capsys, args, out, [base], ["quantization_config", method, "not decode"])
+
+
+def test_unchanged_tensors_of_an_undecoded_encoding_are_not_rewritten(assets, tmp_path, capsys):
+    """A plain-float base whose config says AWQ: the adapter's modules are float, but the output would
+    keep tensors the config calls encoded while dropping or contradicting it: refused by quant_method."""
+    base = copy_of(assets.base, tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    (base / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert_refused(capsys, ["merge", base, assets.lora, out], out, [base, assets.lora], ["awq", "not decode"])
+
+
+def test_bitsandbytes_4bit_base_still_merges(assets, nf4, tmp_path, capsys):
+    cli_ok(capsys, ["merge", nf4[True], assets.lora, tmp_path / "out", "-q"])
+    assert (tmp_path / "out" / "model.safetensors").is_file()
