@@ -114,6 +114,9 @@ def public_command(command: str | None) -> str | None:
 
 
 def _public(value: str) -> str:
+    head, sep, weight = value.rpartition(":")
+    if sep and head and re.fullmatch(r"[-+]?[\d.]+(e[-+]?\d+)?", weight):  # ADAPTER:WEIGHT
+        return _public(head) + sep + weight
     path = Path(value)
     if _is_repo_id(value) and not path.parent.exists():
         return value
