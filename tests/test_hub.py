@@ -377,3 +377,65 @@ def test_push_to_with_a_gguf_output_is_refused_before_any_work(hub, tmp_path, ca
                        "--token", TOKEN)
     assert code == 2 and "uploads a folder" in output and not (tmp_path / "m.gguf").exists()
     assert not hub.commits
+
+
+@pytest.mark.parametrize("name_or_path, expected", [("org/tiny-llama", "org/tiny-llama"),
+                                                    ("/home/alice/models/tiny-llama", None)])
+def test_card_of_a_folder_not_written_by_wsurgery_takes_the_base_from_name_or_path(hub, tmp_path, capfd,
+                                                                                   name_or_path, expected):
+    """transformers' save_pretrained records the model's origin in config.json's _name_or_path: a repo id
+    there is the base; a local path is neither the base nor published in the card."""
+    folder = tmp_path / "model"
+    shutil.copytree(BASE, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["_name_or_path"] = name_or_path
+    (folder / "config.json").write_text(json.dumps(config))
+    code, output = cli(capfd, "push", str(folder), "alice/model", "--token", TOKEN, "-q")
+    assert code == 0, output
+    card = card_of(hub.repos["alice/model"].files("main")["README.md"])
+    assert card.data.base_model == expected
+    assert "/home/alice" not in card.text
+
+
+def _leftover_temporary_folder(folder: Path) -> str:
+    """An interrupted wsurgery write inside the folder: its temporary sibling with a truncated shard."""
+    leftover = folder / "sub" / ".out.wsurgery-tmp-4242"
+    leftover.mkdir(parents=True)
+    shard = (folder / "model-00001-of-00004.safetensors").read_bytes()
+    (leftover / "model.safetensors").write_bytes(shard[: len(shard) // 2])
+    return "sub/.out.wsurgery-tmp-4242"
+
+
+def _appended_bytes(folder: Path) -> str:
+    with open(folder / "model-00002-of-00004.safetensors", "ab") as f:
+        f.write(b"\0" * 8)
+    return "model-00002-of-00004.safetensors"
+
+
+def _short_data(folder: Path) -> str:
+    """The last tensor's bytes end before the file does not: the header's offsets stop short of the end."""
+    path = folder / "model-00003-of-00004.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    begin, end = header[last]["data_offsets"]
+    header[last]["shape"], header[last]["dtype"] = [(end - begin) // 2 // 4], "F32"
+    header[last]["data_offsets"] = [begin, begin + (end - begin) // 2 // 4 * 4]
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+    return "model-00003-of-00004.safetensors"
+
+
+@pytest.mark.parametrize("damage", [_leftover_temporary_folder, _appended_bytes, _short_data])
+def test_push_refuses_temporaries_at_any_depth_and_shards_whose_data_does_not_end_at_the_end(hub, tmp_path, capfd,
+                                                                                            damage):
+    folder = tmp_path / "model"
+    shutil.copytree(BASE, folder)
+    expected = damage(folder)
+    before = folder_files(folder)
+    code, output = cli(capfd, "push", str(folder), "alice/model", "--token", TOKEN)
+    assert code == 1 and output.count("\n") == 1 and "Traceback" not in output, output
+    assert output.startswith("wsurgery: error:") and expected in output, output
+    assert hub.requests == [] and folder_files(folder) == before
