@@ -15,6 +15,7 @@ tensor's max, bf16 within one ulp of the operands.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -460,3 +461,167 @@ def test_layer_replication_is_refused_with_the_reason(tmp_path):
                                tmp_path / "adapter")
     with pytest.raises(UnsupportedError, match="layer_replication.*more layers"):
         wsurgery.merge(save_base(model, tmp_path / "base"), adapter_dir, tmp_path / "out", progress=False)
+
+
+# -- VeLoRA, MonteCLoRA, MiCA: training-only variants, merged as plain LoRA ------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("init_type", ["random", "batch_average", "batch_average_once"])
+def test_velora(tmp_path, dtype, init_type):
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     velora_config={"num_groups": 4, "init_type": init_type})
+    _, adapter_dir, _ = run_case(tmp_path, tiny_llama(dtype), cfg, dtype=dtype)
+    keys = load_file(adapter_dir / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_velora_embed" in keys
+
+
+def test_velora_on_gpt2_conv1d(tmp_path):
+    from oracle import tiny_gpt2
+
+    cfg = LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn", "c_fc"], velora_config={"num_groups": 2},
+                     fan_in_fan_out=True)
+    run_case(tmp_path, tiny_gpt2(), cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_monteclora(tmp_path, dtype):
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"],
+                     monteclora_config={"num_samples": 3})
+    _, adapter_dir, _ = run_case(tmp_path, tiny_llama(dtype), cfg, dtype=dtype)
+    keys = load_file(adapter_dir / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_monteclora_sampler.std_prior" in keys
+
+
+def test_mica_linear_and_embedding(tmp_path):
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "embed_tokens"], init_lora_weights="mica")
+    run_case(tmp_path, tiny_llama(), cfg)
+
+
+def test_training_only_variant_refusals(tmp_path):
+    """A variant on a layer PEFT does not build it on, a variant's tensor under a config without the variant,
+    and a ``lora_`` tensor no variant saves: each refused naming the module or key, never read as a module."""
+    from oracle import conv_net
+
+    model = conv_net()
+    base_dir = save_base(model, tmp_path / "base")
+    adapter_dir = make_adapter(model, LoraConfig(r=2, target_modules=["c2", "fc"]), tmp_path / "conv")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    for change, match in [({"velora_config": {"num_groups": 2}}, r"c2.*VeLoRA \(velora_config\) on nn\.Conv1d/2d/3d"),
+                          ({"init_lora_weights": "mica"}, r"c2.*MiCA \(mica\) on nn\.Conv1d/2d/3d")]:
+        (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(UnsupportedError, match=match):
+            wsurgery.merge(base_dir, adapter_dir, tmp_path / "out", progress=False)
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    for extra, error, match in [("base_model.model.fc.lora_velora_embed", InputError,
+                                 r"fc.*lora_velora_embed \(VeLoRA\).*no velora_config"),
+                                ("base_model.model.fc.lora_future_variant", UnsupportedError,
+                                 r"'base_model\.model\.fc\.lora_future_variant'.*prefix 'lora_'")]:
+        save_file({**tensors, extra: torch.ones(3)}, adapter_dir / "adapter_model.safetensors")
+        with pytest.raises(error, match=match):
+            wsurgery.merge(base_dir, adapter_dir, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_qalora_flag_on_plain_linear_is_plain_lora_and_pooled_a_is_refused(tmp_path):
+    """PEFT applies use_qalora on GPTQ layers only; on nn.Linear it ignores the flag. A pooled lora_A
+    (in_features / qalora_group_size columns) is QA-LoRA proper, which PEFT cannot merge either."""
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_qalora=True, qalora_group_size=16)
+    run_case(tmp_path, tiny_llama(), cfg)
+    adapter_dir = tmp_path / "adapter"
+    edit = {k: v[:, :2].contiguous() if k.endswith("lora_A.weight") else v
+            for k, v in load_file(adapter_dir / "adapter_model.safetensors").items()}
+    save_file(edit, adapter_dir / "adapter_model.safetensors")
+    with pytest.raises(UnsupportedError, match=r"q_proj: lora_A reads 2 = in_features/16 .*QA-LoRA"):
+        wsurgery.merge(tmp_path / "base", adapter_dir, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("change, match", [({"alora_invocation_tokens": [1, 2]}, "invocation tokens"),
+                                           ({"arrow_config": {"top_k": 2}}, "routes each token")])
+def test_variants_peft_cannot_merge_are_refused_with_its_reason(tmp_path, change, match):
+    model = tiny_llama()
+    adapter_dir = make_adapter(model, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "adapter")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(UnsupportedError, match=f"{next(iter(change))} cannot be merged into weights: .*{match}"):
+        wsurgery.merge(save_base(model, tmp_path / "base"), adapter_dir, tmp_path / "out", progress=False)
+
+
+# -- the audit: wsurgery's variant table against PEFT's own registry -------------------------------------
+
+def _peft_lora_layer_classes() -> list[type]:
+    import inspect
+    import sys
+
+    from peft.tuners.lora.layer import LoraLayer
+
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("peft.tuners.lora") and m is not None]
+    return sorted({c for m in modules for _, c in inspect.getmembers(m, inspect.isclass) if issubclass(c, LoraLayer)},
+                  key=lambda c: f"{c.__module__}.{c.__name__}")
+
+
+def _peft_variants_of(cls: type) -> set[str]:
+    import inspect
+
+    return {name for key in inspect.getattr_static(cls, "lora_variants").fget(None) for name in key}
+
+
+def test_every_peft_lora_variant_is_in_the_table():
+    """Every variant PEFT can build (LoraConfig fields tagged is_lora_variant, init_lora_weights values that
+    are variants, and every key of every LoRA layer class's lora_variants) is in wsurgery's table, and the
+    table has no variant PEFT does not know."""
+    import dataclasses
+
+    from wsurgery.methods.lora import VARIANTS
+
+    fields = set()
+    for f in dataclasses.fields(LoraConfig):
+        if f.metadata.get("is_lora_variant"):
+            fields.add(f.name)
+        fields.update(f.metadata.get("lora_variants", ()))
+    for cls in _peft_lora_layer_classes():
+        fields |= _peft_variants_of(cls)
+    assert fields == set(VARIANTS), f"PEFT's variants differ from wsurgery's table: {fields ^ set(VARIANTS)}"
+
+
+def test_variant_layers_are_the_ones_peft_builds_them_on():
+    """PEFT's lora.Linear wraps nn.Linear and Conv1D alike, unless the variant's init refuses
+    fan_in_fan_out (KaSA does)."""
+    import inspect
+
+    from peft.tuners.lora import layer as peft_layer
+
+    from wsurgery.methods.lora import VARIANTS
+
+    kinds = {peft_layer.Linear: {"linear", "conv1d_transposed"}, peft_layer.Embedding: {"embedding"},
+             peft_layer.Conv1d: {"conv"}, peft_layer.Conv2d: {"conv"}, peft_layer.Conv3d: {"conv"},
+             peft_layer.MultiheadAttention: set(), peft_layer.ParamWrapper: set()}
+    linear_variants = inspect.getattr_static(peft_layer.Linear, "lora_variants").fget(None)
+    for option, variant in VARIANTS.items():
+        built_on = set().union(*(k for cls, k in kinds.items() if option in _peft_variants_of(cls)))
+        init = inspect.getsource(linear_variants[(option,)].init) if (option,) in linear_variants else ""
+        if re.search(r"if getattr\(module, \"fan_in_fan_out\", False\):\s*(#.*\s*)*raise", init):
+            built_on.discard("conv1d_transposed")
+        assert set(variant.layers) == built_on, option
+
+
+def test_every_tensor_peft_lora_layers_save_is_known():
+    """Every container PEFT's LoRA layers and variants register (``adapter_layer_names``, and every
+    ``module.lora_* = ModuleDict/ParameterDict/BufferDict`` in peft/tuners/lora) is a name wsurgery's LoRA
+    reads, so none of them is ever taken for a module path. ``lora_dropout`` holds dropout modules, which
+    have no state."""
+    from pathlib import Path as P
+
+    import peft.tuners.lora as peft_lora
+
+    from wsurgery.methods.lora import Lora
+
+    names = {n for cls in _peft_lora_layer_classes() for n in cls.adapter_layer_names}
+    for source in P(peft_lora.__file__).parent.glob("*.py"):
+        text = source.read_text()
+        names |= set(re.findall(r"(?:module|self)\.(lora_\w+)\s*=\s*(?:torch\.)?(?:nn\.)?(?:ModuleDict|ParameterDict"
+                                r"|BufferDict)\(", text))
+        names |= set(re.findall(r"adapter_layer_names\[:\] \+ \(\"(\w+)\",\)", text))
+    names.discard("lora_dropout")
+    assert {"lora_velora_embed", "lora_monteclora_sampler", "lora_diag", "lora_arrow"} <= names  # the scan works
+    assert names - Lora.param_names == set()

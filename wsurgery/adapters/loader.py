@@ -146,6 +146,7 @@ def load_adapter(path: str | Path, options: dict[str, Any] | None = None) -> Ada
         raise UnsupportedError(f"{folder}: option(s) {', '.join(unknown)} do not apply to {config.peft_type} adapters")
     adapter = Adapter(folder, file, config, method, context=AdapterContext(options=options))
     keys: dict[tuple[str, str], str] = {}  # (module, param) -> the key in the file, for messages
+    prefix = method.key_prefix
     for key, tensor in tensors.items():
         adapter.num_tensors += 1
         adapter.num_parameters += tensor.numel()
@@ -169,6 +170,11 @@ def load_adapter(path: str | Path, options: dict[str, Any] | None = None) -> Ada
             adapter.tokens.append(token_patch(module, tensor, indices, key))
             continue
         cut = next((i for i, p in enumerate(parts) if p in method.param_names), None)
+        unknown = next((p for p in parts if prefix and p.startswith(prefix)), None) if cut is None else None
+        if unknown is not None:
+            raise UnsupportedError(f"{file}: tensor {key!r}: {unknown!r} has {config.peft_type}'s prefix {prefix!r} "
+                                   f"but is no {config.peft_type} tensor wsurgery knows (a newer PEFT variant?); "
+                                   "refused rather than read as a module path")
         if cut is not None and cut > 0:
             module, param = ".".join(parts[:cut]), ".".join(parts[cut:])
             params = adapter.modules.setdefault(module, ModuleParams(module, {}, config, adapter.context))

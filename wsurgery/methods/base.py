@@ -14,6 +14,7 @@ near two float32 copies of the largest changed tensor.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -236,6 +237,15 @@ class Method(ABC):
     option_names: ClassVar[frozenset[str]] = frozenset()
     #: Rows for the support table.
     support: ClassVar[tuple[Support, ...]] = ()
+
+    @property
+    def key_prefix(self) -> str | None:
+        """The longest ``…_`` prefix all ``param_names`` share (``lora_``, ``vera_lambda_``: PEFT names every
+        per-module tensor of a method with its tuner's prefix), or None. A key component that has it but is
+        not a known name is a tensor this code does not know (a newer PEFT variant), never a module."""
+        common = os.path.commonprefix(sorted(self.param_names))
+        cut = common.rfind("_")
+        return common[: cut + 1] if cut > 0 else None
 
     def check_config(self, config: AdapterConfig) -> None:
         """Refuse configs whose options this implementation does not cover, before any work."""

@@ -22,12 +22,20 @@ magnitude, so its change depends on W and cannot be undone from the files.
   expanded to the block-diagonal matrix and merged as LoRA.
 * KaSA: ΔW = s·B·diag(lora_diag)·A, applied to the base *after* PEFT's destructive SVD truncation
   (drop the r smallest singular components, fp32 SVD); unmerge cannot restore the dropped part.
+* VeLoRA, MonteCLoRA and MiCA change training only (VeLoRA compresses the activations its backward
+  pass keeps, MonteCLoRA samples noise around A, MiCA initialises B from the base's minor singular
+  vectors and freezes it): PEFT merges them as plain LoRA, and so does wsurgery. Their extra tensors
+  (``lora_velora_embed``, ``lora_monteclora_sampler.*``) do not enter the merged weight.
+
+``VARIANTS`` lists every variant PEFT can save, what turns it on, what it saves and where it is built;
+a test compares it with PEFT's own registry so that a new variant is never mistaken for a module.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,29 +62,63 @@ if TYPE_CHECKING:  # adapters import methods; the config is only needed for type
 # Inits that modify the base weight at the start of training: the saved adapter is relative to a
 # different W, unless PEFT converted it on save (then init_lora_weights is reset to True).
 _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-# Options with no weight-space merge in PEFT itself.
-_NO_MERGE_OPTIONS = {
-    "use_qalora": "QA-LoRA's A acts on group-pooled inputs; PEFT cannot merge it either",
-    "alora_invocation_tokens": "activated LoRA only applies after its invocation tokens, which depends on the input",
-    "arrow_config": "Arrow routes each token between several LoRAs at run time",
+
+
+@dataclass(frozen=True)
+class LoraVariant:
+    """One of PEFT's LoRA variants: the layers PEFT builds it on, what it saves, and whether it merges."""
+
+    name: str
+    layers: tuple[str, ...]  # LoraPatch kinds: linear, conv1d_transposed (Conv1D), embedding, conv
+    tensors: tuple[str, ...] = ()  # per-module tensors it saves besides LoRA's own (first key component)
+    refused: str | None = None  # why PEFT cannot merge it either; None where it merges
+
+
+_LINEAR = ("linear", "conv1d_transposed")  # PEFT's lora.Linear wraps nn.Linear and transformers' Conv1D
+#: LoRA's own per-module tensors, saved by every variant.
+PLAIN_TENSORS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+#: Every LoRA variant of PEFT 0.21.2 by the LoraConfig field that turns it on (``mica``: the value of
+#: ``init_lora_weights``). PEFT builds one variant per layer, never two together, and none on
+#: nn.MultiheadAttention or raw parameters (``target_parameters``).
+VARIANTS: dict[str, LoraVariant] = {
+    "use_dora": LoraVariant("DoRA", (*_LINEAR, "embedding", "conv"), ("lora_magnitude_vector",)),
+    "use_bdlora": LoraVariant("BD-LoRA", _LINEAR),
+    "kasa_config": LoraVariant("KaSA", ("linear",), ("lora_diag",)),
+    "velora_config": LoraVariant("VeLoRA", _LINEAR, ("lora_velora_embed",)),
+    "monteclora_config": LoraVariant("MonteCLoRA", _LINEAR, ("lora_monteclora_sampler",)),
+    "mica": LoraVariant("MiCA", (*_LINEAR, "embedding")),
+    "alora_invocation_tokens": LoraVariant(
+        "activated LoRA", _LINEAR,
+        refused="activated LoRA only applies after its invocation tokens, which depends on the input"),
+    "arrow_config": LoraVariant("Arrow", _LINEAR, ("lora_arrow",),
+                                refused="Arrow routes each token between several LoRAs at run time"),
 }
+#: QA-LoRA (``use_qalora``) is a variant of PEFT's GPTQ layers only; on a plain nn.Linear PEFT ignores the flag.
+_QALORA_REFUSED = "QA-LoRA's A acts on group-pooled inputs; PEFT cannot merge it either"
 # Options this release does not cover; refusing beats a silently wrong merge.
 _NOT_YET = {
     "layer_replication": "the merged model has more layers than the base (PEFT appends copies of layers that share "
                          "the base weights, and its merge adds every copy's change to the one shared tensor); "
                          "wsurgery writes exactly the base's tensors and cannot add or renumber layers",
 }
-# PEFT's LoRA variants that replace the plain B·A change; PEFT refuses any two of them together.
-_VARIANTS = ("use_dora", "use_bdlora", "kasa_config")
 _MHA_OUT = ".base_layer.out_proj"
+_KIND_NAMES = {"linear": "nn.Linear", "conv1d_transposed": "transformers' Conv1D", "embedding": "nn.Embedding",
+               "conv": "nn.Conv1d/2d/3d"}
 #: The last PEFT release whose MultiheadAttention merge was checked (adds the out_proj change twice).
 _MHA_CHECKED = (0, 21, 2)
 
 
 def _variant_on(config: AdapterConfig, name: str) -> bool:
-    """PEFT turns any sub-config that is not None (even ``{}``) into an active variant."""
+    """PEFT's test: the field is truthy, where any sub-config (even ``{}``) becomes a truthy dataclass."""
+    if name == "mica":
+        return config.raw.get("init_lora_weights") == "mica"
     value = config.raw.get(name)
-    return value is not None and value is not False
+    return isinstance(value, dict) or bool(value)
+
+
+def active_variants(config: AdapterConfig) -> list[str]:
+    """The ``VARIANTS`` keys this adapter's config turns on."""
+    return [v for v in VARIANTS if _variant_on(config, v)]
 
 
 def _scaling(config: AdapterConfig, alpha: float, rank: int) -> float:
@@ -97,6 +139,7 @@ class LoraPatch(AdditivePatch):
         self.kind, self.A, self.B, self.alpha, self.scaling, self.bias = kind, A, B, alpha, scaling, bias
         self.role, self.factor, self.facts = role, factor, dict(facts or {})
         self.rank = A.shape[0]
+        self.qalora_group: int | None = None  # use_qalora's group size: PEFT applies it on GPTQ layers only
 
     def weight_shape(self) -> tuple[int, ...]:
         A, B = self.A, self.B
@@ -108,7 +151,13 @@ class LoraPatch(AdditivePatch):
         return out_in[::-1] if self.kind == "conv1d_transposed" else out_in
 
     def check(self, shapes: Shapes) -> None:
-        expect_shape(self.module, "the adapter's change", self.weight_shape(), shapes[self.role], what=self.role)
+        w = shapes[self.role]
+        features = self.A.shape[1]  # lora_A's inputs
+        if self.qalora_group and len(w) == 2 and w[0 if self.kind == "conv1d_transposed" else 1] == (
+                features * self.qalora_group) != features:
+            raise UnsupportedError(f"{self.module}: lora_A reads {features} = in_features/{self.qalora_group} "
+                                   f"features, a QA-LoRA (use_qalora) layer: {_QALORA_REFUSED}")
+        expect_shape(self.module, "the adapter's change", self.weight_shape(), w, what=self.role)
         if self.bias is not None and shapes.get("bias") != tuple(self.bias.shape):
             raise InputError(f"{self.module}: lora_B.bias is {list(self.bias.shape)} but the base bias is "
                              f"{list(shapes['bias']) if 'bias' in shapes else 'missing'}")
@@ -489,8 +538,7 @@ def _block_diagonal(M: torch.Tensor, nblocks: int, what: str, where: str) -> tor
 @register
 class Lora(Method):
     peft_types = ("LORA",)
-    param_names = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-                             "lora_diag"})
+    param_names = frozenset(PLAIN_TENSORS).union(*(v.tensors for v in VARIANTS.values()))
     option_names = frozenset({"mha_single_out_proj", "experts_transposed"})
     support = (
         Support("LoRA (incl. rsLoRA, rank/alpha patterns, lora_bias, trainable_token_indices)",
@@ -507,16 +555,21 @@ class Lora(Method):
         Support("BD-LoRA (LoRA with use_bdlora)", "Linear", "exact", "exact", "0.21.2"),
         Support("KaSA (LoRA with kasa_config)", "Linear", "exact (incl. PEFT's SVD truncation of the base)",
                 "refused: the SVD truncation dropped base components that are not in the files", "0.21.2"),
+        Support("VeLoRA, MonteCLoRA (LoRA with velora_config, monteclora_config)", "Linear, Conv1D",
+                "exact (plain LoRA: their extra tensors only act in training)", "exact", "0.21.2"),
+        Support("MiCA (LoRA with init_lora_weights=\"mica\")", "Linear, Conv1D, Embedding", "exact (plain LoRA)",
+                "exact", "0.21.2"),
     )
 
     def check_config(self, config: AdapterConfig) -> None:
-        for option, reason in _NO_MERGE_OPTIONS.items():
-            if config.get(option):
+        variants = active_variants(config)
+        for option in variants:
+            reason = VARIANTS[option].refused
+            if reason is not None:
                 raise UnsupportedError(f"{config.path}: LoRA with {option} cannot be merged into weights: {reason}")
         for option, reason in _NOT_YET.items():
             if config.get(option):
                 raise UnsupportedError(f"{config.path}: LoRA with {option} is not supported: {reason}")
-        variants = [v for v in _VARIANTS if (config.get(v) if v == "use_dora" else _variant_on(config, v))]
         if len(variants) > 1:
             raise UnsupportedError(f"{config.path}: LoRA with both {variants[0]} and {variants[1]} is not a "
                                    "combination PEFT can build")
@@ -531,7 +584,7 @@ class Lora(Method):
     def summary(self, config: AdapterConfig) -> dict[str, Any]:
         facts = {
             "scaling_rule": "lora_alpha/sqrt(r)" if config.get("use_rslora", False) else "lora_alpha/r",
-            "dora": bool(config.get("use_dora", False)),
+            "dora": _variant_on(config, "use_dora"),
             "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
             "lora_bias": bool(config.get("lora_bias", False)),
         }
@@ -539,6 +592,9 @@ class Lora(Method):
             facts["bdlora"] = dict(config.raw["use_bdlora"]) if isinstance(config.raw["use_bdlora"], dict) else True
         if _variant_on(config, "kasa_config"):
             facts["kasa"] = "base truncated by SVD before ΔW = s·B·diag(lora_diag)·A"
+        for option in ("velora_config", "monteclora_config", "mica"):
+            if _variant_on(config, option):
+                facts["variant"] = f"{VARIANTS[option].name}: merged as plain LoRA (it only changes training)"
         if config.get("target_parameters"):
             facts["target_parameters"] = list(config.get("target_parameters"))
         return facts
@@ -574,8 +630,9 @@ class Lora(Method):
                 kind = "conv1d_transposed"
             else:
                 kind = "linear"
+        variants = self._check_variant(params, kind, where)
         facts: dict[str, Any] = {}
-        if _variant_on(config, "use_bdlora"):
+        if "use_bdlora" in variants:
             A, B, facts = self._bdlora(config, module, kind, A, B, where)
         rank = A.shape[0]
         if rank == 0 or B.shape[-1 if kind == "embedding" else 1] != rank:
@@ -583,11 +640,17 @@ class Lora(Method):
                              f"has shape {list(B.shape)}; the adapter file is inconsistent")
         alpha = self.alpha(config, module)
         scaling = _scaling(config, alpha, rank)
-        if _variant_on(config, "kasa_config") or "lora_diag" in t:
+        if "kasa_config" in variants:
             return self._kasa_patch(params, kind, A, B, alpha, scaling, where)
+        for name in (*VARIANTS["velora_config"].tensors, *VARIANTS["monteclora_config"].tensors):
+            # Training-only state: read (so that the loader knows it was seen), not merged, as in PEFT.
+            for key in [k for k in t if k.split(".")[0] == name]:
+                t.get(key)
         lora = LoraPatch(module, kind, A, B, alpha, scaling, t.get("lora_B.bias"), facts=facts)
-        magnitude = t.get("lora_magnitude_vector", t.get("lora_magnitude_vector.weight"))
-        if magnitude is not None or config.get("use_dora", False):
+        if config.get("use_qalora", False) and kind in _LINEAR:
+            lora.qalora_group = int(config.get("qalora_group_size", 16))
+        if "use_dora" in variants:
+            magnitude = t.get("lora_magnitude_vector", t.get("lora_magnitude_vector.weight"))
             if magnitude is None:
                 params.require("lora_magnitude_vector")
             if lora.bias is not None:
@@ -597,13 +660,32 @@ class Lora(Method):
 
     # -- variants and special layers ---------------------------------------------------------------
     @staticmethod
+    def _check_variant(params: ModuleParams, kind: str, where: str) -> list[str]:
+        """The config's active variants, after refusing a variant on a layer PEFT does not build it on, and
+        a variant's tensors under a config that does not turn it on (PEFT would not load them)."""
+        config, t = params.config, params.tensors
+        variants = active_variants(config)
+        for option in variants:
+            v = VARIANTS[option]
+            if kind not in v.layers:
+                layers = ", ".join(_KIND_NAMES[k] for k in v.layers)
+                raise UnsupportedError(f"{where}: {v.name} ({option}) on {_KIND_NAMES[kind]}; PEFT builds it only "
+                                       f"on {layers}")
+        for option, v in VARIANTS.items():
+            saved = [k for k in t if k.split(".")[0] in v.tensors]
+            if saved and option not in variants:
+                raise InputError(f"{where}: the adapter holds {saved[0]} ({v.name}) but its config has no {option}; "
+                                 "the adapter file and its config disagree")
+        return variants
+
+    @staticmethod
     def _refuse_variants(config: AdapterConfig, t: dict, where: str, layer: str) -> None:
-        """PEFT refuses every variant (DoRA, BD-LoRA, KaSA) on MultiheadAttention and raw parameters."""
-        for v in _VARIANTS:
-            if config.get(v) if v == "use_dora" else _variant_on(config, v):
-                raise UnsupportedError(f"{where}: LoRA with {v} on {layer} is not a combination PEFT can build")
-        for name in ("lora_magnitude_vector", "lora_magnitude_vector.weight", "lora_diag"):
-            if name in t:
+        """PEFT builds no variant on MultiheadAttention and raw parameters."""
+        for option in active_variants(config):
+            raise UnsupportedError(f"{where}: LoRA with {option} ({VARIANTS[option].name}) on {layer} is not a "
+                                   "combination PEFT can build")
+        for name in t:
+            if name.split(".")[0] not in PLAIN_TENSORS:
                 raise UnsupportedError(f"{where}: {name} on {layer}; PEFT has no such variant there")
 
     def _mha_patch(self, params: ModuleParams, mha: str, out_proj: bool) -> Patch:
@@ -666,8 +748,6 @@ class Lora(Method):
         on_a = any(p in module for p in bd.get("target_modules_bd_a") or [])
         on_b = any(p in module for p in bd.get("target_modules_bd_b") or [])
         nblocks = int(bd.get("nblocks", 1) or 1)
-        if kind not in ("linear", "conv1d_transposed"):
-            raise UnsupportedError(f"{where}: BD-LoRA (use_bdlora) on a {kind} layer; PEFT only builds it on Linear")
         if on_a and on_b:
             raise UnsupportedError(f"{where}: matches both BD-LoRA A and B patterns; PEFT refuses this")
         if not (on_a or on_b):
@@ -682,14 +762,7 @@ class Lora(Method):
     @staticmethod
     def _kasa_patch(params: ModuleParams, kind: str, A: torch.Tensor, B: torch.Tensor, alpha: float,
                     scaling: float, where: str) -> Patch:
-        config, t = params.config, params.tensors
-        if not _variant_on(config, "kasa_config"):
-            raise InputError(f"{where}: the adapter holds lora_diag but its config has no kasa_config")
-        if kind != "linear":
-            raise UnsupportedError(f"{where}: KaSA (kasa_config) on a {kind} layer; PEFT only builds it on nn.Linear")
         (diag,) = params.require("lora_diag")
         if diag.numel() != A.shape[0]:
             raise InputError(f"{where}: lora_diag has {diag.numel()} entries but the rank is {A.shape[0]}")
-        if "lora_magnitude_vector" in t:
-            raise UnsupportedError(f"{where}: KaSA with DoRA is not a combination PEFT can build")
-        return KasaPatch(params.module, A, B, diag.flatten(), alpha, scaling, t.get("lora_B.bias"))
+        return KasaPatch(params.module, A, B, diag.flatten(), alpha, scaling, params.tensors.get("lora_B.bias"))
