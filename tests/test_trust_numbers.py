@@ -66,11 +66,11 @@ def test_non_finite_lora_alpha_is_refused(assets, tmp_path, capsys, literal):
     ("lora_alpha", "sixteen", "must be a number"),
     ("lora_alpha", True, "must be a number"),
     ("lora_alpha", 1e300, "float32"),
-    ("r", 2.5, "positive integer"),
+    ("r", 2.5, "whole number"),
     ("alpha_pattern", {"(": 3}, "'('"),
     ("rank_pattern", {"q_proj[": 2}, "'q_proj['"),
     ("alpha_pattern", {"q_proj": "x"}, "must be a number"),
-    ("rank_pattern", {"q_proj": 0}, "positive integer"),
+    ("rank_pattern", {"q_proj": -1}, "whole number"),
     ("alpha_pattern", ["q_proj"], "mapping"),
     ("use_rslora", "false", "true or false"),
 ])

@@ -22,7 +22,8 @@ def match_pattern(patterns: dict[str, Any] | None, module_path: str) -> Any | No
 
 
 # Fields that hold a number wherever PEFT has them: a string or bool there would crash a method, or
-# be read as some other number. ``r`` is a rank: a positive integer (PEFT refuses anything else).
+# be read as some other number. ``r`` is a rank: a whole number (0 in OFT, whose blocks are sized by
+# ``oft_block_size`` instead).
 _NUMBER_FIELDS = frozenset({"lora_alpha", "alpha", "init_r", "target_r", "randlora_alpha", "psoft_alpha", "scaling",
                             "weight_tying", "sparsity"})
 _RANK_FIELDS = frozenset({"r"})
@@ -36,6 +37,10 @@ _FLOAT32_MAX = 3.4028234663852886e38  # the merge computes in float32
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_rank(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value) and value == int(value) and value >= 0
 
 
 def _check_number(value: Any, where: str) -> None:
@@ -94,8 +99,8 @@ class AdapterConfig:
                 continue
             if key in _NUMBER_FIELDS:
                 _check_number(value, f"{self.path}: {key}")
-            if key in _RANK_FIELDS and not (_is_number(value) and value == int(value) and value >= 1):
-                raise InputError(f"{self.path}: {key} is {value!r}; a rank must be a positive integer")
+            if key in _RANK_FIELDS and not _is_rank(value):
+                raise InputError(f"{self.path}: {key} is {value!r}; a rank must be a whole number >= 0")
             if key.endswith("_pattern") and key not in _OTHER_PATTERNS:
                 self._check_pattern(key, value)
 
@@ -114,8 +119,8 @@ class AdapterConfig:
                                  "fix the adapter config") from None
             if field == "rank_pattern" and isinstance(value, list) and all(isinstance(v, bool) for v in value):
                 continue  # AdaLoRA's rank mask
-            if field == "rank_pattern" and not (_is_number(value) and value == int(value) and value >= 1):
-                raise InputError(f"{self.path}: {field}[{key!r}] is {value!r}; a rank must be a positive integer")
+            if field == "rank_pattern" and not _is_rank(value):
+                raise InputError(f"{self.path}: {field}[{key!r}] is {value!r}; a rank must be a whole number >= 0")
             _check_number(value, f"{self.path}: {field}[{key!r}]")
 
     @property
