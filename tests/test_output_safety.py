@@ -118,6 +118,19 @@ def test_out_inside_an_input_is_refused(work, capsys, overwrite):
     assert load_all(work.base)  # still opens
 
 
+def test_out_beside_a_lone_weights_file_is_fine(work, capsys):
+    """The control: the folder of a weights file given alone is not an input (unless it is a model folder)."""
+    downloads = work.out.parent / "downloads"
+    downloads.mkdir()
+    shutil.copy(work.base / "model.safetensors", downloads / "model.safetensors")
+    code, _, err = run_cli(["merge", downloads / "model.safetensors", work.adapter, downloads / "merged", "-q"], capsys)
+    assert code == 0, err
+    assert load_all(downloads / "merged")
+    out = work.base / "merged"  # the base folder is a model folder: refused even when its file is named
+    assert_refused(capsys, ["merge", work.base / "model.safetensors", work.adapter, out], out,
+                   [work.base, work.adapter], [out, "inside the input"])
+
+
 def test_out_a_link_is_refused(work, capsys):
     """A dangling link (the rename would fail after all the work) and a link to the base."""
     dangling = work.out.parent / "dangling"

@@ -57,7 +57,7 @@ def _local(*specs: str | None) -> list[Path]:
 
 def _check_out(out: str, inputs: list[Path], overwrite: bool, one_file: bool = False) -> None:
     """Refuse a bad OUT before any work; the API checks it again against the inputs it resolved."""
-    (check_output_file if one_file else check_output_path)(Path(out), inputs, overwrite)
+    (check_output_file if one_file else check_output_path)(Path(out), inputs, overwrite, whole_folders=True)
 
 
 @contextmanager

@@ -57,7 +57,17 @@ def is_temporary_name(name: str) -> bool:
     return _TEMPORARY.match(name) is not None
 
 
-def _check_place(out: Path, inputs: list[Path], role: str = "OUT", links: bool = False) -> None:
+def _changes_input_folder(folder: Path, out: Path, whole: bool) -> bool:
+    """Whether writing ``out`` inside the folder ``folder`` changes an input: always where the folder was
+    given as an input (``whole``); else (it may be only the folder of a lone weights file) where it is a
+    model or adapter folder, or where ``out`` takes a name the folder's reader would pick up."""
+    first = out.relative_to(folder).parts[0]
+    return (whole or any((folder / n).is_file() for n in ("config.json", "adapter_config.json"))
+            or any(folder.glob("*.index.json")) or bool(_OUTPUT_FILE.match(first)) or first.endswith(_WEIGHT_SUFFIXES))
+
+
+def _check_place(out: Path, inputs: list[Path], role: str = "OUT", links: bool = False,
+                 whole_folders: bool = False) -> None:
     """Refuse an ``out`` (of ``role``) that is not a plain name in an existing, writable folder, or that
     is, holds or lies inside one of the inputs (symbolic links followed)."""
     if out.name in ("", ".", ".."):
@@ -71,8 +81,8 @@ def _check_place(out: Path, inputs: list[Path], role: str = "OUT", links: bool =
             raise InputError(f"{out}: is the input {inp}; choose another {role}")
         if out_r in inp_r.parents:
             raise InputError(f"{out}: holds the input {inp}; choose another {role}")
-        if inp_r in out_r.parents and inp_r.is_dir():
-            raise InputError(f"{out}: is inside the input {inp} and would change it; choose a {role} outside it")
+        if inp_r in out_r.parents and inp_r.is_dir() and _changes_input_folder(inp_r, out_r, whole_folders):
+            raise InputError(f"{out}: is inside the input {inp} and would change it; put {role} elsewhere")
     parent = out.parent
     if not parent.is_dir():
         raise InputError(f"{parent}: the folder of {role} does not exist" if not parent.exists()
@@ -84,11 +94,12 @@ def _check_place(out: Path, inputs: list[Path], role: str = "OUT", links: bool =
         raise InputError(f"{out}: is (or holds) the current folder; run from elsewhere or choose another {role}")
 
 
-def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> None:
+def check_output_path(out: Path, inputs: list[Path], overwrite: bool, whole_folders: bool = False) -> None:
     """Refuse an OUT that is, holds or lies inside an input, that exists (unless overwrite), or that
-    --overwrite may not replace: anything but a folder of files wsurgery writes."""
+    --overwrite may not replace: anything but a folder of files wsurgery writes. ``whole_folders``: the
+    folders among ``inputs`` are inputs themselves, not only the folders of input files."""
     out = Path(out)
-    _check_place(out, inputs)
+    _check_place(out, inputs, whole_folders=whole_folders)
     remove_leftovers(out)
     if not out.exists():
         return
@@ -106,13 +117,13 @@ def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> None:
                          "or choose another OUT")
 
 
-def check_output_file(out: Path, inputs: list[Path], overwrite: bool) -> None:
+def check_output_file(out: Path, inputs: list[Path], overwrite: bool, whole_folders: bool = False) -> None:
     """``check_output_path`` for an output that is one file (a ``.gguf``): --overwrite replaces only a
     regular file."""
     out = Path(out)
     if out.is_dir():
         raise InputError(f"{out}: is a folder; the output is one file, choose a file name")
-    _check_place(out, inputs)
+    _check_place(out, inputs, whole_folders=whole_folders)
     remove_leftovers(out)
     if out.exists() and not overwrite:
         raise InputError(f"{out}: already exists; choose a new file name or pass --overwrite")
@@ -126,7 +137,7 @@ def check_written_file(path: Path, option: str, inputs: list[Path], out: Path | 
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a folder; {option} takes a file name")
-    _check_place(path, inputs, option, links=True)
+    _check_place(path, inputs, option, links=True, whole_folders=True)
     if out is not None and (path.resolve() == Path(out).resolve() or Path(out).resolve() in path.resolve().parents):
         raise InputError(f"{path}: is OUT or inside it; write {option} elsewhere")
     if path.exists() and not stat.S_ISREG(path.stat().st_mode) and not path.is_char_device():
