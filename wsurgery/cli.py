@@ -20,7 +20,10 @@ def _one_line(text: str) -> str:
 def _fail(message: str, code: int = 1) -> None:
     """Print ``wsurgery: MESSAGE`` and exit; no signal can cut the line or add a traceback after it."""
     interrupts.stop_raising()
-    print(f"wsurgery: {_one_line(message)}", file=sys.stderr, flush=True)
+    try:
+        print(f"wsurgery: {_one_line(message)}", file=sys.stderr, flush=True)
+    except OSError:  # stderr gone with the terminal (SIGHUP): the exit status still tells
+        pass
     sys.exit(code)
 
 

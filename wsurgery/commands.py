@@ -10,14 +10,14 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from . import __version__, api
-from .checkpoint.output import check_output_file, check_output_path, check_written_file
+from .checkpoint.output import atomic_output_file, check_output_file, check_output_path, check_written_file
 from .cli import _fail, _one_line
 from .describe import format_text, inspect
 from .convert.convert import TARGETS
@@ -58,6 +58,16 @@ def _local(*specs: str | None) -> list[Path]:
 def _check_out(out: str, inputs: list[Path], overwrite: bool, one_file: bool = False) -> None:
     """Refuse a bad OUT before any work; the API checks it again against the inputs it resolved."""
     (check_output_file if one_file else check_output_path)(Path(out), inputs, overwrite, whole_folders=True)
+
+
+def _write_side_file(path: str, write: Callable[[Path], None]) -> None:
+    """Write a report beside the output whole or not at all (through a temporary sibling), or straight
+    into a device such as /dev/stdout."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        write(Path(path))
+        return
+    with atomic_output_file(Path(path), overwrite=True) as tmp:
+        write(tmp)
 
 
 @contextmanager
@@ -296,7 +306,7 @@ def _show_verify(report, json_path: str | None, show_all: bool) -> None:
     from .verify import format_report
 
     if json_path:
-        report.write_json(json_path)
+        _write_side_file(json_path, report.write_json)
     click.echo(format_report(report, everything=show_all))
     if not report.passed:
         names = ", ".join(c.module for c in report.failures[:3])
@@ -337,8 +347,7 @@ def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | N
         r = api.extract(base, tuned, out, rank=rank, energy=energy, max_error=max_error, targets=targets,
                         device=device, svd=svd, overwrite=overwrite, progress=not quiet, plot=plot)
     if report_path:
-        with open(report_path, "w") as f:
-            json.dump(r.to_dict(), f, indent=2)
+        _write_side_file(report_path, lambda p: p.write_text(json.dumps(r.to_dict(), indent=2)))
     if not quiet:
         click.echo(_table(["module", "kind", "shape", "rank", "rel_error", "energy"],
                           [[m.module, m.kind, "x".join(map(str, m.shape)), m.rank or "-", f"{m.rel_error:.3e}",
