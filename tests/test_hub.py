@@ -379,22 +379,21 @@ def test_push_to_with_a_gguf_output_is_refused_before_any_work(hub, tmp_path, ca
     assert not hub.commits
 
 
-@pytest.mark.parametrize("name_or_path, expected", [("org/tiny-llama", "org/tiny-llama"),
-                                                    ("/home/alice/models/tiny-llama", None)])
-def test_card_of_a_folder_not_written_by_wsurgery_takes_the_base_from_name_or_path(hub, tmp_path, capfd,
-                                                                                   name_or_path, expected):
+def test_card_of_a_folder_not_written_by_wsurgery_takes_the_base_from_name_or_path(hub, tmp_path, capfd):
     """transformers' save_pretrained records the model's origin in config.json's _name_or_path: a repo id
     there is the base; a local path is neither the base nor published in the card."""
-    folder = tmp_path / "model"
-    shutil.copytree(BASE, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["_name_or_path"] = name_or_path
-    (folder / "config.json").write_text(json.dumps(config))
-    code, output = cli(capfd, "push", str(folder), "alice/model", "--token", TOKEN, "-q")
-    assert code == 0, output
-    card = card_of(hub.repos["alice/model"].files("main")["README.md"])
-    assert card.data.base_model == expected
-    assert "/home/alice" not in card.text
+    for repo, name_or_path, expected in [("alice/a", "org/tiny-llama", "org/tiny-llama"),
+                                         ("alice/b", "/home/alice/models/tiny-llama", None)]:
+        folder = tmp_path / repo
+        shutil.copytree(BASE, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["_name_or_path"] = name_or_path
+        (folder / "config.json").write_text(json.dumps(config))
+        code, output = cli(capfd, "push", str(folder), repo, "--token", TOKEN, "-q")
+        assert code == 0, output
+        card = card_of(hub.repos[repo].files("main")["README.md"])
+        assert card.data.base_model == expected
+        assert "/home/alice" not in card.text
 
 
 def _leftover_temporary_folder(folder: Path) -> str:
