@@ -463,6 +463,34 @@ def test_layer_replication_is_refused_with_the_reason(tmp_path):
         wsurgery.merge(save_base(model, tmp_path / "base"), adapter_dir, tmp_path / "out", progress=False)
 
 
+# -- Linear or Conv1D: the layout from the shapes, not from the saved fan_in_fan_out ---------------------
+
+@pytest.mark.parametrize("case", ["gpt2-lm_head", "gpt2-lm_head-dora", "emb-conv1d"])
+def test_conv1d_next_to_linear_whatever_the_saved_flag(tmp_path, case):
+    """PEFT sets fan_in_fan_out per layer by its type and saves the last wrapped layer's value: False for
+    GPT-2 with its (nn.Linear) lm_head targeted, although c_attn/c_fc are Conv1D and merged transposed."""
+    from test_method_hra_road_ia3 import _EmbConv1D, _untied_gpt2
+
+    if case == "emb-conv1d":
+        torch.manual_seed(0)
+        model, cfg = _EmbConv1D(), LoraConfig(r=2, lora_alpha=3, target_modules=["conv1d", "lin0"])
+    else:
+        model = _untied_gpt2()
+        cfg = LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn", "c_fc", "lm_head"], use_dora=case.endswith("dora"))
+    _, adapter_dir, _ = run_case(tmp_path, model, cfg, check_unmerge=not case.endswith("dora"))
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+
+
+def test_square_conv1d_next_to_linear_is_refused(tmp_path):
+    from test_method_hra_road_ia3 import _untied_gpt2
+
+    model = _untied_gpt2()
+    adapter_dir = make_adapter(model, LoraConfig(r=2, target_modules=["c_attn", "attn.c_proj", "lm_head"]),
+                               tmp_path / "adapter")
+    with pytest.raises(InputError, match=r"attn\.c_proj: its LoRA weight is square.*nn\.Linear.*Conv1D"):
+        wsurgery.merge(save_base(model, tmp_path / "base"), adapter_dir, tmp_path / "out", progress=False)
+
+
 # -- VeLoRA, MonteCLoRA, MiCA: training-only variants, merged as plain LoRA ------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -54,6 +54,7 @@ from .base import (
     like,
     register,
 )
+from .hira import Layout
 from .layers import Conv, Embedding, Layer, Linear, Matrices
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
@@ -130,16 +131,27 @@ class LoraPatch(AdditivePatch):
 
     ``role`` is the base tensor changed (``in_proj_weight`` for MultiheadAttention), ``factor`` how
     many times PEFT adds the weight change (2 for MultiheadAttention's out_proj in PEFT <= 0.21.2).
+    With a ``layout``, a Linear-or-Conv1D change takes its layout from the base shape, as PEFT takes it
+    from the layer type: PEFT saves the ``fan_in_fan_out`` of the last layer it wrapped, which is wrong
+    for the Conv1D layers of a model whose targets include nn.Linear layers (GPT-2 with its lm_head).
     """
 
     def __init__(self, module: str, kind: str, A: torch.Tensor, B: torch.Tensor, alpha: float, scaling: float,
                  bias: torch.Tensor | None = None, *, role: str = "weight", factor: float = 1.0,
-                 facts: dict[str, Any] | None = None):
+                 facts: dict[str, Any] | None = None, layout: Layout | None = None):
         super().__init__(module, (role, "bias") if bias is not None else (role,))
-        self.kind, self.A, self.B, self.alpha, self.scaling, self.bias = kind, A, B, alpha, scaling, bias
+        self._kind, self.A, self.B, self.alpha, self.scaling, self.bias = kind, A, B, alpha, scaling, bias
+        self.layout = layout if kind in _LINEAR else None
+        self._by_shape: bool | None = None  # stored (in, out) like Conv1D, as the base shape says (None: square)
         self.role, self.factor, self.facts = role, factor, dict(facts or {})
         self.rank = A.shape[0]
         self.qalora_group: int | None = None  # use_qalora's group size: PEFT applies it on GPTQ layers only
+
+    @property
+    def kind(self) -> str:
+        if self.layout is None:
+            return self._kind
+        return "conv1d_transposed" if self.layout.transposed(self.module, self._by_shape) else "linear"
 
     def weight_shape(self) -> tuple[int, ...]:
         A, B = self.A, self.B
@@ -153,6 +165,10 @@ class LoraPatch(AdditivePatch):
     def check(self, shapes: Shapes) -> None:
         w = shapes[self.role]
         features = self.A.shape[1]  # lora_A's inputs
+        out_in = (self.B.shape[0], features)
+        if self.layout is not None and tuple(w) in (out_in, out_in[::-1]):
+            self._by_shape = Layout.by_shape(w, *out_in)
+            self.layout.observe(self.module, self._by_shape)
         if self.qalora_group and len(w) == 2 and w[0 if self.kind == "conv1d_transposed" else 1] == (
                 features * self.qalora_group) != features:
             raise UnsupportedError(f"{self.module}: lora_A reads {features} = in_features/{self.qalora_group} "
@@ -646,7 +662,8 @@ class Lora(Method):
             # Training-only state: read (so that the loader knows it was seen), not merged, as in PEFT.
             for key in [k for k in t if k.split(".")[0] == name]:
                 t.get(key)
-        lora = LoraPatch(module, kind, A, B, alpha, scaling, t.get("lora_B.bias"), facts=facts)
+        layout = Layout.of(params.context, "LoRA", bool(config.get("fan_in_fan_out", False)))
+        lora = LoraPatch(module, kind, A, B, alpha, scaling, t.get("lora_B.bias"), facts=facts, layout=layout)
         if config.get("use_qalora", False) and kind in _LINEAR:
             lora.qalora_group = int(config.get("qalora_group_size", 16))
         if "use_dora" in variants:
