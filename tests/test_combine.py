@@ -268,4 +268,6 @@ def test_weight_suffix_is_parsed_only_after_an_existing_path_or_a_repo_id(tmp_pa
     assert adapter_with_weight(f"{odd}:3") == (str(odd), 3.0)
     assert adapter_with_weight(f"{tmp_path}/missing:0.5") == (f"{tmp_path}/missing:0.5", 1.0)
     assert adapter_with_weight("org/some-lora:0.25") == ("org/some-lora", 0.25)
-    assert adapter_with_weight(f"{plain}:abc") == (f"{plain}:abc", 1.0)
+    for weight in ("abc", "nan", "inf", "1e999"):  # after an existing adapter, a weight that is not a number
+        with pytest.raises(InputError, match=f"weight '{weight}' is not a finite number; give ADAPTER:WEIGHT"):
+            adapter_with_weight(f"{plain}:{weight}")

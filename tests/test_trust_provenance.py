@@ -110,6 +110,7 @@ def test_extract_combine_convert_record_their_inputs_and_peft_loads_them_silentl
         card = ModelCard(model_card(out, f"alice/{name}"))
         assert card.data.base_model_relation == "adapter" and "secret" not in card.text
         assert f"`wsurgery {record['operation']}" in card.text  # the card reads the record back
+        assert wsurgery.inspect(out)["made_by"] == record  # and so does inspect
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = AutoModelForCausalLM.from_pretrained(private / "base")

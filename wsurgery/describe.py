@@ -11,6 +11,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .checkpoint.bnb4bit import QuantizedTensorInfo, quantization_record
 from .checkpoint.dtypes import dtype_name
 from .hub import resolve
+from .model_card import adapter_record
 
 
 def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
@@ -93,8 +94,17 @@ def describe_adapter(adapter: Adapter, base: Checkpoint | None = None) -> dict[s
         "merge": "yes",
         "unmerge": (f"impossible for {len(not_invertible)} module(s)" if not_invertible
                     else f"approximate for {len(approximate)} module(s)" if approximate else "exact"),
+        "made_by": adapter_record(adapter.folder) or None,
         "modules": modules,
     }
+
+
+def _made_by(made: dict[str, Any]) -> list[str]:
+    """The line saying which wsurgery command wrote the folder, where its record tells."""
+    if not made.get("operation"):
+        return []
+    return [f"made by     wsurgery {made.get('version', '')} {made['operation']}"
+            + (f": {made['command']}" if made.get("command") else "")]
 
 
 def format_text(info: dict[str, Any]) -> str:
@@ -115,9 +125,7 @@ def format_text(info: dict[str, Any]) -> str:
             lines.append(f"quantized   {len(quantized)} weights in bitsandbytes 4-bit ({quantized[0]['stored_as']}); "
                          "listed below as the tensors they stand for")
         made = info.get("made_by") or {}
-        if made.get("operation"):
-            lines.append(f"made by     wsurgery {made.get('version', '')} {made['operation']}"
-                         + (f": {made['command']}" if made.get("command") else ""))
+        lines += _made_by(made)
         if (made.get("quantization") or {}).get("merged_into"):
             lines.append(f"qlora       merged into {made['quantization']['merged_into']}, "
                          f"written {made['quantization']['output']}")
@@ -139,6 +147,7 @@ def format_text(info: dict[str, Any]) -> str:
     lines.append(f"tensors     {info['num_tensors']}   parameters {info['num_parameters']:,}   "
                  f"dtypes {', '.join(info['dtypes'])}")
     lines.append(f"merge       {info['merge']}   unmerge {info['unmerge']}")
+    lines += _made_by(info.get("made_by") or {})
     lines.append("")
     for m in info["modules"]:
         facts = "  ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"

@@ -35,16 +35,13 @@ _KINDS = {"linear": "linear", "conv1d_transposed": "conv1d", "embedding": "embed
 
 
 def adapter_with_weight(spec: str) -> tuple[str, float]:
-    """``my-lora:0.5`` -> ``("my-lora", 0.5)``. Paths may contain ':', so a trailing ``:<number>`` is a weight
-    only where the part before it is an existing path or a Hub repo id, and the whole is not a path."""
+    """``my-lora:0.5`` -> ``("my-lora", 0.5)``. Paths may contain ':', so what follows the last ':' is a weight
+    only where the part before it is an existing path or a Hub repo id, and the whole is not a path; it must
+    then be a finite number."""
     head, sep, tail = spec.rpartition(":")
-    if not sep or not head or Path(spec).exists():
+    if not sep or not head or Path(spec).exists() or not (Path(head).exists() or looks_like_repo_id(head)):
         return spec, 1.0
-    try:
-        weight = float(tail)
-    except ValueError:
-        return spec, 1.0
-    return (head, weight) if Path(head).exists() or looks_like_repo_id(head) else (spec, 1.0)
+    return head, _weight(head, tail)
 
 
 def weighted_specs(adapters: AdapterSpec | list[AdapterSpec]) -> list[tuple[str | Path, float]]:
@@ -59,7 +56,7 @@ def weighted_specs(adapters: AdapterSpec | list[AdapterSpec]) -> list[tuple[str 
 
 
 def _weight(spec: str | Path, weight: object) -> float:
-    """An adapter's weight: a finite number (a bool is no number here)."""
+    """An adapter's weight: a finite number (a bool is no number here; text is parsed)."""
     try:
         value = float(weight) if not isinstance(weight, bool) else math.nan
     except (TypeError, ValueError):
