@@ -30,12 +30,15 @@ from .methods import not_mergeable
 from .support import support_markdown, support_rows
 
 
+_OVERWRITE_HELP = ("Replace OUT if it exists and holds only what wsurgery writes: weights, index, config, tokenizer "
+                   "and card files (or one regular .gguf file).")
+
 common_output = [
     click.option("--dtype", default=None, help="Output dtype for floating-point tensors (float32, float16, bfloat16). "
                                                "Default: keep each tensor's dtype."),
     click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB). Default: the base's sharding."),
     click.option("--scale", default=1.0, type=float, show_default=True, help="Merge scale·ΔW instead of ΔW."),
-    click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
+    click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP),
     click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
     click.option("--task-id", type=int, default=None, help="Poly: merge the routed change for this task."),
     click.option("--mha-single-out-proj", is_flag=True, default=None,
@@ -216,7 +219,7 @@ def _command_line() -> str:
 @click.option("--gguf-type", default=None, metavar="GGML_TYPE",
               help="SRC is a .gguf file: requantize its weight matrices to this type (q8_0, q4_0, f16...) in the "
                    "GGUF file OUT instead.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @push_options
 def quantize_cmd(src: str, out: str, quant_type: str, no_double_quant: bool, blocksize: int, compute_dtype: str | None,
@@ -249,7 +252,7 @@ def quantize_cmd(src: str, out: str, quant_type: str, no_double_quant: bool, blo
 @click.argument("out")
 @click.option("--dtype", default=None, help="Output dtype. Default: each weight's recorded dtype.")
 @click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB). Default: the source's sharding.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @push_options
 def dequantize_cmd(src: str, out: str, dtype: str | None, max_shard_size: str | None, overwrite: bool,
@@ -331,7 +334,7 @@ def _show_verify(report, json_path: str | None, show_all: bool) -> None:
 @click.option("--plot", default=None, metavar="PNG", help="Draw the singular-value spectra of a few modules "
                                                           "(needs matplotlib: pip install 'wsurgery[plot]').")
 @click.option("--report", "report_path", default=None, metavar="JSON", help="Write the per-module report as JSON.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no per-module table.")
 @push_options
 def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | None, max_error: float | None,
@@ -374,7 +377,7 @@ def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | N
                                                      "approximation); needed for adapters that are not LoRAs.")
 @click.option("--base", default=None, help="The base checkpoint: needed where a change depends on W; also maps "
                                            "differently named modules onto the base's names.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no per-module table.")
 @push_options
 def combine(out: str, adapters: tuple[str, ...], rank: int | None, base: str | None, overwrite: bool,
@@ -445,7 +448,7 @@ def _report(verb: str, r: Result, quiet: bool) -> None:
 @click.option("--merge-into", default=None, metavar="MERGED",
               help="--to gguf-lora: where llama.cpp's LoRA format cannot carry the adapter (DoRA, modules_to_save, "
                    "biases...), merge it into --base and write the model MERGED (a .gguf file) instead of OUT.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (the error table is still printed).")
 @push_options
 def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | None, block_size: int | None,

@@ -58,9 +58,10 @@ def handling_signals(restore: bool = True) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, _handler) for s in SIGNALS}
-    _state.__init__()
+    global _state
+    _state = _State()
     _state.active = True
+    previous = {s: signal.signal(s, _handler) for s in SIGNALS}
     try:
         yield
     finally:

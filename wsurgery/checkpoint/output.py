@@ -108,8 +108,9 @@ def check_output_path(out: Path, inputs: list[Path], overwrite: bool, whole_fold
     if not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder; --overwrite replaces only an output folder")
     from_inputs = {p.name for inp in map(Path, inputs) if inp.is_dir() for p in inp.iterdir()}
-    unknown = sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in out.iterdir()
-                     if (p.is_dir() and not p.is_symlink()) or not (_OUTPUT_FILE.match(p.name) or p.name in from_inputs))
+    unknown = sorted(p.name + "/" if p.is_dir() and not p.is_symlink() else p.name for p in out.iterdir()
+                     if (p.is_dir() and not p.is_symlink())
+                     or not (_OUTPUT_FILE.match(p.name) or p.name in from_inputs))
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         raise InputError(f"{out}: holds files wsurgery does not write ({', '.join(unknown[:3])}{more}); --overwrite "
