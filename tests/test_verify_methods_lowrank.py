@@ -196,3 +196,20 @@ def test_target_parameters_gpt_oss(tmp_path):
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
                      target_parameters=["experts.gate_up_proj", "experts.down_proj"])
     _case(tmp_path, _tiny_gpt_oss(), cfg)
+
+
+# -- LoRA's training-only variants, and Conv1D next to nn.Linear -----------------------------------
+
+@pytest.mark.parametrize("variant", [{"velora_config": {"num_groups": 4, "init_type": "random"}},
+                                     {"monteclora_config": {"num_samples": 3}}, {"init_lora_weights": "mica"}],
+                         ids=["velora", "monteclora", "mica"])
+def test_lora_training_only_variants(tmp_path, variant):
+    """At inference PEFT runs these as plain LoRA, and so does the forward path."""
+    _case(tmp_path, tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], **variant))
+
+
+def test_lora_gpt2_with_lm_head_layout_from_the_shapes(tmp_path):
+    from test_method_hra_road_ia3 import _untied_gpt2
+
+    _case(tmp_path, _untied_gpt2(), LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn", "c_fc", "lm_head"]),
+          transposable=False)

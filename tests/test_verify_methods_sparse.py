@@ -60,6 +60,14 @@ def test_ia3_conv_layers(tmp_path, dtype):
     _case(tmp_path, conv_net(dtype), cfg, dtype, transposable=False)
 
 
+def test_ia3_gpt2_conv1d_next_to_lm_head(tmp_path):
+    """The saved fan_in_fan_out is the lm_head's False; the Conv1D layers' layout comes from their shapes."""
+    from test_method_hra_road_ia3 import _untied_gpt2
+
+    cfg = IA3Config(target_modules=["c_attn", "c_fc", "mlp.c_proj", "lm_head"], feedforward_modules=["c_fc", "mlp.c_proj"])
+    _case(tmp_path, _untied_gpt2(), cfg, transposable=False)
+
+
 def test_ia3_grouped_conv(tmp_path):
     torch.manual_seed(0)
     cfg = IA3Config(target_modules=["g", "h"], feedforward_modules=["g", "h"])
