@@ -142,9 +142,11 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
          provenance: dict[str, Any] | None = None, progress: bool = True) -> PushResult:
     """Upload a checkpoint or adapter folder to the Hub repo ``repo_id`` (created if missing).
 
-    The folder is checked first (every index names existing shards, every header parses, no
-    unfinished temporary files). Where it has no README.md, a model card is generated from
-    ``provenance`` or the folder's own records and uploaded with it; the folder is never modified.
+    The folder is checked first (every index names existing shards, every safetensors header parses
+    and its data ends exactly at the file's end, no unfinished temporary file or folder at any
+    depth). Where it has no README.md, a model card is generated from ``provenance`` or the folder's
+    own records (wsurgery's record, an adapter's base, config.json's ``_name_or_path`` where it is a
+    repo id) and uploaded with it; the folder is never modified.
     ``revision`` is a branch (created if missing) or ``refs/pr/N``; ``create_pr`` opens a pull
     request against main instead. ``token`` defaults to ``HF_TOKEN``, then the stored login.
     """
