@@ -3,16 +3,45 @@
     >>> import wsurgery
     >>> wsurgery.merge("base-model/", "my-lora/", "merged/")
     >>> wsurgery.inspect("my-lora/")
+
+The API is imported on first use: ``import wsurgery`` (and so the command line's start, before its
+signal handlers are in place) must not import torch, or a Ctrl-C during start-up prints a traceback.
 """
 
-from .api import merge, push, unmerge
-from .api import convert as convert_adapter  # plain `convert` is the subpackage wsurgery.convert
-from .api import combine, extract
-from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
-from .describe import inspect
-from .engine import Result
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["InputError", "NotInvertibleError", "Result", "UnsupportedError", "WsurgeryError", "combine",
-           "convert_adapter", "extract", "inspect", "merge", "push", "unmerge", "__version__"]
+# name -> (module, attribute there); `convert_adapter` because plain `convert` is the subpackage.
+_LAZY = {
+    "merge": (".api", "merge"), "unmerge": (".api", "unmerge"), "push": (".api", "push"),
+    "convert_adapter": (".api", "convert"), "combine": (".api", "combine"), "extract": (".api", "extract"),
+    "inspect": (".describe", "inspect"), "Result": (".engine", "Result"),
+    "InputError": (".errors", "InputError"), "NotInvertibleError": (".errors", "NotInvertibleError"),
+    "UnsupportedError": (".errors", "UnsupportedError"), "WsurgeryError": (".errors", "WsurgeryError"),
+}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+if TYPE_CHECKING:
+    from .api import combine, extract, merge, push, unmerge
+    from .api import convert as convert_adapter
+    from .describe import inspect
+    from .engine import Result
+    from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'wsurgery' has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
