@@ -67,6 +67,14 @@ def test_adalora_gpt2_conv1d_and_conv2d(tmp_path):
     _case(tmp_path / "c", conv_net(), cfg, transposable=False)
 
 
+def test_adalora_gpt2_with_lm_head_layout_from_the_shapes(tmp_path):
+    """PEFT saves the last wrapped layer's fan_in_fan_out (the lm_head's False); c_attn/c_fc are Conv1D."""
+    from test_method_hra_road_ia3 import _untied_gpt2
+
+    cfg = AdaLoraConfig(init_r=3, lora_alpha=5, target_modules=["c_attn", "c_fc", "lm_head"], total_step=10)
+    _case(tmp_path, _untied_gpt2(), cfg, transposable=False)
+
+
 # -- LoHa / LoKr -----------------------------------------------------------------------------------
 
 @DTYPES

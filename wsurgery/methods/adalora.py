@@ -2,6 +2,9 @@
 
 The divisor is the *initial* rank from the config even after rank pruning: PEFT never saves
 ``ranknum`` and restores it as ``init_r`` on load, while the saved A/E/B may be truncated per layer.
+
+Linear or Conv1D: from the base shape, as PEFT takes it from the layer type (the saved
+``fan_in_fan_out`` is the last wrapped layer's); see :class:`~wsurgery.methods.hira.Layout`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .base import (
     like,
     register,
 )
+from .hira import Layout
 from .layers import Conv, Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
@@ -31,10 +35,15 @@ if TYPE_CHECKING:  # adapters import methods; the config is only needed for type
 
 class AdaLoraPatch(AdditivePatch):
     def __init__(self, module: str, A: torch.Tensor, E: torch.Tensor, B: torch.Tensor, alpha: float,
-                 factor: float, transposed: bool):
+                 factor: float, layout: Layout):
         super().__init__(module, ("weight",))
-        self.A, self.E, self.B, self.alpha, self.factor, self.transposed = A, E, B, alpha, factor, transposed
+        self.A, self.E, self.B, self.alpha, self.factor, self.layout = A, E, B, alpha, factor, layout
         self.numel = B.shape[0] * A.shape[1]
+        self._by_shape: bool | None = None  # stored (in, out) like Conv1D, as the base shape says (None: square)
+
+    @property
+    def transposed(self) -> bool:
+        return self.layout.transposed(self.module, self._by_shape)
 
     def check(self, shapes: Shapes) -> None:
         w = shapes["weight"]
@@ -42,7 +51,10 @@ class AdaLoraPatch(AdditivePatch):
             ok = w[0] == self.B.shape[0] and self.numel == torch.Size(w).numel()
         else:
             want = (self.B.shape[0], self.A.shape[1])
-            ok = w == (want[::-1] if self.transposed else want)
+            ok = tuple(w) in (want, want[::-1])
+            if ok:
+                self._by_shape = Layout.by_shape(w, *want)
+                self.layout.observe(self.module, self._by_shape)
         if not ok:
             raise InputError(f"{self.module}: AdaLoRA change is {self.B.shape[0]}x{self.A.shape[1]} but the base "
                              f"weight is {list(w)}; was the adapter trained on another model?")
@@ -98,4 +110,5 @@ class AdaLora(Method):
         scaling = alpha if alpha > 0 else float(init_r)
         # PEFT keeps ranknum as a float32 parameter: divide by float32(init_r) + 1e-5 as it does.
         ranknum = float(torch.tensor(float(init_r), dtype=torch.float32) + 1e-5)
-        return AdaLoraPatch(params.module, A, E, B, scaling, scaling / ranknum, bool(config.get("fan_in_fan_out", False)))
+        layout = Layout.of(params.context, "AdaLoRA", bool(config.get("fan_in_fan_out", False)))
+        return AdaLoraPatch(params.module, A, E, B, scaling, scaling / ranknum, layout)
