@@ -331,3 +331,17 @@ def test_unchanged_tensors_of_an_undecoded_encoding_are_not_rewritten(assets, tm
 def test_bitsandbytes_4bit_base_still_merges(assets, nf4, tmp_path, capsys):
     cli_ok(capsys, ["merge", nf4[True], assets.lora, tmp_path / "out", "-q"])
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_overflow_bound_is_where_rounding_reaches_inf(dtype):
+    """The engine's bound against torch's own rounding: the bound rounds to inf, the float below it
+    (in the wider type the merge computes in) to the largest finite value."""
+    from wsurgery.engine import overflow_bound
+
+    wide = torch.float64 if dtype == torch.float32 else torch.float32
+    bound = torch.tensor(overflow_bound(dtype), dtype=wide)
+    below = torch.nextafter(bound, torch.tensor(0.0, dtype=wide))
+    assert float(bound) == overflow_bound(dtype)  # exactly representable where it is compared
+    assert torch.isinf(bound.to(dtype)) and torch.isinf((-bound).to(dtype))
+    assert below.to(dtype) == torch.finfo(dtype).max and (-below).to(dtype) == -torch.finfo(dtype).max

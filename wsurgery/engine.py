@@ -305,12 +305,11 @@ def _execute_gguf(plan: Plan, out: Path, gguf: GgufOutput | None, overwrite: boo
         return base.read(name, scratch.take(use, info.shape, info.dtype))
 
     def emit(name: str, tensor: torch.Tensor) -> None:
-        if name in plan.owner:
+        if name in plan.owner:  # the writer rounds; the check needs only the bound of what it rounds to
             target = gguf.types.get(name, base.tensors[name].type)
-            if target in PLAIN_TYPES:
-                _rounded_finite(scratch, tensor, PLAIN_TYPES[target], plan, name)
-            else:  # block types store float16 scales: an |x| beyond float16's range makes one infinite
-                _rounded_finite(scratch, tensor, tensor.dtype, plan, name, limit=torch.finfo(torch.float16).max)
+            # Block types store float16 scales (absmax / 127 for Q8_0...): |x| must round to a finite float16.
+            fits = PLAIN_TYPES.get(target, torch.float16)
+            tensor = _rounded_finite(scratch, tensor, tensor.dtype, plan, name, fits)
         writer.write(name, tensor)
 
     with atomic_output_file(out, overwrite) as tmp:
@@ -360,37 +359,53 @@ class _Scratch:
         return self.take(use, tuple(t.shape), dtype).copy_(t)
 
 
-#: Elements rounded and checked at a time: the rounded chunk is still in the cache when it is checked.
-_CHECK_CHUNK = 1 << 16
+#: Elements checked and rounded at a time: the chunk is still in the cache when it is rounded (1 MiB of
+#: float32). Smaller chunks cost more in per-op overhead than they save.
+_CHECK_CHUNK = 1 << 18
+
+
+def overflow_bound(dtype: torch.dtype) -> float:
+    """The smallest magnitude that rounds to ±inf in ``dtype``: its largest value plus half a step (the
+    largest value's last mantissa bit is 1, so the tie rounds to even, i.e. up to inf)."""
+    info = torch.finfo(dtype)
+    return info.max + 2.0 ** (math.floor(math.log2(info.max)) - 1) * info.eps
 
 
 def _rounded_finite(scratch: _Scratch, tensor: torch.Tensor, dtype: torch.dtype, plan: Plan, name: str,
-                    limit: float | None = None) -> torch.Tensor:
-    """``tensor`` rounded to ``dtype`` (as ``scratch.cast``), each chunk checked for inf/NaN (and
-    ``|x| <= limit``) right after it is rounded: a changed tensor that is not finite is refused, at
-    the cost of one pass over data already in the cache rather than one more over memory."""
-    out = tensor.contiguous() if tensor.dtype == dtype else scratch.take("out", tuple(tensor.shape), dtype)
-    source = tensor.reshape(-1) if out is not tensor and tensor.is_contiguous() else None
-    if out is not tensor and source is None:
-        out.copy_(tensor)  # strided: one copy, then the check
-    flat = out.view(-1)
-    for start in range(0, flat.numel(), _CHECK_CHUNK):
-        chunk = flat[start:start + _CHECK_CHUNK]
-        if source is not None:
-            chunk.copy_(source[start:start + _CHECK_CHUNK])
-        ok = bool(chunk.abs().amax() <= limit) if limit is not None else bool(torch.isfinite(chunk).all())
-        if not ok:
-            raise _not_finite(plan, name, tensor, dtype, limit)
+                    fits: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor`` rounded to ``dtype`` (as ``scratch.cast``), refused unless every value is finite and
+    rounds to a finite value in ``fits`` (default ``dtype``): ``|x| < overflow_bound(fits)``.
+
+    Each chunk's min and max are taken just before the chunk is rounded, while it is in the cache:
+    one reduction over data the cast reads anyway, instead of another pass over memory.
+    """
+    fits = fits or dtype
+    bound = overflow_bound(fits) if torch.finfo(fits).max < torch.finfo(tensor.dtype).max else math.inf
+    if tensor.dtype == dtype:
+        out = tensor.contiguous()
+        source, target = out.view(-1), None
+    elif not tensor.is_contiguous():  # strided: rounded in one copy, then the copy is checked
+        out = scratch.take("out", tuple(tensor.shape), dtype).copy_(tensor)
+        source, target = out.view(-1), None
+    else:
+        out = scratch.take("out", tuple(tensor.shape), dtype)
+        source, target = tensor.reshape(-1), out.view(-1)
+    for start in range(0, source.numel(), _CHECK_CHUNK):
+        part = source[start:start + _CHECK_CHUNK]
+        low, high = torch.aminmax(part)
+        if not (bool(low > -bound) and bool(high < bound)):  # NaN fails both
+            raise _not_finite(plan, name, tensor, fits)
+        if target is not None:
+            target[start:start + _CHECK_CHUNK].copy_(part)
     return out
 
 
-def _not_finite(plan: Plan, name: str, tensor: torch.Tensor, dtype: torch.dtype, limit: float | None) -> InputError:
+def _not_finite(plan: Plan, name: str, tensor: torch.Tensor, fits: torch.dtype) -> InputError:
     job = plan.jobs[plan.owner[name]]
     what = f"{plan.direction} of {', '.join(job.sources)} into {job.module}"
     if bool(torch.isfinite(tensor).all()):
-        bound = f"|x| <= {limit:g} (float16 block scales)" if limit is not None else f"{dtype_name(dtype)}'s range"
-        return InputError(f"{name}: the {what} has values beyond {bound}; write a wider --dtype/--type, or check "
-                          "the adapter's alpha and tensors and the --scale")
+        return InputError(f"{name}: the {what} has values beyond {dtype_name(fits)}'s range; write a wider "
+                          "--dtype/--type, or check the adapter's alpha and tensors and the --scale")
     return InputError(f"{name}: the {what} gives inf or NaN values; check the adapter's tensors (inf/NaN?), its "
                       "alpha and the --scale")
 
