@@ -117,3 +117,26 @@ def test_extract_combine_convert_record_their_inputs_and_peft_loads_them_silentl
             PeftModel.from_pretrained(model, out)
         assert not [w for w in caught if "nexpected" in str(w.message)], name
     assert "loha" in ModelCard(model_card(outs["converted"], "alice/c")).data.tags
+
+
+def test_every_command_line_records_its_command_without_paths(private, capsys):
+    """unmerge, extract, combine and convert run from the command line record what was run, paths cut to names."""
+    merged, unmerged = private / "merged", private / "unmerged"
+    assert run_cli(["merge", private / "base", private / "lora", merged, "-q"], capsys)[0] == 0
+    runs = {
+        "unmerge": (["unmerge", merged, private / "lora", unmerged, "-q"],
+                    lambda: json.loads((unmerged / "config.json").read_text())["wsurgery"]),
+        "extract": (["extract", private / "base", merged, private / "ex", "--rank", "8", "-q"],
+                    lambda: adapter_record(private / "ex")),
+        "combine": (["combine", private / "co", f"{private / 'lora'}:0.5", "-q"],
+                    lambda: adapter_record(private / "co")),
+        "convert": (["convert", private / "lora", private / "cv", "--to", "loha", "-q"],
+                    lambda: adapter_record(private / "cv")),
+    }
+    for operation, (argv, record) in runs.items():
+        code, _, err = run_cli(argv, capsys)
+        assert code == 0, (operation, err)
+        got = record()
+        assert got["operation"] == operation
+        assert got["command"].startswith(f"wsurgery {operation} "), got
+        assert "secret" not in json.dumps(got) and "/" not in got["command"], got

@@ -24,7 +24,8 @@ _LAZY = {
     "UnsupportedError": (".errors", "UnsupportedError"), "WsurgeryError": (".errors", "WsurgeryError"),
 }
 
-__all__ = sorted([*_LAZY, "__version__"])
+__all__ = ["InputError", "NotInvertibleError", "Result", "UnsupportedError", "WsurgeryError", "combine",
+           "convert_adapter", "extract", "inspect", "merge", "push", "unmerge", "__version__"]
 
 if TYPE_CHECKING:
     from .api import combine, extract, merge, push, unmerge

@@ -102,13 +102,16 @@ def merge(base: str | Path, adapter: AdapterSpec | list[AdapterSpec], out: str |
 
 def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, scale: float = 1.0,
             dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
-            overwrite: bool = False, progress: bool = True, options: dict[str, Any] | None = None) -> Result:
+            overwrite: bool = False, progress: bool = True, options: dict[str, Any] | None = None,
+            command: str | None = None) -> Result:
     """Undo ``merge``: subtract the adapter's change from a merged checkpoint.
 
     Exact (up to rounding) for additive methods. Refuses, before writing anything, where the
     original weights cannot be recovered from the files (DoRA, ``modules_to_save``, saved biases).
+    ``command``: the command line to record in config.json's "wsurgery" record.
     """
-    return _run("unmerge", merged, adapter, out, scale, dtype, max_shard_size, overwrite, progress, options)
+    return _run("unmerge", merged, adapter, out, scale, dtype, max_shard_size, overwrite, progress, options,
+                command=command)
 
 
 def verify(base: str | Path, adapter: AdapterSpec | list[AdapterSpec], merged: str | Path, *, scale: float = 1.0,

@@ -25,7 +25,6 @@ from .convert.combine import adapter_with_weight
 from .engine import Result
 from .errors import InputError, NotExpressible
 from .hub import PushTarget, push_after, push_options, redacted_command, report_push
-from .model_card import provenance
 from .methods import not_mergeable
 from .support import support_markdown, support_rows
 
@@ -174,9 +173,10 @@ def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, o
     _check_out(out, _local(merged, adapter), overwrite)
     with _closing_progress_bars():
         r = api.unmerge(merged, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
-                        overwrite=overwrite, progress=not quiet, options=_options(task_id, mha_single_out_proj, experts_transposed))
+                        overwrite=overwrite, progress=not quiet,
+                        options=_options(task_id, mha_single_out_proj, experts_transposed), command=_command_line())
     _report("unmerged", r, quiet)
-    push_after(r.out, push, provenance("unmerge", _command_line(), merged, [(adapter, scale)]), progress=not quiet)
+    push_after(r.out, push, progress=not quiet)  # the card reads config.json's "wsurgery" record
 
 
 @cli.command("push")
@@ -348,7 +348,8 @@ def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | N
             check_written_file(Path(path), option, inputs, Path(out))
     with _closing_progress_bars():
         r = api.extract(base, tuned, out, rank=rank, energy=energy, max_error=max_error, targets=targets,
-                        device=device, svd=svd, overwrite=overwrite, progress=not quiet, plot=plot)
+                        device=device, svd=svd, overwrite=overwrite, progress=not quiet, plot=plot,
+                        command=_command_line())
     if report_path:
         _write_side_file(report_path, lambda p: p.write_text(json.dumps(r.to_dict(), indent=2)))
     if not quiet:
@@ -389,7 +390,7 @@ def combine(out: str, adapters: tuple[str, ...], rank: int | None, base: str | N
     _check_out(out, _local(base, *(a for a, _ in weighted)), overwrite)
     with _closing_progress_bars():
         r = api.combine(out, weighted, rank=rank, base=base, overwrite=overwrite,
-                        progress=not quiet)
+                        progress=not quiet, command=_command_line())
     if not quiet:
         click.echo(_table(["module", "kind", "rank", "how", "rel_error"],
                           [[m.module, m.kind, m.rank or "-", m.how, f"{m.rel_error:.3e}"] for m in r.modules]))
@@ -473,7 +474,8 @@ def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | N
         return
     with _closing_progress_bars():
         c = api.convert(adapter, out, to=to, base=base, rank=rank, block_size=block_size,
-                        butterfly_factors=butterfly_factors, force=force, overwrite=overwrite, progress=not quiet)
+                        butterfly_factors=butterfly_factors, force=force, overwrite=overwrite, progress=not quiet,
+                        command=_command_line())
     width = max((len(m.module) for m in c.modules), default=6)
     click.echo(f"{'module':<{width}}  {c.size_name:>5}  relative error")
     for m in c.modules:
