@@ -158,6 +158,14 @@ def test_vblora_gpt2_topk_weights(tmp_path):
     _case(tmp_path, tiny_gpt2(), cfg)
 
 
+def test_vblora_gpt2_with_lm_head_layout_from_the_shapes(tmp_path):
+    """PEFT saves the last wrapped layer's fan_in_fan_out (the lm_head's False); c_attn/c_fc are Conv1D."""
+    from test_method_hra_road_ia3 import _untied_gpt2
+
+    cfg = VBLoRAConfig(r=2, num_vectors=8, vector_length=8, target_modules=["c_attn", "c_fc", "lm_head"])
+    _case(tmp_path, _untied_gpt2(), cfg, transposable=False)
+
+
 @DTYPES
 def test_tinylora_llama(tmp_path, dtype):
     _case(tmp_path, tiny_llama(dtype), TinyLoraConfig(r=2, u=5, target_modules=LLAMA_LINEAR), dtype)

@@ -213,3 +213,11 @@ def test_gralora_llama_hybrid(tmp_path, dtype):
 def test_gralora_gpt2_conv1d(tmp_path):
     cfg = GraloraConfig(r=4, gralora_k=2, hybrid_r=2, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
     _verify_case(tmp_path, tiny_gpt2(), cfg, transposable=False)
+
+
+def test_gralora_gpt2_with_lm_head_layout_from_the_shapes(tmp_path):
+    """PEFT saves the last wrapped layer's fan_in_fan_out (the lm_head's False); c_attn/c_fc are Conv1D."""
+    from test_method_hra_road_ia3 import _untied_gpt2
+
+    cfg = GraloraConfig(r=4, gralora_k=2, target_modules=["c_attn", "c_fc", "lm_head"])
+    _verify_case(tmp_path, _untied_gpt2(), cfg, transposable=False)

@@ -24,15 +24,18 @@ import torch
 
 from ..errors import InputError
 from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, expect_shape, like, register
+from .hira import Layout, ShapeLayout
 from .layers import Layer, Linear
 
 
-class GraloraPatch(AdditivePatch):
+class GraloraPatch(ShapeLayout, AdditivePatch):
+    """Linear or Conv1D as the base shape says (PEFT saves the last wrapped layer's fan_in_fan_out)."""
+
     def __init__(self, module: str, A: torch.Tensor, B: torch.Tensor, Ag: torch.Tensor | None,
-                 Bg: torch.Tensor | None, scaling: float, alpha: float, fan_in_fan_out: bool):
+                 Bg: torch.Tensor | None, scaling: float, alpha: float, layout: Layout):
         super().__init__(module, ("weight",))
         self.A, self.B, self.Ag, self.Bg = A, B, Ag, Bg
-        self.scaling, self.alpha, self.fan_in_fan_out = scaling, alpha, fan_in_fan_out
+        self.scaling, self.alpha, self.layout = scaling, alpha, layout
         self.k, self.sub_in, self.r = A.shape
         self.sub_out = B.shape[2]
         self.hybrid_r = 0 if Ag is None else Ag.shape[0]
@@ -43,7 +46,8 @@ class GraloraPatch(AdditivePatch):
 
     def check(self, shapes: Shapes) -> None:
         out, inp = self.out_in
-        want = (inp, out) if self.fan_in_fan_out else (out, inp)
+        self.observe_shape(shapes["weight"], out, inp)
+        want = (inp, out) if self.transposed else (out, inp)
         expect_shape(self.module, "GraLoRA's change", want, shapes["weight"],
                      f" (gralora_A {list(self.A.shape)}, gralora_B {list(self.B.shape)})")
 
@@ -54,12 +58,12 @@ class GraloraPatch(AdditivePatch):
         d = torch.einsum("jnso,nijs->joni", B, A).reshape(self.out_in)
         if self.Ag is not None:
             d += self.Bg.to(torch.float32) @ self.Ag.to(torch.float32)
-        if self.fan_in_fan_out:
+        if self.transposed:
             d = d.T
         return {"weight": d.mul_(self.scaling)}
 
     def layer(self, shapes: Shapes) -> Layer:
-        return Linear(self.fan_in_fan_out)
+        return Linear(self.transposed)
 
     def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
         """PEFT's GraLoRA forward: per input block n, ``x_n A_n`` (k·σ ranks), the rank axis regrouped
@@ -75,7 +79,7 @@ class GraloraPatch(AdditivePatch):
         return layer(x, base) + out * self.scaling
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "conv1d_transposed" if self.fan_in_fan_out else "linear", "rank": self.r,
+        return {"kind": "conv1d_transposed" if self.transposed else "linear", "rank": self.r,
                 "gralora_k": self.k, "hybrid_r": self.hybrid_r, "alpha": self.alpha, "scaling": self.scaling}
 
 
@@ -117,5 +121,5 @@ class Gralora(Method):
                                  f"{list(Ag.shape)} does not match the block part ({k * B.shape[2]} x "
                                  f"{k * A.shape[1]})")
         alpha = float(config.get("alpha", 64))
-        return GraloraPatch(params.module, A, B, Ag, Bg, alpha / (r + cfg_h), alpha,
-                            bool(config.get("fan_in_fan_out", False)))
+        layout = Layout.of(params.context, "GraLoRA", bool(config.get("fan_in_fan_out", False)))
+        return GraloraPatch(params.module, A, B, Ag, Bg, alpha / (r + cfg_h), alpha, layout)

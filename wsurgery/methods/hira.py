@@ -16,7 +16,8 @@ Linear or Conv1D: PEFT picks the layout from the layer's type, not from ``fan_in
 saved config (it warns and overrides the flag). A tensor tool sees only shapes: a non-square weight
 tells by its shape; a square one follows the other 2-D modules of the same adapter when they all
 agree, else the config's ``fan_in_fan_out``; when they disagree (a model mixing nn.Linear and
-Conv1D) a square weight is refused rather than guessed. DEFT and IA3 share this rule (:class:`Layout`).
+Conv1D) a square weight is refused rather than guessed. DEFT, IA3, LoRA, AdaLoRA, VB-LoRA and GraLoRA
+share this rule (:class:`Layout`, :class:`ShapeLayout`).
 """
 
 from __future__ import annotations
@@ -101,6 +102,25 @@ class Layout:
         if out == inp:
             return None
         return tuple(weight) == (inp, out)
+
+
+class ShapeLayout:
+    """For patches whose change is (out, in) on a Linear or Conv1D weight: ``transposed`` as the base shape
+    says, a square weight as the adapter's ``Layout`` decides. Call ``observe_shape`` in ``check``."""
+
+    module: str
+    layout: Layout
+    _by_shape: bool | None = None
+
+    @property
+    def transposed(self) -> bool:
+        return self.layout.transposed(self.module, self._by_shape)
+
+    def observe_shape(self, weight: tuple[int, ...], out: int, inp: int) -> None:
+        """Record the layout the shape shows; a shape that fits neither is left to the caller's check."""
+        if tuple(weight) in ((out, inp), (inp, out)):
+            self._by_shape = Layout.by_shape(weight, out, inp)
+            self.layout.observe(self.module, self._by_shape)
 
 
 class HiraPatch(Patch):

@@ -35,6 +35,7 @@ from .base import (
     like,
     register,
 )
+from .hira import Layout, ShapeLayout
 from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
@@ -59,19 +60,20 @@ def mix(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tensor:
     return (weights.unsqueeze(-1) * bank[idx]).sum(-2)
 
 
-class VBLoraPatch(AdditivePatch):
-    """ΔW = Tf(B @ A) with A, B mixed from the shared vector bank."""
+class VBLoraPatch(ShapeLayout, AdditivePatch):
+    """ΔW = Tf(B @ A) with A, B mixed from the shared vector bank; Linear or Conv1D as the base shape says."""
 
     def __init__(self, module: str, logits_A: torch.Tensor, logits_B: torch.Tensor, bank: torch.Tensor, topk: int,
-                 transposed: bool, stored: str):
+                 layout: Layout, stored: str):
         super().__init__(module, ("weight",))
         self.logits_A, self.logits_B, self.bank = logits_A, logits_B, bank
-        self.topk, self.transposed, self.stored = topk, transposed, stored
+        self.topk, self.layout, self.stored = topk, layout, stored
         self.rank = logits_A.shape[0]
         L = bank.shape[1]
         self.out_in = (logits_B.shape[0] * L, logits_A.shape[1] * L)
 
     def check(self, shapes: Shapes) -> None:
+        self.observe_shape(shapes["weight"], *self.out_in)
         expect_shape(self.module, "VB-LoRA's change", self.out_in[::-1] if self.transposed else self.out_in,
                      shapes["weight"], f" (logits {list(self.logits_B.shape)} / {list(self.logits_A.shape)}, "
                                        f"vector_length {self.bank.shape[1]})")
@@ -165,5 +167,5 @@ class VBLora(Method):
         if logits_B.shape[1] != logits_A.shape[0] or logits_A.shape[0] == 0:
             raise InputError(f"{where}: vblora_logits_A {list(logits_A.shape)} and vblora_logits_B "
                              f"{list(logits_B.shape)} disagree on the rank; the adapter file is inconsistent")
-        return VBLoraPatch(params.module, logits_A, logits_B, bank, topk, bool(config.get("fan_in_fan_out", False)),
-                           stored)
+        layout = Layout.of(params.context, "VB-LoRA", bool(config.get("fan_in_fan_out", False)))
+        return VBLoraPatch(params.module, logits_A, logits_B, bank, topk, layout, stored)
