@@ -345,3 +345,12 @@ def test_overflow_bound_is_where_rounding_reaches_inf(dtype):
     assert float(bound) == overflow_bound(dtype)  # exactly representable where it is compared
     assert torch.isinf(bound.to(dtype)) and torch.isinf((-bound).to(dtype))
     assert below.to(dtype) == torch.finfo(dtype).max and (-below).to(dtype) == -torch.finfo(dtype).max
+
+
+def test_verify_refuses_a_merged_checkpoint_in_an_undecoded_encoding(assets, int8, tmp_path, capsys):
+    """The int8 codes of a "merged" LLM.int8 checkpoint are not weights to run the forward check on."""
+    status, stdout, stderr = run_cli(["verify", assets.base, assets.lora, int8], capsys)
+    assert status == 1 and stdout == "" and "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wsurgery: error:"), lines
+    assert f"{Q}.weight" in lines[0] and "int8" in lines[0] and "bitsandbytes 8-bit" in lines[0], lines[0]

@@ -1,10 +1,10 @@
 """The streaming merge engine: plan everything from headers and configs, then touch each tensor once.
 
-``plan`` validates the whole job (files, key mapping, shapes, invertibility) before anything is
-written, so bad input costs a second, not a pass over the model. ``execute`` then walks the base in
-file order: untouched tensors are copied (cast if ``dtype`` asks), each changed module's tensors are
-read together, upcast to float32, patched, rounded once to the output dtype and written into their
-pre-laid-out place. Peak memory is a few copies of the largest changed tensor, whatever the model size.
+``plan`` validates the whole job (files, key mapping, shapes, invertibility, scales, stored
+encodings) before anything is written, so bad input costs a second, not a pass over the model.
+``execute`` then walks the base in file order: untouched tensors are copied (cast if ``dtype`` asks),
+each changed module's tensors are read together, upcast to float32, patched, rounded once to the
+output dtype (each chunk checked finite as it is rounded) and written into their pre-laid-out place. Peak memory is a few copies of the largest changed tensor, whatever the model size.
 """
 
 from __future__ import annotations
@@ -413,12 +413,9 @@ def _not_finite(plan: Plan, name: str, tensor: torch.Tensor, fits: torch.dtype) 
 def _run_job(job: ModuleJob, direction: str, read: Callable[[str, str], torch.Tensor],
              scratch: _Scratch) -> dict[str, torch.Tensor]:
     tensors = {}
-    for role, name in job.tensors.items():
+    for role, name in job.tensors.items():  # all floating point: the plan refuses encoded tensors
         raw = read(name, f"read:{role}")
-        if raw.is_floating_point():
-            tensors[role] = scratch.cast(f"work:{role}", raw, torch.promote_types(raw.dtype, torch.float32))
-        else:
-            tensors[role] = raw.clone()
+        tensors[role] = scratch.cast(f"work:{role}", raw, torch.promote_types(raw.dtype, torch.float32))
     for patch, scale, roles in job.patches:
         sub = {r: tensors[r] for r in roles}
         sub = patch.merge(sub, scale) if direction == "merge" else patch.unmerge(sub, scale)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter
 from .checkpoint import Checkpoint
+from .checkpoint.encodings import check_decoded
 from .engine import ModuleJob, Plan, plan
 from .errors import InputError, UnsupportedError
 from .methods import AdditivePatch, ReplacePatch
@@ -110,6 +111,8 @@ def verify_merge(base: Checkpoint, adapters: list[tuple[Adapter, float]], merged
     check_options(tokens, seed, rtol, atol)
     dev = pick_device(device)
     job_plan = plan(base, adapters, "merge")
+    check_decoded(merged.tensors, merged.config, [n for n in job_plan.owner if n in merged.tensors],
+                  f"merged {merged.folder}")  # first: an encoding's side tensors are not "extra" tensors
     _check_same_tensors(job_plan, merged)
     report = Report([], 0, str(dev), tokens, seed, rtol, atol, modules=len(job_plan.jobs))
     total = sum(t.nbytes for t in base.tensors.values()) + sum(t.nbytes for t in merged.tensors.values())
@@ -245,8 +248,8 @@ def verify_quantized(original: Checkpoint, quantized: Checkpoint, *, device: str
     start = time.perf_counter()
     check_options(tokens, seed)
     dev = pick_device(device)
-    plan(original, [])  # refuses encodings not decoded: their codes would be compared as numbers
-    plan(quantized, [])
+    for ckpt in (original, quantized):  # encodings not decoded: their codes would be compared as numbers
+        check_decoded(ckpt.tensors, ckpt.config, (), str(ckpt.folder))
     missing = [n for n in original.tensors if n not in quantized.tensors]
     if missing:
         raise InputError(f"{quantized.folder}: lacks {len(missing)} tensors of {original.folder} "
