@@ -25,6 +25,7 @@ from oracle import (
     assert_close_to,
     dtypes_fp32_bf16,
     edit_adapter_config,
+    edit_adapter_tensors,
     load_all,
     make_adapter,
     oracle_merge,
@@ -237,11 +238,22 @@ def test_randlora_inconsistent_per_layer_copy_refused(tmp_path):
 
 
 @VERA_FAMILY
-def test_shape_mismatch_refused_before_writing(tmp_path, cls):
-    # (RandLoRA's change is the same whichever way round a weight is read, so only VeRA/PVeRA can tell.)
+def test_saved_fan_in_fan_out_does_not_override_the_shapes(tmp_path, cls):
+    """PEFT sets fan_in_fan_out per layer by its type (and saves the last layer's): a flag that says Conv1D
+    on Llama's nn.Linear layers is ignored by PEFT, and by wsurgery, which reads the layout from the shapes."""
     base_dir, adapter_dir = _adapter(tmp_path, cls(r=4, target_modules=MIXED))
-    edit_adapter_config(adapter_dir, fan_in_fan_out=True)  # Llama weights read as Conv1D: dims swap
-    with pytest.raises(InputError, match="lambda_b has .* fan_in_fan_out"):
+    edit_adapter_config(adapter_dir, fan_in_fan_out=True)
+    expected = oracle_merge(reload(tiny_llama(), base_dir, torch.float32), adapter_dir)
+    wsurgery.merge(base_dir, adapter_dir, tmp_path / "out", progress=False)
+    assert_close_to(load_all(tmp_path / "out"), expected)
+
+
+@VERA_FAMILY
+def test_lambda_b_that_fits_no_axis_is_refused_before_writing(tmp_path, cls):
+    base_dir, adapter_dir = _adapter(tmp_path, cls(r=4, target_modules=MIXED))
+    key = f"base_model.model.model.layers.0.self_attn.q_proj.{'p' if cls is PveraConfig else ''}vera_lambda_b"
+    edit_adapter_tensors(adapter_dir, lambda t: t.__setitem__(key, t[key][:30].clone()))
+    with pytest.raises(InputError, match=r"q_proj: P?VeRA lambda_b has 30 entries but the base weight \[32, 32\]"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

@@ -158,6 +158,14 @@ def test_vblora_gpt2_topk_weights(tmp_path):
     _case(tmp_path, tiny_gpt2(), cfg)
 
 
+@pytest.mark.parametrize("config", [VeraConfig, PveraConfig], ids=["vera", "pvera"])
+def test_vera_family_gpt2_with_lm_head_layout_from_the_shapes(tmp_path, config):
+    """PEFT saves the last wrapped layer's fan_in_fan_out (the lm_head's False); c_attn/c_fc are Conv1D."""
+    from test_method_hra_road_ia3 import _untied_gpt2
+
+    _case(tmp_path, _untied_gpt2(), config(r=4, target_modules=["c_attn", "c_fc", "lm_head"]), transposable=False)
+
+
 def test_vblora_gpt2_with_lm_head_layout_from_the_shapes(tmp_path):
     """PEFT saves the last wrapped layer's fan_in_fan_out (the lm_head's False); c_attn/c_fc are Conv1D."""
     from test_method_hra_road_ia3 import _untied_gpt2

@@ -39,6 +39,7 @@ from .base import (
     like,
     register,
 )
+from .hira import Layout, ShapeLayout
 from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
@@ -182,23 +183,30 @@ def shared_pair(params: ModuleParams, names: tuple[str, str], label: str, save_p
     return state
 
 
-class VeraPatch(AdditivePatch):
-    """ΔW = Tf((λ_b ⊙ B[:out]) @ (λ_d[:r] ⊙ A[:r, :in])); PVeRA uses the first (mean) half of λ_d and A."""
+class VeraPatch(ShapeLayout, AdditivePatch):
+    """ΔW = Tf((λ_b ⊙ B[:out]) @ (λ_d[:r] ⊙ A[:r, :in])); PVeRA uses the first (mean) half of λ_d and A.
+
+    Linear or Conv1D (Tf) as the axis of length ``len(λ_b)`` says, not the saved ``fan_in_fan_out``: PEFT
+    saves the last wrapped layer's, wrong for the Conv1D layers of a model that also has nn.Linear targets.
+    """
 
     def __init__(self, module: str, label: str, lambda_b: torch.Tensor, lambda_d: torch.Tensor, rank: int,
-                 fan_in_fan_out: bool, projections: SharedProjections):
+                 layout: Layout, projections: SharedProjections):
         super().__init__(module, ("weight",))
         self.label, self.lambda_b, self.lambda_d, self.rank = label, lambda_b, lambda_d, rank
-        self.fan_in_fan_out, self.projections = fan_in_fan_out, projections
+        self.layout, self.projections = layout, projections
         self.out_features = lambda_b.shape[0]
         self.in_features: int | None = None
 
     def check(self, shapes: Shapes) -> None:
-        out_f, in_f = linear_dims(self.module, self.label, shapes["weight"], self.fan_in_fan_out)
+        w = shapes["weight"]
+        if len(w) == 2 and self.out_features in w:
+            self._by_shape = Layout.by_shape(w, self.out_features, None)
+            self.layout.observe(self.module, self._by_shape)
+        out_f, in_f = linear_dims(self.module, self.label, w, self.transposed)
         if out_f != self.out_features:
-            hint = " (is fan_in_fan_out set right in adapter_config.json?)" if in_f == self.out_features else ""
             raise InputError(f"{self.module}: {self.label} lambda_b has {self.out_features} entries but the base "
-                             f"weight {list(shapes['weight'])} has {out_f} output features{hint}")
+                             f"weight {list(shapes['weight'])} has {out_f} output features")
         self.in_features = in_f
         self.projections.record(self.module, out_f, in_f)
         if self.projections.saved is not None:
@@ -219,10 +227,10 @@ class VeraPatch(AdditivePatch):
         lambda_b = self.lambda_b.to(torch.float32).unsqueeze(-1)
         lambda_d = self.lambda_d[:r].to(torch.float32).unsqueeze(-1)
         d = (lambda_b * sliced_B) @ (lambda_d * sliced_A)
-        return {"weight": d.T if self.fan_in_fan_out else d}
+        return {"weight": d.T if self.transposed else d}
 
     def layer(self, shapes: Shapes) -> Layer:
-        return Linear(self.fan_in_fan_out)
+        return Linear(self.transposed)
 
     def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
         """PEFT's ``base(x) + λ_b ⊙ F.linear(λ_d ⊙ F.linear(x, A[:, :in]), B[:out])``; PVeRA's eval path keeps the
@@ -235,7 +243,7 @@ class VeraPatch(AdditivePatch):
         return layer(x, base) + adapter
 
     def describe(self) -> dict[str, Any]:
-        facts: dict[str, Any] = {"kind": "conv1d_transposed" if self.fan_in_fan_out else "linear",
+        facts: dict[str, Any] = {"kind": "conv1d_transposed" if self.transposed else "linear",
                                  "rank": self.rank, "out_features": self.out_features}
         facts["projections"] = "regenerated from projection_prng_key" if self.projections.regenerated else "saved"
         return facts
@@ -279,8 +287,8 @@ class _VeraFamily(Method):
             if tensor.ndim != 2 or tensor.shape[axis] != rows:
                 raise InputError(f"{folder}: base_model.{name} is {list(tensor.shape)}, but r={r} needs "
                                  f"{'rows' if axis == 0 else 'columns'} = {rows}")
-        patch = VeraPatch(params.module, self.label, lambda_b, lambda_d, r,
-                          bool(config.get("fan_in_fan_out", False)), state)
+        layout = Layout.of(params.context, self.label, bool(config.get("fan_in_fan_out", False)))
+        patch = VeraPatch(params.module, self.label, lambda_b, lambda_d, r, layout, state)
         if params.module == params.context.modules[0]:
             patch.notes.extend(self.extra_notes(config))
         return patch
