@@ -19,6 +19,7 @@ from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
 
 import wsurgery
+import wsurgery.api  # a submodule: "import wsurgery" no longer imports it eagerly
 from oracle import LLAMA_LINEAR, assert_close_to, load_all, make_adapter, save_base, tiny_gpt2
 
 bnb = pytest.importorskip("bitsandbytes")
