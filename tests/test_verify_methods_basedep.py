@@ -162,6 +162,13 @@ def test_frod(tmp_path, model):
     _case(tmp_path, make(), _frod_config(_with_square(targets)))
 
 
+def test_frod_gpt2_with_lm_head_layout_from_the_shapes(tmp_path):
+    """PEFT saves the last wrapped layer's fan_in_fan_out (the lm_head's False); c_attn/c_fc are Conv1D."""
+    from test_method_hra_road_ia3 import _untied_gpt2
+
+    _case(tmp_path, _untied_gpt2(), _frod_config(["c_attn", "c_fc", "lm_head"]), transposable=False)
+
+
 @pytest.mark.parametrize("model", ["llama", "gpt2-conv1d"])
 def test_frod_bf16(tmp_path, model):
     make, targets = FROD_MODELS[model]

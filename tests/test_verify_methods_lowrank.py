@@ -195,6 +195,14 @@ def test_unilora_gpt2_conv1d(tmp_path):
     _case(tmp_path, tiny_gpt2(), cfg)
 
 
+def test_unilora_gpt2_with_lm_head_layout_from_the_shapes(tmp_path):
+    """PEFT saves the last wrapped layer's fan_in_fan_out (the lm_head's False); c_attn/c_fc are Conv1D."""
+    from test_method_hra_road_ia3 import _untied_gpt2
+
+    cfg = UniLoraConfig(r=3, theta_d_length=200, save_indices=True, target_modules=["c_attn", "c_fc", "lm_head"])
+    _case(tmp_path, _untied_gpt2(), cfg, transposable=False)
+
+
 # -- LoRA variants: KaSA, target_parameters ---------------------------------------------------------
 
 @DTYPES

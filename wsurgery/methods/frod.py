@@ -34,6 +34,7 @@ import torch
 
 from ..errors import InputError, UnsupportedError
 from .base import Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .hira import Layout, ShapeLayout
 from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
@@ -70,14 +71,15 @@ def solve_u(V: torch.Tensor, W: torch.Tensor, lu: tuple[torch.Tensor, torch.Tens
     return u.float()
 
 
-class FrodPatch(Patch):
-    """W' = U (S + diag λ_l) V^T with U rebuilt from W and the category's V."""
+class FrodPatch(ShapeLayout, Patch):
+    """W' = U (S + diag λ_l) V^T with U rebuilt from W and the category's V; Linear or Conv1D as the axis
+    of length ``len(V)`` (the inputs) says, not the saved ``fan_in_fan_out`` (the last wrapped layer's)."""
 
     def __init__(self, module: str, cat: str, V: torch.Tensor, indices: torch.Tensor, size: tuple[int, int],
-                 values: torch.Tensor, lambda_l: torch.Tensor, transposed: bool, cache: dict[str, Any]):
+                 values: torch.Tensor, lambda_l: torch.Tensor, layout: Layout, cache: dict[str, Any]):
         super().__init__(module, ("weight",))
         self.cat, self.V, self.indices, self.size = cat, V, indices, size
-        self.values, self.lambda_l, self.transposed = values, lambda_l, transposed
+        self.values, self.lambda_l, self.layout = values, lambda_l, layout
         self.cache = cache
         #: On a bf16/fp16 base PEFT builds the whole new weight in that dtype, often many ulps from the
         #: exact result; we do the same, from ``base_dtypes``. Set to torch.float32 to get the correctly
@@ -89,12 +91,11 @@ class FrodPatch(Patch):
         n = self.V.shape[0]
         if len(w) != 2:
             raise InputError(f"{self.module}: FRoD changes Linear/Conv1D weights, but the base weight is {list(w)}")
-        inp = w[0] if self.transposed else w[1]
-        if inp != n:
-            layout = "(in, out) since fan_in_fan_out is set" if self.transposed else "(out, in)"
+        if n not in w:
             raise InputError(f"{self.module}: FRoD's frod_V.{self.cat} is {list(self.V.shape)} but the base weight "
-                             f"{list(w)}, read as {layout}, has {inp} inputs; was the adapter trained on another "
-                             "model (or is fan_in_fan_out wrong)?")
+                             f"{list(w)} has no axis of {n} inputs; was the adapter trained on another model?")
+        self._by_shape = None if w[0] == w[1] else w[0] == n
+        self.layout.observe(self.module, self._by_shape)
 
     def _lu(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         key = ("frod_lu", self.cat)
@@ -219,5 +220,5 @@ class Frod(Method):
             raise InputError(f"{where}: base_model.frod_s_indices.{cat} points outside the {n}x{n} matrix")
         if lambda_l.shape != (n,):
             raise InputError(f"{where}: frod_lambda_l is {list(lambda_l.shape)}, expected [{n}]")
-        return FrodPatch(params.module, cat, V, indices.long(), (n, n), values, lambda_l,
-                         bool(config.get("fan_in_fan_out", False)), params.context.cache)
+        layout = Layout.of(params.context, "FRoD", bool(config.get("fan_in_fan_out", False)))
+        return FrodPatch(params.module, cat, V, indices.long(), (n, n), values, lambda_l, layout, params.context.cache)

@@ -35,6 +35,7 @@ from .base import (
     like,
     register,
 )
+from .hira import Layout, ShapeLayout
 from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
@@ -51,18 +52,19 @@ NO_INDICES = ("it was saved with save_indices=False, so the file holds only the 
               "save_pretrained it again; the saved indices then make it mergeable")
 
 
-class UniLoraPatch(AdditivePatch):
-    """ΔW = Tf((θ[idx_B]·s_B) @ (θ[idx_A]·s_A))."""
+class UniLoraPatch(ShapeLayout, AdditivePatch):
+    """ΔW = Tf((θ[idx_B]·s_B) @ (θ[idx_A]·s_A)); Linear or Conv1D (Tf) as the base shape says."""
 
     def __init__(self, module: str, theta: torch.Tensor, idx_A: torch.Tensor, idx_B: torch.Tensor,
-                 scales_A: torch.Tensor, scales_B: torch.Tensor, transposed: bool):
+                 scales_A: torch.Tensor, scales_B: torch.Tensor, layout: Layout):
         super().__init__(module, ("weight",))
         self.theta, self.idx_A, self.idx_B, self.scales_A, self.scales_B = theta, idx_A, idx_B, scales_A, scales_B
-        self.transposed = transposed
+        self.layout = layout
         self.rank = idx_A.shape[0]
         self.out_in = (idx_B.shape[0], idx_A.shape[1])
 
     def check(self, shapes: Shapes) -> None:
+        self.observe_shape(shapes["weight"], *self.out_in)
         expect_shape(self.module, "UniLoRA's change", self.out_in[::-1] if self.transposed else self.out_in,
                      shapes["weight"], f" (unilora_indices_B {list(self.idx_B.shape)}, unilora_indices_A "
                                        f"{list(self.idx_A.shape)})")
@@ -128,4 +130,5 @@ class UniLora(Method):
         if idx_A.shape[0] == 0 or idx_B.shape[1] != idx_A.shape[0]:
             raise InputError(f"{where}: unilora_indices_A {list(idx_A.shape)} and unilora_indices_B "
                              f"{list(idx_B.shape)} disagree on the rank; the adapter file is inconsistent")
-        return UniLoraPatch(params.module, theta, idx_A, idx_B, s_A, s_B, bool(config.get("fan_in_fan_out", False)))
+        layout = Layout.of(params.context, "UniLoRA", bool(config.get("fan_in_fan_out", False)))
+        return UniLoraPatch(params.module, theta, idx_A, idx_B, s_A, s_B, layout)
