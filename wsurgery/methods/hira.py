@@ -16,8 +16,8 @@ Linear or Conv1D: PEFT picks the layout from the layer's type, not from ``fan_in
 saved config (it warns and overrides the flag). A tensor tool sees only shapes: a non-square weight
 tells by its shape; a square one follows the other 2-D modules of the same adapter when they all
 agree, else the config's ``fan_in_fan_out``; when they disagree (a model mixing nn.Linear and
-Conv1D) a square weight is refused rather than guessed. DEFT, IA3, LoRA, AdaLoRA, VB-LoRA and GraLoRA
-share this rule (:class:`Layout`, :class:`ShapeLayout`).
+Conv1D) a square weight is refused rather than guessed. DEFT, IA3, LoRA, AdaLoRA, VeRA, PVeRA, VB-LoRA,
+UniLoRA, GraLoRA and FRoD share this rule (:class:`Layout`, :class:`ShapeLayout`).
 """
 
 from __future__ import annotations
