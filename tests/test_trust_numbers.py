@@ -354,3 +354,17 @@ def test_verify_refuses_a_merged_checkpoint_in_an_undecoded_encoding(assets, int
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wsurgery: error:"), lines
     assert f"{Q}.weight" in lines[0] and "int8" in lines[0] and "bitsandbytes 8-bit" in lines[0], lines[0]
+
+
+def test_gguf_requantize_refuses_what_the_block_scales_cannot_hold(tmp_path, capsys):
+    """quantize --gguf-type Q8_0 of a weight with |x| = 1e7: its block's float16 scale 1e7/127 would be inf."""
+    from gguf import GGMLQuantizationType as T
+    from gguf_tiny import tiny_llama as gguf_llama, write_llama_gguf
+
+    model = gguf_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = 1e7
+    base = write_llama_gguf(model, tmp_path / "base.gguf", T.F32)
+    out = tmp_path / "out.gguf"
+    assert_refused(capsys, ["quantize", base, out, "--gguf-type", "Q8_0"], out, [base],
+                   ["model.layers.1.mlp.up_proj.weight", "float16"])

@@ -305,7 +305,7 @@ def _execute_gguf(plan: Plan, out: Path, gguf: GgufOutput | None, overwrite: boo
         return base.read(name, scratch.take(use, info.shape, info.dtype))
 
     def emit(name: str, tensor: torch.Tensor) -> None:
-        if name in plan.owner:  # the writer rounds; the check needs only the bound of what it rounds to
+        if name in plan.owner or name in gguf.types:  # the writer rounds: check against what it rounds to
             target = gguf.types.get(name, base.tensors[name].type)
             # Block types store float16 scales (absmax / 127 for Q8_0...): |x| must round to a finite float16.
             fits = PLAIN_TYPES.get(target, torch.float16)
@@ -401,13 +401,18 @@ def _rounded_finite(scratch: _Scratch, tensor: torch.Tensor, dtype: torch.dtype,
 
 
 def _not_finite(plan: Plan, name: str, tensor: torch.Tensor, fits: torch.dtype) -> InputError:
-    job = plan.jobs[plan.owner[name]]
-    what = f"{plan.direction} of {', '.join(job.sources)} into {job.module}"
-    if bool(torch.isfinite(tensor).all()):
-        return InputError(f"{name}: the {what} has values beyond {dtype_name(fits)}'s range; write a wider "
-                          "--dtype/--type, or check the adapter's alpha and tensors and the --scale")
-    return InputError(f"{name}: the {what} gives inf or NaN values; check the adapter's tensors (inf/NaN?), its "
-                      "alpha and the --scale")
+    finite = bool(torch.isfinite(tensor).all())
+    job = plan.jobs.get(plan.owner.get(name, ""))
+    if job is None:  # an unchanged tensor re-encoded (quantize --gguf-type)
+        problem = f"has values beyond {dtype_name(fits)}'s range" if finite else "holds inf or NaN values"
+        return InputError(f"{name}: {problem}, which its output type cannot store (GGUF block types keep float16 "
+                          "scales); keep it in a wider type or fix the checkpoint")
+    what = f"{name}: the {plan.direction} of {', '.join(job.sources)} into {job.module}"
+    if finite:
+        return InputError(f"{what} has values beyond {dtype_name(fits)}'s range; write a wider --dtype/--type, or "
+                          "check the adapter's alpha and tensors and the --scale")
+    return InputError(f"{what} gives inf or NaN values; check the adapter's tensors for inf/NaN, its alpha and the "
+                      "--scale")
 
 
 def _run_job(job: ModuleJob, direction: str, read: Callable[[str, str], torch.Tensor],
