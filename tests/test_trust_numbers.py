@@ -368,3 +368,26 @@ def test_gguf_requantize_refuses_what_the_block_scales_cannot_hold(tmp_path, cap
     out = tmp_path / "out.gguf"
     assert_refused(capsys, ["quantize", base, out, "--gguf-type", "Q8_0"], out, [base],
                    ["model.layers.1.mlp.up_proj.weight", "float16"])
+
+
+def test_dtype_cast_that_overflows_an_unchanged_tensor_is_refused(assets, tmp_path, capsys):
+    """--dtype float16 of a float32 base whose (unchanged) embedding holds 1e5: inf in float16."""
+    base = copy_of(assets.base, tmp_path / "base")
+    tensors = load_file(base / "model.safetensors")
+    tensors["model.embed_tokens.weight"][7, 3] = 1e5
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert_refused(capsys, ["merge", base, assets.lora, out, "--dtype", "float16"], out, [base, assets.lora],
+                   ["model.embed_tokens.weight", "float16", "--dtype"])
+
+
+def test_dtype_cast_keeps_the_bases_own_inf(assets, tmp_path, capsys):
+    """A base value that is already inf (e.g. a mask) is the base's, not an overflow: kept, not refused."""
+    base = copy_of(assets.base, tmp_path / "base")
+    tensors = load_file(base / "model.safetensors")
+    tensors["model.norm.weight"][0] = float("-inf")
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    cli_ok(capsys, ["merge", base, assets.lora, tmp_path / "out", "--dtype", "bfloat16", "-q"])
+    written = load_file(tmp_path / "out" / "model.safetensors")["model.norm.weight"]
+    assert written.dtype == torch.bfloat16 and written[0] == float("-inf")
+    assert torch.equal(written[1:], tensors["model.norm.weight"][1:].to(torch.bfloat16))

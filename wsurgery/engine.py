@@ -223,10 +223,16 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
     scratch = _Scratch()
 
     def emit(name: str, tensor: torch.Tensor) -> None:
+        # Changed tensors must come out finite; unchanged ones may keep the base's own inf/NaN, but no
+        # finite value may become inf in a narrower --dtype.
+        dtype = logical_dtype[name]
         if name in plan.owner:
-            t = _rounded_finite(scratch, tensor, logical_dtype[name], plan, name)
+            t = _rounded_finite(scratch, tensor, dtype, plan, name)
+        elif tensor.is_floating_point() and dtype != tensor.dtype:
+            t = _rounded_finite(scratch, tensor, dtype, plan, name, unchanged=f"--dtype {dtype_name(dtype)} would "
+                                "make inf; choose a wider --dtype")
         else:
-            t = scratch.cast("out", tensor, logical_dtype[name])
+            t = scratch.cast("out", tensor, dtype)
         if name in quantize:
             fmt, transposed = quantize[name]
             for stored_name, part in fmt.encode(name, t, transposed).items():
@@ -288,7 +294,8 @@ def _execute_gguf(plan: Plan, out: Path, gguf: GgufOutput | None, overwrite: boo
                   extra_inputs: list[Path]) -> Result:
     """Write the result as one GGUF file: the base's key/values and tensor order, changed tensors (and
     those ``gguf.types`` retypes) re-encoded, the others copied byte for byte."""
-    from .checkpoint.gguf_format import PLAIN_TYPES, GgufCheckpoint, GgufOutput, GgufWriter, check_encodable
+    from .checkpoint.gguf_format import (PLAIN_TYPES, GgufCheckpoint, GgufOutput, GgufWriter, check_encodable,
+                                         type_name)
     from .checkpoint.output import atomic_output_file, check_output_file
 
     base, gguf = plan.base, gguf or GgufOutput()
@@ -309,7 +316,9 @@ def _execute_gguf(plan: Plan, out: Path, gguf: GgufOutput | None, overwrite: boo
             target = gguf.types.get(name, base.tensors[name].type)
             # Block types store float16 scales (absmax / 127 for Q8_0...): |x| must round to a finite float16.
             fits = PLAIN_TYPES.get(target, torch.float16)
-            tensor = _rounded_finite(scratch, tensor, tensor.dtype, plan, name, fits)
+            remedy = None if name in plan.owner else (f"{type_name(target)} cannot store (GGUF block types keep "
+                                                      "float16 scales); keep the tensor in a wider type")
+            tensor = _rounded_finite(scratch, tensor, tensor.dtype, plan, name, fits, remedy)
         writer.write(name, tensor)
 
     with atomic_output_file(out, overwrite) as tmp:
@@ -372,9 +381,12 @@ def overflow_bound(dtype: torch.dtype) -> float:
 
 
 def _rounded_finite(scratch: _Scratch, tensor: torch.Tensor, dtype: torch.dtype, plan: Plan, name: str,
-                    fits: torch.dtype | None = None) -> torch.Tensor:
+                    fits: torch.dtype | None = None, unchanged: str | None = None) -> torch.Tensor:
     """``tensor`` rounded to ``dtype`` (as ``scratch.cast``), refused unless every value is finite and
     rounds to a finite value in ``fits`` (default ``dtype``): ``|x| < overflow_bound(fits)``.
+
+    ``unchanged`` is the remedy to name for a tensor no adapter changed; such a tensor may keep the
+    base's own inf/NaN (only finite values that would round to inf are refused).
 
     Each chunk's min and max are taken just before the chunk is rounded, while it is in the cache:
     one reduction over data the cast reads anyway, instead of another pass over memory.
@@ -394,25 +406,24 @@ def _rounded_finite(scratch: _Scratch, tensor: torch.Tensor, dtype: torch.dtype,
         part = source[start:start + _CHECK_CHUNK]
         low, high = torch.aminmax(part)
         if not (bool(low > -bound) and bool(high < bound)):  # NaN fails both
-            raise _not_finite(plan, name, tensor, fits)
+            if unchanged is None or bool((torch.isfinite(part) & (part.abs() >= bound)).any()):
+                raise _not_finite(plan, name, tensor, fits, unchanged)
         if target is not None:
             target[start:start + _CHECK_CHUNK].copy_(part)
     return out
 
 
-def _not_finite(plan: Plan, name: str, tensor: torch.Tensor, fits: torch.dtype) -> InputError:
+def _not_finite(plan: Plan, name: str, tensor: torch.Tensor, fits: torch.dtype, unchanged: str | None) -> InputError:
+    if unchanged is not None:  # refused only for finite values that would round to inf
+        return InputError(f"{name}: has values beyond {dtype_name(fits)}'s range, which {unchanged}")
     finite = bool(torch.isfinite(tensor).all())
-    job = plan.jobs.get(plan.owner.get(name, ""))
-    if job is None:  # an unchanged tensor re-encoded (quantize --gguf-type)
-        problem = f"has values beyond {dtype_name(fits)}'s range" if finite else "holds inf or NaN values"
-        return InputError(f"{name}: {problem}, which its output type cannot store (GGUF block types keep float16 "
-                          "scales); keep it in a wider type or fix the checkpoint")
-    what = f"{name}: the {plan.direction} of {', '.join(job.sources)} into {job.module}"
+    problem = f"has values beyond {dtype_name(fits)}'s range" if finite else "gives inf or NaN values"
+    job = plan.jobs[plan.owner[name]]
+    what = f"{name}: the {plan.direction} of {', '.join(job.sources)} into {job.module} {problem}"
     if finite:
-        return InputError(f"{what} has values beyond {dtype_name(fits)}'s range; write a wider --dtype/--type, or "
-                          "check the adapter's alpha and tensors and the --scale")
-    return InputError(f"{what} gives inf or NaN values; check the adapter's tensors for inf/NaN, its alpha and the "
-                      "--scale")
+        return InputError(f"{what}; write a wider --dtype/--type, or check the adapter's alpha and tensors and the "
+                          "--scale")
+    return InputError(f"{what}; check the adapter's tensors for inf/NaN, its alpha and the --scale")
 
 
 def _run_job(job: ModuleJob, direction: str, read: Callable[[str, str], torch.Tensor],
