@@ -76,8 +76,8 @@ def load_json(raw: bytes) -> object:
     """Parse JSON as serde_json does, refusing what it refuses and what two readers could read apart.
 
     Refused: bytes that are not UTF-8, ``NaN``/``Infinity``, numbers out of the float range, lone
-    surrogate escapes, nesting deeper than ``MAX_JSON_DEPTH``, and a key repeated in one object (which
-    serde_json resolves one way for struct fields and another for maps, and Python a third).
+    surrogate escapes, nesting deeper than ``MAX_JSON_DEPTH``, and a key repeated in one object (serde_json
+    refuses it for struct fields and keeps the last for maps; other readers keep the first).
     Integers beyond 64 bits come back as floats, and ``-0`` as ``-0.0``, as serde_json reads them.
     """
     try:
@@ -126,10 +126,12 @@ def _int(text: str) -> int | float:
 
 
 def _object(pairs: list[tuple[str, object]], repeated: list[str]) -> dict[str, object]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs) and not repeated:
-        seen: set[str] = set()
-        repeated.append(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    """A JSON object; its first repeated key, if any, goes to ``repeated`` (reported once parsing is done)."""
+    obj: dict[str, object] = {}
+    for key, value in pairs:
+        if key in obj:
+            repeated.append(key)
+        obj[key] = value
     return obj
 
 
