@@ -14,6 +14,12 @@ Additive, so unmerge subtracts the same ΔW exactly. ``n_frequency_pattern`` is 
 FourierFT does (``re.match(rf".*\\.{key}$", path)``, then the path itself as a key) and must agree
 with the saved spectrum length, as PEFT itself would refuse to load it otherwise.
 
+Linear or Conv1D: PEFT transposes the change per layer by its type and saves the ``fan_in_fan_out`` of the
+last layer it wrapped, and nothing saved tells out from in (the positions are drawn for either shape). So
+an adapter on both types is merged wrong by the flag: it is refused (:func:`refuse_mixed_layer_types`)
+where its modules are named both like transformers' Conv1D layers and otherwise (GPT-2's ``c_attn`` with
+its nn.Linear ``lm_head``). A model mixing the types under other names is not detected.
+
 The positions come from torch's CPU ``randperm``: an adapter trained with a torch whose ``randperm``
 draws differently would get other positions, which nothing in the files can reveal.
 """
@@ -83,6 +89,26 @@ def layer_dims(module: str, shapes: Shapes, transposed: bool, n: int, method: st
         raise InputError(f"{module}: the spectrum has {n} entries but the base weight {list(w)} has only "
                          f"{out * in_} positions; was the adapter trained on another model?")
     return out, in_
+
+
+# The names transformers gives its Conv1D layers (GPT-2, OpenAI GPT, ImageGPT, Decision Transformer, CLVP).
+CONV1D_NAMES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+
+
+def refuse_mixed_layer_types(params: ModuleParams, method: str) -> None:
+    """Refuse an adapter whose modules are named both like transformers' Conv1D layers and otherwise: the
+    saved ``fan_in_fan_out`` is only the last wrapped layer's, so it may be wrong for the others."""
+    named = {m: m.rsplit(".", 1)[-1] in CONV1D_NAMES for m in params.context.modules}
+    conv1d_like = next((m for m, c in named.items() if c), None)
+    other = next((m for m, c in named.items() if not c), None)
+    if conv1d_like is not None and other is not None:
+        flag = bool(params.config.get("fan_in_fan_out", False))
+        raise UnsupportedError(
+            f"{params.config.path.parent}: this {method} adapter changes {conv1d_like!r}, named like a transformers "
+            f"Conv1D layer (stored (in, out)), and {other!r}, named otherwise (an nn.Linear, stored (out, in), in "
+            "such models); PEFT transposes the change per layer by its type but saves only the last layer's "
+            f"fan_in_fan_out ({str(flag).lower()}), and no saved tensor tells the types apart. Merge it with PEFT "
+            "(merge_and_unload), or train one adapter per layer type")
 
 
 def config_seed(config: AdapterConfig) -> int:
@@ -155,5 +181,6 @@ class FourierFT(Method):
     def patch(self, params: ModuleParams) -> Patch:
         config = params.config
         spectrum = spectrum_of(params, "fourierft_spectrum", "fourierft")
+        refuse_mixed_layer_types(params, "FourierFT")
         return FourierFTPatch(params.module, spectrum, float(config.get("scaling", 150.0)), config_seed(config),
                               bool(config.get("fan_in_fan_out", False)), params.context)

@@ -27,8 +27,13 @@ We recover ``k`` from the files instead:
 A single targeted layer without saved P is position 0: P is regenerated, and rounded to bf16/fp16 when
 the saved SVD factors are (PEFT rounds P to the dtype of the base it loads into; a note says so).
 
-``fan_in_fan_out`` is one flag for the whole model: a layer whose base weight is ``(out, in)`` as saved
-(an Embedding next to GPT-2's Conv1D layers) is not transposed; a square one follows the flag.
+Linear or Conv1D: PEFT transposes per layer by its type and saves the ``fan_in_fan_out`` of the last Linear
+or Conv1D layer it wrapped (GPT-2's nn.Linear ``lm_head`` after its Conv1D layers saves False). A non-square
+weight tells by its shape against ``B·A`` (an Embedding ``(V, d)`` is never transposed); a square one follows
+the other modules when they agree, else the flag, and is refused among modules of both layouts
+(:class:`TypeLayout`). An Embedding looks like an nn.Linear, so with a saved True (which says the last
+Linear or Conv1D layer was a Conv1D; PEFT leaves the flag alone for embeddings) an ``(out, in)`` module is
+not counted as an nn.Linear: a square weight then follows the flag, as before.
 
 Additive: unmerge subtracts the same ΔW.
 """
@@ -52,6 +57,7 @@ from .base import (
     like,
     register,
 )
+from .hira import Layout
 from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
@@ -111,30 +117,46 @@ def half_precision_of(*tensors: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+class TypeLayout(Layout):
+    """``Layout`` whose refusal of a square weight among modules of both layouts says what to do."""
+
+    def observe(self, module: str, transposed: bool | None) -> None:
+        try:
+            super().observe(module, transposed)
+        except InputError:
+            raise UnsupportedError(
+                f"{self.square[0]}: its weight is square, and this {self.method} adapter also changes layers stored "
+                f"(out, in) like nn.Linear (e.g. {self.evidence[False][0]}) and (in, out) like Conv1D (e.g. "
+                f"{self.evidence[True][0]}); PEFT transposes the change per layer by its type, which the files do not "
+                "record (the saved fan_in_fan_out is only the last layer's). Merge it with PEFT (merge_and_unload), "
+                "or train one adapter per layer type") from None
+
+
 class TinyLoraPatch(AdditivePatch):
-    """ΔW = Tf(B @ (Σ v_i P_i) @ A)."""
+    """ΔW = Tf(B @ (Σ v_i P_i) @ A), transposed as the base shape says (a square one as ``layout`` decides)."""
 
     def __init__(self, module: str, A: torch.Tensor, B: torch.Tensor, P: torch.Tensor, v: torch.Tensor, group: str,
-                 position: str, transposed: bool, P_source: str):
+                 position: str, layout: TypeLayout, P_source: str):
         super().__init__(module, ("weight",))
         self.A, self.B, self.P, self.v = A, B, P, v
-        self.group, self.position, self.transposed, self.P_source = group, position, transposed, P_source
+        self.group, self.position, self.layout, self.P_source = group, position, layout, P_source
         self.rank = A.shape[0]
-        self.kind = "linear"
+        self._by_shape: bool | None = None
+
+    @property
+    def transposed(self) -> bool:
+        return self.layout.transposed(self.module, self._by_shape)
 
     def check(self, shapes: Shapes) -> None:
-        have = shapes["weight"]
-        plain, flipped = (self.B.shape[0], self.A.shape[1]), (self.A.shape[1], self.B.shape[0])
-        if self.transposed and have == flipped:
-            self.kind = "conv1d_transposed"
-        elif have == plain:
-            # fan_in_fan_out is model-wide in the config; an Embedding (V, d) is never transposed by PEFT.
-            self.kind, self.transposed = ("embedding_or_linear" if self.transposed else "linear"), False
-        else:
-            want = flipped if self.transposed else plain
-            raise InputError(f"{self.module}: TinyLoRA's change has shape {list(want)} (tinylora_B "
-                             f"{list(self.B.shape)}, tinylora_A {list(self.A.shape)}) but the base weight is "
-                             f"{list(have)}; was the adapter trained on another model?")
+        have = tuple(shapes["weight"])
+        out, in_ = self.B.shape[0], self.A.shape[1]
+        if have not in ((out, in_), (in_, out)):
+            raise InputError(f"{self.module}: TinyLoRA's change is {[out, in_]} (tinylora_B {list(self.B.shape)}, "
+                             f"tinylora_A {list(self.A.shape)}), stored as is or transposed for Conv1D, but the "
+                             f"base weight is {list(have)}; was the adapter trained on another model?")
+        self._by_shape = Layout.by_shape(have, out, in_)
+        if not (self._by_shape is False and self.layout.fan_in_fan_out):  # maybe an Embedding: no evidence
+            self.layout.observe(self.module, self._by_shape)
 
     def delta(self) -> Tensors:
         R = torch.einsum("i,ijk->jk", self.v.to(torch.float32), self.P.to(torch.float32))
@@ -152,8 +174,8 @@ class TinyLoraPatch(AdditivePatch):
         return layer(x, base) + ((x @ like(self.A, x).T) @ R.T) @ like(self.B, x).T
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "rank": self.rank, "u": self.v.numel(), "group": self.group,
-                "position": self.position, "projection": self.P_source}
+        return {"kind": "conv1d_transposed" if self.transposed else "linear", "rank": self.rank, "u": self.v.numel(),
+                "group": self.group, "position": self.position, "projection": self.P_source}
 
 
 def _config_values(config: AdapterConfig) -> tuple[int, float]:
@@ -262,8 +284,9 @@ class TinyLora(Method):
         if P.shape[0] != u:
             raise InputError(f"{where}: tinylora_P has {P.shape[0]} projections but base_model.{V}.{group} has {u} "
                              "entries; the adapter file is inconsistent")
-        patch = TinyLoraPatch(params.module, A, B, P, v, group, position, bool(config.get("fan_in_fan_out", False)),
-                              P_source)
+        layout = context.cache.setdefault("tinylora_layout",
+                                          TypeLayout("TinyLoRA", bool(config.get("fan_in_fan_out", False))))
+        patch = TinyLoraPatch(params.module, A, B, P, v, group, position, layout, P_source)
         if rounded is not None:
             patch.notes.append(f"tinylora_P was not saved; regenerated from projection_seed and rounded to {rounded}, "
                                "the dtype of the base the saved SVD factors come from, as PEFT does when it loads the "

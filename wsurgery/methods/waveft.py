@@ -1,7 +1,8 @@
 """WaveFT (``peft_type: WAVEFT``): a sparse set of wavelet coefficients, brought to weight space by one
 level of the inverse 2-D discrete wavelet transform.
 
-For a layer whose change is ``(out, in)`` (Conv1D: the base stores ``(in, out)``, ``fan_in_fan_out``):
+For a layer whose change is ``(out, in)`` (Conv1D: the base stores ``(in, out)``, ``fan_in_fan_out``; an
+adapter on both Conv1D and nn.Linear layers is refused as in FourierFT, ``refuse_mixed_layer_types``):
 
 * the ``n`` coefficient positions are drawn as in FourierFT, from
   ``torch.randperm(out·in, generator=torch.Generator().manual_seed(random_loc_seed))[:n]`` (never saved);
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedError
 from .base import (AdapterContext, AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, like,
                    register)
-from .fourierft import config_seed, frequency_indices, layer_dims, spectrum_of
+from .fourierft import config_seed, frequency_indices, layer_dims, refuse_mixed_layer_types, spectrum_of
 from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
@@ -359,6 +360,7 @@ class WaveFT(Method):
         # files do not list; the spectrum length is what counts, so the config cannot be cross-checked.
         rule = "skip" if config.get("proportional_parameters", False) else "generic"
         spectrum = spectrum_of(params, "waveft_spectrum", rule)
+        refuse_mixed_layer_types(params, "WaveFT")
         family = config.get("wavelet_family", "db1") if config.get("use_idwt", True) else None
         return WaveFTPatch(params.module, spectrum, float(config.get("scaling", 25.0)), config_seed(config),
                            bool(config.get("fan_in_fan_out", False)), family, params.context)

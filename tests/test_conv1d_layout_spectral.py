@@ -1,0 +1,59 @@
+"""FourierFT, WaveFT and TinyLoRA on a GPT-2 whose targets mix Conv1D (c_attn, c_proj, c_fc) and the nn.Linear
+lm_head. PEFT transposes each layer's change by its type but saves the fan_in_fan_out of the last layer it
+wrapped (the lm_head's False), so the flag is wrong for the Conv1D layers: each case is merged equal to
+PEFT's merge_and_unload, or refused through the CLI in one line rather than merged wrong.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from oracle import make_adapter, run_case, run_cli, save_base
+from peft import FourierFTConfig, TinyLoraConfig, WaveFTConfig
+from test_method_hra_road_ia3 import _untied_gpt2
+from test_method_vector_bank import _one_thread  # noqa: F401  (autouse: tiny tensors, busy cores)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+MIXED = ["c_attn", "c_proj", "c_fc", "lm_head"]
+
+
+def _refused(tmp_path, capsys, config) -> str:
+    """Save the base and adapter, merge through the CLI; return its one-line refusal."""
+    model = _untied_gpt2()
+    base_dir = save_base(model, tmp_path / "base")
+    adapter_dir = make_adapter(model, config, tmp_path / "adapter")
+    # PEFT saves the lm_head's False, although it merged the Conv1D layers transposed.
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    code, _, err = run_cli(["merge", "-q", base_dir, adapter_dir, tmp_path / "out"], capsys)
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1, lines
+    assert not (tmp_path / "out").exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("config", [
+    FourierFTConfig(n_frequency=60, scaling=40.0, target_modules=MIXED, init_weights=False),
+    WaveFTConfig(n_frequency=60, scaling=3.0, wavelet_family="db2", target_modules=MIXED, init_weights=False),
+], ids=["fourierft", "waveft"])
+def test_spectral_gpt2_with_lm_head_is_refused(tmp_path, capsys, config):
+    """No saved tensor tells out from in (the positions are drawn for either shape), so the flag would be
+    applied to every layer (0.79 relative error on c_attn for FourierFT): refused instead."""
+    line = _refused(tmp_path, capsys, config)
+    assert "transformer.h.0.attn.c_attn" in line and "'lm_head'" in line and "fan_in_fan_out (false)" in line
+    assert "merge_and_unload" in line and "one adapter per layer type" in line
+
+
+def test_tinylora_gpt2_with_lm_head_layout_from_the_shapes(tmp_path):
+    """tinylora_B·tinylora_A is (out, in): each non-square weight's layout follows from its shape, not the flag."""
+    cfg = TinyLoraConfig(r=2, u=3, weight_tying=0.5, target_modules=["c_attn", "c_fc", "mlp.c_proj", "lm_head"])
+    _, adapter_dir, _ = run_case(tmp_path, _untied_gpt2(), cfg)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+
+
+def test_tinylora_square_weight_next_to_both_types_is_refused(tmp_path, capsys):
+    """attn.c_proj is (d, d): its shape cannot tell Conv1D from nn.Linear, and the adapter has both types."""
+    line = _refused(tmp_path, capsys, TinyLoraConfig(r=2, u=3, target_modules=MIXED))
+    assert "transformer.h.0.attn.c_proj: its weight is square" in line and "lm_head" in line
+    assert "merge_and_unload" in line
