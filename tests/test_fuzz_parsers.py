@@ -178,7 +178,7 @@ def ours_judges(raw: bytes, path: Path) -> list | None:
         out = []
         for name, info in infos.items():
             f.seek(info.offset)
-            out.append((name, [k for k, v in SAFETENSORS_TO_TORCH.items() if v == info.dtype][0], list(info.shape),
+            out.append((name, next(k for k, v in SAFETENSORS_TO_TORCH.items() if v == info.dtype), list(info.shape),
                         f.read(info.nbytes)))
     return sorted(out)
 
@@ -214,8 +214,9 @@ def test_safetensors_mutated_headers_match_the_library(raw, scratch):
 def test_safetensors_nesting_limit_matches_the_library(depth, where, scratch):
     """serde_json stops at 128 levels; so do we, wherever the nesting is."""
     nest = "[" * depth + "]" * depth
-    text = {"extra": '{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":%s}}' % nest,
-            "metadata": '{"__metadata__":{"k":%s},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}' % nest,
+    tensor = '"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]'
+    text = {"extra": "{" + tensor + ',"x":' + nest + "}}",
+            "metadata": '{"__metadata__":{"k":' + nest + "}," + tensor + "}}",
             "top": nest}[where]
     _judge_safetensors(struct.pack("<Q", len(text)) + text.encode() + b"\0", scratch / "d.safetensors",
                        "safetensors nesting")
@@ -252,7 +253,8 @@ def good_indexes(draw) -> dict:
 
 SHARD_VALUES = st.one_of(st.sampled_from(sorted(SHARDS)).flatmap(_spellings),
                          st.sampled_from([".", "..", "/", "", "sub", "sub/", "../x.safetensors", "/etc/passwd",
-                                          "a\u0000b", "missing.safetensors", "x" * 300, "model-00001-of-00002.safetensors/x"]),
+                                          "a\u0000b", "missing.safetensors", "x" * 300,
+                                          "model-00001-of-00002.safetensors/x"]),
                          st.integers(), st.none(), st.lists(st.integers(), max_size=2))
 
 
@@ -276,7 +278,8 @@ def test_index_shard_spellings_all_read_the_same(index, sharded):
     TRIED["index generated"] += 1
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
     ckpt = open_checkpoint(sharded)
-    assert {n: info.file for n, info in ckpt.tensors.items()} == {t: sharded / s for s, ts in SHARDS.items() for t in ts}
+    expected = {t: sharded / s for s, ts in SHARDS.items() for t in ts}
+    assert {n: info.file for n, info in ckpt.tensors.items()} == expected
     assert ckpt.shards == [sharded / s for s in SHARDS]  # in order of first mention
 
 
@@ -311,7 +314,8 @@ def gguf_values(draw, depth: int = 0) -> tuple[int, bytes, object]:
         return vtype, _s(text), text
     if vtype == 9:
         item = draw(st.sampled_from([4, 8, 9] if depth < 1 else [4, 8]))
-        values = [draw(gguf_values(depth + 1).filter(lambda v, t=item: v[0] == t)) for _ in range(draw(st.integers(0, 3)))]
+        count = draw(st.integers(0, 3))
+        values = [draw(gguf_values(depth + 1).filter(lambda v, t=item: v[0] == t)) for _ in range(count)]
         return vtype, struct.pack("<IQ", item, len(values)) + b"".join(v[1] for v in values), None
     fmt = _SCALAR[vtype]
     value = {"<?": st.booleans(), "<f": st.just(1.5), "<d": st.just(-2.0)}.get(fmt, st.integers(0, 100))

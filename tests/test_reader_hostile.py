@@ -105,8 +105,8 @@ def merged(capsys, work, base: Path) -> dict[str, torch.Tensor]:
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
 
 
 def split(path: Path) -> tuple[dict, bytes]:
@@ -405,7 +405,8 @@ GGUF_CASES = {
     "alignment not a power of two": _gguf(ARCH + _kv_u32("general.alignment", 24), 2),
     "block_count above the tensor count": _gguf(ARCH + _kv_u32("llama.block_count", 5000), 2,
                                                 _info("output_norm.weight", [4]), 1, bytes(32)),
-    "head count 0 for a Q weight": _gguf(ARCH + _kv_u32("llama.block_count", 1) + _kv_u32("llama.attention.head_count", 0),
+    "head count 0 for a Q weight": _gguf(ARCH + _kv_u32("llama.block_count", 1)
+                                         + _kv_u32("llama.attention.head_count", 0),
                                          3, _info("blk.0.attn_q.weight", [4, 4]), 1, bytes(64)),
 }
 

@@ -144,8 +144,8 @@ def _tensor_info(cur: _Cursor) -> tuple[str, GGMLQuantizationType, tuple[int, ..
     try:
         kind = GGMLQuantizationType(raw_type)
     except ValueError:
-        raise UnsupportedError(f"{cur.path}: tensor {shown(name)} has ggml type {raw_type}, which the gguf package does not "
-                               "know (a newer llama.cpp type?)") from None
+        raise UnsupportedError(f"{cur.path}: tensor {shown(name)} has ggml type {raw_type}, which the gguf package "
+                               "does not know (a newer llama.cpp type?)") from None
     return name, kind, tuple(reversed(dims)), cur.unpack("<Q")
 
 

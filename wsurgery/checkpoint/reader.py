@@ -155,7 +155,8 @@ def check_weights_file(path: Path, folder: Path, named_by: Path | None = None) -
     A folder from elsewhere (a download, an archive) may hold a symlink ``model.safetensors ->
     /home/you/private.safetensors``: merged and pushed, that would publish a file its owner never
     named. The one layout where weights legitimately point out of their folder is the Hugging Face
-    cache, recognised exactly: ``<repo>/snapshots/<revision>/<file> -> <repo>/blobs/<hash>``.
+    cache, recognised exactly: ``<repo>/snapshots/<revision>/<file> -> <repo>/blobs/<hash>`` where
+    ``<repo>`` is named ``models--<org>--<name>``.
     """
     where = f"{named_by}: shard {shown(os.path.relpath(path, folder))}" if named_by else str(path)
     try:
@@ -169,7 +170,8 @@ def check_weights_file(path: Path, folder: Path, named_by: Path | None = None) -
     real, home = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
     if real.is_relative_to(home):
         return
-    if home.parent.name == "snapshots" and real.parent == home.parent.parent / "blobs":
+    repo = home.parent.parent
+    if home.parent.name == "snapshots" and repo.name.startswith("models--") and real.parent == repo / "blobs":
         return
     raise InputError(f"{where} is a link to a file outside {folder}; refusing it (pass the file itself if you "
                      "trust it)")
