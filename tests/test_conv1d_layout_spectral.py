@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from oracle import make_adapter, run_case, run_cli, save_base
+import torch
+from oracle import make_adapter, run_case, run_cli, save_base, with_random_biases
 from peft import FourierFTConfig, TinyLoraConfig, WaveFTConfig
-from test_method_hra_road_ia3 import _untied_gpt2
+from test_method_hra_road_ia3 import _EmbConv1D, _untied_gpt2
 from test_method_vector_bank import _one_thread  # noqa: F401  (autouse: tiny tensors, busy cores)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -38,17 +39,24 @@ def _refused(tmp_path, capsys, config) -> str:
     WaveFTConfig(n_frequency=60, scaling=3.0, wavelet_family="db2", target_modules=MIXED, init_weights=False),
 ], ids=["fourierft", "waveft"])
 def test_spectral_gpt2_with_lm_head_is_refused(tmp_path, capsys, config):
-    """No saved tensor tells out from in (the positions are drawn for either shape), so the flag would be
-    applied to every layer (0.79 relative error on c_attn for FourierFT): refused instead."""
+    """No saved tensor tells out from in (the positions are drawn for either shape); the saved flag applied to
+    every layer gives each Conv1D layer a ΔW off by ~1.4 times its own norm: refused instead."""
     line = _refused(tmp_path, capsys, config)
     assert "transformer.h.0.attn.c_attn" in line and "'lm_head'" in line and "fan_in_fan_out (false)" in line
     assert "merge_and_unload" in line and "one adapter per layer type" in line
 
 
-def test_tinylora_gpt2_with_lm_head_layout_from_the_shapes(tmp_path):
+@pytest.mark.parametrize("case", ["gpt2-with-lm_head", "emb-conv1d"])
+def test_tinylora_conv1d_next_to_linear_layout_from_the_shapes(tmp_path, case):
     """tinylora_B·tinylora_A is (out, in): each non-square weight's layout follows from its shape, not the flag."""
-    cfg = TinyLoraConfig(r=2, u=3, weight_tying=0.5, target_modules=["c_attn", "c_fc", "mlp.c_proj", "lm_head"])
-    _, adapter_dir, _ = run_case(tmp_path, _untied_gpt2(), cfg)
+    if case == "gpt2-with-lm_head":
+        model = _untied_gpt2()
+        cfg = TinyLoraConfig(r=2, u=3, weight_tying=0.5, target_modules=["c_attn", "c_fc", "mlp.c_proj", "lm_head"])
+    else:  # PEFT's test model: Conv1D stored (in=5, out=1), then an nn.Linear
+        torch.manual_seed(0)
+        model = with_random_biases(_EmbConv1D())
+        cfg = TinyLoraConfig(r=1, u=2, target_modules=["conv1d", "lin0"])
+    _, adapter_dir, _ = run_case(tmp_path, model, cfg)
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["fan_in_fan_out"] is False
 
 
