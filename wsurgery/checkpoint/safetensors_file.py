@@ -69,8 +69,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise InputError(f"{path}: not a safetensors file (only {size} bytes); the file is truncated")
         (header_len,) = struct.unpack("<Q", pread_exact(fd, 8, 0, path))
         if header_len > MAX_HEADER_BYTES or 8 + header_len > size:  # the number itself is not shown: any 8 bytes
-            raise InputError(f"{path}: its first 8 bytes are not a safetensors header length that fits its {size} "
-                             f"bytes (and at most {MAX_HEADER_BYTES}); the file is truncated or not safetensors")
+            raise InputError(f"{path}: not a safetensors file (its first 8 bytes give no header length that fits in "
+                             f"its {size} bytes and {MAX_HEADER_BYTES} at most); the file is truncated or of another "
+                             "format")
         header_bytes = pread_exact(fd, header_len, 8, path)
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
