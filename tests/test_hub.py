@@ -438,3 +438,23 @@ def test_push_refuses_temporaries_at_any_depth_and_shards_whose_data_does_not_en
     assert code == 1 and output.count("\n") == 1 and "Traceback" not in output, output
     assert output.startswith("wsurgery: error:") and expected in output, output
     assert hub.requests == [] and folder_files(folder) == before
+
+
+def test_repo_whose_index_names_shards_in_a_subfolder_or_with_dot_slash(hub, tmp_path, capfd):
+    """`./x` and `sub/x` are legal shard names (the reader takes them): a repo-id input fetches those shards."""
+    files = folder_files(BASE)
+    index = json.loads(files["model.safetensors.index.json"])
+    shards = sorted(set(index["weight_map"].values()))
+    moved = {name: (f"sub/{name}" if i % 2 else f"./{name}") for i, name in enumerate(shards)}
+    index["weight_map"] = {t: moved[s] for t, s in index["weight_map"].items()}
+    files["model.safetensors.index.json"] = json.dumps(index).encode()
+    for i, name in enumerate(shards):
+        if i % 2:
+            files[f"sub/{name}"] = files.pop(name)
+    hub.add_repo("org/odd-index", files)
+    out = tmp_path / "merged"
+    code, output = cli(capfd, "merge", "org/odd-index", str(LORA), str(out), "-q")
+    assert code == 0, output
+    wsurgery.merge(BASE, LORA, tmp_path / "local", progress=False)
+    a, b = load_all(out), load_all(tmp_path / "local")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -329,6 +329,15 @@ def test_single_file_linked_outside_the_folder(work, capsys):
     assert status == 1 and "outside" in one_error_line(stderr)
 
 
+def test_adapter_weights_linked_outside_the_folder(work, capsys):
+    f = work.adapter / "adapter_model.safetensors"
+    outside = work.tmp / "private-adapter.safetensors"
+    f.rename(outside)
+    f.symlink_to(outside)
+    line = assert_refused(capsys, work, work.base, [f], extra=[outside])
+    assert "outside" in line
+
+
 def test_link_inside_the_folder_is_fine(work, capsys):
     expected = merged(capsys, work, work.base)
     f = work.base / "model.safetensors"

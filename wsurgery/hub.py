@@ -26,6 +26,7 @@ import functools
 import glob
 import json
 import os
+import posixpath
 import re
 import tempfile
 from collections.abc import Callable, Iterator
@@ -143,7 +144,9 @@ def _shards_named_by(index: Path) -> list[str]:
     """The shard files an index names; [] for a broken index (opening the checkpoint reports it)."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted({s for s in weight_map.values() if isinstance(s, str) and "/" not in s})
+        names = {posixpath.normpath(s) for s in weight_map.values() if isinstance(s, str) and s}
+        # As the reader takes them: `./x` and `sub/x` are shards inside the repo; what leaves it is not fetched.
+        return sorted(n for n in names if n not in (".", "..") and not n.startswith(("/", "../")))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint.reader import _load_bin
+from ..checkpoint.reader import _load_bin, check_weights_file
 from ..checkpoint.safetensors_file import read_header, read_tensor
 from ..errors import InputError, UnsupportedError
 from ..methods import AdapterContext, Method, ModuleParams, Patch, ReplacePatch, get_method
@@ -77,10 +77,12 @@ class Adapter:
 def _read_adapter_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     st = folder / "adapter_model.safetensors"
     if st.is_file():
+        check_weights_file(st, folder)  # a link out of the folder would merge (and publish) a file never named
         infos, _ = read_header(st)
         return st, {name: read_tensor(info) for name, info in infos.items()}
     pt = folder / "adapter_model.bin"
     if pt.is_file():
+        check_weights_file(pt, folder)
         return pt, {k: v.clone() for k, v in _load_bin(pt).items()}
     raise InputError(f"{folder}: no adapter_model.safetensors or adapter_model.bin next to adapter_config.json")
 

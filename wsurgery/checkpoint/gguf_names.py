@@ -21,6 +21,7 @@ import gguf
 import torch
 
 from ..errors import UnsupportedError
+from .untrusted import shown
 
 _BLOCK_PREFIX = "model.layers."
 _TOP_PREFIX = "model."
@@ -57,7 +58,7 @@ def arch_rules(arch: str, where: str) -> ArchRules:
     rules = ARCHITECTURES.get(arch)
     if rules is None:
         raise UnsupportedError(
-            f"{where}: GGUF architecture {arch!r} is not supported; wsurgery maps GGUF tensors to Hugging Face "
+            f"{where}: GGUF architecture {shown(arch)} is not supported; wsurgery maps GGUF tensors to Hugging Face "
             f"names and layouts only for {', '.join(sorted(ARCHITECTURES))}, whose llama.cpp conversion it knows")
     return rules
 
