@@ -95,19 +95,18 @@ def layer_dims(module: str, shapes: Shapes, transposed: bool, n: int, method: st
 CONV1D_NAMES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
 
 
-def refuse_mixed_layer_types(params: ModuleParams, method: str) -> None:
+def refuse_mixed_layer_types(context: AdapterContext, fan_in_fan_out: bool, method: str) -> None:
     """Refuse an adapter whose modules are named both like transformers' Conv1D layers and otherwise: the
     saved ``fan_in_fan_out`` is only the last wrapped layer's, so it may be wrong for the others."""
-    named = {m: m.rsplit(".", 1)[-1] in CONV1D_NAMES for m in params.context.modules}
+    named = {m: m.rsplit(".", 1)[-1] in CONV1D_NAMES for m in context.modules}
     conv1d_like = next((m for m, c in named.items() if c), None)
     other = next((m for m, c in named.items() if not c), None)
     if conv1d_like is not None and other is not None:
-        flag = bool(params.config.get("fan_in_fan_out", False))
         raise UnsupportedError(
-            f"{params.config.path.parent}: this {method} adapter changes {conv1d_like!r}, named like a transformers "
-            f"Conv1D layer (stored (in, out)), and {other!r}, named otherwise (an nn.Linear, stored (out, in), in "
-            "such models); PEFT transposes the change per layer by its type but saves only the last layer's "
-            f"fan_in_fan_out ({str(flag).lower()}), and no saved tensor tells the types apart. Merge it with PEFT "
+            f"this {method} adapter changes {conv1d_like!r}, named like a transformers Conv1D layer (stored (in, "
+            f"out)), and {other!r}, named otherwise (an nn.Linear, stored (out, in), in such models); PEFT transposes "
+            "the change per layer by its type but saves only the last layer's fan_in_fan_out "
+            f"({str(fan_in_fan_out).lower()}), and no saved tensor tells the types apart. Merge it with PEFT "
             "(merge_and_unload), or train one adapter per layer type")
 
 
@@ -130,6 +129,7 @@ class FourierFTPatch(AdditivePatch):
         self.dims: tuple[int, int] | None = None  # (out, in), from the base shape in ``check``
 
     def check(self, shapes: Shapes) -> None:
+        refuse_mixed_layer_types(self.context, self.transposed, "FourierFT")
         self.dims = layer_dims(self.module, shapes, self.transposed, self.spectrum.numel(), "FourierFT")
 
     def delta(self) -> Tensors:
@@ -181,6 +181,5 @@ class FourierFT(Method):
     def patch(self, params: ModuleParams) -> Patch:
         config = params.config
         spectrum = spectrum_of(params, "fourierft_spectrum", "fourierft")
-        refuse_mixed_layer_types(params, "FourierFT")
         return FourierFTPatch(params.module, spectrum, float(config.get("scaling", 150.0)), config_seed(config),
                               bool(config.get("fan_in_fan_out", False)), params.context)

@@ -206,6 +206,7 @@ class WaveFTPatch(AdditivePatch):
         self.dims: tuple[int, int] | None = None  # (out, in), from the base shape in ``check``
 
     def check(self, shapes: Shapes) -> None:
+        refuse_mixed_layer_types(self.context, self.transposed, "WaveFT")
         out, in_ = layer_dims(self.module, shapes, self.transposed, self.spectrum.numel(), "WaveFT")
         if self.family is not None:
             size = self._geometry(out, in_)["reconstructed"]
@@ -360,7 +361,6 @@ class WaveFT(Method):
         # files do not list; the spectrum length is what counts, so the config cannot be cross-checked.
         rule = "skip" if config.get("proportional_parameters", False) else "generic"
         spectrum = spectrum_of(params, "waveft_spectrum", rule)
-        refuse_mixed_layer_types(params, "WaveFT")
         family = config.get("wavelet_family", "db1") if config.get("use_idwt", True) else None
         return WaveFTPatch(params.module, spectrum, float(config.get("scaling", 25.0)), config_seed(config),
                            bool(config.get("fan_in_fan_out", False)), family, params.context)
