@@ -300,3 +300,13 @@ def test_methods_table(capsys):
     assert out.startswith("| method |") and "| LoRA" in out and "`PROMPT_TUNING`" in out
     rows = json.loads(ok(["methods", "--json"], capsys)[0])
     assert {"name", "layers", "merge", "unmerge", "peft_versions"} <= set(rows["mergeable"][0])
+
+
+@pytest.mark.parametrize("argv", [["merge", "a"], ["verify", "--tokens", "0", "a", "b", "c"], ["nosuch"],
+                                  ["merge", "a", "b", "c", "--scale", "x"]])
+def test_usage_errors_are_one_line(argv, capsys):
+    """A mistyped command line is bad input like any other: one line, exit 2, no usage block."""
+    status, stdout, stderr = run_cli(argv, capsys)
+    assert status == 2 and stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wsurgery: error: ") and "--help" in lines[0], stderr

@@ -48,6 +48,9 @@ def _run(args: list[str]) -> None:
         cli.main(args=args, prog_name="wsurgery", standalone_mode=False, obj={"argv": args})
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except click.UsageError as e:  # one line too, not click's usage block
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        _fail(f"error: {e.format_message().rstrip('.')}{hint}", e.exit_code)
     except click.ClickException as e:
         interrupts.stop_raising()
         e.show()
