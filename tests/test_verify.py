@@ -131,3 +131,34 @@ def test_every_patch_class_has_a_forward_path():
                if not getattr(cls, "__abstractmethods__", None) and cls is not ReplacePatch
                and cls.forward is Patch.forward]
     assert not missing, f"patch classes without a forward path for verify: {missing}"
+
+
+def test_what_the_headers_and_configs_tell_is_refused_before_any_tensor_is_read(tmp_path, monkeypatch):
+    """Pre-validation: stacked non-additive changes (merge), and a 'quantized' checkpoint with another
+    tensor or shape than its original (--quantized), are refused before verify reads one tensor."""
+    from wsurgery.checkpoint import Checkpoint
+    from wsurgery.errors import InputError, UnsupportedError
+
+    model = tiny_llama()
+    base, dora, _ = run_case(tmp_path / "d", model, LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]),
+                             check_unmerge=False)
+    _, lora, _ = run_case(tmp_path / "l", model, LoraConfig(r=4, target_modules=["q_proj"]), check_unmerge=False)
+    wsurgery.merge(base, [dora, lora], tmp_path / "both", progress=False)
+    other = tmp_path / "other"
+    wsurgery.merge(base, lora, other, progress=False)
+    from safetensors.torch import load_file, save_file
+    shard = next(other.glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    name = next(n for n in tensors if n.endswith("q_proj.weight"))
+    tensors[name] = tensors[name][:-1].contiguous()
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a tensor was read before the refusal")
+
+    monkeypatch.setattr(Checkpoint, "read", no_reads)
+    monkeypatch.setattr(Checkpoint, "read_stored", no_reads)
+    with pytest.raises(UnsupportedError, match="not all are additive"):
+        wsurgery.api.verify(base, [dora, lora], tmp_path / "both", progress=False, device="cpu")
+    with pytest.raises(InputError, match="shape"):
+        wsurgery.api.verify_quantized(base, other, progress=False, device="cpu")

@@ -114,6 +114,11 @@ def verify_merge(base: Checkpoint, adapters: list[tuple[Adapter, float]], merged
     check_decoded(merged.tensors, merged.config, [n for n in job_plan.owner if n in merged.tensors],
                   f"merged {merged.folder}")  # first: an encoding's side tensors are not "extra" tensors
     _check_same_tensors(job_plan, merged)
+    for job in job_plan.jobs.values():  # known from the plan: refused before the first tensor is read
+        changes = [p for p, _, _ in job.patches if not isinstance(p, ReplacePatch)]
+        if len(changes) > 1 and not all(isinstance(p, AdditivePatch) for p in changes):
+            raise UnsupportedError(f"{job.module}: several adapters change this module and not all are additive; "
+                                   "verify checks stacked non-additive changes one adapter at a time")
     report = Report([], 0, str(dev), tokens, seed, rtol, atol, modules=len(job_plan.jobs))
     total = sum(t.nbytes for t in base.tensors.values()) + sum(t.nbytes for t in merged.tensors.values())
     with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="verify", leave=False) as bar:
@@ -169,7 +174,7 @@ def _check_module(job_plan: Plan, job: ModuleJob, merged: Checkpoint, dev: torch
         layer: Layer = changes[0][0].layer(shapes) if changes else Direct(tuple(base))
         generator = torch.Generator().manual_seed(seed)
         x = layer.inputs(shapes, tokens, generator).to(dev)
-        expected = _unmerged(layer, x, base, changes, job.module)
+        expected = _unmerged(layer, x, base, changes)
     except UnsupportedError as e:
         return Check(job.module, "forward", False, detail=str(e))
     got = layer(x, after)
@@ -186,17 +191,14 @@ def _check_module(job_plan: Plan, job: ModuleJob, merged: Checkpoint, dev: torch
                  float(rel.max()) if rel.numel() else 0.0, cosine if math.isfinite(cosine) else 0.0, detail)
 
 
-def _unmerged(layer: Layer, x: torch.Tensor, base: dict[str, torch.Tensor], changes: list, module: str) -> torch.Tensor:
+def _unmerged(layer: Layer, x: torch.Tensor, base: dict[str, torch.Tensor], changes: list) -> torch.Tensor:
     """The adapters' unmerged output. Every layer is linear in its tensors, so a change merged at scale
     s is ``y₀ + s·(y - y₀)``, and several additive changes add up."""
     if not changes:
         return layer(x, base)
     if len(changes) == 1 and changes[0][1] == 1.0:
         return changes[0][0].forward(x, base, layer)
-    if len(changes) > 1 and not all(isinstance(p, AdditivePatch) for p, _ in changes):
-        raise UnsupportedError(f"{module}: several adapters change this module and not all are additive; "
-                               "verify checks stacked non-additive changes one adapter at a time")
-    y0 = layer(x, base)
+    y0 = layer(x, base)  # several changes: all additive (verify_merge refused the others up front)
     return y0 + sum(s * (p.forward(x, base, layer) - y0) for p, s in changes)
 
 
@@ -254,11 +256,15 @@ def verify_quantized(original: Checkpoint, quantized: Checkpoint, *, device: str
     if missing:
         raise InputError(f"{quantized.folder}: lacks {len(missing)} tensors of {original.folder} "
                          f"(e.g. {missing[0]}); is it a quantization of it?")
+    for name, info in quantized.tensors.items():  # the headers tell: refused before any tensor is read
+        if name not in original.tensors:
+            raise InputError(f"{quantized.folder}: {name} is not in {original.folder}; is it a quantization of it?")
+        if tuple(info.shape) != tuple(original.tensors[name].shape):
+            raise InputError(f"{quantized.folder}: {name} has shape {list(info.shape)}, {original.folder} "
+                             f"{list(original.tensors[name].shape)}; is it a quantization of it?")
     report = Report([], 0, str(dev), tokens, seed, None, 0.0)
     items = list(quantized.tensors.items())
     for index, (name, info) in enumerate(tqdm(items, disable=not progress, desc="verify", leave=False)):
-        if name not in original.tensors:
-            raise InputError(f"{quantized.folder}: {name} is not in {original.folder}")
         if not isinstance(info, QuantizedTensorInfo):
             a, b = original.read(name), quantized.read(name)
             same = a.shape == b.shape and torch.equal(a.to(b.dtype), b)
@@ -267,9 +273,6 @@ def verify_quantized(original: Checkpoint, quantized: Checkpoint, *, device: str
             continue
         W = _read(original, name, dev)
         Q = _read(quantized, name, dev)
-        if W.shape != Q.shape:
-            report.checks.append(Check(name, "forward", False, detail=f"shape {list(Q.shape)} != {list(W.shape)}"))
-            continue
         bound = _weight_error_bound(W, info)
         layer = Linear(fan_in_fan_out=info.transposed)
         x = layer.inputs({"weight": tuple(W.shape)}, tokens, torch.Generator().manual_seed(seed + index)).to(dev)
