@@ -164,7 +164,10 @@ class FourierFT(Method):
     peft_types = ("FOURIERFT",)
     param_names = frozenset({"fourierft_spectrum"})
     support = (Support("FourierFT (n_frequency_pattern; spectral positions regenerated from random_loc_seed)",
-                       "Linear, Conv1D (fan_in_fan_out)", "exact", "exact", "0.21.2"),)
+                       "Linear, Conv1D (fan_in_fan_out)", "exact", "exact", "0.21.2"),
+               Support("FourierFT on both Conv1D-named (c_attn, c_proj, c_fc) and other modules", "Linear + Conv1D",
+                       "refused: PEFT saves only the last wrapped layer's fan_in_fan_out and the spectrum cannot tell "
+                       "the layouts apart; merge with PEFT or train one adapter per layer type", "-", "0.21.2"))
 
     def summary(self, config: AdapterConfig) -> dict[str, Any]:
         return {"scaling": float(config.get("scaling", 150.0)),

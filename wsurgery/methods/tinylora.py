@@ -196,6 +196,9 @@ class TinyLora(Method):
     support = (
         Support("TinyLoRA (save_projection=True, any weight_tying; layer positions recovered from the saved "
                 "projections)", "Linear, Conv1D (fan_in_fan_out), Embedding", "exact", "exact", "0.21.2"),
+        Support("TinyLoRA on Conv1D and Linear layers at once (layout of each non-square weight from B·A's shape)",
+                "square weights among layers stored both ways", "refused: PEFT saves only the last wrapped layer's "
+                "fan_in_fan_out and a square weight's layout is not in the files; merge with PEFT", "-", "0.21.2"),
         Support("TinyLoRA (save_projection=False, more than one layer)", "Linear, Conv1D, Embedding",
                 "refused: projections and groups follow the model's module registration order, which no file "
                 "records; re-save with save_projection=True", "-", "0.21.2"),

@@ -326,7 +326,10 @@ class WaveFT(Method):
     param_names = frozenset({"waveft_spectrum"})
     support = (Support("WaveFT (use_idwt with db1-db10, sym2-sym10, coif1-coif4, or without idwt; "
                        "n_frequency_pattern, proportional_parameters; positions regenerated from random_loc_seed)",
-                       "Linear, Conv1D (fan_in_fan_out)", "exact", "exact", "0.21.2"),)
+                       "Linear, Conv1D (fan_in_fan_out)", "exact", "exact", "0.21.2"),
+               Support("WaveFT on both Conv1D-named (c_attn, c_proj, c_fc) and other modules", "Linear + Conv1D",
+                       "refused: PEFT saves only the last wrapped layer's fan_in_fan_out and the coefficients cannot "
+                       "tell the layouts apart; merge with PEFT or train one adapter per layer type", "-", "0.21.2"))
 
     def check_config(self, config: AdapterConfig) -> None:
         config_seed(config)
