@@ -1,7 +1,8 @@
 """FourierFT, WaveFT and TinyLoRA on a GPT-2 whose targets mix Conv1D (c_attn, c_proj, c_fc) and the nn.Linear
-lm_head. PEFT transposes each layer's change by its type but saves the fan_in_fan_out of the last layer it
-wrapped (the lm_head's False), so the flag is wrong for the Conv1D layers: each case is merged equal to
-PEFT's merge_and_unload, or refused through the CLI in one line rather than merged wrong.
+lm_head (and PEFT's EmbConv1D test model). PEFT transposes each layer's change by its type but saves the
+fan_in_fan_out of the last layer it wrapped (the lm_head's False), so the flag is wrong for the Conv1D layers:
+each case is merged equal to PEFT's merge_and_unload, or refused through the CLI in one line rather than
+merged wrong.
 """
 
 from __future__ import annotations
@@ -34,16 +35,34 @@ def _refused(tmp_path, capsys, config) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("config", [
-    FourierFTConfig(n_frequency=60, scaling=40.0, target_modules=MIXED, init_weights=False),
-    WaveFTConfig(n_frequency=60, scaling=3.0, wavelet_family="db2", target_modules=MIXED, init_weights=False),
-], ids=["fourierft", "waveft"])
-def test_spectral_gpt2_with_lm_head_is_refused(tmp_path, capsys, config):
-    """No saved tensor tells out from in (the positions are drawn for either shape); the saved flag applied to
-    every layer gives each Conv1D layer a ΔW off by ~1.4 times its own norm: refused instead."""
-    line = _refused(tmp_path, capsys, config)
-    assert "transformer.h.0.attn.c_attn" in line and "'lm_head'" in line and "fan_in_fan_out (false)" in line
-    assert "merge_and_unload" in line and "one adapter per layer type" in line
+SPECTRAL = {
+    "fourierft": lambda targets, n=60: FourierFTConfig(n_frequency=n, scaling=40.0, target_modules=targets,
+                                                       init_weights=False),
+    "waveft": lambda targets, n=60: WaveFTConfig(n_frequency=n, scaling=3.0, wavelet_family="db2",
+                                                 target_modules=targets, init_weights=False),
+}
+
+
+@pytest.mark.parametrize("method,case", [("fourierft", "gpt2-with-lm_head"), ("waveft", "gpt2-with-lm_head"),
+                                         ("waveft", "emb-conv1d")])
+def test_spectral_conv1d_next_to_linear_layer_type_from_the_base(tmp_path, method, case):
+    """No saved tensor tells out from in (the positions are drawn for either shape) and the saved flag is the
+    last layer's; the base's bias tells each non-square layer's type: merged equal to PEFT (and unmerged)."""
+    if case == "gpt2-with-lm_head":
+        model, config = _untied_gpt2(), SPECTRAL[method](["c_attn", "c_fc", "mlp.c_proj", "lm_head"])
+    else:  # PEFT's test model: Conv1D stored (in=5, out=1), then an nn.Linear
+        torch.manual_seed(0)
+        model, config = with_random_biases(_EmbConv1D()), SPECTRAL[method](["conv1d", "lin0"], 4)
+    _, adapter_dir, _ = run_case(tmp_path, model, config)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+
+
+@pytest.mark.parametrize("method", sorted(SPECTRAL))
+def test_spectral_square_weight_next_to_both_types_is_refused(tmp_path, capsys, method):
+    """attn.c_proj is (d, d): neither its shape nor its bias tells Conv1D from nn.Linear, and the adapter has
+    both types: refused rather than merged by the saved flag (which is the lm_head's False)."""
+    line = _refused(tmp_path, capsys, SPECTRAL[method](MIXED))
+    assert "transformer.h.0.attn.c_proj" in line and "square" in line and "lm_head" in line
 
 
 @pytest.mark.parametrize("case", ["gpt2-with-lm_head", "emb-conv1d"])

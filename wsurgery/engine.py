@@ -118,13 +118,18 @@ def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str
                 job.tensors[role] = name
                 roles.append(role)
             role_shapes = {r: shapes[job.tensors[r]] for r in roles}
+            for role in patch.peeked_roles:  # seen by check, neither read nor written
+                name = f"{module}.{role}" if module else role
+                if role not in role_shapes and name in base.tensors:
+                    role_shapes[role] = shapes[name]
             patch.base_dtypes = {r: base.tensors[job.tensors[r]].dtype for r in roles}
             try:
                 patch.check(role_shapes)
             except WsurgeryError as e:
                 raise type(e)(f"adapter {adapter.folder}: {e}") from None
             for r, s in patch.output_shapes(role_shapes).items():
-                shapes[job.tensors[r]] = s
+                if r in roles:  # not the peeked roles
+                    shapes[job.tensors[r]] = s
             if direction == "unmerge":
                 reason = patch.why_not_invertible()
                 if reason is None and scale != 1.0 and not isinstance(patch, AdditivePatch):

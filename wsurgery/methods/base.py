@@ -89,6 +89,9 @@ class Patch(ABC):
     priority: ClassVar[int] = 1
     #: True where ``revert`` solves for W numerically (its residual goes to ``notes``).
     approximate_inverse: ClassVar[bool] = False
+    #: Base tensors of the module whose shapes ``check`` sees (where the base has them) but which the patch
+    #: leaves alone: a layer's type shows in them where the adapter's files do not say it (a bias's length).
+    peeked_roles: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, module: str, roles: tuple[str, ...], optional_roles: tuple[str, ...] = ()):
         self.module = module

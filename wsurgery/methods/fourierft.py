@@ -15,10 +15,10 @@ FourierFT does (``re.match(rf".*\\.{key}$", path)``, then the path itself as a k
 with the saved spectrum length, as PEFT itself would refuse to load it otherwise.
 
 Linear or Conv1D: PEFT transposes the change per layer by its type and saves the ``fan_in_fan_out`` of the
-last layer it wrapped, and nothing saved tells out from in (the positions are drawn for either shape). So
-an adapter on both types is merged wrong by the flag: it is refused (:func:`refuse_mixed_layer_types`)
-where its modules are named both like transformers' Conv1D layers and otherwise (GPT-2's ``c_attn`` with
-its nn.Linear ``lm_head``). A model mixing the types under other names is not detected.
+last layer it wrapped, and nothing the adapter saves tells out from in (the positions are drawn for either
+shape). The base tells it instead (:func:`layer_type`): transformers' Conv1D always has a bias as long as
+its weight's second axis, an nn.Linear has none or one as long as the first. A square weight follows the
+adapter's other modules (:class:`~.hira.Layout`), and is refused where they are of both types.
 
 The positions come from torch's CPU ``randperm``: an adapter trained with a torch whose ``randperm``
 draws differently would get other positions, which nothing in the files can reveal.
@@ -34,6 +34,7 @@ import torch
 from ..errors import InputError, UnsupportedError
 from .base import (AdapterContext, AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, like,
                    register)
+from .hira import Layout
 from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
@@ -91,23 +92,18 @@ def layer_dims(module: str, shapes: Shapes, transposed: bool, n: int, method: st
     return out, in_
 
 
-# The names transformers gives its Conv1D layers (GPT-2, OpenAI GPT, ImageGPT, Decision Transformer, CLVP).
-CONV1D_NAMES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
-
-
-def refuse_mixed_layer_types(context: AdapterContext, fan_in_fan_out: bool, method: str) -> None:
-    """Refuse an adapter whose modules are named both like transformers' Conv1D layers and otherwise: the
-    saved ``fan_in_fan_out`` is only the last wrapped layer's, so it may be wrong for the others."""
-    named = {m: m.rsplit(".", 1)[-1] in CONV1D_NAMES for m in context.modules}
-    conv1d_like = next((m for m, c in named.items() if c), None)
-    other = next((m for m, c in named.items() if not c), None)
-    if conv1d_like is not None and other is not None:
-        raise UnsupportedError(
-            f"this {method} adapter changes {conv1d_like!r}, named like a transformers Conv1D layer (stored (in, "
-            f"out)), and {other!r}, named otherwise (an nn.Linear, stored (out, in), in such models); PEFT transposes "
-            "the change per layer by its type but saves only the last layer's fan_in_fan_out "
-            f"({str(fan_in_fan_out).lower()}), and no saved tensor tells the types apart. Merge it with PEFT "
-            "(merge_and_unload), or train one adapter per layer type")
+def layer_type(module: str, shapes: Shapes) -> bool | None:
+    """True for transformers' Conv1D (weight stored (in, out)), False for nn.Linear, None where the shapes
+    cannot tell (a square weight). Conv1D always has a bias of length out; nn.Linear none, or length out."""
+    w, bias = tuple(shapes["weight"]), shapes.get("bias")
+    if len(w) != 2 or w[0] == w[1]:
+        return None
+    if bias is None:
+        return False
+    if tuple(bias) in ((w[1],), (w[0],)):
+        return tuple(bias) == (w[1],)
+    raise InputError(f"{module}: the base bias {list(bias)} fits neither axis of the weight {list(w)}; is this "
+                     "base the model the adapter was trained on?")
 
 
 def config_seed(config: AdapterConfig) -> int:
@@ -121,15 +117,23 @@ def config_seed(config: AdapterConfig) -> int:
 class FourierFTPatch(AdditivePatch):
     """ΔW = Tf(Re(ifft2(dense spectrum)) · scaling)."""
 
-    def __init__(self, module: str, spectrum: torch.Tensor, scaling: float, seed: int, transposed: bool,
+    peeked_roles = ("bias",)  # the layer type (layer_type)
+
+    def __init__(self, module: str, spectrum: torch.Tensor, scaling: float, seed: int, fan_in_fan_out: bool,
                  context: AdapterContext):
         super().__init__(module, ("weight",))
-        self.spectrum, self.scaling, self.seed, self.transposed = spectrum, scaling, seed, transposed
-        self.context = context
+        self.spectrum, self.scaling, self.seed = spectrum, scaling, seed
+        self.context, self.layout = context, Layout.of(context, "FourierFT", fan_in_fan_out)
+        self._by_shape: bool | None = None  # Conv1D? as the base's shapes say (None: square)
         self.dims: tuple[int, int] | None = None  # (out, in), from the base shape in ``check``
 
+    @property
+    def transposed(self) -> bool:
+        return self.layout.transposed(self.module, self._by_shape)
+
     def check(self, shapes: Shapes) -> None:
-        refuse_mixed_layer_types(self.context, self.transposed, "FourierFT")
+        self._by_shape = layer_type(self.module, shapes)
+        self.layout.observe(self.module, self._by_shape)
         self.dims = layer_dims(self.module, shapes, self.transposed, self.spectrum.numel(), "FourierFT")
 
     def delta(self) -> Tensors:
@@ -165,9 +169,10 @@ class FourierFT(Method):
     param_names = frozenset({"fourierft_spectrum"})
     support = (Support("FourierFT (n_frequency_pattern; spectral positions regenerated from random_loc_seed)",
                        "Linear, Conv1D (fan_in_fan_out)", "exact", "exact", "0.21.2"),
-               Support("FourierFT on both Conv1D-named (c_attn, c_proj, c_fc) and other modules", "Linear + Conv1D",
-                       "refused: PEFT saves only the last wrapped layer's fan_in_fan_out and the spectrum cannot tell "
-                       "the layouts apart; merge with PEFT or train one adapter per layer type", "-", "0.21.2"))
+               Support("FourierFT on Conv1D and Linear layers at once (each layer's type from the base's bias)",
+                       "square weights among layers of both types", "refused: PEFT saves only the last wrapped "
+                       "layer's fan_in_fan_out and a square weight's type is not in the files; merge with PEFT",
+                       "-", "0.21.2"))
 
     def summary(self, config: AdapterConfig) -> dict[str, Any]:
         return {"scaling": float(config.get("scaling", 150.0)),

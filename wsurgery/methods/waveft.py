@@ -2,7 +2,7 @@
 level of the inverse 2-D discrete wavelet transform.
 
 For a layer whose change is ``(out, in)`` (Conv1D: the base stores ``(in, out)``, ``fan_in_fan_out``; an
-adapter on both Conv1D and nn.Linear layers is refused as in FourierFT, ``refuse_mixed_layer_types``):
+adapter on both Conv1D and nn.Linear layers: each layer's type from the base, as in FourierFT, ``layer_type``):
 
 * the ``n`` coefficient positions are drawn as in FourierFT, from
   ``torch.randperm(out·in, generator=torch.Generator().manual_seed(random_loc_seed))[:n]`` (never saved);
@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from ..errors import UnsupportedError
 from .base import (AdapterContext, AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, like,
                    register)
-from .fourierft import config_seed, frequency_indices, layer_dims, refuse_mixed_layer_types, spectrum_of
+from .fourierft import config_seed, frequency_indices, layer_dims, layer_type, spectrum_of
+from .hira import Layout
 from .layers import Layer, Linear
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
@@ -198,15 +199,24 @@ def reconstruction_filters(family: str) -> tuple[torch.Tensor, torch.Tensor]:
 class WaveFTPatch(AdditivePatch):
     """ΔW = Tf(centre crop of idwt2(scattered coefficients) · scaling), or the scattered values without idwt."""
 
-    def __init__(self, module: str, spectrum: torch.Tensor, scaling: float, seed: int, transposed: bool,
+    peeked_roles = ("bias",)  # the layer type (fourierft.layer_type)
+
+    def __init__(self, module: str, spectrum: torch.Tensor, scaling: float, seed: int, fan_in_fan_out: bool,
                  family: str | None, context: AdapterContext):
         super().__init__(module, ("weight",))
-        self.spectrum, self.scaling, self.seed, self.transposed = spectrum, scaling, seed, transposed
+        self.spectrum, self.scaling, self.seed = spectrum, scaling, seed
         self.family, self.context = family, context  # family None: use_idwt=False
+        self.layout = Layout.of(context, "WaveFT", fan_in_fan_out)
+        self._by_shape: bool | None = None  # Conv1D? as the base's shapes say (None: square)
         self.dims: tuple[int, int] | None = None  # (out, in), from the base shape in ``check``
 
+    @property
+    def transposed(self) -> bool:
+        return self.layout.transposed(self.module, self._by_shape)
+
     def check(self, shapes: Shapes) -> None:
-        refuse_mixed_layer_types(self.context, self.transposed, "WaveFT")
+        self._by_shape = layer_type(self.module, shapes)
+        self.layout.observe(self.module, self._by_shape)
         out, in_ = layer_dims(self.module, shapes, self.transposed, self.spectrum.numel(), "WaveFT")
         if self.family is not None:
             size = self._geometry(out, in_)["reconstructed"]
@@ -327,9 +337,10 @@ class WaveFT(Method):
     support = (Support("WaveFT (use_idwt with db1-db10, sym2-sym10, coif1-coif4, or without idwt; "
                        "n_frequency_pattern, proportional_parameters; positions regenerated from random_loc_seed)",
                        "Linear, Conv1D (fan_in_fan_out)", "exact", "exact", "0.21.2"),
-               Support("WaveFT on both Conv1D-named (c_attn, c_proj, c_fc) and other modules", "Linear + Conv1D",
-                       "refused: PEFT saves only the last wrapped layer's fan_in_fan_out and the coefficients cannot "
-                       "tell the layouts apart; merge with PEFT or train one adapter per layer type", "-", "0.21.2"))
+               Support("WaveFT on Conv1D and Linear layers at once (each layer's type from the base's bias)",
+                       "square weights among layers of both types", "refused: PEFT saves only the last wrapped "
+                       "layer's fan_in_fan_out and a square weight's type is not in the files; merge with PEFT",
+                       "-", "0.21.2"))
 
     def check_config(self, config: AdapterConfig) -> None:
         config_seed(config)
