@@ -36,23 +36,24 @@ def _refused(tmp_path, capsys, config) -> str:
 
 
 SPECTRAL = {
-    "fourierft": lambda targets, n=60: FourierFTConfig(n_frequency=n, scaling=40.0, target_modules=targets,
-                                                       init_weights=False),
-    "waveft": lambda targets, n=60: WaveFTConfig(n_frequency=n, scaling=3.0, wavelet_family="db2",
-                                                 target_modules=targets, init_weights=False),
+    "fourierft": lambda targets, n=60, scale=1.0: FourierFTConfig(n_frequency=n, scaling=40.0 * scale,
+                                                                  target_modules=targets, init_weights=False),
+    "waveft": lambda targets, n=60, scale=1.0: WaveFTConfig(n_frequency=n, scaling=3.0 * scale, wavelet_family="db2",
+                                                            target_modules=targets, init_weights=False),
 }
 
 
-@pytest.mark.parametrize("method,case", [("fourierft", "gpt2-with-lm_head"), ("waveft", "gpt2-with-lm_head"),
-                                         ("waveft", "emb-conv1d")])
+@pytest.mark.parametrize("method", sorted(SPECTRAL))
+@pytest.mark.parametrize("case", ["gpt2-with-lm_head", "emb-conv1d"])
 def test_spectral_conv1d_next_to_linear_layer_type_from_the_base(tmp_path, method, case):
     """No saved tensor tells out from in (the positions are drawn for either shape) and the saved flag is the
     last layer's; the base's bias tells each non-square layer's type: merged equal to PEFT (and unmerged)."""
     if case == "gpt2-with-lm_head":
         model, config = _untied_gpt2(), SPECTRAL[method](["c_attn", "c_fc", "mlp.c_proj", "lm_head"])
-    else:  # PEFT's test model: Conv1D stored (in=5, out=1), then an nn.Linear
+    else:  # PEFT's test model: Conv1D stored (in=5, out=1), then an nn.Linear; the change kept near |W| (~0.02),
+        # else the unmerge's float32 cancellation (|ΔW| ~ 20) alone exceeds 1e-5 of |W|
         torch.manual_seed(0)
-        model, config = with_random_biases(_EmbConv1D()), SPECTRAL[method](["conv1d", "lin0"], 4)
+        model, config = with_random_biases(_EmbConv1D()), SPECTRAL[method](["conv1d", "lin0"], 4, 1e-3)
     _, adapter_dir, _ = run_case(tmp_path, model, config)
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["fan_in_fan_out"] is False
 
