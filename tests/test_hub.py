@@ -458,3 +458,24 @@ def test_repo_whose_index_names_shards_in_a_subfolder_or_with_dot_slash(hub, tmp
     wsurgery.merge(BASE, LORA, tmp_path / "local", progress=False)
     a, b = load_all(out), load_all(tmp_path / "local")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("where", ["tokenizer.json", "extra/notes.txt"])
+def test_push_refuses_links_to_files_outside_the_folder(hub, tmp_path, where):
+    """A link inside the folder to a private file elsewhere would publish it: refused before any request;
+    a link that stays inside the folder is fine."""
+    folder = tmp_path / "model"
+    shutil.copytree(BASE, folder)
+    secret = tmp_path / "private.txt"
+    secret.write_text("not for the Hub")
+    link = folder / where
+    link.parent.mkdir(exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(secret)
+    with pytest.raises(InputError, match="links to files outside"):
+        wsurgery.push(folder, "alice/model", token=TOKEN, progress=False)
+    assert hub.requests == []
+    link.unlink()
+    shutil.copy(secret, folder / "copied.txt")
+    link.symlink_to(folder / "copied.txt")
+    wsurgery.push(folder, "alice/model", token=TOKEN, progress=False)

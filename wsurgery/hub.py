@@ -39,6 +39,7 @@ import click
 
 from .checkpoint import open_checkpoint, read_header
 from .checkpoint.output import is_temporary_name
+from .checkpoint.reader import resolves_inside
 from .errors import InputError, WsurgeryError
 from .model_card import model_card
 
@@ -232,6 +233,10 @@ def check_folder(folder: Path) -> list[str]:
         raise InputError(f"{folder}: holds unfinished temporary files ({_listing(stray)}); "
                          "remove them or re-run the command that wrote the folder")
     files = sorted(p.as_posix() for p in inside if (folder / p).is_file())
+    outside = [f for f in files if not resolves_inside(folder / f, folder)]
+    if outside:  # a link out of the folder would publish a file its owner never meant to push
+        raise InputError(f"{folder}: holds links to files outside it ({_listing(outside)}); copy what should be "
+                         "published into the folder, or remove the links")
     if (folder / "adapter_config.json").is_file():
         _check_adapter(folder)
     else:

@@ -149,6 +149,16 @@ def _open(path: Path) -> Checkpoint:
                      "or pytorch_model.bin)")
 
 
+def resolves_inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (links followed) lies inside ``folder``, or is a Hugging Face cache snapshot's link to
+    its repo's blob: ``models--<org>--<name>/snapshots/<revision>/<file> -> models--<org>--<name>/blobs/<hash>``."""
+    real, home = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if real.is_relative_to(home):
+        return True
+    repo = home.parent.parent
+    return home.parent.name == "snapshots" and repo.name.startswith("models--") and real.parent == repo / "blobs"
+
+
 def check_weights_file(path: Path, folder: Path, named_by: Path | None = None) -> None:
     """Refuse a weights file that is not a regular file, or that resolves outside its checkpoint folder.
 
@@ -167,11 +177,7 @@ def check_weights_file(path: Path, folder: Path, named_by: Path | None = None) -
         raise InputError(f"{where}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     if not stat.S_ISREG(mode):
         raise InputError(f"{where} is not a regular file; a checkpoint's weights are files")
-    real, home = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
-    if real.is_relative_to(home):
-        return
-    repo = home.parent.parent
-    if home.parent.name == "snapshots" and repo.name.startswith("models--") and real.parent == repo / "blobs":
+    if resolves_inside(path, folder):
         return
     raise InputError(f"{where} is a link to a file outside {folder}; refusing it (pass the file itself if you "
                      "trust it)")
