@@ -256,6 +256,28 @@ def test_frod_singular_v_uses_pinv(tmp_path):
 
 ADAMSS = Path(__file__).resolve().parent.parent / "fixtures" / "adamss"
 ADAMSS_CASES = ["fp32", "bf16", "dynamic-rank-seed", "many-subspaces-repeated-rows"]
+# Repeated rows put k-means on exact float32 ties, broken by numpy's float32 sums (which scikit-learn's
+# KMeans uses too), whose rounding follows the SIMD width numpy dispatches to. The fixture was made where
+# numpy runs its AVX-512 (X86_V4) kernels; on other CPUs its clustering may not be reproducible, and
+# wsurgery must then refuse it ("cannot be reproduced"), never place the change differently.
+try:
+    from numpy._core._multiarray_umath import __cpu_features__ as _NUMPY_CPU
+except ImportError:  # numpy < 2
+    from numpy.core._multiarray_umath import __cpu_features__ as _NUMPY_CPU
+ADAMSS_SIMD_DEPENDENT = set() if _NUMPY_CPU.get("AVX512F") else {"many-subspaces-repeated-rows"}
+
+
+def merge_adamss(case: str, out: Path) -> bool:
+    """Merge the AdaMSS fixture ``case`` into ``out``; False where it is refused because its clustering
+    depends on the CPU's SIMD width (ADAMSS_SIMD_DEPENDENT) and cannot be reproduced here."""
+    folder = ADAMSS / case
+    try:
+        wsurgery.merge(folder / "base", folder / "adapter", out, progress=False)
+    except UnsupportedError as e:
+        if case in ADAMSS_SIMD_DEPENDENT and "cannot be reproduced" in str(e) and not out.exists():
+            return False
+        raise
+    return True
 
 
 def test_adamss_kmeans_matches_scikit_learn():
@@ -271,7 +293,8 @@ def test_adamss_kmeans_matches_scikit_learn():
 def test_adamss_fixture(tmp_path, case):
     folder = ADAMSS / case
     sizes = json.loads((ADAMSS / "cases.json").read_text())["cases"][case]["cluster_sizes"]
-    wsurgery.merge(folder / "base", folder / "adapter", tmp_path / "merged", progress=False)
+    if not merge_adamss(case, tmp_path / "merged"):
+        return  # refused, as it must be where the clustering cannot be reproduced
     merged, base = load_all(tmp_path / "merged"), load_all(folder / "base")
     assert sorted(_changed(merged, base)) == ["fc1.bias", "fc1.weight", "fc2.weight", "fc3.bias", "fc3.weight"]
     assert_close_to(merged, load_file(folder / "expected.safetensors"), base=base)

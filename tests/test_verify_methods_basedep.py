@@ -42,7 +42,8 @@ from oracle import (
 from peft import DeftConfig, HiraConfig, OSFConfig, PeanutConfig, PeftModel, PsoftConfig
 from safetensors.torch import load_file
 from test_method_base_dependent import DEFT_VARIANTS, PEANUT_VARIANTS
-from test_method_svd_based import ADAMSS, ADAMSS_CASES, FROD_MODELS, LLAMA, PSOFT_VARIANTS, _frod_config
+from test_method_svd_based import (ADAMSS, ADAMSS_CASES, FROD_MODELS, LLAMA, PSOFT_VARIANTS, _frod_config,
+                                   merge_adamss)
 
 import wsurgery
 from wsurgery.adapters import load_adapter
@@ -185,7 +186,8 @@ def _with_square(targets):
 @pytest.mark.parametrize("case", ADAMSS_CASES)
 def test_adamss(tmp_path, case):
     folder = ADAMSS / case
-    wsurgery.merge(folder / "base", folder / "adapter", tmp_path / "merged", progress=False)
+    if not merge_adamss(case, tmp_path / "merged"):
+        return  # refused, as it must be where the clustering cannot be reproduced (ADAMSS_SIMD_DEPENDENT)
     assert_close_to(load_all(tmp_path / "merged"), load_file(folder / "expected.safetensors"),
                     base=load_all(folder / "base"))
     check_verify(tmp_path, folder / "base", folder / "adapter", tmp_path / "merged")
