@@ -201,3 +201,36 @@ def test_trainable_tokens_width_mismatch(tmp_path):
     save_file(tensors, adapter_dir / "adapter_model.safetensors")
     with pytest.raises(InputError, match=r"rows of width 16 .*shape \[96, 32\]"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+
+
+class _ConvBatchNorm(torch.nn.Module):
+    """A conv layer and a BatchNorm2d, whose num_batches_tracked is an int64 buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["ln-tuning", "modules-to-save"])
+def test_a_batchnorms_integer_buffer_is_replaced_as_peft_does(tmp_path, kind):
+    """A whole-tensor replacement of an integer buffer (num_batches_tracked) is a copy, not an encoding."""
+    torch.manual_seed(0)
+    model = _ConvBatchNorm()
+    model.bn.num_batches_tracked.fill_(3)
+    cfg = (LNTuningConfig(target_modules=["bn"]) if kind == "ln-tuning"
+           else LoraConfig(r=2, target_modules=["fc"], modules_to_save=["bn"]))
+    base_dir = save_base(model, tmp_path / "base")
+    adapter_dir = make_adapter(model, cfg, tmp_path / "adapter")
+    expected = oracle_merge(reload(model, base_dir, torch.float32), adapter_dir)
+    wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
+    merged = load_all(tmp_path / "merged")
+    assert_close_to(merged, expected, base=load_all(base_dir))
+    assert merged["bn.num_batches_tracked"].dtype == torch.int64
+    if kind == "modules-to-save":  # a count cannot be interpolated: refused, not rounded
+        with pytest.raises(UnsupportedError, match="integer tensor"):
+            wsurgery.merge(base_dir, adapter_dir, tmp_path / "half", scale=0.5, progress=False)

@@ -140,7 +140,9 @@ def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str
             if str(adapter.folder) not in job.sources:
                 job.sources.append(str(adapter.folder))
     owner = {name: job.module for job in jobs.values() for name in job.tensors.values()}
-    check_decoded(base.tensors, base.config, owner, base_desc)
+    copied = {name for job in jobs.values() if all(p.replaces for p, _, _ in job.patches)
+              for name in job.tensors.values()}
+    check_decoded(base.tensors, base.config, owner, base_desc, copied)
     if direction == "unmerge":
         for job in jobs.values():
             job.patches.reverse()
@@ -231,7 +233,7 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
         # Changed tensors must come out finite; unchanged ones may keep the base's own inf/NaN, but no
         # finite value may become inf in a narrower --dtype.
         dtype = logical_dtype[name]
-        if name in plan.owner:
+        if name in plan.owner and dtype.is_floating_point:
             t = _rounded_finite(scratch, tensor, dtype, plan, name)
         elif tensor.is_floating_point() and dtype != tensor.dtype:
             t = _rounded_finite(scratch, tensor, dtype, plan, name, unchanged=f"--dtype {dtype_name(dtype)} would "
@@ -436,9 +438,12 @@ def _not_finite(plan: Plan, name: str, tensor: torch.Tensor, fits: torch.dtype, 
 def _run_job(job: ModuleJob, direction: str, read: Callable[[str, str], torch.Tensor],
              scratch: _Scratch) -> dict[str, torch.Tensor]:
     tensors = {}
-    for role, name in job.tensors.items():  # all floating point: the plan refuses encoded tensors
+    for role, name in job.tensors.items():
         raw = read(name, f"read:{role}")
-        tensors[role] = scratch.cast(f"work:{role}", raw, torch.promote_types(raw.dtype, torch.float32))
+        if raw.is_floating_point():
+            tensors[role] = scratch.cast(f"work:{role}", raw, torch.promote_types(raw.dtype, torch.float32))
+        else:  # an integer buffer a replacement copies (the plan refuses any other change to integers)
+            tensors[role] = raw.clone()
     for patch, scale, roles in job.patches:
         sub = {r: tensors[r] for r in roles}
         sub = patch.merge(sub, scale) if direction == "merge" else patch.unmerge(sub, scale)

@@ -15,7 +15,7 @@ float change to codes (rounded away, or a dtype error) and a rewrite would drop 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from ..errors import UnsupportedError
@@ -66,18 +66,21 @@ def side_tensors(tensors: dict[str, Any], name: str) -> list[str]:
     return sorted(n for n in set(found) if n in tensors and n != name)
 
 
-def check_decoded(tensors: dict[str, Any], config: dict | None, changed: Iterable[str], where: str) -> None:
+def check_decoded(tensors: dict[str, Any], config: dict | None, changed: Iterable[str], where: str,
+                  copied: Collection[str] = ()) -> None:
     """Refuse to change an encoded tensor, and to rewrite a checkpoint in an encoding not decoded.
 
     A changed tensor may be a decoded logical tensor (``QuantizedTensorInfo``, not in ``tensors``
     with its parts) or a plain float of at least 16 bits without side tensors; integer and float8
-    codes, or side tensors next to it, mean an encoding that no reader has decoded.
+    codes, or side tensors next to it, mean an encoding that no reader has decoded. The exception is
+    an integer buffer that is only ``copied`` whole (a replaced BatchNorm's ``num_batches_tracked``).
     """
     method = quant_method(config)
     for name in changed:
         dtype = tensors[name].dtype
         sides = side_tensors(tensors, name)
-        if sides or not dtype.is_floating_point or dtype.itemsize < 2:
+        plain_integer = name in copied and not dtype.is_floating_point
+        if sides or (not plain_integer and (not dtype.is_floating_point or dtype.itemsize < 2)):
             stored = f"{dtype_name(dtype)}" + (f" with {', '.join(sides)}" if sides else "")
             raise UnsupportedError(
                 f"{where}: {name} is stored as {stored} (quant_method: {method or 'none recorded'}), an encoding "

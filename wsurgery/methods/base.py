@@ -92,6 +92,9 @@ class Patch(ABC):
     #: Base tensors of the module whose shapes ``check`` sees (where the base has them) but which the patch
     #: leaves alone: a layer's type shows in them where the adapter's files do not say it (a bias's length).
     peeked_roles: ClassVar[tuple[str, ...]] = ()
+    #: True where the patch puts saved tensors in the base tensors' place: a copy, so it may replace an
+    #: integer buffer (a BatchNorm's num_batches_tracked), which no arithmetic change may touch.
+    replaces: ClassVar[bool] = False
 
     def __init__(self, module: str, roles: tuple[str, ...], optional_roles: tuple[str, ...] = ()):
         self.module = module

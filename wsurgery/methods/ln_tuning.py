@@ -10,7 +10,7 @@ Any module type may be targeted, so the roles are whatever tensors the copy save
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,6 +24,8 @@ PARAM = "ln_tuning_layers"
 
 class LnTuningPatch(Patch):
     """Every saved tensor of the trained copy takes the place of the base module's tensor."""
+
+    replaces: ClassVar[bool] = True
 
     def __init__(self, module: str, tensors: dict[str, torch.Tensor], keys: dict[str, str]):
         super().__init__(module, tuple(tensors))

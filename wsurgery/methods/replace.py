@@ -16,6 +16,7 @@ class ReplacePatch(Patch):
     """The adapter carries a full tensor that takes the base tensor's place."""
 
     priority: ClassVar[int] = 0
+    replaces: ClassVar[bool] = True
 
     def __init__(self, module: str, role: str, tensor: torch.Tensor, key: str,
                  original: torch.Tensor | None = None):
@@ -44,9 +45,13 @@ class ReplacePatch(Patch):
         return {**shapes, self.role: tuple(self.tensor.shape)}
 
     def apply(self, tensors: Tensors) -> Tensors:
-        return {**tensors, self.role: self.tensor.to(torch.float32)}
+        base = tensors[self.role]  # float32 work copy, or an integer buffer kept exact in its own dtype
+        return {**tensors, self.role: self.tensor.to(torch.float32 if base.is_floating_point() else base.dtype)}
 
     def merge(self, tensors: Tensors, scale: float) -> Tensors:
+        if scale != 1.0 and not tensors[self.role].is_floating_point():
+            raise UnsupportedError(f"{self.module}.{self.role}: --scale cannot interpolate the integer tensor that "
+                                   f"{self.key!r} replaces")
         if scale != 1.0 and tuple(self.tensor.shape) != tuple(tensors[self.role].shape):
             raise UnsupportedError(
                 f"{self.module}.{self.role}: --scale cannot interpolate a resized tensor "
