@@ -200,9 +200,9 @@ def test_qlora_merge_into_nf4_base(tmp_path):
     assert_close_to(merged, {k: v for k, v in expected.items() if k in merged}, base=load_all(tmp_path / "deq"))
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config
-    assert config["wsurgery"]["quantization"]["merged_into"] == "the dequantized 4-bit base"
+    assert config["wsurgery"]["quantization"]["merged_into"] == "the decoded bitsandbytes-4bit base"
     info = wsurgery.inspect(tmp_path / "merged")
-    assert "dequantized 4-bit base" in json.dumps(info)
+    assert "decoded bitsandbytes-4bit base" in json.dumps(info)
 
 
 def test_qlora_merge_requantize(tmp_path):

@@ -128,7 +128,7 @@ def test_verify_tolerances_must_be_finite(assets, tmp_path, capsys, option):
 
 
 def test_blocksize_must_be_an_integer():
-    from wsurgery.checkpoint.bnb4bit import Bnb4bit
+    from wsurgery.quant.encodings.bnb4bit import Bnb4bit
     from wsurgery.errors import InputError
 
     with pytest.raises(InputError, match="blocksize 64.0"):

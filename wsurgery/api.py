@@ -18,8 +18,8 @@ from .convert.combine import AdapterSpec, combine, weighted_specs  # noqa: F401 
 from .convert.extract import extract  # noqa: F401  (API: wsurgery.api.extract)
 from .errors import InputError
 from .model_card import provenance
-from .quant.checkpoints import describe_qlora, qlora_outputs, through_targets
-from .checkpoint.bnb4bit import Bnb4bit
+from .quant.checkpoints import describe_encoding, requantize_targets, through_targets
+from .quant.encodings.bnb4bit import Bnb4bit
 
 if TYPE_CHECKING:
     from .convert.gguf_lora import GgufLora
@@ -48,10 +48,10 @@ def _run(direction: str, base: str | Path, adapter: AdapterSpec | list[AdapterSp
     adapters = _load_adapters(adapter, scale, options)
     job = plan(ckpt, adapters, direction)
     through_fmt = Bnb4bit() if through_nf4 else None
-    quantize = qlora_outputs(ckpt, job.changed_tensors, requantize)
+    quantize = requantize_targets(ckpt, requantize)
     through = through_targets(ckpt, through_fmt) if through_fmt else {}
     record = provenance(direction, command, str(base), [(str(a), scale * w) for a, w in weighted_specs(adapter)],
-                        quantization=describe_qlora(ckpt, requantize, through_fmt))
+                        quantization=describe_encoding(ckpt, requantize, through_fmt))
 
     def update(config: dict) -> None:
         if not requantize:

@@ -8,7 +8,7 @@ from typing import Any
 
 from .adapters import Adapter, load_adapter, map_modules
 from .checkpoint import Checkpoint, open_checkpoint
-from .checkpoint.bnb4bit import QuantizedTensorInfo, quantization_record
+from .quant.encodings import EncodedTensorInfo
 from .checkpoint.dtypes import dtype_name
 from .hub import resolve
 from .model_card import adapter_record
@@ -39,16 +39,15 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
         "tensors": [{"name": t.name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "shard": t.file.name,
                      **({"stored_as": _stored_as(t)} if _stored_as(t) else {})}
                     for t in ckpt.tensors.values()],
-        "quantization": quantization_record(ckpt.config),
+        "quantization": (ckpt.config or {}).get("quantization_config"),
         "made_by": (ckpt.config or {}).get("wsurgery"),
         **({"gguf": _gguf_metadata(ckpt)} if ckpt.format == "gguf" else {}),
     }
 
 
 def _stored_as(t) -> str | None:
-    if isinstance(t, QuantizedTensorInfo):
-        s = t.state
-        return f"{s.quant_type} blocksize {s.blocksize}" + (" double-quant" if s.double_quant else "")
+    if isinstance(t, EncodedTensorInfo):
+        return t.encoding.describe()
     gguf_name = getattr(t, "gguf_name", None)  # a GGUF tensor: its own name and ggml type
     return f"{gguf_name} {t.type.name.lower()}" if gguf_name else None
 
@@ -122,12 +121,14 @@ def format_text(info: dict[str, Any]) -> str:
                          "tensors listed under their Hugging Face names, [GGUF name and type]")
             lines += [f"  {k} = {v}" for k, v in info["gguf"]["metadata"].items()]
         elif quantized:
-            lines.append(f"quantized   {len(quantized)} weights in bitsandbytes 4-bit ({quantized[0]['stored_as']}); "
-                         "listed below as the tensors they stand for")
+            kinds = Counter(t["stored_as"] for t in quantized)
+            lines.append(f"quantized   {len(quantized)} weights encoded "
+                         f"({'; '.join(f'{n} as {k}' for k, n in kinds.items())}); listed below as the tensors they "
+                         "stand for")
         made = info.get("made_by") or {}
         lines += _made_by(made)
         if (made.get("quantization") or {}).get("merged_into"):
-            lines.append(f"qlora       merged into {made['quantization']['merged_into']}, "
+            lines.append(f"merged      into {made['quantization']['merged_into']}, "
                          f"written {made['quantization']['output']}")
         for s in info["shards"]:
             lines.append(f"  {s['file']:<40} {s['tensors']:>6} tensors {s['bytes']:>16,} bytes")

@@ -22,32 +22,21 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, map_modules
 from .checkpoint import (Checkpoint, CheckpointWriter, TensorSpec, atomic_output_dir, check_output_path,
                          copy_side_files, plan_shards)
-from .checkpoint.bnb4bit import Bnb4bit, QuantizedTensorInfo, write_config
 from .checkpoint.dtypes import dtype_name
 from .checkpoint.encodings import check_decoded
 from .checkpoint.reader import SAFETENSORS_INDEX_SUFFIX
+from .conventions import INPUT_EMBEDDING_SUFFIXES
+from .conventions import tied_heads as tied_head_names
 from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
 from .methods import AdditivePatch, Patch
+from .quant.encodings import EncodedTensorInfo, Encoding
 
 if TYPE_CHECKING:  # imported where a GGUF is written: plain jobs never load the gguf package
     from .checkpoint.gguf_format import GgufOutput
 
-# Tensor names whose row count is the vocabulary size recorded in config.json.
-_INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
-                             "tok_embeddings.weight", "shared.weight")
-# Output heads that tied checkpoints leave out (the input embedding serves as the head).
-_OUTPUT_HEADS = ("lm_head", "embed_out", "output")
-
-
 def tied_heads(base: Checkpoint) -> dict[str, str]:
     """``{head module: input-embedding module}`` for heads a tied checkpoint does not store."""
-    if not (base.config or {}).get("tie_word_embeddings", True):
-        return {}
-    embeddings = [n for n in base.tensors if n.endswith(_INPUT_EMBEDDING_SUFFIXES)]
-    if len(embeddings) != 1:
-        return {}
-    embedding = embeddings[0].rpartition(".")[0]
-    return {head: embedding for head in _OUTPUT_HEADS if f"{head}.weight" not in base.tensors}
+    return tied_head_names(base.tensors, base.config)
 
 
 @dataclass
@@ -186,21 +175,17 @@ def _output_dtype(src: torch.dtype, requested: torch.dtype | None) -> torch.dtyp
     return requested if requested is not None and src.is_floating_point else src
 
 
-#: A logical tensor stored in bitsandbytes 4-bit: the format, and whether it is a Conv1D weight
-#: (stored transposed).
-Quantize = tuple[Bnb4bit, bool]
-
-
 def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shard_size: int | None = None,
             overwrite: bool = False, progress: bool = True, extra_inputs: list[Path] = (),
-            quantize: dict[str, Quantize] | None = None, through: dict[str, Quantize] | None = None,
+            quantize: dict[str, Encoding] | None = None,
+            through: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
             config_update: Callable[[dict], None] | None = None, gguf: GgufOutput | None = None) -> Result:
     """Write the planned result to ``out`` atomically.
 
-    ``quantize`` names the tensors to store in 4-bit (a quantized base's tensors that are left
-    unchanged and keep their format are copied byte for byte); every other tensor is written plain,
-    so a quantized base comes out dequantized. ``through`` names base tensors to replace by
-    dequant(quant(W)) as they are read (QLoRA's view of a 16-bit base). ``config_update`` edits the
+    ``quantize`` names the tensors to store encoded, and how (an encoded base's tensors that are left
+    unchanged and keep their encoding are copied byte for byte); every other tensor is written plain,
+    so an encoded base comes out decoded. ``through`` names base tensors to replace as they are read,
+    and by what (QLoRA's dequant(quant(W)) view of a 16-bit base). ``config_update`` edits the
     output's config.json after the engine's own updates.
 
     An ``out`` ending in ``.gguf`` (from a GGUF base) is written as one GGUF file instead, with the
@@ -219,8 +204,7 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
     assignment, single, index_name = _output_layout(base)
     for n, t in base.tensors.items():
         if n in quantize:
-            fmt, transposed = quantize[n]
-            stored = fmt.stored_specs(n, plan.out_shapes[n], logical_dtype[n], transposed)
+            stored = quantize[n].stored_specs(n, plan.out_shapes[n], logical_dtype[n])
             assignment.update({s.name: assignment[n] for s in stored})
             specs.extend(stored)
         else:
@@ -241,8 +225,7 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
         else:
             t = scratch.cast("out", tensor, dtype)
         if name in quantize:
-            fmt, transposed = quantize[name]
-            for stored_name, part in fmt.encode(name, t, transposed).items():
+            for stored_name, part in quantize[name].encode(name, t).items():
                 writer.write(stored_name, part)
         else:
             writer.write(name, t)
@@ -251,8 +234,7 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
         info = base.tensors[name]
         raw = base.read(name, scratch.take(use, info.shape, info.dtype))
         if name in through:
-            fmt, transposed = through[name]
-            raw = fmt.roundtrip(raw, transposed)
+            raw = through[name](raw)
         return raw
 
     with atomic_output_dir(out, overwrite) as tmp:
@@ -271,7 +253,7 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
             (tmp / name).write_text(text)
         _update_config(tmp / "config.json", plan, dtype)
         if config_update is not None:
-            write_config(tmp / "config.json", config_update)
+            _edit_config(tmp / "config.json", config_update)
     return Result(out, len(base.tensors), len(plan.owner), len(plan.jobs), writer.total_bytes,
                   [s[0] for s in shards], notes(plan))
 
@@ -340,16 +322,15 @@ def _execute_gguf(plan: Plan, out: Path, gguf: GgufOutput | None, overwrite: boo
                   notes(plan))
 
 
-def _copy_raw(base: Checkpoint, writer: CheckpointWriter, name: str, target: Quantize | None) -> bool:
+def _copy_raw(base: Checkpoint, writer: CheckpointWriter, name: str, target: Encoding | None) -> bool:
     """Copy an untouched tensor's stored bytes where its output encoding is its input encoding."""
     info = base.tensors[name]
-    if isinstance(info, QuantizedTensorInfo):
-        if target is None or target[0] != info.encoding or base.format != "safetensors":
+    if isinstance(info, EncodedTensorInfo):
+        if target is None or target != info.encoding or base.format != "safetensors":
             return False
-        for suffix, part in info.parts.items():
-            stored_name = f"{name}.{suffix}" if suffix else name
-            if not writer.copy_from(stored_name, part):
-                writer.write(stored_name, base.read_stored(part))
+        for part in info.parts.values():
+            if not writer.copy_from(part.name, part):
+                writer.write(part.name, base.read_stored(part))
         return True
     return target is None and base.format == "safetensors" and writer.copy_from(name, info)
 
@@ -461,7 +442,7 @@ def _update_config(path: Path, plan: Plan, dtype: torch.dtype | None) -> None:
         return
     changed = False
     for name in plan.owner:
-        if name.endswith(_INPUT_EMBEDDING_SUFFIXES) and plan.out_shapes[name] != plan.base.tensors[name].shape:
+        if name.endswith(INPUT_EMBEDDING_SUFFIXES) and plan.out_shapes[name] != plan.base.tensors[name].shape:
             if "vocab_size" in config:
                 config["vocab_size"] = plan.out_shapes[name][0]
                 changed = True
@@ -472,3 +453,12 @@ def _update_config(path: Path, plan: Plan, dtype: torch.dtype | None) -> None:
         changed = True
     if changed:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _edit_config(path: Path, update: Callable[[dict], None]) -> None:
+    """Apply ``update`` to ``config.json`` in place, if there is one."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    update(config)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

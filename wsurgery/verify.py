@@ -244,7 +244,7 @@ def verify_quantized(original: Checkpoint, quantized: Checkpoint, *, device: str
     """
     import time
 
-    from .checkpoint.bnb4bit import QuantizedTensorInfo
+    from .quant.encodings.bnb4bit import Bnb4bit
     from .methods.layers import Linear
 
     start = time.perf_counter()
@@ -265,7 +265,7 @@ def verify_quantized(original: Checkpoint, quantized: Checkpoint, *, device: str
     report = Report([], 0, str(dev), tokens, seed, None, 0.0)
     items = list(quantized.tensors.items())
     for index, (name, info) in enumerate(tqdm(items, disable=not progress, desc="verify", leave=False)):
-        if not isinstance(info, QuantizedTensorInfo):
+        if not isinstance(getattr(info, "encoding", None), Bnb4bit):
             a, b = original.read(name), quantized.read(name)
             same = a.shape == b.shape and torch.equal(a.to(b.dtype), b)
             report.checks.append(Check(name, "bytes", same, detail="" if same else "differs from the original"))
@@ -274,7 +274,7 @@ def verify_quantized(original: Checkpoint, quantized: Checkpoint, *, device: str
         W = _read(original, name, dev)
         Q = _read(quantized, name, dev)
         bound = _weight_error_bound(W, info)
-        layer = Linear(fan_in_fan_out=info.transposed)
+        layer = Linear(fan_in_fan_out=info.encoding.transposed)
         x = layer.inputs({"weight": tuple(W.shape)}, tokens, torch.Generator().manual_seed(seed + index)).to(dev)
         got, expected = layer(x, {"weight": Q}), layer(x, {"weight": W})
         limit = layer(x.abs(), {"weight": bound}) * (1 + slack) + slack * layer.magnitude(x, {"weight": W})
@@ -294,8 +294,8 @@ def _weight_error_bound(W: torch.Tensor, info) -> torch.Tensor:
     """Per-weight bound of |dequant(quant(W)) - W| for the file's settings, from the original W alone."""
     from .quant.bnb4bit import code_book, dynamic_map
 
-    s = info.state
-    flat = (W.T if info.transposed else W).reshape(-1)
+    s, transposed = info.encoding.state, info.encoding.transposed
+    flat = (W.T if transposed else W).reshape(-1)
     n, bs = flat.numel(), s.blocksize
     pad = (-n) % bs
     blocks = torch.nn.functional.pad(flat.abs(), (0, pad)).view(-1, bs)
@@ -311,4 +311,4 @@ def _weight_error_bound(W: torch.Tensor, info) -> torch.Tensor:
         per_block = per_block + dq_error.repeat_interleave(s.nested_blocksize)[: absmax.numel()]
     per_block = per_block * (1 + 2**-20) + absmax * 2**-20  # the float32 arithmetic of quantize/dequantize
     bound = per_block.repeat_interleave(bs)[:n].view(tuple(s.shape))
-    return bound.T if info.transposed else bound
+    return bound.T if transposed else bound

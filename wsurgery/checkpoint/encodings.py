@@ -1,33 +1,23 @@
-"""Stored weight encodings, and the refusal of those no reader decodes yet.
+"""The refusal of stored encodings that no registered ``Encoding`` decodes.
 
 A quantized checkpoint stores a weight as codes plus side tensors: LLM.int8 as ``weight`` int8 +
 ``SCB``, FP8 as ``weight`` float8 + ``weight_scale_inv``, GPTQ/AWQ as ``qweight`` + ``qzeros`` +
 ``scales``, MXFP4 as ``*_blocks`` + ``*_scales``, compressed-tensors as ``weight_packed`` +
-``weight_scale``... The readers decode bitsandbytes 4-bit into plain logical tensors
-(``bnb4bit.py``); any other encoding reaches the engine still encoded, where a merge would add a
-float change to codes (rounded away, or a dtype error) and a rewrite would drop the
-``quantization_config`` that says how to read them. So both are refused up front.
-
-``DECODERS`` is the registry: ``quant_method`` -> whether a reader decodes that
-``quantization_config``. An encoding plug-in that turns its stored tensors into logical ones (as
-``group_quantized`` does for bitsandbytes 4-bit) registers its method here.
+``weight_scale``... The encodings in ``wsurgery.quant.encodings`` turn those they know into plain
+logical tensors when a checkpoint is opened; anything still encoded when it reaches the engine is
+one no encoding recognised, where a merge would add a float change to codes (rounded away, or a
+dtype error) and a rewrite would drop the ``quantization_config`` that says how to read them. So
+both are refused up front.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from ..errors import UnsupportedError
 from .dtypes import dtype_name
 
-
-def _bnb_4bit(config: dict) -> bool:
-    return bool(config.get("load_in_4bit") or config.get("_load_in_4bit")) and not (
-        config.get("load_in_8bit") or config.get("_load_in_8bit"))
-
-
-DECODERS: dict[str, Callable[[dict], bool]] = {"bitsandbytes": _bnb_4bit}
 
 # Side tensors of the encodings above: ``{tensor}{sep}{suffix}`` next to an encoded ``{tensor}``, or
 # ``{module}.{part}`` in the module that owns it.
@@ -46,16 +36,17 @@ def quant_method(config: dict | None) -> str | None:
         return "an unreadable quantization_config"
     method = str(q.get("quant_method", "unknown"))
     if method == "bitsandbytes":
-        return "bitsandbytes 4-bit" if _bnb_4bit(q) else "bitsandbytes 8-bit"
+        return "bitsandbytes 8-bit" if q.get("load_in_8bit") or q.get("_load_in_8bit") else "bitsandbytes 4-bit"
     return method
 
 
 def _decoded(config: dict | None) -> bool:
+    from ..quant.encodings import recognized  # the registry imports the readers' modules
+
     q = (config or {}).get("quantization_config")
     if q is None:
         return True
-    decoder = DECODERS.get(q.get("quant_method")) if isinstance(q, dict) else None
-    return decoder is not None and decoder(q)
+    return isinstance(q, dict) and recognized(q) is not None
 
 
 def side_tensors(tensors: dict[str, Any], name: str) -> list[str]:
@@ -70,7 +61,7 @@ def check_decoded(tensors: dict[str, Any], config: dict | None, changed: Iterabl
                   copied: Collection[str] = ()) -> None:
     """Refuse to change an encoded tensor, and to rewrite a checkpoint in an encoding not decoded.
 
-    A changed tensor may be a decoded logical tensor (``QuantizedTensorInfo``, not in ``tensors``
+    A changed tensor may be a decoded logical tensor (``EncodedTensorInfo``, not in ``tensors``
     with its parts) or a plain float of at least 16 bits without side tensors; integer and float8
     codes, or side tensors next to it, mean an encoding that no reader has decoded. The exception is
     an integer buffer that is only ``copied`` whole (a replaced BatchNorm's ``num_batches_tracked``).

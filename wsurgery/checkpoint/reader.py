@@ -9,6 +9,7 @@ Every shard header is read and validated on open, so a broken checkpoint fails b
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import stat
@@ -19,9 +20,9 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .bnb4bit import QuantizedTensorInfo, dequantize_info, group_quantized
 from .safetensors_file import TensorInfo, read_header, read_tensor
 from .untrusted import UntrustedError, load_json, read_small, shown
+from ..quant.encodings import EncodedTensorInfo, group_encoded
 
 SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -35,7 +36,7 @@ class Checkpoint:
 
     folder: Path  # where config.json and friends live
     shards: list[Path]  # in order
-    tensors: dict[str, TensorInfo]  # in shard order, then file order
+    tensors: dict[str, TensorInfo | EncodedTensorInfo]  # in shard order, then file order
     format: str  # "safetensors" or "bin"
     index_file: Path | None = None
     side_files: bool = True  # whether ``folder`` holds this model's config/tokenizer files
@@ -53,10 +54,10 @@ class Checkpoint:
         return {}
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read one (logical) tensor, into ``out`` if given; quantized weights come back dequantized."""
+        """Read one (logical) tensor, into ``out`` if given; encoded weights come back decoded."""
         info = self.tensors[name]
-        if isinstance(info, QuantizedTensorInfo):
-            w = dequantize_info(info, self.read_stored)
+        if isinstance(info, EncodedTensorInfo):
+            w = info.encoding.decode(info, self.read_part)
             return w if out is None else out.copy_(w)
         return self.read_stored(info, out)
 
@@ -68,6 +69,19 @@ class Checkpoint:
             self._bin_cache = (info.file, _load_bin(info.file))
         src = self._bin_cache[1][info.name]  # memory-mapped: only this tensor's pages are read
         return src.clone() if out is None else out.copy_(src)
+
+    def read_part(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """One stored tensor, or rows ``[start, stop)`` of its first dimension (what encodings read)."""
+        if rows is None:
+            return self.read_stored(info)
+        start, stop = rows
+        if not 0 <= start <= stop <= (info.shape[0] if info.shape else 1):
+            raise ValueError(f"rows {rows} of {info.name} {list(info.shape)}")
+        if self.format != "safetensors":
+            return self.read_stored(info)[start:stop]
+        row = math.prod(info.shape[1:]) * info.dtype.itemsize
+        part = TensorInfo(info.name, info.dtype, (stop - start, *info.shape[1:]), info.file, info.offset + start * row)
+        return read_tensor(part)
 
     @property
     def total_bytes(self) -> int:
@@ -95,7 +109,7 @@ class Checkpoint:
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint file or folder and validate every shard header.
 
-    bitsandbytes 4-bit weights are listed as the logical tensors they stand for (see ``bnb4bit``),
+    Encoded weights are listed as the logical tensors they stand for (see ``wsurgery.quant.encodings``),
     and so are the tensors of a llama.cpp ``.gguf`` file (see ``gguf_format``).
     """
     if Path(path).suffix == ".gguf":
@@ -104,8 +118,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return open_gguf(Path(path))
     ckpt = _open(Path(path))
     ckpt.stored = dict(ckpt.tensors)
-    ckpt.tensors = group_quantized(ckpt.tensors, lambda info: ckpt.read_stored(info).numpy().tobytes(),
-                                   ckpt.config, str(ckpt.index_file or ckpt.folder))
+    ckpt.tensors = group_encoded(ckpt.stored, ckpt.config, ckpt.read_part, str(ckpt.index_file or ckpt.folder))
     return ckpt
 
 

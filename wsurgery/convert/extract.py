@@ -25,18 +25,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import conventions
 from ..checkpoint import Checkpoint, check_output_path, open_checkpoint
+from ..conventions import CONV1D_LAYERS, is_embedding, is_output_head, last_name
 from ..errors import InputError, UnsupportedError
 from ..hub import resolve
 from ..model_card import provenance
 from .peft_writer import write_adapter
 
-# transformers' model types whose linear layers are GPT-2's Conv1D (weight stored (in, out)), and those layers.
-_CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
-_CONV1D_LAYERS = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
-# Module names of nn.Embedding layers; "embed_out" is GPT-NeoX's output head, a Linear.
-_EMBEDDING_NAME = re.compile(r"(embed(?!_out$)|^(wte|wpe|shared)$)")
-_OUTPUT_HEADS = frozenset({"lm_head", "embed_out", "output"})
 # Randomized SVD (``--rank`` only): q = rank + oversampling columns, power iterations.
 _MIN_OVERSAMPLING, _POWER_ITERATIONS = 10, 4
 
@@ -47,14 +43,13 @@ def layer_kind(module: str, conv1d: bool) -> str:
     Checkpoints do not record layer classes, so this follows transformers' names: embeddings by name,
     Conv1D (``conv1d``: the model type is one of GPT-2's family) for GPT-2's c_attn/c_proj/c_fc.
     """
-    last = module.rpartition(".")[2]
-    if _EMBEDDING_NAME.search(last):
+    if is_embedding(module):
         return "embedding"
-    return "conv1d" if conv1d and last in _CONV1D_LAYERS else "linear"
+    return "conv1d" if conv1d and last_name(module) in CONV1D_LAYERS else "linear"
 
 
 def uses_conv1d(ckpt: Checkpoint) -> bool:
-    return (ckpt.config or {}).get("model_type") in _CONV1D_MODEL_TYPES
+    return conventions.uses_conv1d(ckpt.config)
 
 
 def as_product(weight: torch.Tensor, kind: str) -> torch.Tensor:
@@ -326,7 +321,7 @@ class _Plan:
 
 def _vocabulary_sized(module: str, rows: int, ckpt: Checkpoint) -> bool:
     """An embedding or output head, whose rows may grow with the vocabulary."""
-    return layer_kind(module, False) == "embedding" or module.rpartition(".")[2] in _OUTPUT_HEADS or \
+    return layer_kind(module, False) == "embedding" or is_output_head(module) or \
         rows == (ckpt.config or {}).get("vocab_size")
 
 

@@ -1,6 +1,6 @@
 """Whole-checkpoint NF4/FP4 jobs: quantize, dequantize, and the two QLoRA merges.
 
-Each is the streaming merge engine with another output encoding (see ``checkpoint/bnb4bit.py``):
+Each is the streaming merge engine with another output encoding (see ``quant/encodings/bnb4bit.py``):
 ``quantize`` stores the weights transformers would load as ``Linear4bit`` in 4-bit and records
 ``quantization_config``; ``dequantize`` writes every tensor plain and drops it; a merge into a 4-bit
 base merges into the dequantized weights and writes 16 bit, or with ``requantize`` stores the changed
@@ -11,16 +11,19 @@ look like dequant(quant(W)), the weights a QLoRA adapter was trained against.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import Checkpoint
-from ..checkpoint.bnb4bit import Bnb4bit, QuantizedTensorInfo, linear_weights, quantization_record
 from ..checkpoint.dtypes import dtype_name
-from ..engine import Quantize, Result, execute, plan
-from ..errors import InputError
+from ..conventions import linear_weights
+from ..engine import Result, execute, plan
+from ..errors import InputError, UnsupportedError
+from .encodings import EncodedTensorInfo, Encoding, recognized
+from .encodings.bnb4bit import Bnb4bit
 
 
 @dataclass
@@ -72,20 +75,30 @@ class _Measured(Bnb4bit):
 
     sink: list = field(default_factory=list, compare=False, hash=False)
 
-    def encode(self, name: str, tensor: torch.Tensor, transposed: bool) -> dict[str, torch.Tensor]:
+    def encode(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         from .bnb4bit import dequantize_4bit, quantization_error
 
-        parts = super().encode(name, tensor, transposed)
+        parts = super().encode(name, tensor)
         prefix = len(name) + 1
         back = dequantize_4bit({k[prefix:] if k != name else "": v for k, v in parts.items()}, where=name)
-        err = quantization_error(tensor.T if transposed else tensor, back)
+        err = quantization_error(tensor.T if self.transposed else tensor, back)
         self.sink.append(TensorError(name, err["rmse"], err["snr_db"], err["max_abs"], tensor.numel()))
         return parts
 
 
+def _encoded(ckpt: Checkpoint) -> list[EncodedTensorInfo]:
+    return [t for t in ckpt.tensors.values() if isinstance(t, EncodedTensorInfo)]
+
+
 def _is_quantized(ckpt: Checkpoint) -> bool:
-    return quantization_record(ckpt.config) is not None or any(
-        isinstance(t, QuantizedTensorInfo) for t in ckpt.tensors.values())
+    q = (ckpt.config or {}).get("quantization_config")
+    return isinstance(q, dict) and recognized(q) is not None or bool(_encoded(ckpt))
+
+
+def _encoding_name(ckpt: Checkpoint) -> str:
+    infos = _encoded(ckpt)
+    return infos[0].encoding.name if infos else str(((ckpt.config or {}).get("quantization_config") or {})
+                                                     .get("quant_method"))
 
 
 def quantize_checkpoint(src: Checkpoint, out: Path, fmt: Bnb4bit, *, compute_dtype: torch.dtype | None = None,
@@ -95,14 +108,14 @@ def quantize_checkpoint(src: Checkpoint, out: Path, fmt: Bnb4bit, *, compute_dty
     """Store the Linear weights of ``src`` in 4-bit; ``record`` goes to config.json's "wsurgery" key."""
     job = plan(src, [])  # first: refuses encodings not decoded, before they read as "already quantized"
     if _is_quantized(src):
-        raise InputError(f"{src.folder}: already quantized (bitsandbytes 4-bit); nothing to do. To change the "
+        raise InputError(f"{src.folder}: already quantized ({_encoding_name(src)}); nothing to do. To change the "
                          "format, dequantize it first")
     chosen, kept = linear_weights(src.tensors, src.config, skip)
     if not chosen:
         raise InputError(f"{src.folder}: no Linear weights to quantize (2-D *.weight tensors that are not "
                          "embeddings or heads)" + (" after --skip-modules" if skip else ""))
     sink: list[TensorError] = []
-    encoder = _Measured(fmt.quant_type, fmt.blocksize, fmt.double_quant, fmt.quant_storage, sink) if report else fmt
+    encoder = _Measured(fmt.quant_type, fmt.blocksize, fmt.double_quant, fmt.quant_storage, sink=sink) if report else fmt
     weights = [src.tensors[n] for n in chosen]
     compute = compute_dtype or dtype or max((w.dtype for w in weights), key=lambda d: torch.finfo(d).bits)
 
@@ -112,7 +125,8 @@ def quantize_checkpoint(src: Checkpoint, out: Path, fmt: Bnb4bit, *, compute_dty
             config["wsurgery"] = record
 
     result = execute(job, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                     progress=progress, quantize={n: (encoder, t) for n, t in chosen.items()}, config_update=update)
+                     progress=progress, quantize={n: encoder.with_transposed(t) for n, t in chosen.items()},
+                     config_update=update)
     result.modules = result.changed_tensors = len(chosen)
     quant_report = None
     if report:
@@ -123,14 +137,14 @@ def quantize_checkpoint(src: Checkpoint, out: Path, fmt: Bnb4bit, *, compute_dty
 def dequantize_checkpoint(src: Checkpoint, out: Path, *, dtype: torch.dtype | None = None,
                           max_shard_size: int | None = None, overwrite: bool = False, progress: bool = True,
                           record: dict | None = None) -> Result:
-    """Write every tensor of a 4-bit checkpoint plain (its original dtype, or ``dtype``)."""
+    """Write every tensor of an encoded checkpoint plain (as decoded, or in ``dtype``)."""
     job = plan(src, [])  # first: refuses encodings not decoded, whose tensors cannot be written plain
     if not _is_quantized(src):
-        raise InputError(f"{src.folder}: not a bitsandbytes 4-bit checkpoint (no quant states, no "
-                         "quantization_config); nothing to dequantize")
+        raise InputError(f"{src.folder}: no encoded weights and no quantization_config: the checkpoint is plain "
+                         "already; nothing to dequantize")
     result = execute(job, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                      progress=progress, config_update=lambda c: _plain_config(c, record))
-    result.modules = result.changed_tensors = sum(isinstance(t, QuantizedTensorInfo) for t in src.tensors.values())
+    result.modules = result.changed_tensors = len(_encoded(src))
     return result
 
 
@@ -140,34 +154,41 @@ def _plain_config(config: dict, record: dict | None) -> None:
         config["wsurgery"] = record
 
 
-def qlora_outputs(base: Checkpoint, changed: list[str], requantize: bool) -> dict[str, Quantize]:
-    """For a merge into a 4-bit base: which tensors to store in 4-bit (with their own formats)."""
+def requantize_targets(base: Checkpoint, requantize: bool) -> dict[str, Encoding]:
+    """For a merge into an encoded base: which tensors to store encoded again, each in its own encoding
+    (unchanged ones are then copied as stored)."""
     if not requantize:
         return {}
-    targets = {n: (t.encoding, t.transposed) for n, t in base.tensors.items() if isinstance(t, QuantizedTensorInfo)}
+    targets = {n: t.encoding for n, t in base.tensors.items() if isinstance(t, EncodedTensorInfo)}
     if not targets:
-        raise InputError(f"{base.folder}: --requantize needs a bitsandbytes 4-bit base; this one is not quantized")
+        raise InputError(f"{base.folder}: --requantize needs a quantized base (bitsandbytes, FP8, MXFP4, int8...); "
+                         "this one stores plain tensors")
+    for name, encoding in targets.items():
+        if encoding.cannot_encode is not None:
+            raise UnsupportedError(f"{base.folder}: --requantize: {name} is stored in {encoding.name}, which wsurgery "
+                                   f"cannot encode again ({encoding.cannot_encode}); leave out --requantize to write "
+                                   "the merge in 16 bit")
     return targets
 
 
-def through_targets(base: Checkpoint, fmt: Bnb4bit, skip: tuple[str, ...] = ()) -> dict[str, Quantize]:
+def through_targets(base: Checkpoint, fmt: Bnb4bit, skip: tuple[str, ...] = ()) -> dict[str, Callable]:
     """``--through-nf4``: every weight ``quantize`` would store in 4-bit, as dequant(quant(W))."""
     if _is_quantized(base):
         raise InputError(f"{base.folder}: --through-nf4 is for a 16-bit base; this one is already quantized, and a "
                          "merge into it already uses its dequantized weights")
     chosen, _ = linear_weights(base.tensors, base.config, skip)
-    return {n: (fmt, t) for n, t in chosen.items()}
+    return {n: fmt.with_transposed(t).roundtrip for n, t in chosen.items()}
 
 
-def describe_qlora(base: Checkpoint, requantize: bool, through: Bnb4bit | None) -> dict | None:
-    """The "qlora" part of the output's "wsurgery" record: what the adapter was merged into."""
+def describe_encoding(base: Checkpoint, requantize: bool, through: Bnb4bit | None) -> dict | None:
+    """The "quantization" part of the output's "wsurgery" record: what the adapter was merged into."""
     if through is not None:
         return {"merged_into": "dequant(quant(W)) of the 16-bit base", "quant_type": through.quant_type,
                 "blocksize": through.blocksize, "double_quant": through.double_quant, "output": "16-bit"}
-    states = [t for t in base.tensors.values() if isinstance(t, QuantizedTensorInfo)]
-    if not states:
+    infos = _encoded(base)
+    if not infos:
         return None
-    s = states[0].state
-    return {"merged_into": "the dequantized 4-bit base", "quant_type": s.quant_type, "blocksize": s.blocksize,
-            "double_quant": s.double_quant, "output": f"4-bit ({s.quant_type})" if requantize
-            else dtype_name(s.dtype)}
+    encodings = sorted({t.encoding.describe() for t in infos})
+    dtypes = sorted({dtype_name(t.dtype) for t in infos})
+    return {"merged_into": f"the decoded {infos[0].encoding.name} base", "stored_as": encodings,
+            "output": "re-encoded as stored" if requantize else "/".join(dtypes)}
