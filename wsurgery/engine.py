@@ -28,7 +28,7 @@ from .checkpoint.reader import SAFETENSORS_INDEX_SUFFIX
 from .conventions import INPUT_EMBEDDING_SUFFIXES
 from .conventions import tied_heads as tied_head_names
 from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
-from .methods import AdditivePatch, Patch
+from .methods import AdditivePatch, Bound
 from .quant.encodings import EncodedTensorInfo, Encoding
 
 if TYPE_CHECKING:  # imported where a GGUF is written: plain jobs never load the gguf package
@@ -45,7 +45,7 @@ class ModuleJob:
 
     module: str
     tensors: dict[str, str] = field(default_factory=dict)  # role -> base tensor name
-    patches: list[tuple[Patch, float, tuple[str, ...]]] = field(default_factory=list)  # patch, scale, roles
+    patches: list[tuple[Bound, float, tuple[str, ...]]] = field(default_factory=list)  # bound patch, scale, roles
     sources: list[str] = field(default_factory=list)  # the adapters' folders, for messages
 
 
@@ -111,12 +111,11 @@ def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str
                 name = f"{module}.{role}" if module else role
                 if role not in role_shapes and name in base.tensors:
                     role_shapes[role] = shapes[name]
-            patch.base_dtypes = {r: base.tensors[job.tensors[r]].dtype for r in roles}
             try:
-                patch.check(role_shapes)
+                bound = patch.bind(role_shapes, {r: base.tensors[job.tensors[r]].dtype for r in roles})
             except WsurgeryError as e:
                 raise type(e)(f"adapter {adapter.folder}: {e}") from None
-            for r, s in patch.output_shapes(role_shapes).items():
+            for r, s in bound.output_shapes().items():
                 if r in roles:  # not the peeked roles
                     shapes[job.tensors[r]] = s
             if direction == "unmerge":
@@ -125,11 +124,11 @@ def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str
                     reason = "--scale other than 1 can only be unmerged for additive changes"
                 if reason is not None:
                     raise NotInvertibleError(f"cannot unmerge {adapter.folder} at {module}: {reason}")
-            job.patches.append((patch, scale, tuple(roles)))
+            job.patches.append((bound, scale, tuple(roles)))
             if str(adapter.folder) not in job.sources:
                 job.sources.append(str(adapter.folder))
     owner = {name: job.module for job in jobs.values() for name in job.tensors.values()}
-    copied = {name for job in jobs.values() if all(p.replaces for p, _, _ in job.patches)
+    copied = {name for job in jobs.values() if all(b.patch.replaces for b, _, _ in job.patches)
               for name in job.tensors.values()}
     check_decoded(base.tensors, base.config, owner, base_desc, copied)
     if direction == "unmerge":

@@ -115,7 +115,7 @@ def verify_merge(base: Checkpoint, adapters: list[tuple[Adapter, float]], merged
                   f"merged {merged.folder}")  # first: an encoding's side tensors are not "extra" tensors
     _check_same_tensors(job_plan, merged)
     for job in job_plan.jobs.values():  # known from the plan: refused before the first tensor is read
-        changes = [p for p, _, _ in job.patches if not isinstance(p, ReplacePatch)]
+        changes = [b.patch for b, _, _ in job.patches if not isinstance(b.patch, ReplacePatch)]
         if len(changes) > 1 and not all(isinstance(p, AdditivePatch) for p in changes):
             raise UnsupportedError(f"{job.module}: several adapters change this module and not all are additive; "
                                    "verify checks stacked non-additive changes one adapter at a time")
@@ -165,10 +165,10 @@ def _check_module(job_plan: Plan, job: ModuleJob, merged: Checkpoint, dev: torch
     out_dtype = max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float32)
     tol = rtol if rtol is not None else DEFAULT_RTOL.get(out_dtype, 1e-5)
     # Replaced tensors (modules_to_save, saved biases) are the base as the adapter's layers see it.
-    for patch, _, _ in job.patches:
-        if isinstance(patch, ReplacePatch):
-            base[patch.role] = patch.tensor.to(dev, torch.float32)
-    changes = [(p, s) for p, s, _ in job.patches if not isinstance(p, ReplacePatch)]
+    for bound, _, _ in job.patches:
+        if isinstance(bound.patch, ReplacePatch):
+            base[bound.patch.role] = bound.patch.tensor.to(dev, torch.float32)
+    changes = [(b, s) for b, s, _ in job.patches if not isinstance(b.patch, ReplacePatch)]
     shapes = {r: tuple(t.shape) for r, t in base.items()}
     try:
         layer: Layer = changes[0][0].layer(shapes) if changes else Direct(tuple(base))

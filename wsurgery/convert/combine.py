@@ -111,9 +111,9 @@ def _contributions(adapters: list[tuple[Adapter, float]], base: Checkpoint | Non
                 by_module.setdefault(patch.module, []).append(Contribution(adapter, patch, weight))
             continue
         for module, job in plan(base, [(adapter, weight)]).jobs.items():
-            for patch, _, roles in job.patches:
+            for bound, _, roles in job.patches:
                 by_module.setdefault(module, []).append(
-                    Contribution(adapter, patch, weight, {r: job.tensors[r] for r in roles}))
+                    Contribution(adapter, bound.patch, weight, {r: job.tensors[r] for r in roles}))
     return by_module
 
 

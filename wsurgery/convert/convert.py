@@ -129,7 +129,8 @@ def _sources(ad: Adapter, base: Checkpoint | None) -> list[_Source]:
     found: list[_Source] = []
     if base is not None:
         for job in plan(base, [(ad, 1.0)]).jobs.values():
-            for patch, _, roles in job.patches:
+            for bound, _, roles in job.patches:
+                patch = bound.patch
                 if id(patch) not in methods:
                     continue
                 _check_roles(patch, roles)
@@ -146,8 +147,7 @@ def _sources(ad: Adapter, base: Checkpoint | None) -> list[_Source]:
         if shapes is None:
             raise InputError(f"{ad.folder}: {ad.config.peft_type} adapters do not record the shape of "
                              f"{patch.module}'s weight (in_features, layer type); pass --base BASE")
-        patch.check(shapes)
-        shapes = {r: tuple(shape) for r, shape in shapes.items()}
+        shapes = patch.bind(shapes).shapes
         found.append(_Source(patch, _kind(patch, shapes["weight"], fan_in_fan_out), shapes, {}))
     return found
 
@@ -223,8 +223,7 @@ def _measure(folder: Path, sources: list[_Source], base: Checkpoint | None, fits
         patch = written.get(src.module)
         if patch is None:
             raise UnsupportedError(f"{src.module}: the written adapter does not hold this module; please report this")
-        patch.base_dtypes = src.patch.base_dtypes
-        patch.check(src.shapes)
+        patch.bind(src.shapes, src.patch.base_dtypes)
         error = _relative_error(_read(_Source(patch, src.kind, src.shapes, src.tensors), base, False),
                                 _read(src, base, False))
         reports.append(ModuleReport(src.module, fits[src.module].rank, error))

@@ -101,9 +101,19 @@ class Patch(ABC):
         self.roles = roles  # base tensors (relative to the module) that must exist
         self.optional_roles = optional_roles  # changed too where the base has them (e.g. a bias)
         self.notes: list[str] = []  # facts worth telling the user after the run (e.g. a residual)
-        # The base tensors' stored dtypes by role, set by the engine before ``check``: PEFT rounds some
-        # regenerated state (e.g. VeRA's projections) to the base dtype, and so must we.
+        # The base tensors' stored dtypes by role, given to ``bind``: PEFT rounds some regenerated state
+        # (e.g. VeRA's projections) to the base dtype, and so must we.
         self.base_dtypes: dict[str, torch.dtype] = {}
+
+    def bind(self, shapes: Shapes, base_dtypes: dict[str, torch.dtype] | None = None) -> Bound:
+        """Check the patch against the base tensors it will change and return it bound to them.
+
+        The change can only be applied through a ``Bound``: what ``check`` derives from the shapes
+        (layer kind, padded sizes...) is always there when ``apply``/``delta`` run.
+        """
+        self.base_dtypes = dict(base_dtypes or {})
+        self.check(shapes)
+        return Bound(self, {r: tuple(s) for r, s in shapes.items()})
 
     # -- validation, before any data is read ---------------------------------------------------
     def check(self, shapes: Shapes) -> None:
@@ -193,6 +203,43 @@ class Patch(ABC):
         raise NotInvertibleError(
             f"{self.module}: unmerging with --scale other than 1 needs an additive change; this one is not"
         )
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A patch checked against the shapes (and dtypes) of the base tensors it changes: plan -> bind -> apply."""
+
+    patch: Patch
+    shapes: Shapes
+
+    @property
+    def module(self) -> str:
+        return self.patch.module
+
+    @property
+    def notes(self) -> list[str]:
+        return self.patch.notes
+
+    def output_shapes(self) -> Shapes:
+        return self.patch.output_shapes(self.shapes)
+
+    def merge(self, tensors: Tensors, scale: float) -> Tensors:
+        return self.patch.merge(tensors, scale)
+
+    def unmerge(self, tensors: Tensors, scale: float) -> Tensors:
+        return self.patch.unmerge(tensors, scale)
+
+    def delta(self) -> Tensors | None:
+        return self.patch.delta()
+
+    def apply(self, tensors: Tensors) -> Tensors:
+        return self.patch.apply(tensors)
+
+    def layer(self, shapes: Shapes | None = None) -> Layer:
+        return self.patch.layer(self.shapes if shapes is None else shapes)
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        return self.patch.forward(x, base, layer)
 
 
 def _add(tensors: Tensors, delta: Tensors, alpha: float) -> Tensors:

@@ -137,8 +137,7 @@ class FourierFTPatch(AdditivePatch):
         self.dims = layer_dims(self.module, shapes, self.transposed, self.spectrum.numel(), "FourierFT")
 
     def delta(self) -> Tensors:
-        if self.dims is None:
-            raise RuntimeError(f"{self.module}: check() must run before delta()")
+        assert self.dims is not None  # derived from the shapes by bind()
         out, in_ = self.dims
         rows, cols = frequency_indices(self.context, self.seed, out, in_, self.spectrum.numel())
         dense = torch.zeros(out, in_, dtype=torch.float32)

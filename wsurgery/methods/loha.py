@@ -124,8 +124,7 @@ class LohaPatch(AdditivePatch):
         self._weight_shape = w
 
     def delta(self) -> Tensors:
-        if self._weight_shape is None:
-            raise RuntimeError(f"{self.module}: LohaPatch.check must run before delta")
+        assert self._weight_shape is not None  # derived from the shapes by bind()
         t = {n: v.to(torch.float32) for n, v in self.t.items()}
         s = scaling_f32(self.alpha, self.rank)
         # The same operations, in the same order, as PEFT's HadaWeight / HadaWeightCP forward.

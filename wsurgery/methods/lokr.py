@@ -121,8 +121,7 @@ class LokrPatch(AdditivePatch):
         self._weight_shape = w
 
     def delta(self) -> Tensors:
-        if self._weight_shape is None:
-            raise RuntimeError(f"{self.module}: LokrPatch.check must run before delta")
+        assert self._weight_shape is not None  # derived from the shapes by bind()
         t = {n: v.to(torch.float32) for n, v in self.t.items()}
         # The same operations, in the same order, as PEFT's LoKrLayer.get_delta_weight / make_kron.
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]

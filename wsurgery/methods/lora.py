@@ -486,8 +486,7 @@ class ParamLoraPatch(AdditivePatch):
         self.scaling = _scaling(self.config, self.alpha, self.rank)
 
     def delta(self) -> Tensors:
-        if self.param is None:
-            raise RuntimeError(f"{self.module}: check() must run before the change is computed")
+        assert self.param is not None  # derived from the shapes by bind()
         A = self.A.to(torch.float32)
         B = self.B.to(torch.float32)
         if self.ndim == 2 or self.experts == 1:

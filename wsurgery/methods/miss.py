@@ -91,8 +91,7 @@ class MissBlockPatch(AdditivePatch):
         return tensors
 
     def delta(self) -> Tensors:
-        if self._shape is None:
-            raise RuntimeError(f"{self.module}: check() must run before delta()")
+        assert self._shape is not None  # derived from the shapes by bind()
         inp = self._shape[1]
         reps = -(-inp // self.r)
         return {"weight": self._full_block(torch.float32).T.repeat(1, reps)[:, :inp].contiguous()}

@@ -255,8 +255,7 @@ class OftPatch(Patch):
         # v14: eps * ceil(out/r)^2, r = number of blocks = in/b
         out = self.scale.numel()
         if self.share:
-            if self.weight_shape is None:
-                raise RuntimeError("the COFT radius of a shared block needs the base weight shape (check() first)")
+            assert self.weight_shape is not None  # derived from the shapes by bind()
             r = math.prod(self.weight_shape[1:]) // b
         else:
             r = p

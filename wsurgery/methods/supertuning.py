@@ -99,8 +99,7 @@ class SupertuningPatch(AdditivePatch):
         return tensors
 
     def delta(self) -> Tensors:
-        if self._shape is None:
-            raise RuntimeError(f"{self.module}: check() must run before delta()")
+        assert self._shape is not None  # derived from the shapes by bind()
         return self._add({"weight": torch.zeros(self._shape, dtype=torch.float32)}, 1.0)
 
     def add_scaled(self, tensors: Tensors, alpha: float) -> Tensors:

@@ -242,8 +242,7 @@ class WaveFTPatch(AdditivePatch):
                 "start": (crop + (recon[0] - out) // 2, crop + (recon[1] - in_) // 2)}
 
     def delta(self) -> Tensors:
-        if self.dims is None:
-            raise RuntimeError(f"{self.module}: check() must run before delta()")
+        assert self.dims is not None  # derived from the shapes by bind()
         out, in_ = self.dims
         n = self.spectrum.numel()
         rows, cols = frequency_indices(self.context, self.seed, out, in_, n)
