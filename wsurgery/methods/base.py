@@ -267,6 +267,17 @@ class AdditivePatch(Patch):
 
 
 @dataclass(frozen=True)
+class Option:
+    """A user choice a method understands, declared with it; the command line's options are made from these."""
+
+    name: str  # the Python name (``task_id``); the command-line flag is ``--task-id``
+    help: str
+    type: type = bool  # int, or bool for a flag
+    #: A boolean's negative flag (``experts-not-transposed``), where "not given" differs from "off".
+    negative: str | None = None
+
+
+@dataclass(frozen=True)
 class Support:
     """One row of the support table (README, ``wsurgery methods``), declared next to the code it describes."""
 
@@ -287,9 +298,13 @@ class Method(ABC):
     #: The first component (after ``base_model.``) of model-wide tensors it saves (``vera_A``...).
     shared_names: ClassVar[frozenset[str]] = frozenset()
     #: User options it understands (``task_id``...), passed through ``AdapterContext.options``.
-    option_names: ClassVar[frozenset[str]] = frozenset()
+    options: ClassVar[tuple[Option, ...]] = ()
     #: Rows for the support table.
     support: ClassVar[tuple[Support, ...]] = ()
+
+    @property
+    def option_names(self) -> frozenset[str]:
+        return frozenset(o.name for o in self.options)
 
     @property
     def key_prefix(self) -> str | None:

@@ -46,6 +46,7 @@ from .base import (
     AdditivePatch,
     Method,
     ModuleParams,
+    Option,
     Patch,
     Shapes,
     Support,
@@ -554,7 +555,12 @@ def _block_diagonal(M: torch.Tensor, nblocks: int, what: str, where: str) -> tor
 class Lora(Method):
     peft_types = ("LORA",)
     param_names = frozenset(PLAIN_TENSORS).union(*(v.tensors for v in VARIANTS.values()))
-    option_names = frozenset({"mha_single_out_proj", "experts_transposed"})
+    options = (
+        Option("mha_single_out_proj", "LoRA on nn.MultiheadAttention: add the out_proj change once (PEFT adds it "
+               "twice)."),
+        Option("experts_transposed", "LoRA on square fused-expert stacks (PEFT >= 0.19): the stack is stored (E, in, "
+               "out) / (E, out, in); needed only where the files cannot tell.", negative="experts-not-transposed"),
+    )
     support = (
         Support("LoRA (incl. rsLoRA, rank/alpha patterns, lora_bias, trainable_token_indices)",
                 "Linear, Conv1D (fan_in_fan_out), Embedding, Conv1d/2d/3d", "exact", "exact", "0.21.2"),

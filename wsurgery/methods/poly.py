@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import AdditivePatch, Method, ModuleParams, Patch, Shapes, Support, Tensors, like, register
+from .base import AdditivePatch, Method, ModuleParams, Option, Patch, Shapes, Support, Tensors, like, register
 from .layers import Layer
 
 if TYPE_CHECKING:  # adapters import methods; the config is only needed for type hints here
@@ -93,7 +93,7 @@ class PolyPatch(AdditivePatch):
 class Poly(Method):
     peft_types = ("POLY",)
     param_names = frozenset({"poly_lora_A", "poly_lora_B", "poly_router"})
-    option_names = frozenset({"task_id"})
+    options = (Option("task_id", "Poly: merge the routed change for this task.", int),)
     support = (Support("Poly / MHR (n_splits >= 1), for one task chosen with --task-id",
                        "Linear", "exact (the router's eval-mode mixture for that task, folded in)",
                        "exact (with the same --task-id)", "0.21.2 (checked against its forward)"),)
