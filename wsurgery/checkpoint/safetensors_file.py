@@ -291,6 +291,21 @@ class SafetensorsWriter:
             write_at(self._fd, tensor, self._data_start + offset, self.path, name)
         self._pending.discard(name)
 
+    def write_rows(self, name: str, rows: torch.Tensor, first_row: int) -> None:
+        """Write rows ``[first_row, first_row + len(rows))`` of the first dimension of tensor ``name``: a
+        tensor too large to hold whole is written in chunks. The tensor counts as written once its last
+        row is (callers write every chunk, in order)."""
+        offset, spec = self._slots[name]
+        if spec.late or rows.dtype != spec.dtype or tuple(rows.shape[1:]) != spec.shape[1:] \
+                or not 0 <= first_row <= first_row + rows.shape[0] <= spec.shape[0]:
+            raise AssertionError(f"rows [{first_row}, +{rows.shape[0]}) of tensor {name!r}: {rows.dtype}"
+                                 f"{list(rows.shape)} do not fit {spec.dtype}{list(spec.shape)}")
+        row_bytes = math.prod(spec.shape[1:]) * itemsize(spec.dtype)
+        if rows.numel():
+            write_at(self._fd, rows, self._data_start + offset + first_row * row_bytes, self.path, name)
+        if first_row + rows.shape[0] == spec.shape[0]:
+            self._pending.discard(name)
+
     def copy_from(self, name: str, src: TensorInfo) -> bool:
         """Copy a tensor's bytes from another safetensors file inside the kernel (``copy_file_range``),
         without passing them through memory. False where the OS cannot; then the caller writes."""

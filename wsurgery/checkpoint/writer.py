@@ -88,6 +88,9 @@ class CheckpointWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._where[name].write(name, tensor)
 
+    def write_rows(self, name: str, rows: torch.Tensor, first_row: int) -> None:
+        self._where[name].write_rows(name, rows, first_row)
+
     def copy_from(self, name: str, src: TensorInfo) -> bool:
         """Copy an unchanged tensor file-to-file in the kernel where possible (see SafetensorsWriter)."""
         return self._where[name].copy_from(name, src)
