@@ -70,6 +70,9 @@ class Fp8Block(Encoding):
         for name, info in stored.items():
             if name.endswith(_SCALE_SUFFIX):
                 weight = name[: -len(_SCALE_SUFFIX)]
+                if weight in stored and stored[weight].dtype == torch.float8_e5m2:
+                    raise UnsupportedError(f"{where}: {weight} is float8_e5m2; transformers' FP8 (quant_method fp8) "
+                                           "reads float8_e4m3fn weights only")
                 if weight not in stored or stored[weight].dtype != _FP8:
                     raise InputError(f"{where}: {name} is a block scale but {weight} is "
                                      f"{'missing' if weight not in stored else dtype_name(stored[weight].dtype)}, "
