@@ -6,8 +6,9 @@ bitsandbytes' only layout now): W[i, j] = weight[i, j] * SCB[i] / 127. The arith
 bitsandbytes' own default (CPU) kernels, op for op, so the bits match:
 
 - dequantize (``int8_vectorwise_dequant``, what ``model.dequantize()`` uses): ``(weight * SCB[:, None])
-  * 7.874015718698502e-3`` in float32 (the constant rounds to float32 1/127), in that order;
-  transformers keeps the float32 result, so that is the logical dtype.
+  * 7.874015718698502e-3`` in float32 (the constant rounds to float32 1/127), in that order, then
+  cast to the dtype the model loads in (``model.config.dtype``: config.json's ``dtype``), the
+  logical dtype.
 - quantize (``Int8Params._quantize`` on load): the weight cast to float16, ``SCB`` its rows' absmax as
   float32, codes ``round(w16 * (127 / SCB))`` in float32, to int8. The ``llm_int8_threshold``
   outlier split happens in the forward pass only; the stored weight never depends on it.
@@ -30,6 +31,7 @@ from .base import EncodedTensorInfo, Encoding, GroupContext, ReadPart, Rows, reg
 
 #: bitsandbytes' 1/127 as transformers and bitsandbytes write it (float32 rounds it to 0x3C010204).
 INV_127 = 7.874015718698502e-3
+_MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}  # bitsandbytes' weight_format codes
 
 
@@ -68,6 +70,7 @@ class Bnb8bit(Encoding):
                                    "training layout: bitsandbytes saves no SCB and keeps 16-bit weights, which "
                                    "transformers cannot load as int8); use an unquantized copy of the model")
         found: dict[str, EncodedTensorInfo] = {}
+        dtype = _model_dtype(context, stored)
         for scb_name in (n for n in stored if n == "SCB" or n.endswith(".SCB")):
             prefix = scb_name[: -len("SCB")]
             name = prefix + "weight"
@@ -91,7 +94,7 @@ class Bnb8bit(Encoding):
             transposed = is_conv1d(prefix[:-1], context.config)
             shape = (weight.shape[1], rows) if transposed else (rows, weight.shape[1])
             encoding = cls(transposed, fmt.dtype if fmt is not None else None)
-            found[name] = EncodedTensorInfo(name, torch.float32, tuple(shape), parts, encoding)
+            found[name] = EncodedTensorInfo(name, dtype, tuple(shape), parts, encoding)
         for name, info in stored.items():
             if info.dtype == torch.int8 and name not in found:
                 raise InputError(f"{context.where}: {name} is int8 with no SCB next to it; an LLM.int8 weight needs "
@@ -114,8 +117,7 @@ class Bnb8bit(Encoding):
         w.mul_(INV_127)
         if self.transposed:
             w = w.T if rows is None else w.T[rows[0]:rows[1]]
-            return w.contiguous()
-        return w
+        return w.to(info.dtype).contiguous()
 
     def encode_row_chunk(self, shape: tuple[int, ...]) -> int | None:
         return None if self.transposed else 1
@@ -156,6 +158,19 @@ class Bnb8bit(Encoding):
         if self.format_dtype is not None and start == 0:
             out[prefix + "weight_format"] = (torch.zeros((), dtype=self.format_dtype), 0)
         return out
+
+
+def _model_dtype(context: GroupContext, stored: dict[str, TensorInfo]) -> torch.dtype:
+    """What ``model.dequantize()`` casts to: the dtype transformers loads the model in (``dtype="auto"``),
+    config.json's, else the first 16/32-bit float tensor's (the SCBs aside), else float32."""
+    for key in ("dtype", "torch_dtype"):
+        value = (context.config or {}).get(key)
+        if value is not None:
+            if value not in _MODEL_DTYPES:
+                raise InputError(f"{context.where}: config.json {key} {value!r} is not float32, float16 or bfloat16")
+            return _MODEL_DTYPES[value]
+    return next((t.dtype for n, t in stored.items() if t.dtype in _MODEL_DTYPES.values() and not n.endswith("SCB")),
+                torch.float32)
 
 
 def _prefix(name: str) -> str:
