@@ -105,8 +105,10 @@ class CompressedTensors(Encoding):
         if problem:
             raise UnsupportedError(f"{where}: compressed-tensors checkpoint {problem}; wsurgery decodes "
                                    f"{', '.join(_FORMATS)} with quantization_status 'compressed'")
-        modules = sorted({n.rpartition(".")[0] for n in stored
-                          if n.rpartition(".")[2] in ("weight_scale", "weight_packed")})
+        # A module is quantized where it stores a scale, packed codes, or integer/float8 codes.
+        modules = sorted({n.rpartition(".")[0] for n, i in stored.items()
+                          if n.rpartition(".")[2] in ("weight_scale", "weight_packed")
+                          or (n.endswith(".weight") and i.dtype in (ctm.FP8, torch.int8))})
         found: dict[str, EncodedTensorInfo] = {}
         for module in modules:
             name = f"{module}.weight"
@@ -146,8 +148,8 @@ class CompressedTensors(Encoding):
             raise InputError(f"{label}: block strategy without a [rows, cols] block_structure in its config group")
         scale = stored.get(f"{module}.weight_scale")
         if scale is None:
-            raise InputError(f"{label}: missing {module}.weight_scale; the compressed-tensors checkpoint is "
-                             "incomplete")
+            raise InputError(f"{label}: quantized codes without {module}.weight_scale; the compressed-tensors "
+                             "checkpoint is incomplete")
         if scale.dtype not in _SCALE_DTYPES:
             raise UnsupportedError(f"{label}: weight_scale is {dtype_name(scale.dtype)}; wsurgery decodes float16, "
                                    "bfloat16 or float32 scales")
