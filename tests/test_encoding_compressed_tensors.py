@@ -305,6 +305,17 @@ def test_broken_files_refused_in_one_line(tmp_path, capsys, broken):
     assert not (tmp_path / "out").exists()
 
 
+def test_zero_point_of_a_symmetric_unpacked_weight_is_decoded_as_compressed_tensors_does(tmp_path):
+    """Older compressed-tensors saved zero points for symmetric int8/FP8 weights too; its decompressor
+    subtracts whatever is stored, so a (here deliberately non-zero) one must be honoured, not dropped."""
+    q = _compressed_base(tmp_path, "int8-w8a8")
+    before = _reference_decode(q)[f"{_Q}.weight"]
+    _edit(q, lambda t: _set(t, f"{_Q}.weight_zero_point", torch.full((64, 1), 3, dtype=torch.int8)))
+    expected = _reference_decode(q)[f"{_Q}.weight"]
+    assert not _identical(expected, before)  # the stored zero point matters to the reference
+    assert _identical(open_checkpoint(q).read(f"{_Q}.weight"), expected)
+
+
 def test_regex_targets_and_mixed_formats_per_group(tmp_path):
     """Two config groups with their own formats (attention FP8, MLP int4 packed): each module decodes by
     the group whose ``re:`` target names it, exactly as compressed-tensors does."""

@@ -194,10 +194,13 @@ class CompressedTensors(Encoding):
 
     def _check_zero_point(self, zp: TensorInfo | None, shape: tuple[int, int], label: str) -> None:
         if self.symmetric:
-            if zp is not None:
+            # Older compressed-tensors kept (zero) zero points of symmetric unpacked weights; its decompressor
+            # still subtracts them. Packed ones it would misread.
+            if zp is not None and self.format not in _UNPACKED:
                 raise InputError(f"{label}: weight_zero_point stored but its config group is symmetric")
-            return
-        if zp is None:
+            if zp is None:
+                return
+        elif zp is None:
             raise InputError(f"{label}: asymmetric weights without weight_zero_point; the checkpoint is incomplete")
         if self._packed_zp():
             cols = self.scale_shape(shape)[1]
@@ -226,7 +229,7 @@ class CompressedTensors(Encoding):
         scale = read(info.parts["weight_scale"], side)
         scale = scale.reshape(1) if self.strategy == "tensor" else scale
         zp = None
-        if not self.symmetric:
+        if "weight_zero_point" in info.parts:
             part = info.parts["weight_zero_point"]
             if self._packed_zp():
                 words = read(part, (a * self.num_bits // 32, ctm.packed_cols(b, self.num_bits)))
