@@ -27,11 +27,13 @@ def unpack_int32(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     rows = words.shape[0]
     offset = 1 << (bits - 1)
     if bits in (4, 8) and sys.byteorder == "little":
-        # 4- and 8-bit values never straddle a byte: split bytes instead of gathering bits.
+        # 4- and 8-bit values never straddle a byte: split bytes instead of gathering bits; the offset is
+        # taken off in uint8 (wrapping), which viewed as int8 is the signed value.
         u8 = words.contiguous().view(torch.uint8)
-        if bits == 4:
-            u8 = torch.stack((u8 & 0xF, u8 >> 4), dim=-1).view(rows, -1)
-        return (u8[:, :cols].to(torch.int16) - offset).to(torch.int8)
+        if bits == 8:
+            return (u8[:, :cols] ^ 0x80).view(torch.int8)
+        nibbles = torch.stack((u8 & 0xF, u8 >> 4), dim=-1).view(rows, -1)[:, :cols]
+        return nibbles.sub_(offset).view(torch.int8)
     w = torch.nn.functional.pad(words.to(torch.int64) & 0xFFFFFFFF, (0, 1))
     start = torch.arange(cols, dtype=torch.int64) * bits
     index, shift = start // 32, start % 32
@@ -49,10 +51,10 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     rows, cols = codes.shape
     if strategy == "group":
         ng = cols // group_size
-        out = codes.view(rows, ng, group_size).to(dtype)
+        out = codes.reshape(rows, ng, group_size).to(dtype)
         if zero_point is not None:
-            out = out - zero_point.to(dtype).view(rows, ng, 1)
-        return (out * scale.view(rows, ng, 1)).view(rows, cols)
+            out.sub_(zero_point.to(dtype).view(rows, ng, 1))
+        return out.mul_(scale.view(rows, ng, 1)).view(rows, cols)
     if strategy == "block":
         bh, bw = block
         index_r = (torch.arange(row0, row0 + rows) // bh) - row0 // bh
@@ -61,8 +63,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
         zero_point = None if zero_point is None else zero_point[index_r][:, index_c]
     out = codes.to(dtype)
     if zero_point is not None:
-        out = out - zero_point.to(dtype)
-    return out * scale
+        out.sub_(zero_point.to(dtype))
+    return out.mul_(scale)
 
 
 def fp8_minmax_scale(w: torch.Tensor, strategy: str, group_size: int | None,
