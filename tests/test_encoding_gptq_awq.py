@@ -20,17 +20,26 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from oracle import (
+    LLAMA_LINEAR,
+    assert_close_to,
+    load_all,
+    make_adapter,
+    oracle_merge,
+    run_cli,
+)
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from oracle import LLAMA_LINEAR, assert_close_to, load_all, make_adapter, oracle_merge, run_cli
 from wsurgery.checkpoint import open_checkpoint
 from wsurgery.errors import InputError, UnsupportedError
 
 gptq_torch = pytest.importorskip("gptqmodel.nn_modules.qlinear.torch", reason="needs gptqmodel (test oracle)")
-from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear  # noqa: E402
-from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm as gptqmodel_dequantize_gemm  # noqa: E402
-from gptqmodel.utils.model import (  # noqa: E402
+from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+from gptqmodel.quantization.awq.utils.packing_utils import (
+    dequantize_gemm as gptqmodel_dequantize_gemm,
+)
+from gptqmodel.utils.model import (
     convert_gptq_v1_to_v2_format_module,
     convert_gptq_v2_to_v1_format_module,
 )
@@ -174,11 +183,6 @@ def assert_bitwise(ours: dict[str, torch.Tensor], expected: dict[str, torch.Tens
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{name}: differs from the reference"
 
 
-def decoded(folder: Path) -> dict[str, torch.Tensor]:
-    ckpt = open_checkpoint(folder)
-    return {n: ckpt.read(n) for n, t in ckpt.tensors.items() if n != t.name or hasattr(t, "parts")}
-
-
 # -- decode, element for element ------------------------------------------------------------------------------
 
 GPTQ_CASES = [  # bits, group_size, desc_act, sym, format, config key for the format
@@ -283,7 +287,7 @@ def test_merge_requantize_is_refused_in_one_line(bases, tmp_path, capsys, method
     adapter = make_adapter(_reference_model(base, weights), LoraConfig(r=2, target_modules=["q_proj"]),
                            tmp_path / "adapter")
     out = tmp_path / "out"
-    status, stdout, err = run_cli(["merge", base, adapter, out, "--requantize"], capsys)
+    status, _, err = run_cli(["merge", base, adapter, out, "--requantize"], capsys)
     assert status != 0 and not out.exists()
     message = err.strip()
     assert "\n" not in message and "calibration data" in message and "--requantize" in message, message

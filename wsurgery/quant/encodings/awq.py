@@ -22,7 +22,14 @@ from ...checkpoint.dtypes import dtype_name
 from ...checkpoint.safetensors_file import TensorInfo
 from ...errors import InputError, UnsupportedError
 from .base import EncodedTensorInfo, Encoding, GroupContext, ReadPart, Rows, register
-from .gptq import CALIBRATION, check_dtype_shape, check_finite, config_int, packed_modules, unpack_cols
+from .gptq import (
+    CALIBRATION,
+    check_dtype_shape,
+    check_finite,
+    config_int,
+    packed_modules,
+    unpack_cols,
+)
 
 # Column j of each eight is in field _FIELD_OF_COLUMN[j] of its word (the inverse of AWQ_ORDER).
 _FIELD_OF_COLUMN = (0, 4, 1, 5, 2, 6, 3, 7)
