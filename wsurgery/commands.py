@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import re
 import sys
@@ -24,32 +26,88 @@ from .convert.convert import TARGETS
 from .convert.combine import adapter_with_weight
 from .engine import Result
 from .errors import InputError, NotExpressible
-from .hub import PushTarget, push_after, push_options, redacted_command, report_push
-from .methods import not_mergeable
+from .hub import PushTarget, looks_like_repo_id, push_after, push_options, redacted_command, report_push
+from .methods import Option, not_mergeable, registered
 from .support import support_markdown, support_rows
 
 
-_OVERWRITE_HELP = ("Replace OUT if it exists and holds only what wsurgery writes: weights, index, config, tokenizer "
-                   "and card files (or one regular .gguf file).")
+class _Option(click.Option):
+    """An option whose old spellings (``hidden_aliases``) keep existing scripts working but are left out of
+    --help, so that each concept is documented under one name."""
 
-common_output = [
-    click.option("--dtype", default=None, help="Output dtype for floating-point tensors (float32, float16, bfloat16). "
-                                               "Default: keep each tensor's dtype."),
-    click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB). Default: the base's sharding."),
-    click.option("--scale", default=1.0, type=float, show_default=True, help="Merge scale·ΔW instead of ΔW."),
-    click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP),
-    click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
-    click.option("--task-id", type=int, default=None, help="Poly: merge the routed change for this task."),
-    click.option("--mha-single-out-proj", is_flag=True, default=None,
-                 help="LoRA on nn.MultiheadAttention: add the out_proj change once (PEFT adds it twice)."),
-    click.option("--experts-transposed/--experts-not-transposed", default=None,
-                 help="LoRA on square fused-expert stacks (PEFT >= 0.19): the stack is stored (E, in, out) / "
-                      "(E, out, in); needed only where the files cannot tell."),
-]
+    def __init__(self, *args, hidden_aliases: tuple[str, ...] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hidden_aliases = hidden_aliases
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        opts = self.opts
+        self.opts = [o for o in opts if o not in self.hidden_aliases]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = opts
 
 
-def _options(task_id: int | None, mha_single_out_proj: bool | None, experts_transposed: bool | None) -> dict:
-    return {"task_id": task_id, "mha_single_out_proj": mha_single_out_proj, "experts_transposed": experts_transposed}
+# The options several commands share, defined once: one name, one meaning, one help text.
+overwrite_option = click.option(
+    "--overwrite", is_flag=True, help="Replace OUT if it exists and holds only what wsurgery writes: weights, index, "
+                                      "config, tokenizer and card files (or one regular .gguf file).")
+quiet_option = click.option("--quiet", "-q", is_flag=True,
+                            help="No progress bar and no summary line; results, notes and warnings are still printed.")
+max_shard_size_option = click.option("--max-shard-size", default=None,
+                                     help="Re-shard the output (e.g. 5GB). Default: the input's sharding.")
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                             show_default=True, help="Where the computation runs (auto: CUDA when there is one).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of text.")
+
+
+def dtype_option(default: str) -> Callable:
+    return click.option("--dtype", default=None, metavar="DTYPE",
+                        help=f"float32, float16 or bfloat16: the dtype of the floating-point tensors written. "
+                             f"Default: {default}.")
+
+
+def gguf_type_option(help: str, default: str | None = None) -> Callable:
+    """``--gguf-type`` (once spelled ``--type`` in merge and convert, still accepted)."""
+    return click.option("--gguf-type", "--type", "gguf_type", cls=_Option, hidden_aliases=("--type",),
+                        default=default, show_default=default is not None, metavar="GGML_TYPE", help=help)
+
+
+def report_option(what: str) -> Callable:
+    return click.option("--report", "report_path", default=None, metavar="PATH",
+                        help=f"Write {what} to this JSON file.")
+
+
+def _method_option_specs() -> list[Option]:
+    """Every registered method's options, once each, by name."""
+    specs: dict[str, Option] = {}
+    for method in registered().values():
+        for option in method.options:
+            specs.setdefault(option.name, option)
+    return [specs[name] for name in sorted(specs)]
+
+
+def _method_click_option(option: Option) -> Callable:
+    flag = "--" + option.name.replace("_", "-")
+    if option.type is bool and option.negative:
+        return click.option(f"{flag}/--{option.negative}", option.name, default=None, help=option.help)
+    if option.type is bool:
+        return click.option(flag, option.name, is_flag=True, default=None, help=option.help)
+    return click.option(flag, option.name, type=option.type, default=None, help=option.help)
+
+
+def method_options(command: Callable) -> Callable:
+    """Click decorator: one option per ``Option`` the registered methods declare (``--task-id``...), handed
+    to ``command`` as one ``options`` dict for the API; nothing is kept by hand here."""
+    specs = _method_option_specs()
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        return command(*args, options={o.name: kwargs.pop(o.name) for o in specs}, **kwargs)
+
+    for option in reversed(specs):
+        wrapper = _method_click_option(option)(wrapper)
+    return wrapper
 
 
 def _local(*specs: str | None) -> list[Path]:
@@ -87,7 +145,11 @@ def _closing_progress_bars() -> Iterator[None]:
 
 
 def with_output_options(f):
-    for option in reversed(common_output):
+    """The options of the commands that rewrite a checkpoint with adapters (merge, unmerge)."""
+    for option in reversed((dtype_option("keep each tensor's dtype"), max_shard_size_option,
+                            click.option("--scale", default=1.0, type=float, show_default=True,
+                                         help="Merge scale·ΔW instead of ΔW."),
+                            overwrite_option, quiet_option)):
         f = option(f)
     return f
 
@@ -102,7 +164,7 @@ def cli(debug: bool) -> None:
 @cli.command("inspect")
 @click.argument("path")
 @click.option("--base", default=None, help="With an adapter: the base checkpoint, to show the exact tensors changed.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@json_option
 def inspect_cmd(path: str, base: str | None, as_json: bool) -> None:
     """Show what is in a checkpoint (PATH: folder, file or repo id) or a PEFT adapter."""
     info = inspect(path, base=base)
@@ -110,7 +172,7 @@ def inspect_cmd(path: str, base: str | None, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a Markdown table.")
+@json_option
 def methods(as_json: bool) -> None:
     """List the supported methods: layers, merge, unmerge and the PEFT versions tested."""
     if as_json:
@@ -125,25 +187,24 @@ def methods(as_json: bool) -> None:
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
 @click.argument("out")
 @with_output_options
+@method_options
 @click.option("--requantize", is_flag=True, help="4-bit base: store the changed weights in 4-bit again "
                                                   "(default: write the merge in 16 bit).")
 @click.option("--through-nf4", is_flag=True, help="16-bit base: merge into dequant(quant(W)) in NF4, the weights "
                                                    "a QLoRA adapter was trained against.")
 @click.option("--verify", "then_verify", is_flag=True, help="Run `wsurgery verify` on the result.")
-@click.option("--type", "gguf_type", default=None, metavar="GGML_TYPE",
-              help="GGUF output (OUT ends in .gguf): store the changed tensors in this type (f16, q8_0, q4_0...). "
-                   "Default: each tensor's own type.")
+@gguf_type_option("GGUF output (OUT ends in .gguf): store the changed tensors in this type (f16, q8_0, q4_0...). "
+                  "Default: each tensor's own type.")
 @push_options
 def merge(base: str, adapters: tuple[str, ...], out: str, dtype, max_shard_size, scale, overwrite, quiet,
-          task_id, mha_single_out_proj, experts_transposed, requantize: bool, through_nf4: bool, then_verify: bool,
-          gguf_type: str | None, push: PushTarget | None) -> None:
+          options: dict, requantize: bool, through_nf4: bool, then_verify: bool, gguf_type: str | None,
+          push: PushTarget | None) -> None:
     """Merge the ADAPTERs into BASE, in order, and write the merged model to the new folder OUT.
 
     ADAPTER:WEIGHT merges W + WEIGHT·ΔW (e.g. style-lora:0.5); a trailing ':<number>' is a weight only
     where what comes before it is an existing path or a Hub repo id. BASE may be a llama.cpp .gguf file;
     an OUT ending in .gguf is then written as one GGUF file with BASE's metadata and tokenizer."""
     _folder_for_push(out, push)
-    options = _options(task_id, mha_single_out_proj, experts_transposed)
     weighted = [adapter_with_weight(a) for a in adapters]
     _check_out(out, _local(base, *(a for a, _ in weighted)), overwrite, one_file=Path(out).suffix == ".gguf")
     if then_verify and (requantize or through_nf4):
@@ -166,15 +227,16 @@ def merge(base: str, adapters: tuple[str, ...], out: str, dtype, max_shard_size,
 @click.argument("adapter")
 @click.argument("out")
 @with_output_options
+@method_options
 @push_options
-def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet, task_id,
-            mha_single_out_proj, experts_transposed, push: PushTarget | None) -> None:
+def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet, options: dict,
+            push: PushTarget | None) -> None:
     """Subtract ADAPTER from the merged model MERGED and write the result to the new folder OUT."""
     _check_out(out, _local(merged, adapter), overwrite)
     with _closing_progress_bars():
         r = api.unmerge(merged, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
                         overwrite=overwrite, progress=not quiet,
-                        options=_options(task_id, mha_single_out_proj, experts_transposed), command=_command_line())
+                        options=options, command=_command_line())
     _report("unmerged", r, quiet)
     push_after(r.out, push, progress=not quiet)  # the card reads config.json's "wsurgery" record
 
@@ -187,7 +249,7 @@ def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, o
 @click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
 @click.option("--commit-message", default=None, help="The commit's title.")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN, else the stored login). Never printed.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@quiet_option
 def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, create_pr: bool,
              commit_message: str | None, token: str | None, quiet: bool) -> None:
     """Check FOLDER (a checkpoint or adapter) and upload it to the Hub repo REPO_ID, with a model card
@@ -213,22 +275,28 @@ def _command_line() -> str:
 @click.option("--compute-dtype", default=None, help="bnb_4bit_compute_dtype to record. Default: the weights' dtype.")
 @click.option("--skip-modules", multiple=True, metavar="REGEX",
               help="Keep modules matching this regex in full precision (repeatable).")
-@click.option("--report", is_flag=True, help="Print each weight's quantization error (RMSE, SNR, max abs) and bytes saved.")
-@click.option("--dtype", default=None, help="dtype of the tensors left unquantized (and recorded for the 4-bit ones).")
-@click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB). Default: the source's sharding.")
-@click.option("--gguf-type", default=None, metavar="GGML_TYPE",
-              help="SRC is a .gguf file: requantize its weight matrices to this type (q8_0, q4_0, f16...) in the "
-                   "GGUF file OUT instead.")
-@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--report", "report_path", default=None, metavar="PATH", is_flag=False, flag_value="-",
+              help="Write each weight's quantization error (RMSE, SNR, max abs) and the bytes saved to this JSON file.")
+@json_option
+@dtype_option("each tensor's dtype (recorded as the compute dtype of the 4-bit weights)")
+@max_shard_size_option
+@gguf_type_option("SRC is a .gguf file: requantize its weight matrices to this type (q8_0, q4_0, f16...) in the "
+                  "GGUF file OUT instead.")
+@overwrite_option
+@quiet_option
 @push_options
 def quantize_cmd(src: str, out: str, quant_type: str, no_double_quant: bool, blocksize: int, compute_dtype: str | None,
-                 skip_modules: tuple[str, ...], report: bool, dtype: str | None, max_shard_size: str | None,
-                 gguf_type: str | None, overwrite: bool, quiet: bool, push: PushTarget | None) -> None:
+                 skip_modules: tuple[str, ...], report_path: str | None, as_json: bool, dtype: str | None,
+                 max_shard_size: str | None, gguf_type: str | None, overwrite: bool, quiet: bool,
+                 push: PushTarget | None) -> None:
     """Store SRC's Linear weights in bitsandbytes 4-bit (loadable by transformers) in the new folder OUT;
     with --gguf-type, requantize the GGUF file SRC into the GGUF file OUT."""
     _folder_for_push(out, push)
     _check_out(out, _local(src), overwrite, one_file=gguf_type is not None)
+    if gguf_type is not None and (report_path or as_json):
+        raise click.UsageError("--report and --json measure bitsandbytes 4-bit quantization, not --gguf-type")
+    if report_path not in (None, "-"):  # a bare --report (its old form) prints the table instead
+        check_written_file(Path(report_path), "--report", _local(src), Path(out))
     if gguf_type is not None:
         with _closing_progress_bars():
             r, kept = api.quantize_gguf(src, out, gguf_type, overwrite=overwrite, progress=not quiet)
@@ -240,20 +308,37 @@ def quantize_cmd(src: str, out: str, quant_type: str, no_double_quant: bool, blo
         r, errors = api.quantize(src, out, quant_type=quant_type, blocksize=blocksize, double_quant=not no_double_quant,
                                  compute_dtype=compute_dtype, skip_modules=skip_modules, dtype=dtype,
                                  max_shard_size=max_shard_size, overwrite=overwrite, progress=not quiet,
-                                 report=report, command=_command_line())
+                                 report=bool(report_path or as_json), command=_command_line())
     if errors is not None:
-        click.echo(errors.format())
+        report = _quant_report_dict(errors)
+        if report_path not in (None, "-"):
+            _write_side_file(report_path, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+        elif report_path == "-":
+            click.echo(errors.format())
     _report("quantized", r, quiet)
     push_after(r.out, push, progress=not quiet)
+
+
+def _quant_report_dict(errors) -> dict:
+    """``quantize --report``'s numbers as strict JSON (an error-free weight's infinite SNR becomes null)."""
+    def finite(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    return {"tensors": [{"name": t.name, "rmse": t.rmse, "snr_db": finite(t.snr_db), "max_abs": t.max_abs,
+                         "numel": t.numel} for t in errors.tensors],
+            "overall": {"rmse": errors.rmse, "snr_db": finite(errors.snr_db), "max_abs": errors.max_abs},
+            "bytes_in": errors.bytes_in, "bytes_out": errors.bytes_out}
 
 
 @cli.command("dequantize")
 @click.argument("src")
 @click.argument("out")
-@click.option("--dtype", default=None, help="Output dtype. Default: each weight's recorded dtype.")
-@click.option("--max-shard-size", default=None, help="Re-shard the output (e.g. 5GB). Default: the source's sharding.")
-@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@dtype_option("each weight's recorded dtype")
+@max_shard_size_option
+@overwrite_option
+@quiet_option
 @push_options
 def dequantize_cmd(src: str, out: str, dtype: str | None, max_shard_size: str | None, overwrite: bool,
                    quiet: bool, push: PushTarget | None) -> None:
@@ -270,47 +355,56 @@ def dequantize_cmd(src: str, out: str, dtype: str | None, max_shard_size: str | 
 @cli.command("verify")
 @click.argument("paths", nargs=-1, required=True, metavar="BASE ADAPTER MERGED | ORIGINAL QUANTIZED --quantized")
 @click.option("--quantized", is_flag=True, help="Check a 4-bit checkpoint against the one it was quantized from.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where the forward passes run (auto: CUDA when there is one).")
+@device_option
 @click.option("--tokens", type=click.IntRange(1), default=64, show_default=True, help="Input rows per module.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the inputs.")
 @click.option("--rtol", type=float, default=None,
               help="Allowed error per output, relative to the layer run on magnitudes |W'|·|x|. Default by dtype.")
 @click.option("--atol", type=float, default=0.0, show_default=True, help="Allowed absolute error per output.")
 @click.option("--scale", default=1.0, type=float, show_default=True, help="The --scale the merge used.")
-@click.option("--json", "json_path", default=None, help="Write the full report to this JSON file.")
+@report_option("the full report")
+@json_option
 @click.option("--all", "show_all", is_flag=True, help="List every module, not only failures.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--task-id", type=int, default=None, help="Poly: the task the merge used.")
-@click.option("--mha-single-out-proj", is_flag=True, default=None, help="As given to merge.")
-@click.option("--experts-transposed/--experts-not-transposed", default=None, help="As given to merge.")
+@quiet_option
+@method_options
 def verify_cmd(paths: tuple[str, ...], quantized: bool, device: str, tokens: int, seed: int, rtol: float | None,
-               atol: float, scale: float, json_path: str | None, show_all: bool, quiet: bool, task_id,
-               mha_single_out_proj, experts_transposed) -> None:
+               atol: float, scale: float, report_path: str | None, as_json: bool, show_all: bool, quiet: bool,
+               options: dict) -> None:
     """Check with forward passes that MERGED computes what BASE + ADAPTER compute, or (--quantized) that
     QUANTIZED stays within 4-bit quantization error of ORIGINAL. Exit 0 only if every check passes."""
     want = 2 if quantized else 3
+    report_option_name = "--report"
+    if as_json and len(paths) == want + 1 and report_path is None:
+        old = _old_json_path(paths)  # ``--json PATH``, the old spelling of ``--report PATH``
+        if old is not None:
+            paths, report_path, as_json, report_option_name = tuple(p for p in paths if p != old), old, False, "--json"
     if len(paths) != want:
         raise click.UsageError(f"expected {'ORIGINAL QUANTIZED' if quantized else 'BASE ADAPTER MERGED'}, "
                                f"got {len(paths)} path(s)")
-    if json_path:
-        check_written_file(Path(json_path), "--json", _local(*paths))
+    if report_path:
+        check_written_file(Path(report_path), report_option_name, _local(*paths))
     with _closing_progress_bars():
         if quantized:
             report = api.verify_quantized(*paths, device=device, tokens=tokens, seed=seed, progress=not quiet)
         else:
             report = api.verify(*paths, scale=scale, device=device, tokens=tokens, seed=seed, rtol=rtol,
-                                atol=atol, progress=not quiet,
-                                options=_options(task_id, mha_single_out_proj, experts_transposed))
-    _show_verify(report, json_path, show_all)
+                                atol=atol, progress=not quiet, options=options)
+    _show_verify(report, report_path, show_all, as_json)
 
 
-def _show_verify(report, json_path: str | None, show_all: bool) -> None:
+def _old_json_path(paths: tuple[str, ...]) -> str | None:
+    """The path written right after ``--json`` on the command line, when it is one of ``paths``."""
+    argv = list((click.get_current_context().find_root().obj or {}).get("argv", sys.argv[1:]))
+    after = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--json"]
+    return after[0] if len(after) == 1 and after[0] in paths and paths.count(after[0]) == 1 else None
+
+
+def _show_verify(report, report_path: str | None, show_all: bool, as_json: bool = False) -> None:
     from .verify import format_report
 
-    if json_path:
-        _write_side_file(json_path, report.write_json)
-    click.echo(format_report(report, everything=show_all))
+    if report_path:
+        _write_side_file(report_path, report.write_json)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else format_report(report, everything=show_all))
     if not report.passed:
         names = ", ".join(c.module for c in report.failures[:3])
         more = f" and {len(report.failures) - 3} more" if len(report.failures) > 3 else ""
@@ -328,18 +422,19 @@ def _show_verify(report, json_path: str | None, show_all: bool) -> None:
               help="Per module, the smallest rank whose relative error ||ΔW − BA||/||ΔW|| is at most this.")
 @click.option("--targets", default=None, metavar="REGEX",
               help="Only modules whose name matches (re.search); other changes are left out and listed.")
-@click.option("--device", default="auto", show_default=True, help="Where the SVDs run: auto (CUDA if any), cpu, cuda.")
+@device_option
 @click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True,
               help="auto: randomized (torch.svd_lowrank) for --rank on large matrices, exact otherwise.")
 @click.option("--plot", default=None, metavar="PNG", help="Draw the singular-value spectra of a few modules "
                                                           "(needs matplotlib: pip install 'wsurgery[plot]').")
-@click.option("--report", "report_path", default=None, metavar="JSON", help="Write the per-module report as JSON.")
-@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no per-module table.")
+@report_option("the per-module report")
+@json_option
+@overwrite_option
+@quiet_option
 @push_options
 def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | None, max_error: float | None,
-            targets: str | None, device: str, svd: str, plot: str | None, report_path: str | None, overwrite: bool,
-            quiet: bool, push: PushTarget | None) -> None:
+            targets: str | None, device: str, svd: str, plot: str | None, report_path: str | None, as_json: bool,
+            overwrite: bool, quiet: bool, push: PushTarget | None) -> None:
     """Extract the PEFT LoRA closest to TUNED − BASE (truncated SVD per weight) into the new folder OUT."""
     inputs = _local(base, tuned)
     _check_out(out, inputs, overwrite)
@@ -352,7 +447,9 @@ def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | N
                         command=_command_line())
     if report_path:
         _write_side_file(report_path, lambda p: p.write_text(json.dumps(r.to_dict(), indent=2)))
-    if not quiet:
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+    else:
         click.echo(_table(["module", "kind", "shape", "rank", "rel_error", "energy"],
                           [[m.module, m.kind, "x".join(map(str, m.shape)), m.rank or "-", f"{m.rel_error:.3e}",
                             f"{m.energy:.5f}"] for m in r.modules]))
@@ -372,32 +469,66 @@ def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | N
 
 
 @cli.command()
-@click.argument("out")
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]... OUT")
 @click.option("--rank", type=int, default=None, help="Re-compress each module to at most this rank (best "
                                                      "approximation); needed for adapters that are not LoRAs.")
 @click.option("--base", default=None, help="The base checkpoint: needed where a change depends on W; also maps "
                                            "differently named modules onto the base's names.")
-@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no per-module table.")
+@overwrite_option
+@quiet_option
 @push_options
-def combine(out: str, adapters: tuple[str, ...], rank: int | None, base: str | None, overwrite: bool,
-            quiet: bool, push: PushTarget | None) -> None:
+def combine(paths: tuple[str, ...], rank: int | None, base: str | None, overwrite: bool, quiet: bool,
+            push: PushTarget | None) -> None:
     """Write one LoRA whose change is the weighted sum of the ADAPTERs' changes to the new folder OUT.
 
-    ADAPTER:WEIGHT scales that adapter's change (e.g. style-lora:0.5)."""
+    ADAPTER:WEIGHT scales that adapter's change (e.g. style-lora:0.5). OUT may also come first (the former
+    order); it is then the end that is not an adapter, and a case that cannot be told apart is refused."""
+    out, adapters = _combine_out(paths)
     weighted = [adapter_with_weight(a) for a in adapters]
     _check_out(out, _local(base, *(a for a, _ in weighted)), overwrite)
     with _closing_progress_bars():
         r = api.combine(out, weighted, rank=rank, base=base, overwrite=overwrite,
                         progress=not quiet, command=_command_line())
-    if not quiet:
-        click.echo(_table(["module", "kind", "rank", "how", "rel_error"],
-                          [[m.module, m.kind, m.rank or "-", m.how, f"{m.rel_error:.3e}"] for m in r.modules]))
+    click.echo(_table(["module", "kind", "rank", "how", "rel_error"],
+                      [[m.module, m.kind, m.rank or "-", m.how, f"{m.rel_error:.3e}"] for m in r.modules]))
     _notes(r.notes)
     if not quiet:
         click.echo(f"combined {len(adapters)} adapter(s) into {len(r.modules)} module(s); wrote {r.out}", err=True)
     push_after(r.out, push, progress=not quiet)
+
+
+def _combine_kind(spec: str) -> str:
+    """``adapter`` (an existing adapter folder or file, or a weighted spec), ``folder`` (an existing folder
+    that is no adapter: only an OUT to overwrite), ``repo`` (no such path, but a Hub repo id could be
+    meant) or ``new`` (no such path; not a repo id)."""
+    if adapter_with_weight(spec)[0] != spec:
+        return "adapter"
+    path = Path(spec)
+    if os.path.lexists(spec):
+        return "folder" if path.is_dir() and not (path / "adapter_config.json").exists() else "adapter"
+    return "repo" if looks_like_repo_id(spec) else "new"
+
+
+def _combine_out(paths: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """(OUT, ADAPTERs) from ``ADAPTER... OUT`` or ``OUT ADAPTER...``: OUT is the end that cannot be an adapter;
+    where both ends could be OUT, or neither, it is refused rather than guessed (a wrong guess would
+    write over an adapter)."""
+    if len(paths) < 2:
+        raise click.UsageError("expected ADAPTER[:WEIGHT]... OUT")
+    first, last = paths[0], paths[-1]
+    kinds = _combine_kind(first), _combine_kind(last)
+    can_be_out, can_be_adapter = ("new", "folder", "repo"), ("adapter", "repo")
+    last_out = kinds[1] in can_be_out and kinds[0] in can_be_adapter
+    first_out = kinds[0] in can_be_out and kinds[1] in can_be_adapter
+    if last_out and first_out:  # both Hub repo ids, or new folders named like one
+        raise click.UsageError(f"cannot tell whether OUT is {first} or {last}: neither exists here and both could be "
+                               f"Hub repo ids; write OUT last as a local path (e.g. ./{last})")
+    if kinds == ("adapter", "adapter"):
+        raise click.UsageError(f"cannot tell whether OUT is {first} or {last}: both are existing adapters; write OUT "
+                               "last, as a folder that is not an adapter yet")
+    if first_out:
+        return first, paths[1:]
+    return last, paths[:-1]  # the documented order; an adapter that does not exist is reported as such
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -444,13 +575,12 @@ def _report(verb: str, r: Result, quiet: bool) -> None:
 @click.option("--butterfly-factors", type=int, default=None,
               help="BOFT butterfly factors (default 1; PEFT keeps more only where its CUDA extension builds).")
 @click.option("--force", is_flag=True, help="Write even where a module's relative error reaches 0.99.")
-@click.option("--type", "gguf_type", default="f32", show_default=True,
-              help="--to gguf-lora: the tensor type of the adapter (f32, f16, bf16, q8_0).")
+@gguf_type_option("--to gguf-lora: the tensor type of the adapter (f32, f16, bf16, q8_0).", default="f32")
 @click.option("--merge-into", default=None, metavar="MERGED",
               help="--to gguf-lora: where llama.cpp's LoRA format cannot carry the adapter (DoRA, modules_to_save, "
                    "biases...), merge it into --base and write the model MERGED (a .gguf file) instead of OUT.")
-@click.option("--overwrite", is_flag=True, help=_OVERWRITE_HELP)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (the error table is still printed).")
+@overwrite_option
+@quiet_option
 @push_options
 def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | None, block_size: int | None,
                 butterfly_factors: int | None, force: bool, gguf_type: str, merge_into: str | None, overwrite: bool,
@@ -502,10 +632,10 @@ def _gguf_lora(adapter: str, out: str, base: str, gguf_type: str, merge_into: st
                                command=_command_line())
         _report("merged", result, quiet)
         return
+    click.echo(_table(["module", "tensor", "rank", "scale", "scale baked into B"],
+                      [[m.module, m.tensor, m.rank, f"{m.scale:.6g}", "-" if m.baked == 1.0 else f"{m.baked:.6g}"]
+                       for m in r.modules]))
     if not quiet:
-        click.echo(_table(["module", "tensor", "rank", "scale", "scale baked into B"],
-                          [[m.module, m.tensor, m.rank, f"{m.scale:.6g}", "-" if m.baked == 1.0 else f"{m.baked:.6g}"]
-                           for m in r.modules]))
         click.echo(f"wrote {len(r.modules)} LoRA pair(s), adapter.lora.alpha {r.alpha:.6g}, to {r.out} "
                    f"({r.bytes_written:,} bytes)", err=True)
 
