@@ -29,7 +29,7 @@ from .conventions import INPUT_EMBEDDING_SUFFIXES
 from .conventions import tied_heads as tied_head_names
 from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
 from .methods import AdditivePatch, Bound
-from .quant.encodings import EncodedTensorInfo, Encoding
+from .quant.encodings import EncodedTensorInfo, Encoding, Rows
 
 if TYPE_CHECKING:  # imported where a GGUF is written: plain jobs never load the gguf package
     from .checkpoint.gguf_format import GgufOutput
@@ -212,22 +212,35 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
     sharded = len(shards) > 1
     scratch = _Scratch()
 
-    def emit(name: str, tensor: torch.Tensor) -> None:
+    def rounded(name: str, tensor: torch.Tensor) -> torch.Tensor:
         # Changed tensors must come out finite; unchanged ones may keep the base's own inf/NaN, but no
         # finite value may become inf in a narrower --dtype.
         dtype = logical_dtype[name]
         if name in plan.owner and dtype.is_floating_point:
-            t = _rounded_finite(scratch, tensor, dtype, plan, name)
-        elif tensor.is_floating_point() and dtype != tensor.dtype:
-            t = _rounded_finite(scratch, tensor, dtype, plan, name, unchanged=f"--dtype {dtype_name(dtype)} would "
-                                "make inf; choose a wider --dtype")
-        else:
-            t = scratch.cast("out", tensor, dtype)
+            return _rounded_finite(scratch, tensor, dtype, plan, name)
+        if tensor.is_floating_point() and dtype != tensor.dtype:
+            return _rounded_finite(scratch, tensor, dtype, plan, name, unchanged=f"--dtype {dtype_name(dtype)} would "
+                                   "make inf; choose a wider --dtype")
+        return scratch.cast("out", tensor, dtype)
+
+    def emit(name: str, tensor: torch.Tensor) -> None:
+        t = rounded(name, tensor)
         if name in quantize:
             for stored_name, part in quantize[name].encode(name, t).items():
                 writer.write(stored_name, part)
         else:
             writer.write(name, t)
+
+    def emit_rows(name: str, tensor: torch.Tensor, span: Rows) -> None:
+        t = rounded(name, tensor)
+        if name in quantize:
+            encoded = quantize[name].encode_rows(name, t, span, plan.out_shapes[name])
+            for stored_name, (part, first_row) in encoded.items():
+                writer.write_rows(stored_name, part, first_row)
+        else:
+            writer.write_rows(name, t, span[0])
+
+    rows = _RowChunks(base, plan, quantize, through)
 
     def read(name: str, use: str) -> torch.Tensor:
         info = base.tensors[name]
@@ -239,9 +252,22 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
     with atomic_output_dir(out, overwrite) as tmp:
         writer = CheckpointWriter(tmp, shards, index_name if sharded else None)
         try:
-            _stream(plan, read, emit,
-                    lambda name: name not in through and _copy_raw(base, writer, name, quantize.get(name)),
-                    scratch, progress)
+            def unchanged(name: str) -> None:
+                if name in through or not _copy_raw(base, writer, name, quantize.get(name)):
+                    if rows.spans(name):
+                        for span in rows.spans(name):
+                            emit_rows(name, rows.read(name, span), span)
+                    else:
+                        emit(name, read(name, "read"))
+
+            def run_job(job: ModuleJob) -> None:
+                if rows.job_in_chunks(job):
+                    _run_job_in_rows(job, plan.direction, rows, emit_rows, emit)
+                else:
+                    for tensor_name, tensor in _run_job(job, plan.direction, read, scratch).items():
+                        emit(tensor_name, tensor)
+
+            _stream(plan, unchanged, run_job, progress)
             writer.close()
         except BaseException:
             writer.abort()
@@ -257,10 +283,10 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
                   [s[0] for s in shards], notes(plan))
 
 
-def _stream(plan: Plan, read: Callable[[str, str], torch.Tensor], emit: Callable[[str, torch.Tensor], None],
-            copy_raw: Callable[[str], bool], scratch: _Scratch, progress: bool) -> None:
-    """Walk the base in file order: unchanged tensors copied (or read and emitted), each job's tensors
-    read together, patched and emitted when its first tensor comes up."""
+def _stream(plan: Plan, unchanged: Callable[[str], None], run_job: Callable[[ModuleJob], None],
+            progress: bool) -> None:
+    """Walk the base in file order: each unchanged tensor copied (or read and written), each job run
+    when its first tensor comes up."""
     base = plan.base
     done_jobs: set[str] = set()
     with tqdm(total=base.total_bytes, unit="B", unit_scale=True, disable=not progress,
@@ -268,14 +294,90 @@ def _stream(plan: Plan, read: Callable[[str, str], torch.Tensor], emit: Callable
         for name, info in base.tensors.items():
             job_name = plan.owner.get(name)
             if job_name is None:
-                if not copy_raw(name):
-                    emit(name, read(name, "read"))
+                unchanged(name)
                 bar.update(info.nbytes)
             elif job_name not in done_jobs:
                 done_jobs.add(job_name)
-                for tensor_name, tensor in _run_job(plan.jobs[job_name], plan.direction, read, scratch).items():
-                    emit(tensor_name, tensor)
-                    bar.update(base.tensors[tensor_name].nbytes)
+                job = plan.jobs[job_name]
+                run_job(job)
+                bar.update(sum(base.tensors[t].nbytes for t in job.tensors.values()))
+
+
+#: Tensors with more elements than this are read, changed and written in chunks of rows (of their
+#: first dimension: a block row, an expert) where every step on their way works by rows: peak memory
+#: is then a few float32 copies of one chunk (64 MiB), however large the tensor.
+CHUNK_ELEMENTS = 1 << 24
+
+
+class _RowChunks:
+    """Which tensors go through the engine in row chunks, and in which chunks."""
+
+    def __init__(self, base: Checkpoint, plan: Plan, quantize: dict[str, Encoding],
+                 through: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        self.base, self.plan, self.quantize, self.through = base, plan, quantize, through
+        self._spans: dict[str, list[Rows]] = {}
+
+    def spans(self, name: str) -> list[Rows]:
+        """The chunks of rows ``name`` is processed in; empty where it is processed whole."""
+        if name not in self._spans:
+            self._spans[name] = self._compute(name)
+        return self._spans[name]
+
+    def _compute(self, name: str) -> list[Rows]:
+        info = self.base.tensors[name]
+        shape = tuple(info.shape)
+        if info.numel <= CHUNK_ELEMENTS or len(shape) < 2 or name in self.through \
+                or self.plan.out_shapes[name] != shape:
+            return []
+        unit = 1
+        if isinstance(info, EncodedTensorInfo):
+            step = info.encoding.row_chunk(info)
+            if step is None:
+                return []
+            unit = step
+        elif info.offset < 0 and self.base.format == "safetensors":
+            return []
+        target = self.quantize.get(name)
+        if target is not None:
+            step = target.encode_row_chunk(shape)
+            if step is None:
+                return []
+            unit = math.lcm(unit, step)
+        per_row = math.prod(shape[1:])
+        n = max(unit, CHUNK_ELEMENTS // per_row // unit * unit)
+        return [(a, min(a + n, shape[0])) for a in range(0, shape[0], n)]
+
+    def job_in_chunks(self, job: ModuleJob) -> bool:
+        """Whether every patch of ``job`` changes rows independently and its large tensors chunk."""
+        return all(b.patch.row_separable for b, _, _ in job.patches) and \
+            any(self.spans(n) for n in job.tensors.values())
+
+    def read(self, name: str, span: Rows) -> torch.Tensor:
+        info = self.base.tensors[name]
+        if isinstance(info, EncodedTensorInfo):
+            return info.encoding.decode(info, self.base.read_part, span)
+        return self.base.read_part(info, span)
+
+
+def _run_job_in_rows(job: ModuleJob, direction: str, rows: _RowChunks,
+                     emit_rows: Callable[[str, torch.Tensor, Rows], None],
+                     emit: Callable[[str, torch.Tensor], None]) -> None:
+    """A job whose patches are all row-separable, one tensor and one chunk of rows at a time (small
+    tensors as one chunk): each chunk upcast, changed by every patch in order, rounded and written."""
+    sign = 1.0 if direction == "merge" else -1.0
+    for role, name in job.tensors.items():
+        shape = tuple(rows.base.tensors[name].shape)
+        spans = rows.spans(name)
+        for span in spans or [(0, shape[0] if shape else 1)]:
+            raw = rows.read(name, span) if spans else rows.base.read(name)
+            t = raw.to(torch.promote_types(raw.dtype, torch.float32))
+            for bound, scale, roles in job.patches:
+                if role in roles:
+                    bound.patch.add_scaled_rows(role, t, sign * scale, span)
+            if spans:
+                emit_rows(name, t, span)
+            else:
+                emit(name, t)
 
 
 def _execute_gguf(plan: Plan, out: Path, gguf: GgufOutput | None, overwrite: bool, progress: bool,
@@ -312,7 +414,15 @@ def _execute_gguf(plan: Plan, out: Path, gguf: GgufOutput | None, overwrite: boo
     with atomic_output_file(out, overwrite) as tmp:
         writer = GgufWriter(tmp, base, gguf.types, gguf.updates)
         try:
-            _stream(plan, read, emit, writer.copy_raw, scratch, progress)
+            def unchanged(name: str) -> None:
+                if not writer.copy_raw(name):
+                    emit(name, read(name, "read"))
+
+            def run_job(job: ModuleJob) -> None:
+                for tensor_name, tensor in _run_job(job, plan.direction, read, scratch).items():
+                    emit(tensor_name, tensor)
+
+            _stream(plan, unchanged, run_job, progress)
             writer.close()
         except BaseException:
             writer.abort()

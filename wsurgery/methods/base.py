@@ -95,6 +95,9 @@ class Patch(ABC):
     #: True where the patch puts saved tensors in the base tensors' place: a copy, so it may replace an
     #: integer buffer (a BatchNorm's num_batches_tracked), which no arithmetic change may touch.
     replaces: ClassVar[bool] = False
+    #: True where ``add_scaled_rows`` works: the change of each row of the first dimension depends on that
+    #: row's index alone, so the engine may merge a tensor too large to hold in chunks of rows.
+    row_separable: ClassVar[bool] = False
 
     def __init__(self, module: str, roles: tuple[str, ...], optional_roles: tuple[str, ...] = ()):
         self.module = module
@@ -181,6 +184,12 @@ class Patch(ABC):
         """
         d = self.delta()
         return None if d is None else _add(tensors, d, alpha)
+
+    def add_scaled_rows(self, role: str, rows: torch.Tensor, alpha: float, span: tuple[int, int]) -> None:
+        """``rows += alpha·ΔW[role][start:stop]`` in place, where ``rows`` (float32) holds rows
+        ``span = (start, stop)`` of the base tensor ``role``; nothing where the patch leaves ``role``
+        alone. Row-separable patches only; the arithmetic is ``add_scaled``'s, row for row."""
+        raise NotImplementedError(f"{type(self).__name__} changes whole tensors only")
 
     def merge(self, tensors: Tensors, scale: float) -> Tensors:
         """``W + scale·ΔW``, where ΔW is this patch's effective change of W."""

@@ -148,6 +148,7 @@ class LoraPatch(AdditivePatch):
         self.rank = A.shape[0]
         self.qalora_group: int | None = None  # use_qalora's group size: PEFT applies it on GPTQ layers only
 
+    row_separable = True
     @property
     def kind(self) -> str:
         if self.layout is None:
@@ -209,6 +210,23 @@ class LoraPatch(AdditivePatch):
         if self.bias is not None and "bias" in tensors:
             tensors["bias"].add_(self.bias.to(W.dtype) * self.scaling, alpha=alpha)
         return tensors
+
+    def add_scaled_rows(self, role: str, rows: torch.Tensor, alpha: float, span: tuple[int, int]) -> None:
+        start, stop = span
+        if role == "bias":
+            if self.bias is not None:
+                rows.add_(self.bias[start:stop].to(rows.dtype) * self.scaling, alpha=alpha)
+            return
+        if role != self.role:
+            return
+        A, B = self.A.to(rows.dtype), self.B.to(rows.dtype)
+        a = alpha * self.scaling * self.factor
+        if self.kind == "conv":
+            rows.view(rows.shape[0], -1).addmm_(B.flatten(1)[start:stop], A.flatten(1), alpha=a)
+        elif self.kind in ("embedding", "conv1d_transposed"):  # rows of (B·A)ᵀ = Aᵀ·Bᵀ
+            rows.addmm_(A.T[start:stop], B.T, alpha=a)
+        else:
+            rows.addmm_(B[start:stop], A, alpha=a)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "scaling": self.scaling, **self.facts}
@@ -500,6 +518,25 @@ class ParamLoraPatch(AdditivePatch):
             B3 = B.reshape(B.shape[0], -1, E)  # (out, r, E): expert index fastest in B's columns
             d = torch.einsum("ore,eri->eoi" if self.layout == "oi" else "ore,eri->eio", B3, A3)
         return {self.param: d.mul_(self.scaling)}
+
+    row_separable = True
+
+    def add_scaled_rows(self, role: str, rows: torch.Tensor, alpha: float, span: tuple[int, int]) -> None:
+        """Rows of a 2-D parameter, or experts of a stack (``delta``'s arithmetic on a slice of them)."""
+        if role != self.param:
+            return
+        start, stop = span
+        A, B = self.A.to(torch.float32), self.B.to(torch.float32)
+        if self.ndim == 2:
+            d = B[start:stop] @ A
+        elif self.experts == 1:
+            d = (B @ A).unsqueeze(0)[start:stop]
+        else:
+            E = self.experts
+            A3 = A.reshape(E, -1, A.shape[-1])[start:stop]
+            B3 = B.reshape(B.shape[0], -1, E)[:, :, start:stop]
+            d = torch.einsum("ore,eri->eoi" if self.layout == "oi" else "ore,eri->eio", B3, A3)
+        rows.add_(d.mul_(self.scaling), alpha=alpha)
 
     def layer(self, shapes: Shapes) -> Layer:
         """Every targeted parameter of the module (the first wrapper's layer is shared by all of them)."""
