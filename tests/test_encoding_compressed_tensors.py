@@ -36,6 +36,7 @@ CASES = {
     "fp8-channel": (dict(num_bits=8, type="float", strategy="channel"), None, _TOKEN_FP8),  # FP8_DYNAMIC
     "fp8-block": (dict(num_bits=8, type="float", strategy="block", block_structure=[32, 32]), None,
                   dict(num_bits=8, type="float", strategy="group", group_size=32, dynamic=True)),  # FP8_BLOCK
+    "fp8-group": (dict(num_bits=8, type="float", strategy="group", group_size=32), None, None),  # naive-quantized
     "int8-w8a8": (dict(num_bits=8, type="int", strategy="channel"), None,
                   dict(num_bits=8, type="int", strategy="token", dynamic=True)),  # W8A8 (int-quantized)
     "w4a16-sym-g32": (dict(num_bits=4, type="int", strategy="group", group_size=32), None, None),
@@ -44,7 +45,7 @@ CASES = {
     "int8-naive-asym": (dict(num_bits=8, type="int", strategy="channel", symmetric=False), "naive-quantized", None),
     "w3-asym-channel": (dict(num_bits=3, type="int", strategy="channel", symmetric=False), None, None),
 }
-FP8_CASES = ["fp8-tensor", "fp8-channel", "fp8-block"]
+FP8_CASES = ["fp8-tensor", "fp8-channel", "fp8-block", "fp8-group"]
 
 
 def _llama(dtype=torch.bfloat16):
@@ -181,13 +182,14 @@ def test_merge_equals_peft_on_the_decompressed_model(tmp_path, capsys, case):
     adapter = make_adapter(_llama(), LoraConfig(r=4, target_modules=LLAMA_LINEAR), tmp_path / "lora")
     code, _, err = run_cli(["merge", q, adapter, tmp_path / "merged", "-q"], capsys)
     assert code == 0, err
-    merged = load_all(tmp_path / "merged")
-    assert sorted(_stored(tmp_path / "merged")) == sorted(_peft_merged(q, adapter))
+    merged, expected = load_all(tmp_path / "merged"), _peft_merged(q, adapter)
+    assert sorted(merged) == sorted(expected)
     assert all(t.dtype == torch.bfloat16 for t in _stored(tmp_path / "merged").values())
-    assert_close_to(merged, _peft_merged(q, adapter), base=load_all(q))
+    assert_close_to(merged, expected, base=load_all(q))
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
-    code, out, err = run_cli(["verify", q, adapter, tmp_path / "merged", "--device", "cpu", "-q"], capsys)
-    assert code == 0, out + err
+    if case == "w4a16-sym-g32":  # verify decodes the base the same way (once is enough: it is slow)
+        code, out, err = run_cli(["verify", q, adapter, tmp_path / "merged", "--device", "cpu", "-q"], capsys)
+        assert code == 0, out + err
 
 
 @pytest.mark.parametrize("case", FP8_CASES)
