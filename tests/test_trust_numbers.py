@@ -252,80 +252,80 @@ def test_nf4_requantize_refuses_a_non_finite_change(assets, nf4, tmp_path, capsy
 
 
 # -- encodings wsurgery does not decode ----------------------------------------------------------------------
+# FP8 blocks, compressed-tensors, MXFP4, GPTQ/AWQ and LLM.int8 are decoded now (tests/test_encoding_*.py);
+# these are formats with no Encoding registered: fbgemm's FP8 (per-row weight_scale) and EETQ's int8.
 
-@pytest.fixture(scope="module")
-def int8(assets, tmp_path_factory):
-    """A real LLM.int8 checkpoint, written by transformers + bitsandbytes on the CPU: ``weight`` int8,
-    ``SCB`` float32 and ``weight_format`` per Linear, quantization_config load_in_8bit."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    folder = tmp_path_factory.mktemp("int8") / "base"
-    model = AutoModelForCausalLM.from_pretrained(assets.base, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                                                 device_map="cpu")
-    model.save_pretrained(folder)
-    stored = load_file(folder / "model.safetensors")
-    assert stored[f"{Q}.weight"].dtype == torch.int8 and f"{Q}.SCB" in stored, sorted(stored)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def fp8(assets, tmp_path_factory):
-    """transformers' FineGrainedFP8 (DeepSeek-V3) layout: each Linear ``weight`` float8_e4m3fn with a
-    float32 ``weight_scale_inv`` per 128x128 block (W ≈ weight · scale_inv), quant_method fp8."""
-    folder = copy_of(assets.base, tmp_path_factory.mktemp("fp8") / "base")
-    plain = load_file(folder / "model.safetensors")
+def _undecoded(assets, folder: Path, method: str, store) -> Path:
+    """A copy of the tiny base with every projection stored by ``store(w) -> {suffix: tensor}``, and a
+    quantization_config naming ``method``."""
+    folder = copy_of(assets.base, folder)
     tensors = {}
-    for name, w in plain.items():
+    for name, w in load_file(folder / "model.safetensors").items():
         if name.endswith("_proj.weight"):
-            rows, cols = w.shape
-            blocks = torch.nn.functional.pad(w, (0, -cols % 128, 0, -rows % 128))
-            blocks = blocks.view(blocks.shape[0] // 128, 128, blocks.shape[1] // 128, 128)
-            scale_inv = blocks.abs().amax(dim=(1, 3)) / torch.finfo(torch.float8_e4m3fn).max
-            codes = (blocks / scale_inv[:, None, :, None]).flatten(0, 1).flatten(1)[:rows, :cols]
-            tensors[name] = codes.to(torch.float8_e4m3fn)
-            tensors[name + "_scale_inv"] = scale_inv.float()
+            tensors.update({name + suffix: t for suffix, t in store(w).items()})
         else:
             tensors[name] = w
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128],
-                                     "activation_scheme": "dynamic"}
+    config["quantization_config"] = {"quant_method": method}
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
 
+@pytest.fixture(scope="module")
+def int8(assets, tmp_path_factory):
+    """EETQ's layout: each Linear ``weight`` int8 with per-row ``weight_scales``, quant_method eetq."""
+    def store(w):
+        scale = w.float().abs().amax(dim=1) / 127
+        return {"": (w.float() / scale[:, None]).round().to(torch.int8), "_scales": scale.half()}
+
+    return _undecoded(assets, tmp_path_factory.mktemp("int8") / "base", "eetq", store)
+
+
+@pytest.fixture(scope="module")
+def fp8(assets, tmp_path_factory):
+    """fbgemm's FP8 layout: each Linear ``weight`` float8_e4m3fn with a per-row float32 ``weight_scale``
+    (W ≈ weight · scale), quant_method fbgemm_fp8."""
+    def store(w):
+        scale = w.float().abs().amax(dim=1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max
+        return {"": (w.float() / scale).to(torch.float8_e4m3fn), "_scale": scale}
+
+    return _undecoded(assets, tmp_path_factory.mktemp("fp8") / "base", "fbgemm_fp8", store)
+
+
 def test_merge_into_int8_base_is_refused(assets, int8, tmp_path, capsys):
-    """It wrote the int8 codes unchanged (the change rounded away) and dropped quantization_config."""
+    """Before encodings were refused, an int8 base's codes were written unchanged (the change rounded away)
+    and quantization_config dropped."""
     out = tmp_path / "out"
     assert_refused(capsys, ["merge", int8, assets.lora, out], out, [int8, assets.lora],
-                   [f"{Q}.weight", "int8", f"{Q}.SCB", "bitsandbytes 8-bit"])
+                   [f"{Q}.weight", "int8", "quant_method: eetq"])
 
 
 def test_merge_into_fp8_base_is_refused(assets, fp8, tmp_path, capsys):
-    """It ended in an internal error (float8 promotion) after the progress bar started."""
+    """Before encodings were refused, an FP8 base ended in an internal error (float8 promotion)."""
     out = tmp_path / "out"
     assert_refused(capsys, ["merge", fp8, assets.lora, out], out, [fp8, assets.lora],
-                   [f"{Q}.weight", "float8_e4m3fn", f"{Q}.weight_scale_inv", "quant_method: fp8"])
+                   [f"{Q}.weight", "float8_e4m3fn", f"{Q}.weight_scale", "quant_method: fbgemm_fp8"])
 
 
 @pytest.mark.parametrize("command", ["dequantize", "quantize", "verify"])
 def test_rewriting_an_undecoded_encoding_is_refused(int8, fp8, tmp_path, capsys, command):
     """dequantize wrote int8 codes as the weights; the others must not read codes as numbers either."""
-    for base, method in ((int8, "bitsandbytes 8-bit"), (fp8, "fp8")):
+    for base, method in ((int8, "eetq"), (fp8, "fbgemm_fp8")):
         out = tmp_path / f"out-{method[:3]}"
         args = ["verify", "--quantized", base, base] if command == "verify" else [command, base, out]
         assert_refused(capsys, args, out, [base], ["quantization_config", method, "not decode"])
 
 
 def test_unchanged_tensors_of_an_undecoded_encoding_are_not_rewritten(assets, tmp_path, capsys):
-    """A plain-float base whose config says AWQ: the adapter's modules are float, but the output would
+    """A plain-float base whose config says HQQ: the adapter's modules are float, but the output would
     keep tensors the config calls encoded while dropping or contradicting it: refused by quant_method."""
     base = copy_of(assets.base, tmp_path / "base")
     config = json.loads((base / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    config["quantization_config"] = {"quant_method": "hqq", "nbits": 4, "group_size": 64}
     (base / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
-    assert_refused(capsys, ["merge", base, assets.lora, out], out, [base, assets.lora], ["awq", "not decode"])
+    assert_refused(capsys, ["merge", base, assets.lora, out], out, [base, assets.lora], ["hqq", "not decode"])
 
 
 def test_bitsandbytes_4bit_base_still_merges(assets, nf4, tmp_path, capsys):
@@ -348,12 +348,12 @@ def test_overflow_bound_is_where_rounding_reaches_inf(dtype):
 
 
 def test_verify_refuses_a_merged_checkpoint_in_an_undecoded_encoding(assets, int8, tmp_path, capsys):
-    """The int8 codes of a "merged" LLM.int8 checkpoint are not weights to run the forward check on."""
+    """The int8 codes of a "merged" EETQ checkpoint are not weights to run the forward check on."""
     status, stdout, stderr = run_cli(["verify", assets.base, assets.lora, int8], capsys)
     assert status == 1 and stdout == "" and "Traceback" not in stderr, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wsurgery: error:"), lines
-    assert f"{Q}.weight" in lines[0] and "int8" in lines[0] and "bitsandbytes 8-bit" in lines[0], lines[0]
+    assert f"{Q}.weight" in lines[0] and "int8" in lines[0] and "eetq" in lines[0], lines[0]
 
 
 def test_gguf_requantize_refuses_what_the_block_scales_cannot_hold(tmp_path, capsys):
