@@ -27,8 +27,8 @@ from safetensors.torch import save_file
 from wsurgery.checkpoint import open_checkpoint
 
 SCHEMES = {
-    "W4A16 g128 (pack-quantized)": ("pack-quantized", dict(num_bits=4, type="int", strategy="group", group_size=128)),
-    "FP8 per channel (float-quantized)": ("float-quantized", dict(num_bits=8, type="float", strategy="channel")),
+    "W4A16 g128 (pack-quantized)": ("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}),
+    "FP8 per channel (float-quantized)": ("float-quantized", {"num_bits": 8, "type": "float", "strategy": "channel"}),
 }
 
 
@@ -68,35 +68,39 @@ def main() -> None:
     out_gb = w.numel() * 2 / 1e9
     print(f"{a.size}x{a.size} bf16, median of {a.runs}, torch threads {torch.get_num_threads()}")
     for label, (fmt, weights) in SCHEMES.items():
-        scheme, local = _compress(w, fmt, weights)
-        compressor = BaseCompressor.get_value_from_registry(fmt)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            save_file({f"m.{k}": v.contiguous() for k, v in local.items()}, folder / "model.safetensors")
-            q = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-                 "ignore": [], "config_groups": {"g": {"targets": ["Linear"], "format": fmt,
-                                                       "weights": scheme.weights.model_dump(mode="json")}}}
-            (folder / "config.json").write_text(json.dumps({"quantization_config": q}))
-            ckpt = open_checkpoint(folder)
-            info = ckpt.tensors["m.weight"]
-            parts = {p.name: local[p.name[2:]] for p in info.parts.values()}
-
-            def read(part, rows=None):
-                t = parts[part.name]
-                return t if rows is None else t[rows[0]:rows[1]]
-
-            def ours():
-                return info.encoding.decode(info, read)
-
-            def theirs():
-                return compressor.decompress(local, scheme)["weight"]
-
-            assert torch.equal(ours().view(torch.int16), theirs().view(torch.int16)), "outputs differ"
-            t_ours, t_theirs = _median(ours, a.runs), _median(theirs, a.runs)
-            t_file = _median(lambda: ckpt.read("m.weight"), a.runs)
+        t_ours, t_theirs, t_file = _bench(w, fmt, weights, a.runs)
         print(f"{label}: ours {t_ours * 1e3:.1f} ms ({out_gb / t_ours:.2f} GB/s), compressed-tensors "
               f"{t_theirs * 1e3:.1f} ms ({out_gb / t_theirs:.2f} GB/s), ratio ours/theirs {t_ours / t_theirs:.2f}; "
               f"ours from the file {t_file * 1e3:.1f} ms")
+
+
+def _bench(w: torch.Tensor, fmt: str, weights: dict, runs: int) -> tuple[float, float, float]:
+    """Median seconds: ours from memory, compressed-tensors from memory, ours through ``Checkpoint.read``."""
+    scheme, local = _compress(w, fmt, weights)
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        save_file({f"m.{k}": v.contiguous() for k, v in local.items()}, folder / "model.safetensors")
+        q = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+             "ignore": [], "config_groups": {"g": {"targets": ["Linear"], "format": fmt,
+                                                   "weights": scheme.weights.model_dump(mode="json")}}}
+        (folder / "config.json").write_text(json.dumps({"quantization_config": q}))
+        ckpt = open_checkpoint(folder)
+        info = ckpt.tensors["m.weight"]
+        parts = {p.name: local[p.name[2:]] for p in info.parts.values()}
+
+        def read(part, rows=None):
+            t = parts[part.name]
+            return t if rows is None else t[rows[0]:rows[1]]
+
+        def ours():
+            return info.encoding.decode(info, read)
+
+        def theirs():
+            return compressor.decompress(local, scheme)["weight"]
+
+        assert torch.equal(ours().view(torch.int16), theirs().view(torch.int16)), "outputs differ"
+        return _median(ours, runs), _median(theirs, runs), _median(lambda: ckpt.read("m.weight"), runs)
 
 
 if __name__ == "__main__":

@@ -16,34 +16,38 @@ import json
 
 import pytest
 import torch
+from compressed_tensors.compressors import BaseCompressor, ModelCompressor
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    apply_quantization_config,
+)
+from compressed_tensors.quantization.utils import calculate_qparams
+from oracle import LLAMA_LINEAR, assert_close_to, load_all, make_adapter, run_cli
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.utils.quantization_config import CompressedTensorsConfig
 
-from oracle import LLAMA_LINEAR, assert_close_to, load_all, make_adapter, run_cli
 from wsurgery.checkpoint import open_checkpoint
 
-from compressed_tensors.compressors import BaseCompressor, ModelCompressor  # noqa: E402
-from compressed_tensors.quantization import (  # noqa: E402
-    QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_quantization_config)
-from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers.utils.quantization_config import CompressedTensorsConfig  # noqa: E402
-
-_TOKEN_FP8 = dict(num_bits=8, type="float", strategy="token", dynamic=True)
+_TOKEN_FP8 = {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}
 # name -> (weight args, forced format, input activation args): llm-compressor's presets and variants.
+_INT = {"num_bits": 8, "type": "int", "strategy": "channel"}
+_INT4_G32 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32}
 CASES = {
-    "fp8-tensor": (dict(num_bits=8, type="float", strategy="tensor"), None, _TOKEN_FP8),
-    "fp8-channel": (dict(num_bits=8, type="float", strategy="channel"), None, _TOKEN_FP8),  # FP8_DYNAMIC
-    "fp8-block": (dict(num_bits=8, type="float", strategy="block", block_structure=[32, 32]), None,
-                  dict(num_bits=8, type="float", strategy="group", group_size=32, dynamic=True)),  # FP8_BLOCK
-    "fp8-group": (dict(num_bits=8, type="float", strategy="group", group_size=32), None, None),  # naive-quantized
-    "int8-w8a8": (dict(num_bits=8, type="int", strategy="channel"), None,
-                  dict(num_bits=8, type="int", strategy="token", dynamic=True)),  # W8A8 (int-quantized)
-    "w4a16-sym-g32": (dict(num_bits=4, type="int", strategy="group", group_size=32), None, None),
-    "w4a16-asym-g32": (dict(num_bits=4, type="int", strategy="group", group_size=32, symmetric=False), None, None),
-    "w8a16-packed": (dict(num_bits=8, type="int", strategy="channel"), "pack-quantized", None),
-    "int8-naive-asym": (dict(num_bits=8, type="int", strategy="channel", symmetric=False), "naive-quantized", None),
-    "w3-asym-channel": (dict(num_bits=3, type="int", strategy="channel", symmetric=False), None, None),
+    "fp8-tensor": ({"num_bits": 8, "type": "float", "strategy": "tensor"}, None, _TOKEN_FP8),
+    "fp8-channel": ({"num_bits": 8, "type": "float", "strategy": "channel"}, None, _TOKEN_FP8),  # FP8_DYNAMIC
+    "fp8-block": ({"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [32, 32]}, None,
+                  {**_TOKEN_FP8, "strategy": "group", "group_size": 32}),  # FP8_BLOCK
+    "fp8-group": ({"num_bits": 8, "type": "float", "strategy": "group", "group_size": 32}, None, None),  # naive
+    "int8-w8a8": (_INT, None, {**_INT, "strategy": "token", "dynamic": True}),  # W8A8 (int-quantized)
+    "w4a16-sym-g32": (_INT4_G32, None, None),
+    "w4a16-asym-g32": ({**_INT4_G32, "symmetric": False}, None, None),
+    "w8a16-packed": (_INT, "pack-quantized", None),
+    "int8-naive-asym": ({**_INT, "symmetric": False}, "naive-quantized", None),
+    "w3-asym-channel": ({**_INT, "num_bits": 3, "symmetric": False}, None, None),
 }
 FP8_CASES = ["fp8-tensor", "fp8-channel", "fp8-block", "fp8-group"]
 
@@ -74,13 +78,17 @@ def _qparams(w: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, tor
     return calculate_qparams(*_minmax(w, args), args)
 
 
-def _compressed_base(tmp_path, case: str, model=None, ignore=("lm_head",), targets=("Linear",)):
-    """``model`` (a tiny bf16 Llama) quantized and saved by compressed-tensors in ``case``'s scheme."""
+def _compressed_base(tmp_path, case: str, ignore=("lm_head",), targets=("Linear",)):
+    """A tiny bf16 Llama quantized and saved by compressed-tensors in ``case``'s scheme."""
     weights, fmt, inp = CASES[case]
-    model = model or _llama()
     qc = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
         targets=list(targets), weights=QuantizationArgs(**weights), format=fmt,
         input_activations=QuantizationArgs(**inp) if inp else None)}, ignore=list(ignore))
+    return _save_compressed(_llama(), qc, tmp_path / case)
+
+
+def _save_compressed(model, qc: QuantizationConfig, folder):
+    """``model`` quantized by ``qc`` (min-max qparams) and written as llm-compressor saves it."""
     apply_quantization_config(model, qc)
     with torch.no_grad():
         for module in model.modules():
@@ -91,8 +99,7 @@ def _compressed_base(tmp_path, case: str, model=None, ignore=("lm_head",), targe
                     module.weight_zero_point.data = zp.reshape(module.weight_zero_point.shape)
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
-    folder = tmp_path / case
-    folder.mkdir()
+    folder.mkdir(parents=True)
     model.config.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors",
               metadata={"format": "pt"})
@@ -246,7 +253,7 @@ def test_chunked_encode_gives_the_whole_tensors_bytes(tmp_path, case):
 def test_requantize_integer_schemes_refused(tmp_path, capsys, case):
     q = _compressed_base(tmp_path, case)
     adapter = make_adapter(_llama(), LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "lora")
-    code, out, err = run_cli(["merge", q, adapter, tmp_path / "re", "--requantize", "-q"], capsys)
+    code, _out, err = run_cli(["merge", q, adapter, tmp_path / "re", "--requantize", "-q"], capsys)
     assert code != 0
     assert "scales came from calibration" in err and "leave out --requantize" in err
     assert len(err.strip().splitlines()) == 1
@@ -286,7 +293,8 @@ BROKEN = {
     "zero-point-on-symmetric": ("w4a16-sym-g32", lambda t: _set(t, f"{_Q}.weight_zero_point",
                                                                  torch.zeros(8, 2, dtype=torch.int32)), None,
                                 "symmetric"),
-    "int8-codes-for-fp8-scheme": ("fp8-channel", lambda t: _set(t, f"{_Q}.weight", torch.zeros(64, 64, dtype=torch.int8)),
+    "int8-codes-for-fp8-scheme": ("fp8-channel", lambda t: _set(t, f"{_Q}.weight", torch.zeros(64, 64,
+                                                                                              dtype=torch.int8)),
                                   None, "stores 2-D float8_e4m3fn"),
     "ignored-but-quantized": ("fp8-channel", None, lambda q: q["ignore"].append(_Q), "ignore list"),
     "unsupported-format": ("fp8-channel", None, lambda q: _set(q["config_groups"]["group_0"], "format",
@@ -301,7 +309,7 @@ BROKEN = {
 def test_broken_files_refused_in_one_line(tmp_path, capsys, broken):
     case, tensors, qconfig, words = BROKEN[broken]
     q = _edit(_compressed_base(tmp_path, case), tensors, qconfig)
-    code, out, err = run_cli(["dequantize", q, tmp_path / "out", "-q"], capsys)
+    code, _out, err = run_cli(["dequantize", q, tmp_path / "out", "-q"], capsys)
     assert code != 0
     assert words in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
@@ -323,25 +331,12 @@ def test_regex_targets_and_mixed_formats_per_group(tmp_path):
     the group whose ``re:`` target names it, exactly as compressed-tensors does."""
     model = _llama()
     qc = QuantizationConfig(config_groups={
-        "attn": QuantizationScheme(targets=["re:.*self_attn\\..*_proj$"], weights=QuantizationArgs(**CASES["fp8-channel"][0]),
+        "attn": QuantizationScheme(targets=["re:.*self_attn\\..*_proj$"],
+                                   weights=QuantizationArgs(**CASES["fp8-channel"][0]),
                                    input_activations=QuantizationArgs(**_TOKEN_FP8)),
-        "mlp": QuantizationScheme(targets=["re:.*mlp\\..*_proj$"], weights=QuantizationArgs(**CASES["w4a16-asym-g32"][0]))},
-        ignore=["lm_head"])
-    apply_quantization_config(model, qc)
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "weight_scale"):
-                scale, zp = _qparams(module.weight, module.quantization_scheme.weights)
-                module.weight_scale.data = scale.reshape(module.weight_scale.shape)
-                if hasattr(module, "weight_zero_point"):
-                    module.weight_zero_point.data = zp.reshape(module.weight_zero_point.shape)
-    compressor = ModelCompressor.from_pretrained_model(model)
-    compressor.compress_model(model)
-    folder = tmp_path / "mixed"
-    folder.mkdir()
-    model.config.save_pretrained(folder)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-    compressor.update_config(folder)
+        "mlp": QuantizationScheme(targets=["re:.*mlp\\..*_proj$"],
+                                  weights=QuantizationArgs(**CASES["w4a16-asym-g32"][0]))}, ignore=["lm_head"])
+    folder = _save_compressed(model, qc, tmp_path / "mixed")
     assert _qconfig(folder)["format"] == "mixed-precision"
     # The oracle: each module's own scheme as compressed-tensors' matcher attached it, decompressed by the
     # compressor of that scheme's format (transformers' dequantize=True load uses one scheme for all).

@@ -177,9 +177,10 @@ class CompressedTensors(Encoding):
             shape = tuple(codes.shape)
         else:
             shape = _weight_shape(parts, context, label)
-            if tuple(codes.shape) != (shape[0], ctm.packed_cols(shape[1], self.num_bits)):
+            packed = (shape[0], ctm.packed_cols(shape[1], self.num_bits))
+            if tuple(codes.shape) != packed:
                 raise InputError(f"{label}: weight_packed is {list(codes.shape)} but weight_shape {list(shape)} at "
-                                 f"{self.num_bits} bits packs to {[shape[0], ctm.packed_cols(shape[1], self.num_bits)]}")
+                                 f"{self.num_bits} bits packs to {list(packed)}")
         if self.strategy == "group" and shape[1] % self.group_size:
             raise InputError(f"{label}: {shape[1]} columns are not a multiple of group_size {self.group_size}")
         scale = parts["weight_scale"]
