@@ -236,6 +236,24 @@ def test_ragged_and_fused_experts_decode_and_encode_as_the_reference(tmp_path):
     assert spec == {k: (v.dtype, tuple(v.shape)) for k, v in e_ref.items()}
 
 
+def test_fused_experts_with_ragged_rows(tmp_path):
+    """Experts whose rows are not whole blocks: each expert's grid on its own, as transformers' ragged-aware
+    dequantization reads a (E, N, K) stack."""
+    torch.manual_seed(3)
+    block = [32, 16]
+    experts = (torch.randn(2, 40, 24) * 0.05).to(torch.bfloat16)
+    pairs = [_ragged_reference(experts[e], block) for e in range(2)]
+    codes, scales = torch.stack([c for c, _ in pairs]), torch.stack([s for _, s in pairs])
+    ckpt = open_checkpoint(_write(tmp_path / "q", {"m.experts.down_proj": codes,
+                                                   "m.experts.down_proj_scale_inv": scales}, block))
+    info = ckpt.tensors["m.experts.down_proj"]
+    want = _dequantize_fp8_weight(codes, scales, block, torch.float32).to(torch.bfloat16)
+    assert _identical(ckpt.read("m.experts.down_proj"), want)
+    enc = info.encoding.encode("m.experts.down_proj", experts)
+    assert _same_bytes(enc["m.experts.down_proj"], codes)
+    assert _same_bytes(enc["m.experts.down_proj_scale_inv"], scales)
+
+
 def _broken(tmp_path, case):
     torch.manual_seed(2)
     block = [32, 32]

@@ -31,6 +31,7 @@ from .base import EncodedTensorInfo, Encoding, GroupContext, ReadPart, Rows, reg
 _FP8 = torch.float8_e4m3fn
 _FP8_MAX = float(torch.finfo(_FP8).max)  # 448
 _SCALE_SUFFIX = "_scale_inv"  # "x.weight" -> "x.weight_scale_inv"; "x.gate_up_proj" -> "x.gate_up_proj_scale_inv"
+_CHUNK = 1 << 23  # float32 elements decoded or encoded at once (32 MB): few large ops, bounded memory
 _MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -99,40 +100,50 @@ class Fp8Block(Encoding):
         return self.block[0] if len(info.shape) == 2 else 1
 
     def decode(self, info: EncodedTensorInfo, read: ReadPart, rows: Rows | None = None) -> torch.Tensor:
-        """float32 codes times the float32 scale, cast once to ``info.dtype``, one block row (or one
-        expert) at a time so that at most one float32 copy of a block row exists."""
+        """float32 codes times the float32 scale, cast once to ``info.dtype``, a few MB of block rows at a
+        time (so at most one float32 copy of those rows exists, and few large ops run, not one per block)."""
         start, stop = rows if rows is not None else (0, info.shape[0])
         bm = self.block[0]
         if len(info.shape) == 2:
             if start % bm or (stop % bm and stop != info.shape[0]):
                 raise ValueError(f"{info.name}: rows {start}:{stop} do not start and end on {bm}-row blocks")
-            codes = read(info.parts["weight"], (start, stop))
-            scales = read(info.parts["scale_inv"], (start // bm, -(-stop // bm)))
-            out = torch.empty(codes.shape, dtype=info.dtype)
-            for i in range(scales.shape[0]):
-                a, b = i * bm, min((i + 1) * bm, codes.shape[0])
-                out[a:b] = self._scaled(codes[a:b], scales[i])
-            return out
+            scale_rows = (start // bm, -(-stop // bm))
+        else:
+            scale_rows = (start, stop)
         codes = read(info.parts["weight"], (start, stop))
-        scales = read(info.parts["scale_inv"], (start, stop))
+        scales = read(info.parts["scale_inv"], scale_rows)
         out = torch.empty(codes.shape, dtype=info.dtype)
-        for e in range(codes.shape[0]):
-            for i in range(scales.shape[1]):
-                a, b = i * bm, min((i + 1) * bm, codes.shape[1])
-                out[e, a:b] = self._scaled(codes[e, a:b], scales[e, i])
+        for c, s, o in _matrices(codes, scales, out, bm):
+            for a, b, i in self._chunks(c.shape):
+                x = c[a:b].to(torch.float32)
+                self._apply(x, s[i:i + -(-(b - a) // bm)], torch.Tensor.mul_)
+                o[a:b] = x
         return out
 
-    def _scaled(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """One block row (r <= bm, cols) of codes times its scales (cols blocks), in float32."""
-        bn = self.block[1]
-        cols = codes.shape[1]
+    def _chunks(self, shape: tuple[int, int]) -> list[tuple[int, int, int]]:
+        """Row ranges [a, b) of one matrix, with their first block row i: whole block rows of about
+        ``_CHUNK`` elements, the ragged last block row alone."""
+        bm = self.block[0]
+        rows, cols = shape
+        step = max(1, _CHUNK // max(1, cols * bm)) * bm
+        whole = rows // bm * bm
+        spans = [(a, min(a + step, whole)) for a in range(0, whole, step)]
+        if whole < rows:
+            spans.append((whole, rows))
+        return [(a, b, a // bm) for a, b in spans]
+
+    def _apply(self, x: torch.Tensor, per_block: torch.Tensor, op) -> None:
+        """``op(x_block, per_block[block])`` in place on each block of the float32 rows ``x`` (whole block
+        rows, or one ragged one), ``per_block`` being (block rows, block cols)."""
+        bm, bn = self.block
+        rows, cols = x.shape
+        n = per_block.shape[0]
+        x3 = x.view(n, rows // n, cols)
         full = cols // bn
-        x = codes.to(torch.float32)
         if full:
-            x[:, : full * bn].view(x.shape[0], full, bn).mul_(scales[:full, None])
+            op(x3[:, :, : full * bn].view(n, rows // n, full, bn), per_block[:, None, :full, None])
         if cols % bn:
-            x[:, full * bn:].mul_(scales[full])
-        return x
+            op(x3[:, :, full * bn:], per_block[:, None, full:])
 
     # -- encoding ----------------------------------------------------------------------------------
 
@@ -150,46 +161,52 @@ class Fp8Block(Encoding):
 
     def encode_rows(self, name: str, tensor: torch.Tensor, rows: Rows,
                     shape: tuple[int, ...]) -> dict[str, tuple[torch.Tensor, int]]:
+        """transformers' ``Fp8Quantize._quantize_one`` on each block, a few MB of block rows at a time."""
         self._check_shape(name, shape)
         start, stop = rows
         bm = self.block[0]
-        if len(shape) == 2:
-            if start % bm or (stop % bm and stop != shape[0]):
-                raise ValueError(f"{name}: rows {start}:{stop} do not start and end on {bm}-row blocks")
-            codes, scales = self._quantize_matrix(tensor)
-            return {name: (codes, start), self.scale_name(name): (scales, start // bm)}
-        pairs = [self._quantize_matrix(tensor[e]) for e in range(tensor.shape[0])]
-        return {name: (torch.stack([c for c, _ in pairs]), start),
-                self.scale_name(name): (torch.stack([s for _, s in pairs]), start)}
-
-    def _quantize_matrix(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """transformers' ``Fp8Quantize._quantize_one`` on each block of one matrix, one block row at a time."""
-        bm, bn = self.block
-        rows, cols = w.shape
-        full, ragged = divmod(cols, bn)
-        codes = torch.empty((rows, cols), dtype=_FP8)
-        scale_inv = torch.empty(self.grid((rows, cols)), dtype=torch.float32)
-        for i in range(scale_inv.shape[0]):
-            a, b = i * bm, min((i + 1) * bm, rows)
-            x = w[a:b].to(torch.float32, copy=True)
-            body = x[:, : full * bn].view(b - a, full, bn)
-            amax = body.abs().amax(dim=(0, 2)) if full else x.new_empty(0)
-            if ragged:
-                amax = torch.cat([amax, x[:, full * bn:].abs().amax().reshape(1)])
-            nonzero = amax > 0
-            scale = _FP8_MAX / torch.where(nonzero, amax, torch.ones_like(amax))
-            scale = torch.where(nonzero, scale, torch.ones_like(scale))
-            scale_inv[i] = 1.0 / scale
-            body.mul_(scale[:full, None])
-            if ragged:
-                x[:, full * bn:].mul_(scale[full])
-            codes[a:b] = x.clamp_(-_FP8_MAX, _FP8_MAX).to(_FP8)
-        return codes, scale_inv
+        if len(shape) == 2 and (start % bm or (stop % bm and stop != shape[0])):
+            raise ValueError(f"{name}: rows {start}:{stop} do not start and end on {bm}-row blocks")
+        codes = torch.empty(tensor.shape, dtype=_FP8)
+        scale_inv = torch.empty(self.grid(tuple(tensor.shape)), dtype=torch.float32)
+        for w, s, c in _matrices(tensor, scale_inv, codes, bm):
+            for a, b, i in self._chunks(w.shape):
+                x = w[a:b].to(torch.float32, copy=True)
+                n = -(-(b - a) // bm)
+                amax = torch.empty((n, s.shape[1]), dtype=torch.float32)
+                self._apply(x, amax, _block_amax)
+                nonzero = amax > 0
+                scale = _FP8_MAX / torch.where(nonzero, amax, torch.ones_like(amax))
+                scale = torch.where(nonzero, scale, torch.ones_like(scale))  # an all-zero block keeps scale 1
+                s[i:i + n] = 1.0 / scale
+                self._apply(x, scale, torch.Tensor.mul_)
+                c[a:b] = x.clamp_(-_FP8_MAX, _FP8_MAX)
+        first = start // bm if len(shape) == 2 else start
+        return {name: (codes, start), self.scale_name(name): (scale_inv, first)}
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if len(shape) not in (2, 3) or 0 in shape:
             raise UnsupportedError(f"{name}: FP8 block encoding needs a non-empty 2-D weight or 3-D fused experts "
                                    f"tensor, not shape {list(shape)}")
+
+
+def _matrices(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+              bm: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The (rows, cols) matrices of a weight (or its codes), its scale grid and an output alike: the
+    tensors themselves, or for fused experts one triple per expert (all experts as one matrix where
+    each expert's rows are whole blocks, so no block straddles two experts)."""
+    if a.dim() == 2:
+        return [(a, b, c)]
+    if a.shape[1] % bm == 0:
+        return [(a.flatten(0, 1), b.flatten(0, 1), c.flatten(0, 1))]
+    return [(a[e], b[e], c[e]) for e in range(a.shape[0])]
+
+
+def _block_amax(x: torch.Tensor, amax: torch.Tensor) -> None:
+    """``amax`` (broadcast shape of the blocks) <- each block's max |x|; the block axes are 1 and 3 (or 1 and 2
+    for the ragged column)."""
+    dims = (1, 3) if x.dim() == 4 else (1, 2)
+    amax.copy_(x.abs().amax(dim=dims, keepdim=True).view(amax.shape))
 
 
 def _block_size(q: dict, where: str) -> tuple[int, int]:
