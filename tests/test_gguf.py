@@ -21,6 +21,7 @@ from peft import LoraConfig
 from oracle import run_cli
 
 import wsurgery
+import wsurgery.api
 from wsurgery.checkpoint import open_checkpoint
 from wsurgery.errors import InputError, UnsupportedError
 

@@ -24,7 +24,7 @@ from fake_hub import FakeHub, folder_files
 from wsurgery.checkpoint import open_checkpoint
 from wsurgery.cli import main
 from wsurgery.errors import InputError
-from wsurgery.hub import needed_files
+from wsurgery.hub_inputs import needed_files
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 TOKEN = "hf_alice_write_token"  # alice's write token on the fake Hub

@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .adapters import Adapter, load_adapter
-from .checkpoint import open_checkpoint, parse_size
 from .checkpoint.dtypes import parse_user_dtype
-from .hub import PushResult, PushTarget, resolve
+from .checkpoint.formats import file_format, open_checkpoint
+from .checkpoint.writer import parse_size
+from .hub import PushResult, PushTarget
 from .hub import push as push_folder
+from .hub_inputs import resolve
 from .engine import Result, execute, plan
 from .convert.convert import Conversion, convert  # noqa: F401  (the API of `wsurgery convert`)
 from .convert.combine import AdapterSpec, combine, weighted_specs  # noqa: F401  (API: wsurgery.api.combine)
@@ -65,7 +67,7 @@ def _run(direction: str, base: str | Path, adapter: AdapterSpec | list[AdapterSp
 
 def _gguf_merge_output(base, changed: list[str], gguf_type: str | None, out: Path):
     """The GGUF side of a merge (imported only when a GGUF is involved)."""
-    if out.suffix != ".gguf" and gguf_type is None:
+    if file_format(out) is None and gguf_type is None:
         return None
     from .quant.gguf_jobs import merge_output
 
@@ -187,11 +189,10 @@ def dequantize(src: str | Path, out: str | Path, *, dtype: str | torch.dtype | N
     from .quant.checkpoints import dequantize_checkpoint
 
     ckpt = open_checkpoint(resolve(src))
-    if ckpt.format == "gguf":
-        from .quant.gguf_jobs import dequantize_gguf
-
-        return dequantize_gguf(ckpt, Path(out), dtype=_dtype(dtype), max_shard_size=_size(max_shard_size),
-                               overwrite=overwrite, progress=progress)
+    own = ckpt.format.dequantize(ckpt, Path(out), dtype=_dtype(dtype), max_shard_size=_size(max_shard_size),
+                                 overwrite=overwrite, progress=progress)
+    if own is not None:  # a format that writes its plain copy itself (GGUF: tensors renamed, config made)
+        return own
     record = provenance("dequantize", command, str(src))
     return dequantize_checkpoint(ckpt, Path(out), dtype=_dtype(dtype), max_shard_size=_size(max_shard_size),
                                  overwrite=overwrite, progress=progress, record=record)

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import Adapter, load_adapter, map_modules
-from .checkpoint import Checkpoint, open_checkpoint
-from .quant.encodings import EncodedTensorInfo
 from .checkpoint.dtypes import dtype_name
-from .hub import resolve
+from .checkpoint.formats import open_checkpoint, registered_formats
+from .checkpoint.reader import Checkpoint
+from .hub_inputs import resolve
 from .model_card import adapter_record
 
 
@@ -25,9 +25,10 @@ def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
 
 def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
     dtypes = Counter(dtype_name(t.dtype) for t in ckpt.tensors.values())
+    stored_as = {n: ckpt.format.stored_as(t) for n, t in ckpt.tensors.items()}
     return {
         "type": "checkpoint",
-        "format": ckpt.format,
+        "format": ckpt.format.name,
         "folder": str(ckpt.folder),
         "shards": [{"file": p.name, "tensors": sum(1 for t in ckpt.tensors.values() if t.file == p),
                     "bytes": sum(t.nbytes for t in ckpt.tensors.values() if t.file == p)} for p in ckpt.shards],
@@ -37,27 +38,12 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
         "total_bytes": ckpt.total_bytes,
         "dtypes": dict(dtypes),
         "tensors": [{"name": t.name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "shard": t.file.name,
-                     **({"stored_as": _stored_as(t)} if _stored_as(t) else {})}
+                     **({"stored_as": stored_as[t.name]} if stored_as[t.name] else {})}
                     for t in ckpt.tensors.values()],
         "quantization": (ckpt.config or {}).get("quantization_config"),
         "made_by": (ckpt.config or {}).get("wsurgery"),
-        **({"gguf": _gguf_metadata(ckpt)} if ckpt.format == "gguf" else {}),
+        **ckpt.format.describe(ckpt),
     }
-
-
-def _stored_as(t) -> str | None:
-    if isinstance(t, EncodedTensorInfo):
-        return t.encoding.describe()
-    gguf_name = getattr(t, "gguf_name", None)  # a GGUF tensor: its own name and ggml type
-    return f"{gguf_name} {t.type.name.lower()}" if gguf_name else None
-
-
-def _gguf_metadata(ckpt) -> dict[str, Any]:
-    """The architecture and every key/value; arrays (the tokenizer's) by element type and length."""
-    return {"architecture": ckpt.arch,
-            "metadata": {e.key: e.value if e.item_type is None and e.value is not None
-                         else f"[{e.count} x {e.item_type.name.lower() if e.item_type else '?'}]"
-                         for e in ckpt.key_values}}
 
 
 def describe_adapter(adapter: Adapter, base: Checkpoint | None = None) -> dict[str, Any]:
@@ -116,10 +102,10 @@ def format_text(info: dict[str, Any]) -> str:
                      f"bytes {info['total_bytes']:,}")
         lines.append("dtypes      " + ", ".join(f"{k}: {v}" for k, v in info["dtypes"].items()))
         quantized = [t for t in info["tensors"] if "stored_as" in t]
-        if "gguf" in info:
-            lines.append(f"gguf        {info['gguf']['architecture']}, {len(info['gguf']['metadata'])} key/values; "
-                         "tensors listed under their Hugging Face names, [GGUF name and type]")
-            lines += [f"  {k} = {v}" for k, v in info["gguf"]["metadata"].items()]
+        fmt = next(f for f in registered_formats() if f.name == info["format"])
+        own = fmt.describe_lines(info)
+        if own is not None:
+            lines += own
         elif quantized:
             kinds = Counter(t["stored_as"] for t in quantized)
             lines.append(f"quantized   {len(quantized)} weights encoded "

@@ -1,14 +1,8 @@
-"""The Hugging Face Hub: repo ids as inputs, and pushing output folders.
+"""Pushing output folders to the Hugging Face Hub (repo ids as inputs are ``hub_inputs``).
 
-Inputs: a repo id where a path is expected resolves to a local snapshot (``resolve``). Only what a
-job reads is fetched: the weights the folder reader would pick (the shards a safetensors index
-names, else ``model.safetensors``, else ``pytorch_model.bin`` and its shards; never duplicate
-``.bin`` or ``consolidated`` copies), configs and tokenizer files, all from the repo's top level.
-``HF_HOME`` and ``HF_HUB_OFFLINE`` are honoured by huggingface_hub; offline, the local cache is used.
-
-Pushing (``push``): the folder is checked first (index against shards, every header parses, no
-unfinished temporary files), a model card is generated where the folder has none (never written into
-the folder), and huggingface_hub's folder upload sends it (resumable: a re-run skips what arrived).
+``push``: the folder is checked first (index against shards, every header parses, no unfinished
+temporary files), a model card is generated where the folder has none (never written into the
+folder), and huggingface_hub's folder upload sends it (resumable: a re-run skips what arrived).
 The token comes from ``--token``, ``HF_TOKEN`` or the stored login and never appears in messages.
 
 For commands that write a folder, two helpers give them ``--push-to``; reuse them::
@@ -23,10 +17,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import glob
-import json
-import os
-import posixpath
 import re
 import tempfile
 from collections.abc import Callable, Iterator
@@ -37,133 +27,23 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .checkpoint import open_checkpoint, read_header
+from .checkpoint.formats import open_checkpoint, pushed_format
 from .checkpoint.output import is_temporary_name
 from .checkpoint.reader import resolves_inside
+from .checkpoint.safetensors_file import read_header
 from .errors import InputError, WsurgeryError
+from .hub_errors import hub_error
+from .hub_inputs import REPO_ID, looks_like_repo_id  # noqa: F401  (commands.py takes looks_like_repo_id here)
 from .model_card import model_card
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_SIDE = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py", "*.jinja"]
-_MODEL_ST = ["*.safetensors", "*.safetensors.index.json", *_SIDE]
-_MODEL_BIN = ["*.bin", "*.bin.index.json", *_SIDE]
-_ADAPTER = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "*.json"]
 # Left behind by an interrupted write or download (besides wsurgery's own temporary siblings, which
 # ``is_temporary_name`` tells): pushing them would publish a broken repo.
 _STRAY = ["*.tmp", "*.incomplete", "*.part", "*.partial"]
 _NOT_UPLOADED = (".git", ".cache")  # folders huggingface_hub's folder upload skips too
 _MAX_LISTED = 5
-
-
-class HubError(WsurgeryError):
-    """The Hub refused a request or could not be reached."""
-
-
-def looks_like_repo_id(spec: str) -> bool:
-    return bool(_REPO_ID.match(spec)) and not Path(spec).exists()
-
-
-# -- inputs
-
-
-def resolve(spec: str | Path, kind: str = "model", revision: str | None = None) -> Path:
-    """Return a local path for ``spec``: the path itself if it exists, else a Hub snapshot."""
-    path = Path(spec)
-    if path.exists() or not looks_like_repo_id(str(spec)):
-        return path
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError)
-
-    try:
-        try:
-            return _download(str(spec), kind, revision)
-        except (OfflineModeIsEnabled, *_network_errors()):
-            return _from_cache(str(spec), kind, revision)
-    except GatedRepoError:
-        raise InputError(f"{spec}: a gated Hub repository; accept its conditions on its page, then pass a token "
-                         "(--token, HF_TOKEN or `hf auth login`) of the account that did") from None
-    except RepositoryNotFoundError:
-        raise InputError(f"{spec}: no such local path, and no such Hub repository (or no access to it)") from None
-    except LocalEntryNotFoundError:
-        raise InputError(f"{spec}: no such local path, and the Hub repository is not in the local cache "
-                         "(offline or unreachable); download it first or pass a local path") from None
-    except Exception as e:  # noqa: BLE001 -- HTTP and network failures of any kind become one line
-        if isinstance(e, WsurgeryError):
-            raise
-        raise _hub_error(e, str(spec), doing="could not fetch it from the Hub") from None
-
-
-def _download(repo_id: str, kind: str, revision: str | None) -> Path:
-    """Fetch the files a job reads: listed first, so that nothing else is downloaded."""
-    from huggingface_hub import HfApi, snapshot_download
-
-    files = [s.rfilename for s in HfApi().model_info(repo_id, revision=revision).siblings or []]
-    wanted, index = needed_files(files, kind)
-    if not wanted:
-        expected = ("adapter_config.json with adapter_model.safetensors or adapter_model.bin" if kind == "adapter"
-                    else "model.safetensors, a safetensors index with its shards, or pytorch_model.bin")
-        raise InputError(f"{repo_id}: the Hub repository has none of the files wsurgery reads at its top level "
-                         f"({expected})")
-    folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[glob.escape(f) for f in wanted]))
-    shards = _shards_named_by(folder / index) if index else []
-    if shards:
-        commit = folder.name  # the snapshot folder is named by its commit: no second lookup of the revision
-        folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=[glob.escape(s) for s in shards]))
-    return folder
-
-
-def needed_files(files: list[str], kind: str) -> tuple[list[str], str | None]:
-    """The top-level files a job reads, and the index whose shards are still to fetch (if any).
-
-    The weights are the ones the folder reader would pick, in its order of preference.
-    """
-    top = [f for f in files if "/" not in f]
-    if kind == "adapter":
-        weights = [w for w in ("adapter_model.safetensors", "adapter_model.bin") if w in top][:1]
-        return ([f for f in ("adapter_config.json", *weights) if f in top] if weights else []), None
-    st_indexes = [f for f in top if f.endswith(".safetensors.index.json") and not f.startswith("adapter")]
-    singles = [f for f in top if f.endswith(".safetensors") and not f.startswith("adapter_model")]
-    if st_indexes:  # the standard one alone; several others are left for the reader to refuse
-        index = "model.safetensors.index.json" if "model.safetensors.index.json" in st_indexes else st_indexes[0]
-        weights = [index] if index == "model.safetensors.index.json" else st_indexes
-    elif singles:
-        weights, index = ["model.safetensors"] if "model.safetensors" in singles else singles, None
-    elif "pytorch_model.bin.index.json" in top:
-        weights, index = ["pytorch_model.bin.index.json"], "pytorch_model.bin.index.json"
-    elif "pytorch_model.bin" in top:
-        weights, index = ["pytorch_model.bin"], None
-    else:
-        return [], None
-    side = [f for f in top if any(fnmatch.fnmatch(f, p) for p in _SIDE) and not f.endswith(".index.json")]
-    return sorted({*weights, *side}), index
-
-
-def _shards_named_by(index: Path) -> list[str]:
-    """The shard files an index names; [] for a broken index (opening the checkpoint reports it)."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = {posixpath.normpath(s) for s in weight_map.values() if isinstance(s, str) and s}
-        # As the reader takes them: `./x` and `sub/x` are shards inside the repo; what leaves it is not fetched.
-        return sorted(n for n in names if n not in (".", "..") and not n.startswith(("/", "../")))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []
-
-
-def _from_cache(repo_id: str, kind: str, revision: str | None) -> Path:
-    """Offline or unreachable Hub: what the local cache holds (the listing is not available)."""
-    from huggingface_hub import snapshot_download
-
-    patterns = _ADAPTER if kind == "adapter" else _MODEL_ST
-    folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    if kind == "model" and not any(folder.glob("*.safetensors")):
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_MODEL_BIN))
-    return folder
-
-
-# -- pushing
 
 
 @dataclass(frozen=True)
@@ -193,7 +73,7 @@ def check_target(target: PushTarget) -> None:
 
     if constants.HF_HUB_OFFLINE:
         raise InputError(f"{target.repo_id}: HF_HUB_OFFLINE is set, and pushing needs the Hub; unset it to push")
-    if not _REPO_ID.match(target.repo_id):
+    if not REPO_ID.match(target.repo_id):
         raise InputError(f"{target.repo_id}: not a Hub repo id; push to NAMESPACE/NAME (your user or organization)")
     if target.create_pr and target.revision and target.revision != "main":
         raise InputError(f"--create-pr opens a pull request against main; drop --revision {target.revision} "
@@ -211,7 +91,7 @@ def check_login(target: PushTarget) -> None:
         raise InputError(f"{target.repo_id}: pushing needs a Hub token; pass --token, set HF_TOKEN, "
                          "or log in with `hf auth login`") from None
     except Exception as e:  # noqa: BLE001
-        raise _hub_error(e, target.repo_id, target.token) from None
+        raise hub_error(e, target.repo_id, target.token) from None
 
 
 def check_folder(folder: Path) -> list[str]:
@@ -267,17 +147,15 @@ def _check_weights(folder: Path, top: list[str]) -> None:
     indexed: set[str] = set()
     for index in (f for f in top if f.endswith(".index.json")):
         indexed |= {p.name for p in open_checkpoint(folder / index).shards}
-    weights = [f for f in top if f.endswith(".safetensors") or fnmatch.fnmatch(f, "pytorch_model*.bin")]
-    for name in weights:
+    weights = [(f, fmt) for f in top if (fmt := pushed_format(f)) is not None]
+    families = _shard_families(indexed)
+    for name, fmt in weights:
         if name in indexed:
             continue
-        if any(name.endswith(suffix) and name.startswith(prefix) for prefix, suffix in _shard_families(indexed)):
+        if any(name.endswith(suffix) and name.startswith(prefix) for prefix, suffix in families):
             raise InputError(f"{folder / name}: a shard that no index names; remove it, or fix the index")
-        open_checkpoint(folder / name)
-    ggufs = [f for f in top if f.endswith(".gguf")]
-    for name in ggufs:
-        _check_gguf(folder / name)
-    if not weights and not ggufs:
+        fmt.check_pushed(folder / name)
+    if not weights:
         raise InputError(f"{folder}: no model weights or adapter to push (expected .safetensors, .bin, .gguf "
                          "or adapter_config.json)")
 
@@ -290,16 +168,6 @@ def _shard_families(shards: set[str]) -> set[tuple[str, str]]:
         if m:
             families.add((m.group(1) + "-", m.group(2)))
     return families
-
-
-def _check_gguf(path: Path) -> None:
-    import gguf
-
-    try:
-        gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 -- the reader fails on a broken file in many ways
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path}: not a readable GGUF file ({first}); the file is corrupt or truncated") from None
 
 
 def push(folder: str | Path, target: PushTarget, provenance: dict[str, Any] | None = None,
@@ -318,7 +186,7 @@ def push(folder: str | Path, target: PushTarget, provenance: dict[str, Any] | No
         card = "kept" if "README.md" in files else "on the Hub" if api.file_exists(
             target.repo_id, "README.md", revision=None if target.create_pr else target.revision) else "generated"
     except Exception as e:  # noqa: BLE001
-        raise _hub_error(e, target.repo_id, target.token) from None
+        raise hub_error(e, target.repo_id, target.token) from None
     readme = model_card(folder, target.repo_id, provenance) if card == "generated" else None
     with _staged(folder, files, readme) as staged, _progress_bars(progress):
         try:
@@ -326,7 +194,7 @@ def push(folder: str | Path, target: PushTarget, provenance: dict[str, Any] | No
                                      create_pr=target.create_pr,
                                      commit_message=target.commit_message or "Upload with wsurgery")
         except Exception as e:  # noqa: BLE001
-            raise _hub_error(e, target.repo_id, target.token, doing=_upload_state(api, target, staged)) from None
+            raise hub_error(e, target.repo_id, target.token, doing=_upload_state(api, target, staged)) from None
     uploaded = files + (["README.md"] if readme else [])
     return PushResult(target.repo_id, str(info.commit_url), info.pr_url, sorted(uploaded), card)
 
@@ -385,87 +253,6 @@ def _upload_state(api: HfApi, target: PushTarget, staged: Path) -> str:
 def _listing(names: list[str]) -> str:
     shown = ", ".join(names[:_MAX_LISTED])
     return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
-
-
-# -- errors
-
-
-def _hub_error(e: BaseException, repo_id: str, token: str | None = None, doing: str | None = None) -> WsurgeryError:
-    """One line for any Hub failure: what went wrong, with which repo, and what to do; never the token."""
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    cause = _root_cause(e)
-    status = _status(cause)
-    if isinstance(cause, WsurgeryError):
-        return cause
-    if status == 401:
-        message = (f"{repo_id}: the Hub rejected the token (401 Unauthorized); pass a valid token with --token, "
-                   "set HF_TOKEN, or log in with `hf auth login`" if token or _token() else
-                   f"{repo_id}: the Hub needs a login for this (401 Unauthorized); pass --token, set HF_TOKEN, "
-                   "or log in with `hf auth login`")
-    elif status == 403:
-        message = (f"{repo_id}: the token may not write there (403 Forbidden); use a token with write access "
-                   "to that namespace")
-    elif isinstance(cause, RevisionNotFoundError):
-        message = f"{repo_id}: no such revision on the Hub"
-    elif isinstance(cause, RepositoryNotFoundError):
-        message = f"{repo_id}: no such Hub repository, or no access to it"
-    elif status is not None:
-        message = f"{repo_id}: the Hub answered {status}: {_first_line(cause)}"
-    elif isinstance(cause, _network_errors()):
-        message = f"{repo_id}: the connection to the Hub failed ({type(cause).__name__}: {_first_line(cause)})"
-    else:
-        message = f"{repo_id}: {type(cause).__name__}: {_first_line(cause)}"
-    if doing:
-        message += f"; {doing}"
-    return HubError(_redact(message, token))
-
-
-def _root_cause(e: BaseException) -> BaseException:
-    """The HTTP or network error behind wrappers (huggingface_hub wraps upload failures)."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    seen = e
-    while seen is not None:
-        if isinstance(seen, (HfHubHTTPError, WsurgeryError, *_network_errors())):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return e
-
-
-def _status(e: BaseException) -> int | None:
-    response = getattr(e, "response", None)
-    return getattr(response, "status_code", None)
-
-
-@functools.cache
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """The HTTP client's transport errors (connection refused, reset, dropped, timed out)."""
-    try:
-        import httpx2 as http
-    except ImportError:
-        try:
-            import httpx as http
-        except ImportError:
-            return (ConnectionError, TimeoutError)
-    return (http.TransportError, ConnectionError, TimeoutError)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _token() -> str | None:
-    from huggingface_hub import get_token
-
-    return get_token()
-
-
-def _redact(text: str, token: str | None) -> str:
-    for secret in {token, os.environ.get("HF_TOKEN"), _token()} - {None, ""}:
-        text = text.replace(secret, "***")
-    return text
 
 
 def redacted_command(argv: list[str]) -> str:

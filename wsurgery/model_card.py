@@ -145,7 +145,7 @@ def _identifying_file(path: Path, kind: str) -> Path | None:
     if kind == "adapter":
         return next((f for f in (folder / "adapter_model.safetensors", folder / "adapter_model.bin") if f.is_file()),
                     None)
-    from .checkpoint import open_checkpoint
+    from .checkpoint.formats import open_checkpoint
 
     ckpt = open_checkpoint(folder)
     return ckpt.index_file or (ckpt.shards[0] if len(ckpt.shards) == 1 else None)
@@ -161,7 +161,7 @@ def _sha256(path: Path) -> str:
 
 def adapter_record(folder: Path) -> dict[str, Any]:
     """The ``"wsurgery"`` record of an adapter folder written by extract, combine or convert ({} if none)."""
-    from .checkpoint import read_header
+    from .checkpoint.safetensors_file import read_header
     from .errors import WsurgeryError
 
     weights = folder / "adapter_model.safetensors"
@@ -272,7 +272,7 @@ def _quantization_from_config(qc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_repo_id(name: str | None) -> bool:
-    from .hub import looks_like_repo_id
+    from .hub_inputs import looks_like_repo_id
 
     return bool(name) and looks_like_repo_id(name)
 

@@ -3,30 +3,31 @@
 A GGUF file is a header (key/values: architecture, hyperparameters, tokenizer; then one entry per
 tensor: name, shape, ggml type, offset) followed by the aligned tensor data. Opened here, it is a
 ``Checkpoint`` like any other: ``tensors`` lists the *logical* tensors under their Hugging Face names
-(``gguf_names``), quantized ones as float32, and ``read`` dequantizes with the ``gguf`` package and
-undoes the converter's changes (Llama's Q/K interleave, Gemma's norm + 1), so an adapter in Hugging
-Face layout applies as it is. ``GgufWriter`` writes the same file back with changed tensors
-re-encoded: every key/value is copied byte for byte (only those the job changes are rewritten), the
-tensors keep their order and names, unchanged tensors are copied in the kernel, and the header is laid
-out first so that each tensor is written into place as it comes, one at a time.
+(``gguf_names``), each an ``EncodedTensorInfo`` whose encoding is its ggml type
+(``quant/encodings/ggml.py``: dequantized with the ``gguf`` package, the converter's changes undone:
+Llama's Q/K interleave, Gemma's norm + 1), so an adapter in Hugging Face layout applies as it is.
+``GgufWriter`` writes the same file back with changed tensors re-encoded: every key/value is copied
+byte for byte (only those the job changes are rewritten), the tensors keep their order and names,
+unchanged tensors are copied in the kernel, and the header is laid out first so that each tensor is
+written into place as it comes, one at a time.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as GgmlType
 
 from ..errors import InputError, UnsupportedError
+from ..quant.encodings import EncodedTensorInfo
+from ..quant.encodings.ggml import (Ggml, can_decode, can_encode, fits_blocks, plain_types, stored_nbytes,
+                                    type_name)
 from .gguf_config import hf_config
 from .gguf_header import KeyValue, pack_string, read_header
 from .gguf_names import Layout, arch_rules, hf_names, layout
@@ -35,18 +36,9 @@ from .safetensors_file import TensorInfo, copy_range, read_tensor, write_at
 from .untrusted import shown
 
 #: ggml types stored as plain elements, and their torch dtypes.
-PLAIN_TYPES: dict[GgmlType, torch.dtype] = {
-    GgmlType.F32: torch.float32, GgmlType.F16: torch.float16, GgmlType.BF16: torch.bfloat16,
-    GgmlType.F64: torch.float64, GgmlType.I8: torch.int8, GgmlType.I16: torch.int16, GgmlType.I32: torch.int32,
-    GgmlType.I64: torch.int64,
-}
+PLAIN_TYPES: dict[GgmlType, torch.dtype] = plain_types()
 #: Far above any released model (Llama 3.1 405B has 126); the name map's size grows with it.
 MAX_BLOCKS = 4096
-_FLOAT_TYPES = (GgmlType.F32, GgmlType.F16, GgmlType.BF16, GgmlType.F64)
-
-
-def type_name(t: GgmlType) -> str:
-    return t.name.lower()
 
 
 def parse_type(text: str) -> GgmlType:
@@ -58,92 +50,29 @@ def parse_type(text: str) -> GgmlType:
     return t
 
 
-@functools.cache
-def can_decode(t: GgmlType) -> bool:
-    """Whether the ``gguf`` package can dequantize ``t`` (plain types are read as they are)."""
-    if t in PLAIN_TYPES:
-        return True
-    try:  # the package says so only by trying: it raises NotImplementedError for the others
-        gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[t][1]), np.uint8), t)
-    except NotImplementedError:
-        return False
-    return True
-
-
-@functools.cache
-def can_encode(t: GgmlType) -> bool:
-    """Whether ``t`` can be written from floats: plain floats, and the quantizers ``gguf`` implements."""
-    if t in _FLOAT_TYPES:
-        return True
-    if t in PLAIN_TYPES:
-        return False
-    try:
-        gguf.quants.quantize(np.zeros((1, gguf.GGML_QUANT_SIZES[t][0]), np.float32), t)
-    except NotImplementedError:
-        return False
-    return True
-
-
-def stored_nbytes(shape: tuple[int, ...], t: GgmlType) -> int:
-    block, size = gguf.GGML_QUANT_SIZES[t]
-    return math.prod(shape) // block * size
-
-
-def fits_blocks(shape: tuple[int, ...], t: GgmlType) -> bool:
-    """ggml quantizes rows in blocks: a row's length must be a multiple of the block size."""
-    return not shape or shape[-1] % gguf.GGML_QUANT_SIZES[t][0] == 0
-
-
 @dataclass(frozen=True)
-class GgufTensorInfo:
-    """One GGUF tensor as the logical (Hugging Face) tensor it stands for."""
+class GgufTensorInfo(EncodedTensorInfo):
+    """One GGUF tensor as the logical (Hugging Face) tensor it stands for: ``parts`` is its one stored
+    byte range (``data``, named by its GGUF name), ``encoding`` its ggml type and layout."""
 
-    name: str  # Hugging Face name
-    dtype: torch.dtype  # logical: the plain type's dtype, float32 for quantized types
-    shape: tuple[int, ...]  # Hugging Face shape (GGUF lists dimensions innermost first)
-    file: Path
-    offset: int  # absolute byte offset of the stored data
-    gguf_name: str
-    type: GgmlType
-    layout: Layout
+    encoding: Ggml
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+    def gguf_name(self) -> str:
+        return self.stored.name
 
     @property
-    def nbytes(self) -> int:
-        """Bytes stored (what reading it costs), not the logical size."""
-        return stored_nbytes(self.shape, self.type)
+    def type(self) -> GgmlType:
+        return self.encoding.type
+
+    @property
+    def layout(self) -> Layout:
+        return self.encoding.layout
 
     @property
     def stored(self) -> TensorInfo:
         """The stored bytes, as a flat uint8 tensor."""
-        return TensorInfo(self.gguf_name, torch.uint8, (self.nbytes,), self.file, self.offset)
-
-
-def decode(info: GgufTensorInfo) -> torch.Tensor:
-    """The logical tensor: dequantized, in Hugging Face layout."""
-    if not can_decode(info.type):
-        raise UnsupportedError(f"{info.file}: tensor {info.gguf_name} is {info.type.name}, which the gguf package "
-                               "cannot dequantize")
-    raw = read_tensor(info.stored)
-    if info.type in PLAIN_TYPES:
-        t = raw.view(PLAIN_TYPES[info.type]).reshape(info.shape)
-    else:
-        block, size = gguf.GGML_QUANT_SIZES[info.type]
-        rows = raw.numpy().reshape(*info.shape[:-1], info.shape[-1] // block * size)
-        t = torch.from_numpy(gguf.quants.dequantize(rows, info.type))
-    return info.layout.to_hf(t.to(info.dtype)).to(info.dtype)
-
-
-def encode(t: torch.Tensor, info_layout: Layout, target: GgmlType) -> torch.Tensor:
-    """The stored form of the logical tensor ``t`` as ``target`` (quantized once, from float32)."""
-    if t.is_floating_point():
-        t = info_layout.to_gguf(t.to(torch.float32))
-    if target in PLAIN_TYPES:
-        return t.to(PLAIN_TYPES[target]).contiguous()
-    return torch.from_numpy(gguf.quants.quantize(t.contiguous().numpy(), target))
+        return self.parts["data"]
 
 
 @dataclass
@@ -167,18 +96,10 @@ class GgufCheckpoint(Checkpoint):
         config = hf_config(self.arch, self.kv, self.tensors, embedding.shape[0] if embedding is not None else None)
         return {} if config is None else {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
 
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        t = decode(self.tensors[name])
-        return t if out is None else out.copy_(t)
 
-    def read_stored(self, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
-        return read_tensor(info, out)
-
-
-def open_gguf(path: Path) -> GgufCheckpoint:
-    """Open a GGUF file: parse and check its header, map its tensors to Hugging Face names."""
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
+def open_gguf(path: Path, fmt: object) -> GgufCheckpoint:
+    """Open a GGUF file (of the format ``fmt``): parse and check its header, map its tensors to Hugging Face
+    names."""
     check_weights_file(path, path.parent)
     header = read_header(path)
     kv = {e.key: e.value for e in header.key_values}
@@ -214,9 +135,10 @@ def open_gguf(path: Path) -> GgufCheckpoint:
             raise InputError(f"{path}: tensor {shown(t.name)} has shape {list(t.shape)}, which does not split "
                              f"into {lay.heads} heads of row pairs; the file or its head counts are corrupt")
         dtype = PLAIN_TYPES.get(t.type, torch.float32) if not lay.offset else torch.float32
-        tensors[name] = GgufTensorInfo(name, dtype, t.shape, path, t.offset, t.name, t.type, lay)
+        data = TensorInfo(t.name, torch.uint8, (stored_nbytes(t.shape, t.type),), path, t.offset)
+        tensors[name] = GgufTensorInfo(name, dtype, t.shape, {"data": data}, Ggml(t.type, lay))
     stored = {t.gguf_name: t.stored for t in tensors.values()}
-    return GgufCheckpoint(path.parent, [path], tensors, "gguf", side_files=False, stored=stored, arch=arch,
+    return GgufCheckpoint(path.parent, [path], tensors, fmt, side_files=False, stored=stored, arch=arch,
                           key_values=header.key_values, alignment=header.alignment)
 
 
@@ -299,7 +221,7 @@ class GgufWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Store the logical tensor ``name`` in its output type."""
         info = self.source.tensors[name]
-        data = encode(tensor, info.layout, self._types[name])
+        data = info.encoding.encode_data(tensor, self._types[name])
         if data.numel() * data.element_size() != stored_nbytes(info.shape, self._types[name]):
             raise AssertionError(f"{info.gguf_name}: encoded to {data.numel() * data.element_size()} bytes")
         write_at(self._fd, data, self._data_start + self._offsets[name], self.path, info.gguf_name)
@@ -311,7 +233,7 @@ class GgufWriter:
         if self._types[name] != info.type:
             return False
         where = self._data_start + self._offsets[name]
-        if not copy_range(info.file, info.offset, self._fd, where, info.nbytes, self.path, info.gguf_name):
+        if not copy_range(info.file, info.stored.offset, self._fd, where, info.nbytes, self.path, info.gguf_name):
             write_at(self._fd, read_tensor(info.stored), where, self.path, info.gguf_name)
         self._pending.discard(name)
         return True

@@ -1,9 +1,9 @@
-"""Open a model checkpoint in any of the layouts ``save_pretrained`` writes, without loading it.
+"""A model checkpoint opened without loading it: ``Checkpoint``, and what every file format's reader shares.
 
-Supported: a single ``.safetensors`` file; a folder with ``model.safetensors``; a folder with shards
-and a ``*.safetensors.index.json``; legacy ``pytorch_model.bin`` (+ ``pytorch_model.bin.index.json``),
-read with ``torch.load(weights_only=True, mmap=True)`` so that only the tensor asked for is paged in.
-Every shard header is read and validated on open, so a broken checkpoint fails before any work.
+The formats themselves (single/sharded/indexed ``.safetensors``, legacy ``pytorch_model.bin`` read
+with ``torch.load(weights_only=True, mmap=True)``, llama.cpp ``.gguf``) are the modules of
+``checkpoint/formats``; ``open_checkpoint`` there picks one. Every shard header is read and validated
+on open, so a broken checkpoint fails before any work.
 """
 
 from __future__ import annotations
@@ -16,13 +16,17 @@ import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import InputError
-from .safetensors_file import TensorInfo, read_header, read_tensor
+from .safetensors_file import TensorInfo, read_tensor
 from .untrusted import UntrustedError, load_json, read_small, shown
 from ..quant.encodings import EncodedTensorInfo, group_encoded
+
+if TYPE_CHECKING:
+    from .formats.base import CheckpointFormat
 
 SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -37,13 +41,12 @@ class Checkpoint:
     folder: Path  # where config.json and friends live
     shards: list[Path]  # in order
     tensors: dict[str, TensorInfo | EncodedTensorInfo]  # in shard order, then file order
-    format: str  # "safetensors" or "bin"
+    format: CheckpointFormat  # how it is stored (``checkpoint/formats``)
     index_file: Path | None = None
     side_files: bool = True  # whether ``folder`` holds this model's config/tokenizer files
     metadata: dict[str, str] = field(default_factory=dict)
     #: The tensors as stored (``tensors`` lists quantized weights as one logical tensor each).
     stored: dict[str, TensorInfo] = field(default_factory=dict)
-    _bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
     def shard_of(self, name: str) -> Path:
         return self.tensors[name].file
@@ -63,12 +66,7 @@ class Checkpoint:
 
     def read_stored(self, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor as stored in the files; the only place tensor data enters memory."""
-        if self.format == "safetensors":
-            return read_tensor(info, out)
-        if self._bin_cache is None or self._bin_cache[0] != info.file:
-            self._bin_cache = (info.file, _load_bin(info.file))
-        src = self._bin_cache[1][info.name]  # memory-mapped: only this tensor's pages are read
-        return src.clone() if out is None else out.copy_(src)
+        return read_tensor(info, out)
 
     def read_part(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """One stored tensor, or rows ``[start, stop)`` of its first dimension (what encodings read)."""
@@ -77,8 +75,6 @@ class Checkpoint:
         start, stop = rows
         if not 0 <= start <= stop <= (info.shape[0] if info.shape else 1):
             raise ValueError(f"rows {rows} of {info.name} {list(info.shape)}")
-        if self.format != "safetensors":
-            return self.read_stored(info)[start:stop]
         row = math.prod(info.shape[1:]) * info.dtype.itemsize
         part = TensorInfo(info.name, info.dtype, (stop - start, *info.shape[1:]), info.file, info.offset + start * row)
         return read_tensor(part)
@@ -104,62 +100,6 @@ class Checkpoint:
         if not isinstance(config, dict):
             raise InputError(f"{path}: not a JSON object; a model config maps names to values")
         return config
-
-
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a checkpoint file or folder and validate every shard header.
-
-    Encoded weights are listed as the logical tensors they stand for (see ``wsurgery.quant.encodings``),
-    and so are the tensors of a llama.cpp ``.gguf`` file (see ``gguf_format``).
-    """
-    if Path(path).suffix == ".gguf":
-        from .gguf_format import open_gguf  # imported here: gguf_format builds on this module
-
-        return open_gguf(Path(path))
-    ckpt = _open(Path(path))
-    ckpt.stored = dict(ckpt.tensors)
-    ckpt.tensors = group_encoded(ckpt.stored, ckpt.config, ckpt.read_part, str(ckpt.index_file or ckpt.folder))
-    return ckpt
-
-
-def _open(path: Path) -> Checkpoint:
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
-    if not path.is_dir():
-        if path.name.endswith(SAFETENSORS_INDEX_SUFFIX) or path.name == BIN_INDEX_NAME:
-            return _open_index(path)
-        if path.suffix == ".safetensors":
-            ckpt = _open_safetensors([path], path.parent, None)
-        elif path.suffix in (".bin", ".pt", ".pth"):
-            ckpt = _open_bin([path], path.parent, None)
-        else:
-            raise InputError(f"{path}: not a checkpoint file (expected .safetensors, .bin, .gguf or an index .json)")
-        # A lone file carries its folder's config only if that folder is a model folder.
-        ckpt.side_files = (path.parent / "config.json").is_file()
-        return ckpt
-
-    indexes = sorted(p for p in path.glob("*" + SAFETENSORS_INDEX_SUFFIX) if not p.name.startswith("adapter"))
-    if len(indexes) > 1:
-        raise InputError(f"{path}: several safetensors index files ({', '.join(p.name for p in indexes)}); "
-                         "pass the one to use")
-    if indexes:
-        return _open_index(indexes[0])
-    singles = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_model"))
-    if path / "model.safetensors" in singles:
-        singles = [path / "model.safetensors"]
-    if len(singles) == 1:
-        return _open_safetensors(singles, path, None)
-    if len(singles) > 1:
-        raise InputError(f"{path}: several .safetensors files and no index ({', '.join(p.name for p in singles)}); "
-                         "pass the file to use")
-    if (path / BIN_INDEX_NAME).exists():
-        return _open_index(path / BIN_INDEX_NAME)
-    if (path / "pytorch_model.bin").exists():
-        return _open_bin([path / "pytorch_model.bin"], path, None)
-    if (path / "adapter_config.json").is_file():
-        raise InputError(f"{path}: this is an adapter folder, not a model checkpoint")
-    raise InputError(f"{path}: no model weights found (expected model.safetensors, a safetensors index, "
-                     "or pytorch_model.bin)")
 
 
 def resolves_inside(path: Path, folder: Path) -> bool:
@@ -209,7 +149,8 @@ def _shard_name(index_path: Path, tensor_name: str, shard: object) -> str:
     return name
 
 
-def _open_index(index_path: Path) -> Checkpoint:
+def read_index(index_path: Path) -> tuple[dict[str, str], list[Path]]:
+    """An index's weight map (tensor -> normalized shard name) and its shards, in order of first mention."""
     folder = index_path.parent
     try:
         index = load_json(read_small(index_path, MAX_JSON_BYTES, "an index"))
@@ -221,9 +162,12 @@ def _open_index(index_path: Path) -> Checkpoint:
     if not weight_map:
         raise InputError(f"{index_path}: the index's weight_map is empty; it names no tensor")
     listed = {tensor: _shard_name(index_path, tensor, shard) for tensor, shard in weight_map.items()}
-    shards = [folder / name for name in dict.fromkeys(listed.values())]  # in order of first mention
-    is_bin = index_path.name == BIN_INDEX_NAME or all(p.suffix == ".bin" for p in shards)
-    ckpt = _open_bin(shards, folder, index_path) if is_bin else _open_safetensors(shards, folder, index_path)
+    return listed, [folder / name for name in dict.fromkeys(listed.values())]
+
+
+def check_index(ckpt: Checkpoint, index_path: Path, listed: dict[str, str]) -> Checkpoint:
+    """Refuse an index that names a tensor its shard lacks, or places it in another shard."""
+    folder = index_path.parent
     for tensor_name, name in listed.items():
         info = ckpt.tensors.get(tensor_name)
         if info is None:
@@ -234,18 +178,11 @@ def _open_index(index_path: Path) -> Checkpoint:
     return ckpt
 
 
-def _open_safetensors(shards: list[Path], folder: Path, index: Path | None) -> Checkpoint:
-    tensors: dict[str, TensorInfo] = {}
-    metadata: dict[str, str] = {}
-    for shard in shards:
-        check_weights_file(shard, folder, index)
-        infos, meta = read_header(shard)
-        metadata = metadata or meta
-        for name, info in infos.items():
-            if name in tensors:
-                raise InputError(f"{shard}: tensor {shown(name)} is also in {tensors[name].file.name}")
-            tensors[name] = info
-    return Checkpoint(folder, shards, tensors, "safetensors", index, metadata=metadata)
+def grouped(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` with its encoded weights listed as the logical tensors they stand for."""
+    ckpt.stored = dict(ckpt.tensors)
+    ckpt.tensors = group_encoded(ckpt.stored, ckpt.config, ckpt.read_part, str(ckpt.index_file or ckpt.folder))
+    return ckpt
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -273,15 +210,3 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def _open_bin(shards: list[Path], folder: Path, index: Path | None) -> Checkpoint:
-    tensors: dict[str, TensorInfo] = {}
-    ckpt = Checkpoint(folder, shards, tensors, "bin", index)
-    for shard in shards:
-        check_weights_file(shard, folder, index)
-        sd = _load_bin(shard)
-        for name, t in sd.items():
-            tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), shard, -1)
-        ckpt._bin_cache = (shard, sd)
-    return ckpt

@@ -22,7 +22,7 @@ from ..adapters import Adapter, load_adapter
 from ..checkpoint import Checkpoint, check_output_path, open_checkpoint
 from ..engine import plan
 from ..errors import InputError, UnsupportedError
-from ..hub import looks_like_repo_id, resolve
+from ..hub_inputs import looks_like_repo_id, resolve
 from ..methods import Patch, ReplacePatch
 from ..methods.lora import LoraPatch
 from .extract import LoraModule, RankRule, as_product, layer_kind, lora_adapter, truncated_svd, uses_conv1d

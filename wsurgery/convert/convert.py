@@ -26,7 +26,7 @@ from ..adapters import Adapter, load_adapter
 from ..checkpoint import Checkpoint, check_output_path, open_checkpoint
 from ..engine import plan
 from ..errors import InputError, UnsupportedError
-from ..hub import resolve
+from ..hub_inputs import resolve
 from ..model_card import provenance
 from ..methods import AdditivePatch, Patch
 from ..methods.adalora import AdaLoraPatch

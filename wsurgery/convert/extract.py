@@ -29,7 +29,7 @@ from .. import conventions
 from ..checkpoint import Checkpoint, check_output_path, open_checkpoint
 from ..conventions import CONV1D_LAYERS, is_embedding, is_output_head, last_name
 from ..errors import InputError, UnsupportedError
-from ..hub import resolve
+from ..hub_inputs import resolve
 from ..model_card import provenance
 from .peft_writer import write_adapter
 

@@ -30,7 +30,7 @@ from ..checkpoint.gguf_names import Layout, arch_of_config, gguf_names, layout
 from ..checkpoint.output import atomic_output_file, check_output_file
 from ..engine import plan
 from ..errors import InputError, NotExpressible, UnsupportedError
-from ..hub import resolve
+from ..hub_inputs import resolve
 from ..methods.lora import DoraPatch, LoraPatch
 from ..methods.replace import ReplacePatch
 

@@ -31,7 +31,7 @@ from ..errors import InputError
 def require_gguf(ckpt: Checkpoint, what: str) -> GgufCheckpoint:
     if not isinstance(ckpt, GgufCheckpoint):
         raise InputError(f"{ckpt.shards[0] if len(ckpt.shards) == 1 else ckpt.folder}: {what} needs a GGUF file "
-                         "(.gguf); this checkpoint is " + ckpt.format)
+                         "(.gguf); this checkpoint is " + ckpt.format.name)
     return ckpt
 
 
