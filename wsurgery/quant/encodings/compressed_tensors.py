@@ -19,7 +19,6 @@ class target; every 2-D weight stored with side tensors is taken as quantized an
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +29,10 @@ from ...checkpoint.safetensors_file import TensorInfo, TensorSpec
 from ...errors import InputError, UnsupportedError
 from . import compressed_tensors_math as ctm
 from .base import EncodedTensorInfo, Encoding, GroupContext, ReadPart, Rows, register
+from .compressed_tensors_config import FORMATS, Matcher, unsupported
 
 _METHOD = "compressed-tensors"
 _UNPACKED = ("float-quantized", "int-quantized", "naive-quantized")
-_FORMATS = (*_UNPACKED, "pack-quantized")
 _STRATEGIES = ("tensor", "channel", "group", "block")
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SIDES = ("weight_scale", "weight_zero_point", "weight_packed", "weight_shape", "weight_g_idx")
@@ -61,7 +60,7 @@ class CompressedTensors(Encoding):
 
     @classmethod
     def recognizes(cls, quantization_config: dict) -> bool:
-        return quantization_config.get("quant_method") == _METHOD and _unsupported(quantization_config) is None
+        return quantization_config.get("quant_method") == _METHOD and unsupported(quantization_config) is None
 
     @property
     def cannot_encode(self) -> str | None:  # type: ignore[override]
@@ -101,18 +100,19 @@ class CompressedTensors(Encoding):
         if not q or q.get("quant_method") != _METHOD:
             return {}
         where = context.where
-        problem = _unsupported(q)
+        problem = unsupported(q)
         if problem:
             raise UnsupportedError(f"{where}: compressed-tensors checkpoint {problem}; wsurgery decodes "
-                                   f"{', '.join(_FORMATS)} with quantization_status 'compressed'")
+                                   f"{', '.join(FORMATS)} with quantization_status 'compressed'")
         # A module is quantized where it stores a scale, packed codes, or integer/float8 codes.
         modules = sorted({n.rpartition(".")[0] for n, i in stored.items()
                           if n.rpartition(".")[2] in ("weight_scale", "weight_packed")
                           or (n.endswith(".weight") and i.dtype in (ctm.FP8, torch.int8))})
         found: dict[str, EncodedTensorInfo] = {}
+        matcher = Matcher(q, stored, where)
         for module in modules:
             name = f"{module}.weight"
-            scheme = _scheme_for(module, q, stored, where)
+            scheme = matcher.scheme(module)
             encoding = cls._from_scheme(scheme, q, stored, module, where)
             parts = {s: stored[f"{module}.{s}"] for s in _SIDES if f"{module}.{s}" in stored}
             if encoding.format in _UNPACKED and name in stored:
@@ -127,9 +127,9 @@ class CompressedTensors(Encoding):
         w = scheme.get("weights") or {}
         fmt = scheme.get("format") or q.get("format")
         label = f"{where}: {module}"
-        if fmt not in _FORMATS:
+        if fmt not in FORMATS:
             raise UnsupportedError(f"{label}: stored in compressed-tensors format {fmt!r}; wsurgery decodes "
-                                   f"{', '.join(_FORMATS)}")
+                                   f"{', '.join(FORMATS)}")
         group_size, block = w.get("group_size"), w.get("block_structure")
         strategy = w.get("strategy") or ("tensor" if group_size is None else "channel" if group_size == -1
                                          else "group")
@@ -270,56 +270,6 @@ class CompressedTensors(Encoding):
         parts = self.encode(name, tensor)
         first = rows[0] // chunk if self.strategy == "block" else rows[0]
         return {n: (t, rows[0] if n == name else first) for n, t in parts.items()}
-
-
-def _unsupported(q: dict) -> str | None:
-    """Why a compressed-tensors config is outside what this encoding reads (None: it is inside)."""
-    status = q.get("quantization_status", "compressed")
-    if status != "compressed":
-        return f"has quantization_status {status!r} (weights not stored compressed)"
-    if q.get("sparsity_config") or q.get("transform_config"):
-        return "records a sparsity or transform config (weights are not plain after decompression)"
-    groups = q.get("config_groups")
-    if not isinstance(groups, dict) or not groups:
-        return "has no config_groups"
-    for gname, g in groups.items():
-        if not isinstance(g, dict):
-            return f"has an unreadable config group {gname!r}"
-        fmt = g.get("format") or q.get("format")
-        if g.get("weights") and fmt not in _FORMATS:
-            return f"stores config group {gname!r} in format {fmt!r}"
-    return None
-
-
-def _matches(name: str, target: str) -> bool:
-    return re.match(target[3:], name) is not None if target.startswith("re:") else target == name
-
-
-def _scheme_for(module: str, q: dict, stored: dict[str, TensorInfo], where: str) -> dict:
-    """The config group compressed-tensors applies to ``module``: exact name, then regex targets (in
-    its sorted order); failing those, a class-name target (any non-regex target naming no module)."""
-    label = f"{where}: {module}"
-    ignore = q.get("ignore") or []
-    if any(_matches(module, t) for t in ignore):
-        raise InputError(f"{label} is stored quantized but quantization_config's ignore list names it; the file "
-                         "disagrees with its config")
-    by_target: dict[str, dict] = {}
-    for g in q["config_groups"].values():
-        if g.get("weights"):
-            for t in g.get("targets") or []:
-                by_target[t] = g
-    for t in sorted(by_target, key=lambda t: ("re:" in t, t)):
-        if _matches(module, t):
-            return by_target[t]
-    modules = {n.rpartition(".")[0] for n in stored}
-    classes = [t for t in by_target if not t.startswith("re:") and t not in modules]
-    schemes = {id(by_target[t]): by_target[t] for t in classes}
-    if len(schemes) == 1:
-        return next(iter(schemes.values()))
-    if not schemes:
-        raise InputError(f"{label} is stored quantized but no config group of quantization_config targets it")
-    raise UnsupportedError(f"{label}: several config groups target layer classes ({', '.join(sorted(classes))}) and "
-                           "the file does not say which class this layer is")
 
 
 def _weight_shape(parts: dict[str, TensorInfo], context: GroupContext, label: str) -> tuple[int, int]:
