@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import wsurgery.checkpoint  # noqa: F401  (loads the encodings package in import order)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import wsurgery.checkpoint  # noqa: F401  (imports the encodings package in its own order)
 from wsurgery.quant.encodings.mxfp4 import decode_blocks
 
 

@@ -23,21 +23,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import assert_close_to, load_all, make_adapter, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import wsurgery
-import wsurgery.api  # noqa: F401  (a submodule: "import wsurgery" does not import it eagerly)
-from oracle import assert_close_to, load_all, make_adapter, run_cli
 from wsurgery.checkpoint import open_checkpoint
 from wsurgery.quant.encodings import EncodedTensorInfo
 from wsurgery.quant.encodings.mxfp4 import Mxfp4
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel  # noqa: E402
-from transformers import AutoModelForCausalLM, GptOssConfig, GptOssForCausalLM, Mxfp4Config  # noqa: E402
-from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # noqa: E402
+from peft import LoraConfig, PeftModel
+from transformers import (
+    AutoModelForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
+    Mxfp4Config,
+)
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 EXPERTS = ("gate_up_proj", "down_proj")
 NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
@@ -272,7 +276,20 @@ def test_decoded_checkpoint_equals_transformers_dequantized_model(base, capsys):
     assert not any(n.endswith(("_blocks", "_scales")) for n in ckpt.tensors)
     code, out, err = run_cli(["inspect", base], capsys)
     assert code == 0, err
-    assert "mxfp4" in out
+    assert "4 weights encoded (4 as mxfp4" in out
+    line = next(x for x in out.splitlines() if "experts.gate_up_proj " in x)
+    assert "[4, 64, 192]" in line and "[mxfp4 e2m1" in line
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_decoded_dtype_is_the_models(base, tmp_path, dtype):
+    """transformers decodes into the parameter's dtype, config.json's by default."""
+    other = _damaged(base, tmp_path / "other", lambda t: None, lambda c: c.update(dtype=dtype))
+    ckpt = open_checkpoint(other)
+    params = dict(_dequantized(other).named_parameters())
+    for name in (f"model.layers.1.mlp.experts.{p}" for p in EXPERTS):
+        assert ckpt.tensors[name].dtype == getattr(torch, dtype)
+        assert _same(ckpt.read(name), params[name].detach()), name
 
 
 def test_dequantize_loads_plainly_and_gives_transformers_logits(base, tmp_path, capsys):
@@ -281,7 +298,7 @@ def test_dequantize_loads_plainly_and_gives_transformers_logits(base, tmp_path, 
     config = json.loads((tmp_path / "plain" / "config.json").read_text())
     assert "quantization_config" not in config
     with safe_open(tmp_path / "plain" / "model.safetensors", "pt") as f:
-        assert not any(k.endswith(("_blocks", "_scales")) for k in f.keys())
+        assert not any(k.endswith(("_blocks", "_scales")) for k in f.keys())  # noqa: SIM118  (safe_open is no dict)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     reference = _dequantized(base)
     want = dict(reference.named_parameters())
@@ -389,6 +406,9 @@ _L0 = "model.layers.0.mlp.experts.gate_up_proj"
     (lambda t: t.update({f"{_L0}_scales": t[f"{_L0}_scales"].to(torch.int16)}), "uint8"),
     (lambda t: t.update({f"{_L0}_blocks": t[f"{_L0}_blocks"][:3].contiguous(),
                          f"{_L0}_scales": t[f"{_L0}_scales"][:3].contiguous()}), "config.json"),
+    (lambda t: t.update({"model.layers.0.mlp.experts.up_proj_blocks": t[f"{_L0}_blocks"].clone(),
+                         "model.layers.0.mlp.experts.up_proj_scales": t[f"{_L0}_scales"].clone()}),
+     "only for the experts'"),
 ])
 def test_broken_parts_refused_when_opened(base, tmp_path, edit, message):
     bad = _damaged(base, tmp_path / "bad", edit)
@@ -414,4 +434,4 @@ def test_without_mxfp4_config_blocks_are_not_decoded(base, tmp_path, capsys):
     ckpt = open_checkpoint(bad)
     assert f"{_L0}_blocks" in ckpt.tensors and _L0 not in ckpt.tensors
     code, out, err = run_cli(["dequantize", bad, tmp_path / "out"], capsys)
-    assert code != 0 and not (tmp_path / "out").exists()
+    assert code != 0 and "nothing to dequantize" in err + out and not (tmp_path / "out").exists()

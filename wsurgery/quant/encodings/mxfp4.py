@@ -128,10 +128,14 @@ class Mxfp4(Encoding):
         dtype: torch.dtype | None = None
         for part in [n for n in stored if n.endswith(("_blocks", "_scales"))]:
             name, role = part[:-7], part[-6:]
-            if not name.endswith(tuple(f".{p}" for p in _PROJECTIONS)) and name not in _PROJECTIONS:
-                continue
             where = f"{context.where}: {name}"
             other = f"{name}_{'scales' if role == 'blocks' else 'blocks'}"
+            if name.rpartition(".")[2] not in _PROJECTIONS:
+                if role == "blocks" and other in stored and stored[part].dtype == torch.uint8:
+                    raise InputError(f"{where}: {part} and {other} look like MXFP4, but transformers decodes MXFP4 "
+                                     f"only for the experts' {' and '.join(_PROJECTIONS)}; this checkpoint would not "
+                                     "load as stored")
+                continue
             if other not in stored:
                 raise InputError(f"{where}: {part} has no {other} next to it; an MXFP4 weight needs both, so the "
                                  "checkpoint is incomplete")
