@@ -22,17 +22,20 @@ from ...checkpoint.dtypes import dtype_name
 from ...checkpoint.safetensors_file import TensorInfo
 from ...errors import InputError, UnsupportedError
 from .base import EncodedTensorInfo, Encoding, GroupContext, ReadPart, Rows, register
-from .gptq import (
-    CALIBRATION,
-    check_dtype_shape,
-    check_finite,
-    config_int,
-    packed_modules,
-    unpack_cols,
-)
+from .gptq import CALIBRATION, check_dtype_shape, check_finite, config_int, dequantize, packed_modules, unpack_fields
 
 # Column j of each eight is in field _FIELD_OF_COLUMN[j] of its word (the inverse of AWQ_ORDER).
 _FIELD_OF_COLUMN = (0, 4, 1, 5, 2, 6, 3, 7)
+_HALF = torch.tensor([f // 4 for f in _FIELD_OF_COLUMN])  # the int16 half of the word each column is in
+_SHIFT = torch.tensor([f % 4 * 4 for f in _FIELD_OF_COLUMN], dtype=torch.int16).view(1, 8, 1)
+
+
+def unpack_columns_as_rows(words: torch.Tensor) -> torch.Tensor:
+    """(out/8, in) int32 words (qweight transposed) -> (out, in) patterns of ``unpack_fields``, each word's
+    eight output columns in AWQ's order, as eight rows."""
+    halves = words.view(torch.int16).view(*words.shape, 2).permute(0, 2, 1)  # (out/8, 2, in)
+    fields = halves.index_select(1, _HALF).bitwise_right_shift_(_SHIFT)
+    return fields.bitwise_and_(15).bitwise_or_(0x6400).view(-1, words.shape[1])
 
 
 @register
@@ -98,11 +101,12 @@ class Awq(Encoding):
 
     def decode(self, info: EncodedTensorInfo, read: ReadPart, rows: Rows | None = None) -> torch.Tensor:
         out, n_in = info.shape
-        order = torch.tensor(_FIELD_OF_COLUMN).repeat(out // 8) + torch.arange(out).div(8, rounding_mode="floor") * 8
-        codes = unpack_cols(read(info.parts["qweight"]), 4, torch.int8)[:, order]
-        zeros = unpack_cols(read(info.parts["qzeros"]), 4, torch.int8)[:, order]
-        scales = read(info.parts["scales"])
-        groups = n_in // self.group_size
-        w = scales.view(groups, 1, out) * (codes.view(groups, self.group_size, out) - zeros.view(groups, 1, out))
-        w = w.view(n_in, out).T
-        return (w if rows is None else w[rows[0]:rows[1]]).contiguous()
+        a, b = rows or (0, out)
+        w0, w1 = a // 8, -(-b // 8)  # the words holding output columns [a, b)
+        qweight = read(info.parts["qweight"])[:, w0:w1].T.contiguous()  # (words, in)
+        codes = unpack_columns_as_rows(qweight)[a - 8 * w0:b - 8 * w0]
+        columns = torch.arange(a, b)
+        fields = columns - columns % 8 + torch.tensor(_FIELD_OF_COLUMN)[columns % 8]
+        zeros = unpack_fields(read(info.parts["qzeros"]), 4)[:, fields].T
+        scales = read(info.parts["scales"])[:, a:b].T
+        return dequantize(codes, zeros, scales, self.group_size)

@@ -70,20 +70,28 @@ def packed_modules(stored: dict[str, TensorInfo], context: GroupContext, method:
     return modules
 
 
-def unpack_rows(q: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """(rows, cols) int32 words -> (rows * 32/bits, cols) codes: word r holds rows r*k .. r*k+k-1, low bits first."""
-    k = 32 // bits
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32).view(1, k, 1)
-    codes = torch.bitwise_and(torch.bitwise_right_shift(q.unsqueeze(1), shifts), (1 << bits) - 1).to(dtype)
-    return codes.view(q.shape[0] * k, q.shape[1])
+def unpack_fields(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., n) int32 words -> (..., n * 32/bits): the fields of each word, low bits first, each as the float16
+    bit pattern of ``1024 + code`` (0x6400 | code). Integer passes only (no int -> float conversion), and
+    ``(1024 + q) - (1024 + z)`` is ``q - z`` exactly in float16 for codes below 1024. The words are read as
+    int16 halves, low half first: safetensors and torch on x86-64/ARM are little-endian."""
+    shifts = torch.arange(0, 16, bits, dtype=torch.int16)
+    fields = torch.bitwise_right_shift(words.view(torch.int16).view(*words.shape, 2, 1), shifts)
+    return fields.bitwise_and_((1 << bits) - 1).bitwise_or_(0x6400).view(*words.shape[:-1], -1)
 
 
-def unpack_cols(q: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """(rows, cols) int32 words -> (rows, cols * 32/bits) codes: word c holds cols c*k .. c*k+k-1, low bits first."""
-    k = 32 // bits
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32).view(1, 1, k)
-    codes = torch.bitwise_and(torch.bitwise_right_shift(q.unsqueeze(2), shifts), (1 << bits) - 1).to(dtype)
-    return codes.view(q.shape[0], q.shape[1] * k)
+def dequantize(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group: torch.Tensor | int) -> torch.Tensor:
+    """``scales * (q - z)`` in float16, (out, in), in place, from ``unpack_fields`` patterns: ``codes`` (out, in), ``zeros``
+    (out, groups) and float16 ``scales`` (out, groups); ``group`` is each input column's group, or their common
+    size. Equal bit for bit to the references' int8 ``q - z`` times float16 scales: the difference is exact
+    and so is float16(q - z), and each float16 product is rounded once either way."""
+    w = codes.view(torch.float16)
+    zeros = zeros.view(torch.float16)
+    out, n_in = w.shape
+    if isinstance(group, int):
+        w = w.view(out, n_in // group, group)
+        return w.sub_(zeros.unsqueeze(-1)).mul_(scales.unsqueeze(-1)).view(out, n_in)
+    return w.sub_(zeros[:, group]).mul_(scales[:, group])
 
 
 @register
@@ -177,23 +185,19 @@ class Gptq(Encoding):
 
     def decode(self, info: EncodedTensorInfo, read: ReadPart, rows: Rows | None = None) -> torch.Tensor:
         out, n_in = info.shape
-        codes_dtype = torch.int16 if self.bits == 8 else torch.int8
-        codes = unpack_rows(read(info.parts["qweight"]), self.bits, codes_dtype)[:n_in]
+        a, b = rows or (0, out)
+        qweight = read(info.parts["qweight"])[:, a:b].T.contiguous()  # (rows, in*bits/32): one word per row run
+        codes = unpack_fields(qweight, self.bits)[:, :n_in]
         qzeros = read(info.parts["qzeros"])
         if self.v1_zeros:
             qzeros = qzeros + _V1_OFFSET[self.bits]  # int32, wrapping as GPT-QModel's in-place add does
-        zeros = unpack_cols(qzeros, self.bits, codes_dtype)[:, :out]
-        scales = read(info.parts["scales"])
+        zeros = unpack_fields(qzeros, self.bits)[:, a:b].T
+        scales = read(info.parts["scales"])[:, a:b].T
         size = n_in if self.group_size == -1 else self.group_size
         if self.act_order:
-            g = read(info.parts["g_idx"]).long()
-            w = scales[g] * (codes - zeros[g])
-        elif n_in % size == 0:  # the same products, without gathering a copy of scales and zeros per row
-            groups = n_in // size
-            w = (scales.view(groups, 1, out) * (codes.view(groups, size, out) - zeros.view(groups, 1, out)))
-            w = w.view(n_in, out)
+            group: torch.Tensor | int = read(info.parts["g_idx"]).long()
+        elif n_in % size == 0:
+            group = size
         else:
-            g = torch.arange(n_in) // size
-            w = scales[g] * (codes - zeros[g])
-        w = w.T
-        return (w if rows is None else w[rows[0]:rows[1]]).contiguous()
+            group = torch.arange(n_in) // size
+        return dequantize(codes.contiguous(), zeros, scales, group)
