@@ -48,6 +48,8 @@ CASES = {
     "w8a16-packed": (_INT, "pack-quantized", None),
     "int8-naive-asym": ({**_INT, "symmetric": False}, "naive-quantized", None),
     "w3-asym-channel": ({**_INT, "num_bits": 3, "symmetric": False}, None, None),
+    "fp8-static": ({"num_bits": 8, "type": "float", "strategy": "tensor"}, None,  # FP8 (static input_scale)
+                   {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}),
 }
 FP8_CASES = ["fp8-tensor", "fp8-channel", "fp8-block", "fp8-group"]
 
@@ -97,6 +99,8 @@ def _save_compressed(model, qc: QuantizationConfig, folder):
                 module.weight_scale.data = scale.reshape(module.weight_scale.shape)
                 if hasattr(module, "weight_zero_point"):
                     module.weight_zero_point.data = zp.reshape(module.weight_zero_point.shape)
+                if hasattr(module, "input_scale"):  # what calibration would set
+                    module.input_scale.data.fill_(0.02)
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     folder.mkdir(parents=True)
@@ -158,16 +162,19 @@ def test_decode_equals_compressed_tensors_decompress(tmp_path, case):
     assert _identical(torch.cat(rows), expected["model.layers.1.mlp.down_proj.weight"])
 
 
-@pytest.mark.parametrize("case", ["fp8-channel", "w4a16-asym-g32"])
+@pytest.mark.parametrize("case", ["fp8-channel", "w4a16-asym-g32", "fp8-static"])
 def test_inspect_dequantize_and_logits_equal_transformers(tmp_path, capsys, case):
     q = _compressed_base(tmp_path, case)
     code, out, err = run_cli(["inspect", q], capsys)
     assert code == 0, err
     assert {"fp8-channel": "fp8 e4m3fn, per channel, symmetric, bfloat16 scale",
-            "w4a16-asym-g32": "int4 packed, group 32, asymmetric, bfloat16 scale"}[case] in out
+            "w4a16-asym-g32": "int4 packed, group 32, asymmetric, bfloat16 scale",
+            "fp8-static": "fp8 e4m3fn, per tensor, symmetric, bfloat16 scale, static activation scales"}[case] in out
     code, _, err = run_cli(["dequantize", q, tmp_path / "deq", "-q"], capsys)
     assert code == 0, err
     assert "quantization_config" not in json.loads((tmp_path / "deq" / "config.json").read_text())
+    # A plain model has exactly the plain Llama's tensors (no input_scale left over).
+    assert sorted(_stored(tmp_path / "deq")) == sorted(_llama().state_dict())
     plain = LlamaForCausalLM.from_pretrained(tmp_path / "deq")
     theirs = _transformers_dequantized(q)
     assert plain.dtype == torch.bfloat16

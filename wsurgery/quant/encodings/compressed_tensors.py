@@ -18,6 +18,7 @@ class target; every 2-D weight stored with side tensors is taken as quantized an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,9 @@ _UNPACKED = ("float-quantized", "int-quantized", "naive-quantized")
 _STRATEGIES = ("tensor", "channel", "group", "block")
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SIDES = ("weight_scale", "weight_zero_point", "weight_packed", "weight_shape", "weight_g_idx")
+# A static activation scheme's calibrated qparams, stored in the same module: they belong to the quantized
+# layer (a plain output has no use for them), and are kept byte for byte where the layer is copied.
+_ACTIVATION_SIDES = ("input_scale", "input_zero_point", "output_scale", "output_zero_point")
 _MINMAX = (None, "minmax", "memoryless_minmax", "static_minmax")
 
 
@@ -57,6 +61,7 @@ class CompressedTensors(Encoding):
     scale_dtype: torch.dtype = torch.bfloat16
     observer: str | None = None
     rounded_scale: bool = False  # the config asks scales rounded to a scale_dtype (not reproduced)
+    static_activations: bool = False  # the module stores calibrated activation qparams
 
     @classmethod
     def recognizes(cls, quantization_config: dict) -> bool:
@@ -68,6 +73,9 @@ class CompressedTensors(Encoding):
         if self.type == "int":
             return ("its integer scales came from calibration (GPTQ in llm-compressor); rounding to nearest would "
                     "not be the model's own quantizer")
+        if self.static_activations:
+            return ("its layers store activation scales calibrated on data (input_scale), which a changed "
+                    "model's activations no longer match")
         if not self.symmetric or self.rounded_scale or self.observer not in _MINMAX:
             return f"its FP8 scales are not min-max of the weight alone (observer {self.observer!r})"
         return None
@@ -77,7 +85,9 @@ class CompressedTensors(Encoding):
             (" packed" if self.format == "pack-quantized" else "")
         how = {"tensor": "per tensor", "channel": "per channel", "group": f"group {self.group_size}",
                "block": f"{self.block[0]}x{self.block[1]} blocks" if self.block else "blocks"}[self.strategy]
-        return f"{kind}, {how}, {'symmetric' if self.symmetric else 'asymmetric'}, {dtype_name(self.scale_dtype)} scale"
+        static = ", static activation scales" if self.static_activations else ""
+        return f"{kind}, {how}, {'symmetric' if self.symmetric else 'asymmetric'}, {dtype_name(self.scale_dtype)} " \
+            f"scale{static}"
 
     def scale_shape(self, shape: tuple[int, int]) -> tuple[int, ...]:
         rows, cols = shape
@@ -114,7 +124,9 @@ class CompressedTensors(Encoding):
             name = f"{module}.weight"
             scheme = matcher.scheme(module)
             encoding = cls._from_scheme(scheme, q, stored, module, where)
-            parts = {s: stored[f"{module}.{s}"] for s in _SIDES if f"{module}.{s}" in stored}
+            parts = {s: stored[f"{module}.{s}"] for s in _SIDES + _ACTIVATION_SIDES if f"{module}.{s}" in stored}
+            if any(s in parts for s in _ACTIVATION_SIDES):
+                encoding = dataclasses.replace(encoding, static_activations=True)
             if encoding.format in _UNPACKED and name in stored:
                 parts["weight"] = stored[name]
             shape = encoding._check(parts, name, context, where)
