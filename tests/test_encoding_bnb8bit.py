@@ -146,6 +146,26 @@ def test_row_chunks_decode_as_the_whole(case):
     assert all(rows is not None and rows[1] - rows[0] <= 5 for _, rows in read_rows)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_in_blocks_equals_bitsandbytes(case, monkeypatch, dtype):
+    """Blocks of a few rows (the cache-sized decode of large weights) give bitsandbytes' int8_vectorwise_dequant
+    bits, in float32 and cast, Conv1D transposed too."""
+    import dataclasses
+
+    from wsurgery.checkpoint import open_checkpoint
+    from wsurgery.quant.encodings import bnb8bit
+
+    monkeypatch.setattr(bnb8bit, "_BLOCK_ELEMENTS", 100)
+    ckpt, raw = open_checkpoint(case.q), stored(case.q)
+    for name, info in ckpt.tensors.items():
+        if not isinstance(getattr(info, "encoding", None), bnb8bit.Bnb8bit):
+            continue
+        expected = bnb.functional.int8_vectorwise_dequant(raw[name], raw[name[: -len("weight")] + "SCB"])
+        expected = (expected.T if info.encoding.transposed else expected).to(dtype)
+        got = info.encoding.decode(dataclasses.replace(info, dtype=dtype), ckpt.read_part)
+        assert same_bytes(got, expected.contiguous()), name
+
+
 def test_encode_equals_transformers_quantization(case):
     """Our encoder on the 16-bit base's weights gives the bytes transformers + bitsandbytes stored on load
     (float16 cast, per-row absmax, no outlier zeroing from the 6.0 threshold), whole and row by row."""

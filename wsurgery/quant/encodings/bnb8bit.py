@@ -31,6 +31,7 @@ from .base import EncodedTensorInfo, Encoding, GroupContext, ReadPart, Rows, reg
 
 #: bitsandbytes' 1/127 as transformers and bitsandbytes write it (float32 rounds it to 0x3C010204).
 INV_127 = 7.874015718698502e-3
+_BLOCK_ELEMENTS = 1 << 22  # float32 scratch of 16 MiB: few enough blocks that threads pay off
 _MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}  # bitsandbytes' weight_format codes
 
@@ -105,19 +106,30 @@ class Bnb8bit(Encoding):
         return None if self.transposed else 1
 
     def decode(self, info: EncodedTensorInfo, read: ReadPart, rows: Rows | None = None) -> torch.Tensor:
-        if self.transposed:
+        if self.transposed:  # logical rows are stored columns: every stored row is needed
             codes, scb = read(info.parts[""]), read(info.parts["SCB"])
+            codes = codes if rows is None else codes[:, rows[0]:rows[1]]
         else:
             codes, scb = read(info.parts[""], rows), read(info.parts["SCB"], rows)
         zero = scb == 0
         if bool(zero.any()) and bool(codes[zero].any()):
             raise InputError(f"{info.name}: a row with SCB 0 holds nonzero codes, which bitsandbytes never writes "
                              "(an all-zero row quantizes to zeros); the quantized checkpoint is damaged")
-        w = torch.mul(codes, scb[:, None])  # int8 * float32 -> float32, as int8_vectorwise_dequant
-        w.mul_(INV_127)
-        if self.transposed:
-            w = w.T if rows is None else w.T[rows[0]:rows[1]]
-        return w.to(info.dtype).contiguous()
+        n, cols = codes.shape
+        out = torch.empty((cols, n) if self.transposed else (n, cols), dtype=info.dtype)
+        target = out.T if self.transposed else out  # stored layout
+        direct = info.dtype == torch.float32 and not self.transposed
+        # Blocks of stored rows small enough to stay in cache between the two multiplications and the cast.
+        step = max(64 if self.transposed else 1, _BLOCK_ELEMENTS // max(cols, 1))
+        scratch = None if direct else torch.empty((min(step, n), cols), dtype=torch.float32)
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            w = target[a:b] if direct else scratch[: b - a]
+            torch.mul(codes[a:b], scb[a:b, None], out=w)  # int8 * float32 -> float32, as int8_vectorwise_dequant
+            w.mul_(INV_127)
+            if not direct:
+                target[a:b].copy_(w)  # model.dequantize()'s cast to the model's dtype
+        return out
 
     def encode_row_chunk(self, shape: tuple[int, ...]) -> int | None:
         return None if self.transposed else 1
