@@ -184,15 +184,12 @@ def quantize(src: str | Path, out: str | Path, *, quant_type: str = "nf4", block
 def dequantize(src: str | Path, out: str | Path, *, dtype: str | torch.dtype | None = None,
                max_shard_size: str | int | None = None, overwrite: bool = False, progress: bool = True,
                command: str | None = None) -> Result:
-    """Write a bitsandbytes 4-bit checkpoint (ours or transformers') back as plain tensors and drop
-    ``quantization_config``; weights come back in their recorded dtype unless ``dtype``."""
+    """Write an encoded checkpoint (bitsandbytes, FP8, GPTQ..., a llama.cpp GGUF file) back as plain tensors
+    and drop ``quantization_config``; weights come back in their decoded dtype unless ``dtype``."""
     from .quant.checkpoints import dequantize_checkpoint
 
     ckpt = open_checkpoint(resolve(src))
-    own = ckpt.format.dequantize(ckpt, Path(out), dtype=_dtype(dtype), max_shard_size=_size(max_shard_size),
-                                 overwrite=overwrite, progress=progress)
-    if own is not None:  # a format that writes its plain copy itself (GGUF: tensors renamed, config made)
-        return own
+    ckpt.format.check_plain_output(ckpt, Path(out))
     record = provenance("dequantize", command, str(src))
     return dequantize_checkpoint(ckpt, Path(out), dtype=_dtype(dtype), max_shard_size=_size(max_shard_size),
                                  overwrite=overwrite, progress=progress, record=record)

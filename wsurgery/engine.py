@@ -24,7 +24,7 @@ from .checkpoint import (Checkpoint, CheckpointWriter, TensorSpec, atomic_output
                          copy_side_files, plan_shards)
 from .checkpoint.dtypes import dtype_name
 from .checkpoint.encodings import check_decoded
-from .checkpoint.reader import SAFETENSORS_INDEX_SUFFIX
+from .checkpoint.formats import CheckpointFormat, file_format
 from .conventions import INPUT_EMBEDDING_SUFFIXES
 from .conventions import tied_heads as tied_head_names
 from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
@@ -156,18 +156,8 @@ def _roles(base: Checkpoint, module: str) -> list[str]:
 
 
 def _output_layout(base: Checkpoint) -> tuple[dict[str, str], str, str]:
-    """(tensor -> output shard name, single-file name, index name) mirroring the base's layout."""
-    if base.format == "safetensors":
-        assignment = {n: t.file.name for n, t in base.tensors.items()}
-        single = base.shards[0].name if len(base.shards) == 1 else "model.safetensors"
-        index = base.index_file.name if base.index_file is not None else "model" + SAFETENSORS_INDEX_SUFFIX
-        return assignment, single, index
-    if base.format != "bin":  # one file of another format (GGUF): one safetensors file
-        return {n: "model.safetensors" for n in base.tensors}, "model.safetensors", "model" + SAFETENSORS_INDEX_SUFFIX
-    renamed = {p.name: p.name.replace("pytorch_model", "model").removesuffix(".bin") + ".safetensors"
-               for p in base.shards}
-    assignment = {n: renamed[t.file.name] for n, t in base.tensors.items()}
-    return assignment, "model.safetensors", "model" + SAFETENSORS_INDEX_SUFFIX
+    """(tensor -> output shard name, single-file name, index name): as the base's format lays out a copy."""
+    return base.format.output_layout(base)
 
 
 def _output_dtype(src: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
@@ -187,14 +177,15 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
     and by what (QLoRA's dequant(quant(W)) view of a 16-bit base). ``config_update`` edits the
     output's config.json after the engine's own updates.
 
-    An ``out`` ending in ``.gguf`` (from a GGUF base) is written as one GGUF file instead, with the
-    types and key/values ``gguf`` asks for; see ``_execute_gguf``.
+    An ``out`` a format writes as one file of its own (``.gguf``, from a GGUF base) is written so, with
+    the options ``gguf`` gives that format (types, key/values); see ``_execute_file``.
     """
-    if Path(out).suffix == ".gguf":
+    own = file_format(Path(out))
+    if own is not None:
         if dtype is not None or max_shard_size is not None or quantize or through:
             raise InputError(f"{out}: a GGUF output keeps the base's layout and types; --dtype, --max-shard-size and "
                              "4-bit options do not apply (choose the type of changed tensors with --type)")
-        return _execute_gguf(plan, Path(out), gguf, overwrite, progress, extra_inputs)
+        return _execute_file(plan, Path(out), own, gguf, overwrite, progress, extra_inputs)
     base = plan.base
     quantize, through = quantize or {}, through or {}
     check_output_path(out, [base.folder, *base.shards, *extra_inputs], overwrite)
@@ -335,8 +326,6 @@ class _RowChunks:
             if step is None:
                 return []
             unit = step
-        elif info.offset < 0 and self.base.format == "safetensors":
-            return []
         target = self.quantize.get(name)
         if target is not None:
             step = target.encode_row_chunk(shape)
@@ -380,20 +369,14 @@ def _run_job_in_rows(job: ModuleJob, direction: str, rows: _RowChunks,
                 emit(name, t)
 
 
-def _execute_gguf(plan: Plan, out: Path, gguf: GgufOutput | None, overwrite: bool, progress: bool,
+def _execute_file(plan: Plan, out: Path, fmt: CheckpointFormat, options: object, overwrite: bool, progress: bool,
                   extra_inputs: list[Path]) -> Result:
-    """Write the result as one GGUF file: the base's key/values and tensor order, changed tensors (and
-    those ``gguf.types`` retypes) re-encoded, the others copied byte for byte."""
-    from .checkpoint.gguf_format import (PLAIN_TYPES, GgufCheckpoint, GgufOutput, GgufWriter, check_encodable,
-                                         type_name)
+    """Write the result as one file of ``fmt``'s own (GGUF: the base's key/values and tensor order, changed
+    tensors and those ``options`` retypes re-encoded, the others copied byte for byte)."""
     from .checkpoint.output import atomic_output_file, check_output_file
 
-    base, gguf = plan.base, gguf or GgufOutput()
-    if not isinstance(base, GgufCheckpoint):
-        raise UnsupportedError(f"{out}: writing GGUF needs a GGUF base (its tokenizer and hyperparameters go into "
-                               "the file); convert the model with llama.cpp's convert_hf_to_gguf.py first, or write "
-                               "a folder")
-    check_encodable(base, gguf.types, list(plan.owner), plan.out_shapes)
+    base = plan.base
+    options = fmt.check_file_output(base, out, options, list(plan.owner), plan.out_shapes)
     check_output_file(out, [*base.shards, *extra_inputs], overwrite)
     scratch = _Scratch()
 
@@ -402,17 +385,14 @@ def _execute_gguf(plan: Plan, out: Path, gguf: GgufOutput | None, overwrite: boo
         return base.read(name, scratch.take(use, info.shape, info.dtype))
 
     def emit(name: str, tensor: torch.Tensor) -> None:
-        if name in plan.owner or name in gguf.types:  # the writer rounds: check against what it rounds to
-            target = gguf.types.get(name, base.tensors[name].type)
-            # Block types store float16 scales (absmax / 127 for Q8_0...): |x| must round to a finite float16.
-            fits = PLAIN_TYPES.get(target, torch.float16)
-            remedy = None if name in plan.owner else (f"{type_name(target)} cannot store (GGUF block types keep "
-                                                      "float16 scales); keep the tensor in a wider type")
+        rounding = fmt.file_rounding(base, options, name, name in plan.owner)
+        if rounding is not None:  # the writer rounds: check against what it rounds to
+            fits, remedy = rounding
             tensor = _rounded_finite(scratch, tensor, tensor.dtype, plan, name, fits, remedy)
         writer.write(name, tensor)
 
     with atomic_output_file(out, overwrite) as tmp:
-        writer = GgufWriter(tmp, base, gguf.types, gguf.updates)
+        writer = fmt.file_writer(tmp, base, options)
         try:
             def unchanged(name: str) -> None:
                 if not writer.copy_raw(name):
@@ -432,16 +412,9 @@ def _execute_gguf(plan: Plan, out: Path, gguf: GgufOutput | None, overwrite: boo
 
 
 def _copy_raw(base: Checkpoint, writer: CheckpointWriter, name: str, target: Encoding | None) -> bool:
-    """Copy an untouched tensor's stored bytes where its output encoding is its input encoding."""
-    info = base.tensors[name]
-    if isinstance(info, EncodedTensorInfo):
-        if target is None or target != info.encoding or base.format != "safetensors":
-            return False
-        for part in info.parts.values():
-            if not writer.copy_from(part.name, part):
-                writer.write(part.name, base.read_stored(part))
-        return True
-    return target is None and base.format == "safetensors" and writer.copy_from(name, info)
+    """Copy an untouched tensor's stored bytes where its output encoding is its input encoding (as the
+    base's format can)."""
+    return base.format.copy_raw(base, writer, name, target)
 
 
 class _Scratch:

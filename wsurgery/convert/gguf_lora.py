@@ -143,8 +143,8 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, 
     ckpt = open_checkpoint(resolve(base))
     arch, targets = _targets(ckpt)
     job = plan(ckpt, [(ad, scale)])
-    pairs = [(patch, s, j.tensors[patch.role]) for j in job.jobs.values() for patch, s, _ in j.patches
-             if isinstance(patch, LoraPatch)]
+    pairs = [(bound.patch, s, j.tensors[bound.patch.role]) for j in job.jobs.values() for bound, s, _ in j.patches
+             if isinstance(bound.patch, LoraPatch)]
     if not pairs:
         raise InputError(f"{ad.folder}: no LoRA module to export")
     alpha = _common_alpha([p.scaling * s * p.rank for p, s, _ in pairs])

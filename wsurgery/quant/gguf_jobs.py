@@ -1,9 +1,9 @@
-"""Whole-checkpoint jobs on GGUF files: requantize, dequantize, and the output types of a merge.
+"""Whole-checkpoint jobs on GGUF files: requantize, and the output types of a merge.
 
-Each is the streaming engine over a GGUF checkpoint (``checkpoint/gguf_format.py``) with a GGUF or a
-safetensors output: quantize re-encodes the weights llama.cpp's ``llama-quantize`` would (2-D
-``*.weight`` tensors except norms) and records the new ``general.file_type``; dequantize writes every
-logical tensor plain, under its Hugging Face name.
+Each is the streaming engine over a GGUF checkpoint (``checkpoint/gguf_format.py``) with a GGUF
+output: quantize re-encodes the weights llama.cpp's ``llama-quantize`` would (2-D ``*.weight``
+tensors except norms) and records the new ``general.file_type``. Dequantizing needs nothing of its
+own: every GGUF tensor is an encoded tensor (its ggml type), written plain by ``api.dequantize``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
-import torch
 
 from ..checkpoint import Checkpoint
 from ..checkpoint.gguf_format import (
@@ -81,14 +80,3 @@ def quantize_gguf(src: GgufCheckpoint, out: Path, target_name: str, *, overwrite
                                       gguf.GGML_QUANT_VERSION))
     result = execute(plan(src, []), out, overwrite=overwrite, progress=progress, gguf=GgufOutput(types, updates))
     return result, kept
-
-
-def dequantize_gguf(src: GgufCheckpoint, out: Path, *, dtype: torch.dtype | None = None,
-                    max_shard_size: int | None = None, overwrite: bool = False, progress: bool = True) -> Result:
-    """Every tensor of a GGUF file as plain safetensors under its Hugging Face name (float32 for
-    quantized tensors unless ``dtype``)."""
-    if out.suffix == ".gguf":
-        raise InputError(f"{out}: dequantize writes a safetensors folder; to change a GGUF file's types use "
-                         "quantize --gguf-type")
-    return execute(plan(src, []), out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                   progress=progress)

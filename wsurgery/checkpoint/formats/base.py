@@ -55,12 +55,6 @@ class CheckpointFormat(ABC):
     def __repr__(self) -> str:
         return f"<{self.name} format>"
 
-    def __eq__(self, other: object) -> bool:
-        # Transitional: code that still compares ``ckpt.format`` with a name keeps working.
-        return self.name == other if isinstance(other, str) else self is other
-
-    __hash__ = object.__hash__
-
     @abstractmethod
     def claims_file(self, path: Path) -> bool:
         """Whether ``path`` (a file, by its name) is one this format opens."""
@@ -106,10 +100,8 @@ class CheckpointFormat(ABC):
         """Refuse a broken file of this format before it is pushed."""
         self.open(path)
 
-    def dequantize(self, ckpt: Checkpoint, out: Path, **options: Any) -> Any:
-        """Where this format writes its plain copy itself, do so and return the result; None where the
-        generic dequantization applies."""
-        return None
+    def check_plain_output(self, ckpt: Checkpoint, out: Path) -> None:
+        """Refuse an ``out`` that a plain (dequantized) copy of ``ckpt`` cannot be written to."""
 
     # -- single files of the format's own (``output_suffix``)
 

@@ -20,10 +20,13 @@ class BinCheckpoint(Checkpoint):
 
     _bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
-    def read_stored(self, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _mapped(self, info: TensorInfo) -> torch.Tensor:
         if self._bin_cache is None or self._bin_cache[0] != info.file:
             self._bin_cache = (info.file, _load_bin(info.file))
-        src = self._bin_cache[1][info.name]  # memory-mapped: only this tensor's pages are read
+        return self._bin_cache[1][info.name]  # memory-mapped: only the pages used are read
+
+    def read_stored(self, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+        src = self._mapped(info)
         return src.clone() if out is None else out.copy_(src)
 
     def read_part(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -32,7 +35,7 @@ class BinCheckpoint(Checkpoint):
         start, stop = rows
         if not 0 <= start <= stop <= (info.shape[0] if info.shape else 1):
             raise ValueError(f"rows {rows} of {info.name} {list(info.shape)}")
-        return self.read_stored(info)[start:stop]
+        return self._mapped(info)[start:stop].clone()
 
 
 class BinFormat(CheckpointFormat):

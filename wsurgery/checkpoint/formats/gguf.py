@@ -59,10 +59,10 @@ class GgufFormat(CheckpointFormat):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"{path}: not a readable GGUF file ({first}); the file is corrupt or truncated") from None
 
-    def dequantize(self, ckpt: Checkpoint, out: Path, **options: Any) -> Any:
-        from ...quant.gguf_jobs import dequantize_gguf
-
-        return dequantize_gguf(ckpt, out, **options)
+    def check_plain_output(self, ckpt: Checkpoint, out: Path) -> None:
+        if out.suffix == self.output_suffix:
+            raise InputError(f"{out}: dequantize writes a safetensors folder; to change a GGUF file's types use "
+                             "quantize --gguf-type")
 
     # -- writing one GGUF file
 
