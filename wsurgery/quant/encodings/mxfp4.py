@@ -67,16 +67,18 @@ def _code_table() -> torch.Tensor:
 def decode_blocks(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(E, N, G, 16) codes + (E, N, G) scales -> the logical (E, G*32, N) tensor in ``dtype``.
 
-    The transpose is done on the bytes (a quarter of a bfloat16 output's size) before decoding; each
-    byte then gives its two values to two adjacent output rows."""
+    One expert at a time, the transpose is done on the bytes (a quarter of a bfloat16 output's size)
+    before decoding; each byte then gives its two values to two adjacent output rows."""
     e, n, g, _ = blocks.shape
-    codes = blocks.reshape(e, n, g * 16).transpose(1, 2).contiguous()  # (E, K/2, N)
-    index = codes.to(torch.int32)
-    del codes
-    index.view(e, g, 16, n).bitwise_or_((scales.transpose(1, 2).to(torch.int32) << 8).view(e, g, 1, n))
-    low, high = (torch.index_select(table, 0, index.view(-1)).view(e, g * 16, n) for table in _nibble_tables(dtype))
-    del index
-    return torch.stack([low, high], dim=2).view(e, g * BLOCK, n).view(dtype)
+    low, high = _nibble_tables(dtype)
+    out = torch.empty((e, g * BLOCK, n), dtype=low.dtype)
+    for i in range(e):
+        index = blocks[i].reshape(n, g * 16).t().to(torch.int32, memory_format=torch.contiguous_format)
+        index.view(g, 16, n).bitwise_or_((scales[i].t().to(torch.int32) << 8).view(g, 1, n))
+        index = index.view(-1)
+        torch.stack([torch.index_select(low, 0, index).view(g * 16, n),
+                     torch.index_select(high, 0, index).view(g * 16, n)], dim=1, out=out[i].view(g * 16, 2, n))
+    return out.view(dtype)
 
 
 def encode_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
