@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_merge  # noqa: E402
-from bench_merge import ROOT, WORK, ModelSize, Run, code_state, ensure_data, measure, remove, warm_up  # noqa: E402
+import bench_merge
+from bench_merge import ROOT, WORK, ModelSize, Run, code_state, ensure_data, measure, remove, warm_up
 
 RANK = 16
 # bench_merge's sizes, and a ~0.11B one (same layout, narrower) on which the exact SVDs take seconds, not minutes.

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import wsurgery  # noqa: E402
-import wsurgery.engine as engine  # noqa: E402
+import wsurgery
+import wsurgery.engine as engine
 
 ROOT = Path("bench-work/finite-check")
 

@@ -192,8 +192,8 @@ def run_merge(base: Path, adapter: Path, out: Path, extra: list[str]) -> tuple[f
     probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
              "r = subprocess.run(sys.argv[1:]); "
              "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
-    cmd = [sys.executable, "-c", probe, sys.executable, "-m", "wsurgery", "merge", str(base), str(adapter), str(out),
-           "--quiet", *extra]
+    cmd = [sys.executable, "-c", probe, sys.executable, "-m", "wsurgery.cli", "merge", str(base), str(adapter),
+           str(out), "--quiet", *extra]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     wall, rss_kib, code = done.stdout.split()
     if int(code) != 0:

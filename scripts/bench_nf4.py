@@ -11,7 +11,8 @@ itemsize per second, for quantize and dequantize alike) and the ratio ours / bit
 CUDA (``--device cuda``): the same calls on the GPU, reported as GB/s counting bytes read and
 written (weight, packed bytes, absmax) and as % of the device's copy bandwidth, measured in the same
 run with a large ``tensor.copy_``; the Triton kernels alone (no double quantization, no checks, CUDA
-events around each launch as ``triton.testing.do_bench`` takes them) are timed too, and bitsandbytes' CUDA kernels when bitsandbytes imports with CUDA.
+events around each launch as ``triton.testing.do_bench`` takes them) are timed too, and bitsandbytes'
+CUDA kernels when bitsandbytes imports with CUDA.
 
 ``--check-cuda`` asserts that the CUDA path stores the same bytes and dequantizes to the same
 values as the CPU path, on many shapes, dtypes, blocksizes and both quant types.
@@ -38,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from wsurgery.quant import bnb4bit, bnb4bit_native, dequantize_4bit, quantize_4bit  # noqa: E402
+from wsurgery.quant import bnb4bit, bnb4bit_native, dequantize_4bit, quantize_4bit
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -111,8 +112,8 @@ def bench_cpu(args: argparse.Namespace) -> list[dict]:
 
 def print_cpu_row(row: dict) -> None:
     if "bnb_quantize_s" not in row:
-        print(f"{'x'.join(map(str, row['shape'])):>11} {row['dtype']:>5}  quantize {row['ours_quantize_GBps']:6.2f} GB/s"
-              f"  dequantize {row['ours_dequantize_GBps']:6.2f} GB/s")
+        print(f"{'x'.join(map(str, row['shape'])):>11} {row['dtype']:>5}  "
+              f"quantize {row['ours_quantize_GBps']:6.2f} GB/s  dequantize {row['ours_dequantize_GBps']:6.2f} GB/s")
         return
     for op in ("quantize", "dequantize"):
         ours, theirs = row[f"ours_{op}_GBps"], row[f"bnb_{op}_GBps"]
@@ -193,7 +194,8 @@ def special_values(dtype: torch.dtype) -> torch.Tensor:
             torch.tensor([1e-39, -1e-40, 1e-45, 0.0] * 16)]
     for quant_type in ("nf4", "fp4"):
         bounds = bnb4bit.midpoints(quant_type)
-        around = torch.cat([bounds, torch.nextafter(bounds, torch.tensor(2.0)), torch.nextafter(bounds, torch.tensor(-2.0))])
+        around = torch.cat([bounds, torch.nextafter(bounds, torch.tensor(2.0)),
+                            torch.nextafter(bounds, torch.tensor(-2.0))])
         rows.append(torch.cat([torch.tensor([1.0]), around, torch.zeros(64 - 1 - around.numel())]))
     largest = torch.finfo(dtype).max
     rows.append(torch.tensor([largest * 0.9, -largest / 3, 1.0, -largest] * 16))
@@ -209,7 +211,8 @@ def check_cuda(_: argparse.Namespace) -> None:
             for quant_type in ("nf4", "fp4"):
                 for double_quant in (False, True):
                     cases += 1
-                    on_cpu, state = quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+                    on_cpu, state = quantize_4bit(w, quant_type=quant_type, blocksize=blocksize,
+                                                  double_quant=double_quant)
                     on_gpu, gpu_state = quantize_4bit(w.cuda(), quant_type=quant_type, blocksize=blocksize,
                                                       double_quant=double_quant)
                     bad = [suffix for suffix, tensor in on_cpu.items()
@@ -232,13 +235,15 @@ def check_cuda(_: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--check-cuda", action="store_true", help="assert CUDA results equal the CPU path's, byte for byte")
+    parser.add_argument("--check-cuda", action="store_true",
+                        help="assert CUDA results equal the CPU path's, byte for byte")
     parser.add_argument("--runs", type=int, default=7, help="timed runs per case (median; at least 5)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads on CPU (default: torch's)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--no-double-quant", action="store_true")
-    parser.add_argument("--no-native", action="store_true", help="CPU: time the torch ops instead of the compiled kernel")
+    parser.add_argument("--no-native", action="store_true",
+                        help="CPU: time the torch ops instead of the compiled kernel")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args(argv)
     if args.runs < 5:

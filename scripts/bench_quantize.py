@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_merge  # noqa: E402
+import bench_merge
 
 
 def transformers_quantize(base: Path, out: Path) -> None:

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_merge  # noqa: E402  (its data generator and cache)
+import bench_merge
 
-import wsurgery  # noqa: E402
+import wsurgery
 
 
 def main(argv: list[str] | None = None) -> None:

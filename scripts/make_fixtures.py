@@ -50,7 +50,7 @@ def main() -> None:
     peft_model = get_peft_model(model, lora)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in peft_model.named_parameters():
+        for p in peft_model.parameters():
             if p.requires_grad:
                 p.add_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
     adapter = args.out / "tiny-llama-lora"
