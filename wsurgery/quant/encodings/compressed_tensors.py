@@ -89,14 +89,16 @@ class CompressedTensors(Encoding):
         return f"{kind}, {how}, {'symmetric' if self.symmetric else 'asymmetric'}, {dtype_name(self.scale_dtype)} " \
             f"scale{static}"
 
-    def scale_shape(self, shape: tuple[int, int]) -> tuple[int, ...]:
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         rows, cols = shape
         if self.strategy == "tensor":
             return (1,)
         if self.strategy == "channel":
             return (rows, 1)
         if self.strategy == "group":
+            assert self.group_size is not None
             return (rows, cols // self.group_size)
+        assert self.block is not None
         return (math.ceil(rows / self.block[0]), math.ceil(cols / self.block[1]))
 
     def _packed_zp(self) -> bool:
@@ -165,9 +167,9 @@ class CompressedTensors(Encoding):
         if scale.dtype not in _SCALE_DTYPES:
             raise UnsupportedError(f"{label}: weight_scale is {dtype_name(scale.dtype)}; wsurgery decodes float16, "
                                    "bfloat16 or float32 scales")
-        return cls(fmt, kind, bits, strategy, group_size if strategy == "group" else None,
-                   tuple(block) if strategy == "block" else None, bool(w.get("symmetric", True)), scale.dtype,
-                   w.get("observer"), w.get("scale_dtype") is not None)
+        blocks = (int(block[0]), int(block[1])) if strategy == "block" and block else None
+        return cls(fmt, kind, bits, strategy, group_size if strategy == "group" else None, blocks,
+                   bool(w.get("symmetric", True)), scale.dtype, w.get("observer"), w.get("scale_dtype") is not None)
 
     def _check(self, parts: dict[str, TensorInfo], name: str, context: GroupContext, where: str) -> tuple[int, int]:
         """The logical shape, once every stored part agrees with the scheme (one-line refusal otherwise)."""
@@ -186,14 +188,14 @@ class CompressedTensors(Encoding):
             raise InputError(f"{label}: {codes_role} is {dtype_name(codes.dtype)}{list(codes.shape)}; format "
                              f"{self.format} ({self.type}{self.num_bits}) stores 2-D {dtype_name(want)}")
         if self.format in _UNPACKED:
-            shape = tuple(codes.shape)
+            shape = (int(codes.shape[0]), int(codes.shape[1]))
         else:
             shape = _weight_shape(parts, context, label)
             packed = (shape[0], ctm.packed_cols(shape[1], self.num_bits))
             if tuple(codes.shape) != packed:
                 raise InputError(f"{label}: weight_packed is {list(codes.shape)} but weight_shape {list(shape)} at "
                                  f"{self.num_bits} bits packs to {list(packed)}")
-        if self.strategy == "group" and shape[1] % self.group_size:
+        if self.group_size is not None and shape[1] % self.group_size:
             raise InputError(f"{label}: {shape[1]} columns are not a multiple of group_size {self.group_size}")
         scale = parts["weight_scale"]
         expected = self.scale_shape(shape)
@@ -215,20 +217,22 @@ class CompressedTensors(Encoding):
                 return
         elif zp is None:
             raise InputError(f"{label}: asymmetric weights without weight_zero_point; the checkpoint is incomplete")
+        expected: tuple[int, ...]
         if self._packed_zp():
             cols = self.scale_shape(shape)[1]
             expected, dtype = (ctm.packed_cols(shape[0], self.num_bits), cols), torch.int32
         else:
             expected = self.scale_shape(shape)
             dtype = ctm.FP8 if self.type == "float" else torch.int8
-        if zp.dtype != dtype or (tuple(zp.shape) != expected and math.prod(zp.shape) != math.prod(expected)):
+        if zp.dtype != dtype or (tuple(zp.shape) != expected
+                                 and not (self.strategy == "tensor" and math.prod(zp.shape) == 1)):
             raise InputError(f"{label}: weight_zero_point is {dtype_name(zp.dtype)}{list(zp.shape)}; the scheme "
                              f"needs {dtype_name(dtype)}{list(expected)}")
 
     # -- decoding ----------------------------------------------------------------------------------
 
     def row_chunk(self, info: EncodedTensorInfo) -> int | None:
-        return self.block[0] if self.strategy == "block" else 32 if self._packed_zp() else 1
+        return self.block[0] if self.block is not None else 32 if self._packed_zp() else 1
 
     def decode(self, info: EncodedTensorInfo, read: ReadPart, rows: Rows | None = None) -> torch.Tensor:
         a, b = rows if rows is not None else (0, info.shape[0])
@@ -237,7 +241,7 @@ class CompressedTensors(Encoding):
         else:
             codes = ctm.unpack_int32(read(info.parts["weight_packed"], (a, b)), self.num_bits, info.shape[1])
         side = (a, b) if self.strategy in ("channel", "group") else None
-        if self.strategy == "block":
+        if self.block is not None:
             side = (a // self.block[0], math.ceil(b / self.block[0]))
         scale = read(info.parts["weight_scale"], side)
         scale = scale.reshape(1) if self.strategy == "tensor" else scale
@@ -272,7 +276,7 @@ class CompressedTensors(Encoding):
         return {name: codes, f"{name.removesuffix('.weight')}.weight_scale": scale.contiguous()}
 
     def encode_row_chunk(self, shape: tuple[int, ...]) -> int | None:
-        return {"tensor": None, "channel": 1, "group": 1}.get(self.strategy, self.block and self.block[0])
+        return self.block[0] if self.block is not None else None if self.strategy == "tensor" else 1
 
     def encode_rows(self, name: str, tensor: torch.Tensor, rows: Rows,
                     shape: tuple[int, ...]) -> dict[str, tuple[torch.Tensor, int]]:
@@ -280,7 +284,7 @@ class CompressedTensors(Encoding):
         if chunk is None or rows[0] % chunk or (rows[1] % chunk and rows[1] != shape[0]):
             raise ValueError(f"{name}: rows {rows} do not fall on the {chunk}-row chunks of a {self.strategy} scale")
         parts = self.encode(name, tensor)
-        first = rows[0] // chunk if self.strategy == "block" else rows[0]
+        first = rows[0] // chunk if self.block is not None else rows[0]
         return {n: (t, rows[0] if n == name else first) for n, t in parts.items()}
 
 

@@ -50,12 +50,14 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     dtype = scale.dtype
     rows, cols = codes.shape
     if strategy == "group":
+        assert group_size is not None
         ng = cols // group_size
         out = codes.reshape(rows, ng, group_size).to(dtype)
         if zero_point is not None:
             out.sub_(zero_point.to(dtype).view(rows, ng, 1))
         return out.mul_(scale.view(rows, ng, 1)).view(rows, cols)
     if strategy == "block":
+        assert block is not None
         bh, bw = block
         index_r = (torch.arange(row0, row0 + rows) // bh) - row0 // bh
         index_c = torch.arange(cols) // bw
@@ -76,9 +78,11 @@ def fp8_minmax_scale(w: torch.Tensor, strategy: str, group_size: int | None,
     elif strategy == "channel":
         lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
     elif strategy == "group":
+        assert group_size is not None
         g = w.unflatten(-1, (w.shape[1] // group_size, group_size))
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     else:
+        assert block is not None
         b = _blocks(w, block)
         lo, hi = b.amin(dim=(1, 3)), b.amax(dim=(1, 3))
     lo = torch.min(lo, torch.zeros_like(lo))
@@ -96,8 +100,10 @@ def fp8_quantize(w: torch.Tensor, scale: torch.Tensor, strategy: str, group_size
     q_min, q_max = torch.tensor(-_FP8_MAX), torch.tensor(_FP8_MAX)
     rows, cols = w.shape
     if strategy == "group":
+        assert group_size is not None
         x = w.unflatten(-1, (cols // group_size, group_size)) / scale.unsqueeze(-1)
     elif strategy == "block":
+        assert block is not None
         bh, bw = block
         x = _blocks(w, block) / scale.unsqueeze(1).unsqueeze(-1)
         x = x.reshape(x.shape[0] * bh, x.shape[2] * bw)[:rows, :cols]
