@@ -80,11 +80,13 @@ def unpack_fields(words: torch.Tensor, bits: int) -> torch.Tensor:
     return fields.bitwise_and_((1 << bits) - 1).bitwise_or_(0x6400).view(*words.shape[:-1], -1)
 
 
-def dequantize(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group: torch.Tensor | int) -> torch.Tensor:
-    """``scales * (q - z)`` in float16, (out, in), in place, from ``unpack_fields`` patterns: ``codes`` (out, in), ``zeros``
-    (out, groups) and float16 ``scales`` (out, groups); ``group`` is each input column's group, or their common
-    size. Equal bit for bit to the references' int8 ``q - z`` times float16 scales: the difference is exact
-    and so is float16(q - z), and each float16 product is rounded once either way."""
+def dequantize(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+               group: torch.Tensor | int) -> torch.Tensor:
+    """``scales * (q - z)`` in float16, (out, in), in place, from ``unpack_fields`` patterns: ``codes``
+    (out, in), ``zeros`` (out, groups) and float16 ``scales`` (out, groups); ``group`` is each input
+    column's group, or their common size. Equal bit for bit to the references' int8 ``q - z`` times
+    float16 scales: the difference is exact, and so is float16(q - z), and each float16 product is
+    rounded once either way."""
     w = codes.view(torch.float16)
     zeros = zeros.view(torch.float16)
     out, n_in = w.shape
