@@ -230,6 +230,19 @@ def test_merge_requantize_is_bitsandbytes_of_the_peft_merge(case, peft_merged, t
     assert torch.equal(logits(mine), logits(theirs))
 
 
+def test_requantize_without_weight_format_keeps_the_files_layout(case, tmp_path, capsys):
+    """A base saved without ``weight_format`` (bitsandbytes' loader defaults to "row"): the re-encoded weights
+    leave it out too, and transformers loads the result in 8-bit."""
+    base = Path(shutil.copytree(case.q, tmp_path / "base"))
+    tensors = {k: v for k, v in load_file(base / "model.safetensors").items() if not k.endswith("weight_format")}
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    status, _, err = run_cli(["merge", base, case.adapter, tmp_path / "re", "--requantize", "-q"], capsys)
+    assert status == 0, err
+    ours = stored(tmp_path / "re")
+    assert sorted(ours) == sorted(tensors)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "re", device_map="cpu").is_quantized
+
+
 def test_inspect_lists_the_logical_weights(case, capsys):
     status, out, err = run_cli(["inspect", case.q], capsys)
     assert status == 0, err
