@@ -80,13 +80,13 @@ def _qparams(w: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor, tor
     return calculate_qparams(*_minmax(w, args), args)
 
 
-def _compressed_base(tmp_path, case: str, ignore=("lm_head",), targets=("Linear",)):
-    """A tiny bf16 Llama quantized and saved by compressed-tensors in ``case``'s scheme."""
+def _compressed_base(tmp_path, case: str, ignore=("lm_head",), targets=("Linear",), dtype=torch.bfloat16):
+    """A tiny Llama (bf16 unless told) quantized and saved by compressed-tensors in ``case``'s scheme."""
     weights, fmt, inp = CASES[case]
     qc = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
         targets=list(targets), weights=QuantizationArgs(**weights), format=fmt,
         input_activations=QuantizationArgs(**inp) if inp else None)}, ignore=list(ignore))
-    return _save_compressed(_llama(), qc, tmp_path / case)
+    return _save_compressed(_llama(dtype), qc, tmp_path / case)
 
 
 def _save_compressed(model, qc: QuantizationConfig, folder):
@@ -160,6 +160,28 @@ def test_decode_equals_compressed_tensors_decompress(tmp_path, case):
     rows = [info.encoding.decode(info, ckpt.read_part, (a, min(a + step, info.shape[0])))
             for a in range(0, info.shape[0], step)]
     assert _identical(torch.cat(rows), expected["model.layers.1.mlp.down_proj.weight"])
+
+
+@pytest.mark.parametrize("dtype,case", [(torch.float16, "fp8-block"), (torch.float32, "fp8-channel"),
+                                        (torch.float16, "w4a16-asym-g32"), (torch.float32, "int8-w8a8")])
+def test_float16_and_float32_bases_decode_and_encode_as_compressed_tensors(tmp_path, dtype, case):
+    """The scale's dtype is the arithmetic's: float16 and float32 models round differently from bf16."""
+    q = _compressed_base(tmp_path, case, dtype=dtype)
+    expected = _reference_decode(q)
+    ckpt = open_checkpoint(q)
+    assert all(expected[n].dtype == dtype and _identical(ckpt.read(n), expected[n]) for n in expected)
+    info = ckpt.tensors[f"{_Q}.weight"]
+    if info.encoding.cannot_encode is not None:
+        return
+    torch.manual_seed(2)
+    w = (expected[f"{_Q}.weight"].float() + torch.randn(info.shape) * 0.01).to(dtype)
+    qc = QuantizationConfig.model_validate(_qconfig(q))
+    scheme = next(iter(qc.config_groups.values()))
+    scale, zp = _qparams(w, scheme.weights)
+    want = BaseCompressor.get_value_from_registry(qc.format).compress(
+        {"weight": w, "weight_scale": scale, "weight_zero_point": zp}, scheme)
+    got = info.encoding.encode(info.name, w)
+    assert _identical(got[info.name], want["weight"]) and _identical(got[f"{_Q}.weight_scale"], want["weight_scale"])
 
 
 @pytest.mark.parametrize("case", ["fp8-channel", "w4a16-asym-g32", "fp8-static"])
