@@ -251,8 +251,12 @@ def test_encode_every_bfloat16_value():
 def test_encode_refuses_non_finite_and_bad_shapes():
     w = torch.zeros(2, 64, 8)
     w[1, 3, 2] = float("nan")
-    with pytest.raises(wsurgery.InputError, match="inf or NaN"):
+    with pytest.raises(wsurgery.InputError, match="expert 1 holds inf or NaN"):
         Mxfp4().encode("m.experts.gate_up_proj", w)
+    with pytest.raises(wsurgery.InputError, match="expert 1 holds inf or NaN"):
+        Mxfp4().encode_rows("m.experts.gate_up_proj", w[1:], (1, 2), tuple(w.shape))
+    with pytest.raises(wsurgery.InputError, match="expert 0 holds inf or NaN"):  # finite, but not in bfloat16
+        Mxfp4().encode("m.experts.gate_up_proj", torch.full((1, 32, 2), 3.4e38))
     with pytest.raises(wsurgery.InputError, match="multiple of 32"):
         Mxfp4().encode("m.experts.gate_up_proj", torch.zeros(2, 48, 8))
     with pytest.raises(wsurgery.InputError, match="multiple of 32"):
@@ -298,7 +302,7 @@ def test_dequantize_loads_plainly_and_gives_transformers_logits(base, tmp_path, 
     config = json.loads((tmp_path / "plain" / "config.json").read_text())
     assert "quantization_config" not in config
     with safe_open(tmp_path / "plain" / "model.safetensors", "pt") as f:
-        assert not any(k.endswith(("_blocks", "_scales")) for k in f.keys())  # noqa: SIM118  (safe_open is no dict)
+        assert not any(k.endswith(("_blocks", "_scales")) for k in f.keys())
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     reference = _dequantized(base)
     want = dict(reference.named_parameters())

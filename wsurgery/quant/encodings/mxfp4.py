@@ -30,7 +30,7 @@ from .base import EncodedTensorInfo, Encoding, GroupContext, ReadPart, Rows, reg
 BLOCK = 32  # values per e8m0 scale
 _PROJECTIONS = ("gate_up_proj", "down_proj")  # what transformers' Mxfp4 loader decodes (serialized_names)
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-_NAN_SCALE = 255  # e8m0's NaN; transformers' ldexp would turn it into 2**128 = inf, so NaN and inf weights
+_NAN_SCALE = 255  # e8m0's NaN: transformers' ldexp makes it 2**128 = inf, so NaN and inf weights; refused
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -81,20 +81,27 @@ def decode_blocks(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
     return out.view(dtype)
 
 
-def encode_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logical (E, K, N) tensor -> (E, N, K/32, 16) codes + (E, N, K/32) e8m0 scales."""
+def encode_blocks(w: torch.Tensor, name: str, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logical (E, K, N) tensor (experts ``first``... of ``name``) -> (E, N, K/32, 16) codes +
+    (E, N, K/32) e8m0 scales, one expert at a time (each block is quantized on its own)."""
     e, k, n = w.shape
-    x = w.to(torch.bfloat16).transpose(1, 2).to(torch.float32).reshape(e, n, k // BLOCK, BLOCK)
-    dequant = x.abs().amax(dim=-1, keepdim=True) / 6.0
-    scale_bits = (dequant.view(torch.int32) + 0x007FFFFF) & 0x7F800000  # round up to a power of two
-    del dequant
-    scale = scale_bits.view(torch.float32)
-    quant = torch.where(scale == 0, torch.zeros((), dtype=torch.float32), 1.0 / scale)
-    x.mul_(quant)
-    codes = _code_table()[(x.view(torch.int32) >> 21) & 0x7FF]
-    del x
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return packed.view(e, n, k // BLOCK, BLOCK // 2), (scale_bits >> 23).to(torch.uint8).view(e, n, k // BLOCK)
+    blocks = torch.empty((e, n, k // BLOCK, BLOCK // 2), dtype=torch.uint8)
+    scales = torch.empty((e, n, k // BLOCK), dtype=torch.uint8)
+    for i in range(e):
+        x = w[i].to(torch.bfloat16)  # what the reference quantizes
+        if not bool(torch.isfinite(x).all()):
+            raise InputError(f"{name}: expert {first + i} holds inf or NaN (after rounding to bfloat16), which MXFP4 "
+                             "cannot store (the reference quantizer makes garbage of it); the merged weight is not "
+                             "finite")
+        x = x.t().to(torch.float32).reshape(n, k // BLOCK, BLOCK)
+        dequant = x.abs().amax(dim=-1, keepdim=True) / 6.0
+        scale_bits = (dequant.view(torch.int32) + 0x007FFFFF) & 0x7F800000  # rounded up to a power of two
+        scale = scale_bits.view(torch.float32)
+        x.mul_(torch.where(scale == 0, torch.zeros((), dtype=torch.float32), 1.0 / scale))
+        codes = _code_table()[(x.view(torch.int32) >> 21) & 0x7FF]
+        torch.bitwise_or(codes[..., 0::2], codes[..., 1::2] << 4, out=blocks[i])
+        scales[i] = (scale_bits >> 23).squeeze(-1)
+    return blocks, scales
 
 
 def _logical_dtype(context: GroupContext, stored: dict[str, TensorInfo]) -> torch.dtype:
@@ -168,7 +175,7 @@ class Mxfp4(Encoding):
 
     def encode(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         _check_logical(name, tuple(tensor.shape))
-        blocks, scales = encode_blocks(_finite(name, tensor))
+        blocks, scales = encode_blocks(tensor, name)
         return {f"{name}_blocks": blocks, f"{name}_scales": scales}
 
     def encode_row_chunk(self, shape: tuple[int, ...]) -> int | None:
@@ -177,17 +184,8 @@ class Mxfp4(Encoding):
     def encode_rows(self, name: str, tensor: torch.Tensor, rows: Rows,
                     shape: tuple[int, ...]) -> dict[str, tuple[torch.Tensor, int]]:
         _check_logical(name, shape)
-        blocks, scales = encode_blocks(_finite(name, tensor))
+        blocks, scales = encode_blocks(tensor, name, rows[0])
         return {f"{name}_blocks": (blocks, rows[0]), f"{name}_scales": (scales, rows[0])}
-
-
-def _finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """The reference quantizer turns inf/NaN into garbage codes (a NaN block's scale wraps to 0): refuse.
-    Checked after its bfloat16 cast, which is what it quantizes."""
-    if not bool(torch.isfinite(tensor.to(torch.bfloat16)).all()):
-        raise InputError(f"{name}: inf or NaN (after rounding to bfloat16) cannot be stored in MXFP4; the merged "
-                         "weight is not finite")
-    return tensor
 
 
 def _check_logical(name: str, shape: tuple[int, ...]) -> tuple[int, int, int]:
