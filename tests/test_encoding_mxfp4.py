@@ -285,6 +285,24 @@ def test_decoded_checkpoint_equals_transformers_dequantized_model(base, capsys):
     assert "[4, 64, 192]" in line and "[mxfp4 e2m1" in line
 
 
+def test_blocks_and_scales_in_different_shards(base, tmp_path):
+    """gpt-oss-120b's shards split a layer's tensors across files; a weight's blocks and scales may be apart."""
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    tensors = load_file(base / "model.safetensors")
+    first = {k: v for k, v in tensors.items() if not k.endswith("_scales")}
+    second = {k: v for k, v in tensors.items() if k.endswith("_scales")}
+    save_file(first, folder / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    save_file(second, folder / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    weight_map = {**dict.fromkeys(first, "model-00001-of-00002.safetensors"),
+                  **dict.fromkeys(second, "model-00002-of-00002.safetensors")}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text((base / "config.json").read_text())
+    ckpt, whole = open_checkpoint(folder), open_checkpoint(base)
+    for name in (f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in EXPERTS):
+        assert _same(ckpt.read(name), whole.read(name)), name
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_decoded_dtype_is_the_models(base, tmp_path, dtype):
     """transformers decodes into the parameter's dtype, config.json's by default."""
