@@ -172,6 +172,39 @@ def test_merge_requantize_bytes_equal_transformers_quantizer(tmp_path, capsys):
     assert all(_identical(ours[n], loaded[n]) for n in ours)
 
 
+def test_sharded_scales_apart_and_no_dtype_in_config(tmp_path, capsys):
+    """Each scale in another shard than its weight, and no dtype in config.json (transformers then takes the
+    first floating tensor's that is not float8): decode, and a re-encoded merge, as transformers loads them."""
+    q = _fp8_base(tmp_path)
+    tensors = load_file(q / "model.safetensors")
+    (q / "model.safetensors").unlink()
+    shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    names = list(shards)
+    for n, t in tensors.items():  # layer 0 in the first shard, its scales in the second; layer 1 the other way
+        shards[names[(".layers.0." not in n) != n.endswith("_scale_inv")]][n] = t
+    for f, part in shards.items():
+        save_file(part, q / f, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {n: f for f, part in shards.items() for n in part}}
+    (q / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((q / "config.json").read_text())
+    del config["dtype"]
+    (q / "config.json").write_text(json.dumps(config))
+    theirs = _transformers_dequantized(q).state_dict()
+    ours = load_all(q)
+    assert [n for n in ours if not _identical(ours[n], theirs[n])] == []
+    adapter = make_adapter(_llama(torch.bfloat16), LoraConfig(r=4, target_modules=["o_proj"]), tmp_path / "lora")
+    code, _, err = run_cli(["merge", q, adapter, tmp_path / "re", "--requantize", "-q"], capsys)
+    assert code == 0, err
+    loaded = _transformers_dequantized(tmp_path / "re").state_dict()
+    ours = load_all(tmp_path / "re")
+    assert [n for n in ours if not _identical(ours[n], loaded[n])] == []
+    expected = _peft_merged(q, adapter)
+    o = "model.layers.1.self_attn.o_proj.weight"
+    want = _quantizer((32, 32))._quantize_one(o, expected[o])
+    got = _stored(tmp_path / "re")
+    assert _same_bytes(got[o], want[o]) and _same_bytes(got[o + "_scale_inv"], want[o + "_scale_inv"])
+
+
 def _write(folder, tensors, block, **qconfig):
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})

@@ -232,17 +232,18 @@ def _block_size(q: dict, where: str) -> tuple[int, int]:
 
 
 def _model_dtype(config: dict | None, stored: dict[str, TensorInfo], where: str) -> torch.dtype:
-    """The dtype transformers loads the dequantized weights in (``dtype="auto"``): the config's, else the
-    first floating tensor's that is not float8, else float32."""
+    """The dtype transformers loads the dequantized weights in (``dtype="auto"``): the config's, else
+    that of the first floating tensor not float8 (a float32 scale counts) of the first shard, by name."""
     for key in ("dtype", "torch_dtype"):
         value = (config or {}).get(key)
         if value is not None:
             if value not in _MODEL_DTYPES:
                 raise InputError(f"{where}: config.json {key} {value!r} is not float32, float16 or bfloat16")
             return _MODEL_DTYPES[value]
-    for info in stored.values():
-        if info.dtype.is_floating_point and info.dtype not in (_FP8, torch.float8_e5m2):
-            return info.dtype
+    first = min((info.file.name for info in stored.values()), default=None)
+    for name in sorted(n for n, info in stored.items() if info.file.name == first):
+        if stored[name].dtype.is_floating_point and stored[name].dtype not in (_FP8, torch.float8_e5m2):
+            return stored[name].dtype
     return torch.float32
 
 
