@@ -69,8 +69,9 @@ class CompressedTensors(Encoding):
 
     @property
     def cannot_encode(self) -> str | None:  # type: ignore[override]
-        """Only FP8 weights whose scales are their own min/max, byte for byte; not integer scales (GPTQ-calibrated) nor
-        layers with static (calibrated) activation scales."""
+        """Only FP8 weights quantized from their own min/max are reproducible from the weight alone.
+
+        Integer scales (GPTQ-calibrated) and layers with static (calibrated) activation scales are not."""
         if self.type == "int":
             return ("its integer scales came from calibration (GPTQ in llm-compressor); rounding to nearest would "
                     "not be the model's own quantizer")
