@@ -4,6 +4,7 @@
 
 Each section sits between ``<!-- NAME -->`` and ``<!-- /NAME -->``:
 - ``commands``: the click group's commands, their usage and the first paragraph of their help;
+- ``options``: the options several commands share;
 - ``support-table``: the method registry's Support rows and refusals (``wsurgery.support``);
 - ``encodings``: the stored-encoding registry (``wsurgery.quant.encodings.registered()``);
 - ``layout``: the package's modules and subpackages, each with its docstring's first sentence.
@@ -49,6 +50,29 @@ def commands_markdown() -> str:
                 usage = " ".join(["wsurgery", name, *command.collect_usage_pieces(ctx)])
             summary = " ".join(inspect.cleandoc(command.help or "").split("\n\n")[0].split())
             rows.append(f"| `{_cell(usage)}` | {_cell(summary)} |")
+    return "\n".join(rows) + "\n"
+
+
+def options_markdown() -> str:
+    """The options more than one command takes (old hidden spellings left out), with the commands that take
+    them and their help where every command words it the same."""
+    from wsurgery.commands import cli
+
+    found: dict[str, list[tuple[str, str]]] = {}
+    with click.Context(cli, info_name="wsurgery") as group:
+        for name in sorted(cli.list_commands(group)):
+            command = cli.get_command(group, name)
+            with click.Context(command, info_name=name, parent=group) as ctx:
+                for param in command.get_params(ctx):
+                    record = param.get_help_record(ctx)
+                    if isinstance(param, click.Option) and record and "--help" not in param.opts:
+                        found.setdefault(record[0], []).append((name, " ".join(record[1].split())))
+    rows = ["| option | commands | what it does |", "|---|---|---|"]
+    for option, uses in sorted(found.items(), key=lambda item: item[0].lstrip("-").lower()):
+        if len(uses) > 1:
+            helps = {h for _, h in uses}
+            what = helps.pop() if len(helps) == 1 else "see each command's --help"
+            rows.append(f"| `{_cell(option)}` | {', '.join(n for n, _ in uses)} | {_cell(what)} |")
     return "\n".join(rows) + "\n"
 
 
@@ -103,6 +127,7 @@ def layout_markdown() -> str:
 
 SECTIONS: dict[str, Callable[[], str]] = {
     "commands": commands_markdown,
+    "options": options_markdown,
     "support-table": support_markdown,
     "encodings": encodings_markdown,
     "layout": layout_markdown,
