@@ -53,8 +53,10 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def load_8bit(folder: Path):
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                                                device_map="cpu")
+    """The model in folder, quantized to LLM.int8 on load where it is not already."""
+    quantized = "quantization_config" in json.loads((folder / "config.json").read_text())
+    kwargs = {} if quantized else {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    return AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", **kwargs)
 
 
 def logits(model) -> torch.Tensor:
@@ -294,10 +296,13 @@ def test_broken_int8_files_are_refused(llama_q, broken, tmp_path, capsys):
 
 
 def test_fp16_weight_training_layout_is_refused(llama_q, tmp_path, capsys):
-    base = Path(shutil.copytree(llama_q.q, tmp_path / "base"))
-    config = json.loads((base / "config.json").read_text())
-    config["quantization_config"]["llm_int8_has_fp16_weight"] = True
-    (base / "config.json").write_text(json.dumps(config))
+    """transformers saves ``llm_int8_has_fp16_weight`` models as 16-bit weights without SCB under an 8-bit config."""
+    plain = save_base(tiny_llama(torch.bfloat16), tmp_path / "plain")
+    config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_has_fp16_weight=True)
+    AutoModelForCausalLM.from_pretrained(plain, quantization_config=config, device_map="cpu").save_pretrained(
+        tmp_path / "base")
+    base = tmp_path / "base"
+    assert load_file(base / "model.safetensors")[f"{Q}.weight"].dtype == torch.bfloat16
     assert_refused(capsys, ["merge", base, llama_q.adapter, tmp_path / "out"], tmp_path / "out",
                    [base, llama_q.adapter], ["llm_int8_has_fp16_weight"])
 

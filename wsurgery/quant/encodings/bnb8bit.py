@@ -63,13 +63,13 @@ class Bnb8bit(Encoding):
     @classmethod
     def group(cls, stored: dict[str, TensorInfo], context: GroupContext) -> dict[str, EncodedTensorInfo]:
         q = context.quantization_config
-        if not is_8bit_config(q):
+        if q is None or not is_8bit_config(q):
             return {}
-        assert q is not None
         if q.get("llm_int8_has_fp16_weight"):
-            raise UnsupportedError(f"{context.where}: quantization_config has llm_int8_has_fp16_weight: true (8-bit "
-                                   "training layout: bitsandbytes saves no SCB and keeps 16-bit weights, which "
-                                   "transformers cannot load as int8); use an unquantized copy of the model")
+            raise UnsupportedError(f"{context.where}: quantization_config has llm_int8_has_fp16_weight: true, "
+                                   "bitsandbytes' 8-bit training layout (16-bit weights, no SCB), not LLM.int8 codes; "
+                                   "wsurgery reads the int8 layout only: remove quantization_config from config.json "
+                                   "to use the weights as a plain model")
         found: dict[str, EncodedTensorInfo] = {}
         dtype = _model_dtype(context, stored)
         for scb_name in (n for n in stored if n == "SCB" or n.endswith(".SCB")):
