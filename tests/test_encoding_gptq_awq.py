@@ -134,10 +134,12 @@ def gptqmodel_decode(folder: Path) -> dict[str, torch.Tensor]:
     tensors = load_file(folder / "model.safetensors")
     result = {}
     for name in [n[: -len(".qweight")] for n in tensors if n.endswith(".qweight")]:
-        n_in, out = tensors[f"{name}.g_idx"].shape[0], tensors[f"{name}.qweight"].shape[1]
+        words, out = tensors[f"{name}.qweight"].shape
+        n_in = tensors[f"{name}.g_idx"].shape[0] if f"{name}.g_idx" in tensors else words * 32 // bits
         m = TorchLinear(bits=bits, group_size=group_size, sym=qconfig["sym"], desc_act=qconfig["desc_act"],
                         in_features=n_in, out_features=out, bias=False)
-        m.load_state_dict({p: tensors[f"{name}.{p}"] for p in ("qweight", "qzeros", "scales", "g_idx")}, strict=False)
+        m.load_state_dict({p: tensors[f"{name}.{p}"] for p in ("qweight", "qzeros", "scales", "g_idx")
+                           if f"{name}.{p}" in tensors}, strict=False)  # without g_idx: its default i // group_size
         if fmt == "gptq":
             convert_gptq_v1_to_v2_format_module(m, bits, torch.int32)
         m.eval()
@@ -220,6 +222,18 @@ def test_gptq_v1_zero_point_borrows_are_decoded_as_gptqmodel_loads_them(tmp_path
     fields = (qzeros.unsqueeze(-1) >> torch.arange(0, 32, 4, dtype=torch.int32)) & 15
     assert bool((fields == 15).any())  # z = 0 stored as -1: the fixture exercises the borrow
     assert_bitwise({n: open_checkpoint(base).read(n) for n in gptqmodel_decode(base)}, gptqmodel_decode(base))
+
+
+def test_gptq_without_g_idx_uses_the_plain_groups(tmp_path):
+    """Without act-order GPT-QModel's g_idx buffer defaults to i // group_size where a file has none."""
+    full = make_gptq(tmp_path / "full", 4, 32, False, False, "gptq_v2")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text((full / "config.json").read_text())
+    tensors = {k: v for k, v in load_file(full / "model.safetensors").items() if not k.endswith(".g_idx")}
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    expected = gptqmodel_decode(base)
+    assert_bitwise({n: open_checkpoint(base).read(n) for n in expected}, expected)
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
