@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import wsurgery.checkpoint  # noqa: E402,F401  (imports the encodings in their order)
-from wsurgery.checkpoint.safetensors_file import TensorInfo  # noqa: E402
-from wsurgery.quant.encodings.base import EncodedTensorInfo  # noqa: E402
-from wsurgery.quant.encodings import bnb8bit  # noqa: E402
-from wsurgery.quant.encodings.bnb8bit import Bnb8bit  # noqa: E402
+import wsurgery.checkpoint  # noqa: F401  (imports the encodings in their order)
+from wsurgery.checkpoint.safetensors_file import TensorInfo
+from wsurgery.quant.encodings.base import EncodedTensorInfo
+from wsurgery.quant.encodings import bnb8bit
+from wsurgery.quant.encodings.bnb8bit import Bnb8bit
 
 SHAPE = (4096, 11008)
 
@@ -108,8 +108,9 @@ def main() -> None:
                "theirs_first_s": first["theirs"], "theirs_median_s": med["theirs"], "ours_gb_per_s": gbs,
                "ratio_theirs_over_ours": med["theirs"] / med["ours"], "runs": times}
         results.append(row)
-        print(f"{row['dtype']:9} {first['ours'] * 1e3:9.1f}ms {med['ours'] * 1e3:10.1f}ms {first['theirs'] * 1e3:11.1f}ms "
-              f"{med['theirs'] * 1e3:12.1f}ms {gbs:10.2f} {row['ratio_theirs_over_ours']:12.2f}")
+        print(f"{row['dtype']:9} {first['ours'] * 1e3:9.1f}ms {med['ours'] * 1e3:10.1f}ms "
+              f"{first['theirs'] * 1e3:11.1f}ms {med['theirs'] * 1e3:12.1f}ms {gbs:10.2f} "
+              f"{row['ratio_theirs_over_ours']:12.2f}")
     if args.json:
         args.json.write_text(json.dumps({"shape": SHAPE, "threads": torch.get_num_threads(), "results": results},
                                         indent=1))

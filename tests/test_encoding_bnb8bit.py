@@ -24,8 +24,8 @@ from oracle import assert_close_to, make_adapter, run_cli, save_base, tiny_gpt2,
 from test_bad_input import assert_refused
 
 bnb = pytest.importorskip("bitsandbytes")
-from peft import LoraConfig, PeftModel  # noqa: E402
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 ARCHS = {
     # name: (builder, LoRA targets, a quantized module, the module given outliers)

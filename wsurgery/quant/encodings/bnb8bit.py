@@ -36,9 +36,10 @@ _MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 _FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}  # bitsandbytes' weight_format codes
 
 
-def is_8bit_config(q: dict | None) -> bool:
-    return isinstance(q, dict) and q.get("quant_method") == "bitsandbytes" \
-        and bool(q.get("load_in_8bit") or q.get("_load_in_8bit")) and not (q.get("load_in_4bit") or q.get("_load_in_4bit"))
+def is_8bit_config(q: dict) -> bool:
+    eight = q.get("load_in_8bit") or q.get("_load_in_8bit")
+    four = q.get("load_in_4bit") or q.get("_load_in_4bit")
+    return q.get("quant_method") == "bitsandbytes" and bool(eight) and not four
 
 
 @register
@@ -63,7 +64,7 @@ class Bnb8bit(Encoding):
     @classmethod
     def group(cls, stored: dict[str, TensorInfo], context: GroupContext) -> dict[str, EncodedTensorInfo]:
         q = context.quantization_config
-        if q is None or not is_8bit_config(q):
+        if not isinstance(q, dict) or not is_8bit_config(q):
             return {}
         if q.get("llm_int8_has_fp16_weight"):
             raise UnsupportedError(f"{context.where}: quantization_config has llm_int8_has_fp16_weight: true, "
@@ -119,12 +120,13 @@ class Bnb8bit(Encoding):
         out = torch.empty((cols, n) if self.transposed else (n, cols), dtype=info.dtype)
         target = out.T if self.transposed else out  # stored layout
         direct = info.dtype == torch.float32 and not self.transposed
-        # Blocks of stored rows small enough to stay in cache between the two multiplications and the cast.
+        # Blocks of stored rows: one float32 scratch reused (no page faults for a full-size temporary), large
+        # enough that each block keeps the intra-op threads busy.
         step = max(64 if self.transposed else 1, _BLOCK_ELEMENTS // max(cols, 1))
-        scratch = None if direct else torch.empty((min(step, n), cols), dtype=torch.float32)
+        scratch = out if direct else torch.empty((min(step, n), cols), dtype=torch.float32)
         for a in range(0, n, step):
             b = min(a + step, n)
-            w = target[a:b] if direct else scratch[: b - a]
+            w = scratch[a:b] if direct else scratch[: b - a]
             torch.mul(codes[a:b], scb[a:b, None], out=w)  # int8 * float32 -> float32, as int8_vectorwise_dequant
             w.mul_(INV_127)
             if not direct:
