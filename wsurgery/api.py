@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,9 +16,11 @@ from .hub import PushResult, PushTarget
 from .hub import push as push_folder
 from .hub_inputs import resolve
 from .engine import Result, execute, plan
-from .convert.convert import Conversion, convert  # noqa: F401  (the API of `wsurgery convert`)
-from .convert.combine import AdapterSpec, combine, weighted_specs  # noqa: F401  (API: wsurgery.api.combine)
-from .convert.extract import extract  # noqa: F401  (API: wsurgery.api.extract)
+from .convert import combine as _combine
+from .convert import convert as _convert
+from .convert import extract as _extract
+from .convert.combine import AdapterSpec, weighted_specs
+from .convert.convert import Conversion  # noqa: F401  (the API of `wsurgery convert`)
 from .errors import InputError
 from .model_card import provenance
 from .quant.checkpoints import describe_encoding, requantize_targets, through_targets
@@ -29,10 +32,32 @@ if TYPE_CHECKING:
     from .verify import Report
 
 
+def _local(spec: str | Path | None, kind: str = "model") -> Path | None:
+    """A path or Hub repo id as a local path: every repo id is resolved here, where it enters the API."""
+    return None if spec is None else resolve(spec, kind=kind)
+
+
+@functools.wraps(_convert.convert)
+def convert(adapter: str | Path, out: str | Path, *, base: str | Path | None = None, **options: Any) -> Conversion:
+    return _convert.convert(_local(adapter, "adapter"), out, base=_local(base), **options)
+
+
+@functools.wraps(_combine.combine)
+def combine(out: str | Path, adapters: AdapterSpec | list[AdapterSpec], *, base: str | Path | None = None,
+            **options: Any):
+    local = [(_local(a, "adapter"), w) for a, w in weighted_specs(adapters)]
+    return _combine.combine(out, local, base=_local(base), **options)
+
+
+@functools.wraps(_extract.extract)
+def extract(base: str | Path, tuned: str | Path, out: str | Path, **options: Any):
+    return _extract.extract(_local(base), _local(tuned), out, **options)
+
+
 def _load_adapters(adapter: AdapterSpec | list[AdapterSpec], scale: float, options: dict[str, Any] | None
                    ) -> list[tuple[Adapter, float]]:
     """Each adapter loaded, with its scale·weight."""
-    return [(load_adapter(resolve(a, kind="adapter"), options), scale * w) for a, w in weighted_specs(adapter)]
+    return [(load_adapter(_local(a, "adapter"), options), scale * w) for a, w in weighted_specs(adapter)]
 
 
 def _run(direction: str, base: str | Path, adapter: AdapterSpec | list[AdapterSpec], out: str | Path,
@@ -46,7 +71,7 @@ def _run(direction: str, base: str | Path, adapter: AdapterSpec | list[AdapterSp
     if requantize and through_nf4:
         raise InputError("--requantize and --through-nf4 exclude each other: --through-nf4 is for a 16-bit base, "
                          "--requantize for a 4-bit one")
-    ckpt = open_checkpoint(resolve(base))
+    ckpt = open_checkpoint(_local(base))
     adapters = _load_adapters(adapter, scale, options)
     job = plan(ckpt, adapters, direction)
     through_fmt = Bnb4bit() if through_nf4 else None
@@ -127,8 +152,8 @@ def verify(base: str | Path, adapter: AdapterSpec | list[AdapterSpec], merged: s
     """
     from .verify import verify_merge
 
-    ckpt = open_checkpoint(resolve(base))
-    return verify_merge(ckpt, _load_adapters(adapter, scale, options), open_checkpoint(resolve(merged)),
+    ckpt = open_checkpoint(_local(base))
+    return verify_merge(ckpt, _load_adapters(adapter, scale, options), open_checkpoint(_local(merged)),
                         device=device, tokens=tokens, seed=seed, rtol=rtol, atol=atol, progress=progress)
 
 
@@ -139,7 +164,7 @@ def verify_quantized(original: str | Path, quantized: str | Path, *, device: str
     weight's forward error within the 4-bit error bound, every other tensor equal."""
     from .verify import verify_quantized as run
 
-    return run(open_checkpoint(resolve(original)), open_checkpoint(resolve(quantized)), device=device,
+    return run(open_checkpoint(_local(original)), open_checkpoint(_local(quantized)), device=device,
                tokens=tokens, seed=seed, progress=progress)
 
 def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -176,7 +201,7 @@ def quantize(src: str | Path, out: str | Path, *, quant_type: str = "nf4", block
     fmt = Bnb4bit(quant_type, blocksize, double_quant)
     record = provenance("quantize", command, str(src), quantization={"quant_type": quant_type, "blocksize": blocksize,
                                                                       "double_quant": double_quant})
-    return quantize_checkpoint(open_checkpoint(resolve(src)), Path(out), fmt, compute_dtype=_dtype(compute_dtype),
+    return quantize_checkpoint(open_checkpoint(_local(src)), Path(out), fmt, compute_dtype=_dtype(compute_dtype),
                                skip=tuple(skip_modules), dtype=_dtype(dtype), max_shard_size=_size(max_shard_size),
                                overwrite=overwrite, progress=progress, report=report, record=record)
 
@@ -188,7 +213,7 @@ def dequantize(src: str | Path, out: str | Path, *, dtype: str | torch.dtype | N
     and drop ``quantization_config``; weights come back in their decoded dtype unless ``dtype``."""
     from .quant.checkpoints import dequantize_checkpoint
 
-    ckpt = open_checkpoint(resolve(src))
+    ckpt = open_checkpoint(_local(src))
     ckpt.format.check_plain_output(ckpt, Path(out))
     record = provenance("dequantize", command, str(src))
     return dequantize_checkpoint(ckpt, Path(out), dtype=_dtype(dtype), max_shard_size=_size(max_shard_size),
@@ -203,7 +228,7 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, 
     transposed. DoRA, ``modules_to_save``, LoRA biases and other methods are refused with the reason."""
     from .convert.gguf_lora import export_gguf_lora as run
 
-    return run(adapter, out, base, scale=scale, gguf_type=gguf_type, overwrite=overwrite)
+    return run(_local(adapter, "adapter"), out, _local(base), scale=scale, gguf_type=gguf_type, overwrite=overwrite)
 
 
 def quantize_gguf(src: str | Path, out: str | Path, gguf_type: str, *, overwrite: bool = False,
@@ -214,7 +239,7 @@ def quantize_gguf(src: str | Path, out: str | Path, gguf_type: str, *, overwrite
     were because their rows do not divide into the type's blocks."""
     from .quant.gguf_jobs import quantize_gguf as run, require_gguf
 
-    return run(require_gguf(open_checkpoint(resolve(src)), "quantize --gguf-type"), Path(out), gguf_type,
+    return run(require_gguf(open_checkpoint(_local(src)), "quantize --gguf-type"), Path(out), gguf_type,
                overwrite=overwrite, progress=progress)
 
 

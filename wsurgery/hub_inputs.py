@@ -31,6 +31,17 @@ def looks_like_repo_id(spec: str) -> bool:
     return bool(REPO_ID.match(spec)) and not Path(spec).exists()
 
 
+def cached_repo_id(path: Path) -> str | None:
+    """The repo id of a Hub cache snapshot (``models--<org>--<name>/snapshots/<revision>``, what
+    ``resolve`` returns for a repo id), or of a file in one; None for any other path."""
+    folder = path if path.is_dir() else path.parent
+    repo = folder.parent.parent
+    if folder.parent.name != "snapshots" or not repo.name.startswith("models--"):
+        return None
+    org, sep, name = repo.name.removeprefix("models--").partition("--")
+    return f"{org}/{name}" if sep and org and name else None
+
+
 def resolve(spec: str | Path, kind: str = "model", revision: str | None = None) -> Path:
     """Return a local path for ``spec``: the path itself if it exists, else a Hub snapshot."""
     path = Path(spec)

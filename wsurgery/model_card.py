@@ -126,12 +126,17 @@ def _public(value: str) -> str:
 
 
 def _source(spec: str | None, kind: str) -> tuple[str | None, str | None]:
-    """An input as the record names it: a repo id as given; a local path as its name, with the sha256
-    of the file that identifies its weights."""
+    """An input as the record names it: a repo id as given (or as the Hub cache snapshot it was resolved
+    to names it); a local path as its name, with the sha256 of the file that identifies its weights."""
+    from .hub_inputs import cached_repo_id
+
     if spec is None:
         return None, None
     if _is_repo_id(str(spec)):
         return str(spec), None
+    repo_id = cached_repo_id(Path(spec))
+    if repo_id is not None:
+        return repo_id, None
     path = Path(spec).resolve()
     weights = _identifying_file(path, kind)
     return path.name, _sha256(weights) if weights else None

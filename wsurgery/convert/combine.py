@@ -22,7 +22,7 @@ from ..adapters import Adapter, load_adapter
 from ..checkpoint import Checkpoint, check_output_path, open_checkpoint
 from ..engine import plan
 from ..errors import InputError, UnsupportedError
-from ..hub_inputs import looks_like_repo_id, resolve
+from ..hub_inputs import looks_like_repo_id
 from ..methods import Patch, ReplacePatch
 from ..methods.lora import LoraPatch
 from .extract import LoraModule, RankRule, as_product, layer_kind, lora_adapter, truncated_svd, uses_conv1d
@@ -241,8 +241,8 @@ def combine(out: str | Path, adapters: AdapterSpec | list[AdapterSpec], *, rank:
     if rank is not None and rank < 1:
         raise InputError(f"--rank must be at least 1, not {rank}")
     specs = weighted_specs(adapters)
-    loaded = [(load_adapter(resolve(spec, kind="adapter")), w) for spec, w in specs]
-    ckpt = open_checkpoint(resolve(base)) if base is not None else None
+    loaded = [(load_adapter(spec), w) for spec, w in specs]
+    ckpt = open_checkpoint(base) if base is not None else None
     _check_lora_bias(loaded)
     inputs = [a.folder for a, _ in loaded] + ([ckpt.folder, *ckpt.shards] if ckpt else [])
     check_output_path(Path(out), inputs, overwrite)

@@ -26,7 +26,6 @@ from ..adapters import Adapter, load_adapter
 from ..checkpoint import Checkpoint, check_output_path, open_checkpoint
 from ..engine import plan
 from ..errors import InputError, UnsupportedError
-from ..hub_inputs import resolve
 from ..model_card import provenance
 from ..methods import AdditivePatch, Patch
 from ..methods.adalora import AdaLoraPatch
@@ -261,13 +260,13 @@ def convert(adapter: str | Path, out: str | Path, *, to: str, base: str | Path |
     adapter's provenance (paths cut to their names).
     """
     target = get_target(to)
-    ad = load_adapter(resolve(adapter, kind="adapter"))
+    ad = load_adapter(adapter)
     options = Options(rank, block_size, butterfly_factors)
     target.check_options(options)
     if target.needs_weight and base is None:
         raise InputError(f"--to {to} needs --base BASE: {target.method} rotates the base weight, so the best "
                          f"{target.method} depends on W")
-    ckpt = open_checkpoint(resolve(base)) if base is not None else None
+    ckpt = open_checkpoint(base) if base is not None else None
     out = Path(out)
     inputs = [ad.folder, *([ckpt.folder] if ckpt is not None else [])]
     check_output_path(out, inputs, overwrite)

@@ -29,7 +29,6 @@ from .. import conventions
 from ..checkpoint import Checkpoint, check_output_path, open_checkpoint
 from ..conventions import CONV1D_LAYERS, is_embedding, is_output_head, last_name
 from ..errors import InputError, UnsupportedError
-from ..hub_inputs import resolve
 from ..model_card import provenance
 from .peft_writer import write_adapter
 
@@ -519,7 +518,7 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
     if plot is not None:
         check_plot_path(Path(plot))
     dev = resolve_device(device)
-    base_path, tuned_path, out = resolve(base), resolve(tuned), Path(out)
+    base_path, tuned_path, out = Path(base), Path(tuned), Path(out)
     base_ckpt, tuned_ckpt = open_checkpoint(base_path), open_checkpoint(tuned_path)
     _check_pair(base_ckpt, tuned_ckpt, base_path, tuned_path)
     check_output_path(out, [base_ckpt.folder, *base_ckpt.shards, tuned_ckpt.folder, *tuned_ckpt.shards], overwrite)

@@ -30,7 +30,6 @@ from ..checkpoint.gguf_names import Layout, arch_of_config, gguf_names, layout
 from ..checkpoint.output import atomic_output_file, check_output_file
 from ..engine import plan
 from ..errors import InputError, NotExpressible, UnsupportedError
-from ..hub_inputs import resolve
 from ..methods.lora import DoraPatch, LoraPatch
 from ..methods.replace import ReplacePatch
 
@@ -134,13 +133,13 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, 
     if kind not in ADAPTER_TYPES:
         raise InputError(f"--type {gguf_type}: llama.cpp loads LoRA tensors as "
                          f"{', '.join(type_name(t) for t in ADAPTER_TYPES)} only")
-    ad = load_adapter(resolve(adapter, kind="adapter"))
+    ad = load_adapter(adapter)
     for patch in ad.patches():
         reason = None if _is_base_copy(patch) else _refusal(patch, ad)
         if reason is not None:
             raise NotExpressible(f"{ad.folder}: cannot write {patch.module or 'the adapter'} as a GGUF LoRA: {reason}",
                                  _MERGE_INSTEAD)
-    ckpt = open_checkpoint(resolve(base))
+    ckpt = open_checkpoint(base)
     arch, targets = _targets(ckpt)
     job = plan(ckpt, [(ad, scale)])
     pairs = [(bound.patch, s, j.tensors[bound.patch.role]) for j in job.jobs.values() for bound, s, _ in j.patches
