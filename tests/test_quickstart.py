@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from oracle import assert_close_to, load_all, oracle_merge
+from oracle import assert_close_to, load_all, oracle_merge, run_cli
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -34,3 +34,17 @@ def test_quickstart_merge_and_unmerge_on_fixtures(tmp_path):
     r = wsurgery("unmerge", str(merged_dir), str(adapter), str(tmp_path / "unmerged"), "--quiet")
     assert r.returncode == 0, r.stderr
     assert_close_to(load_all(tmp_path / "unmerged"), base_tensors, base=load_all(merged_dir), ulps=2)
+
+
+def test_readme_quick_start_commands_run_as_written(tmp_path, capsys, monkeypatch):
+    """Every command of README's quick start block runs (its /tmp paths moved into the test's folder)."""
+    readme = (FIXTURES.parent / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("#", 1)[0].split() for line in block.splitlines() if line.startswith("wsurgery ")]
+    assert [line[1] for line in lines] == ["inspect", "inspect", "merge", "unmerge"]
+    monkeypatch.chdir(FIXTURES.parent)
+    for line in lines:
+        args = [str(tmp_path / a[len("/tmp/"):]) if a.startswith("/tmp/") else a for a in line[1:]]
+        code, _, err = run_cli(args, capsys)
+        assert code == 0, f"{' '.join(line)}: {err}"
+    assert (tmp_path / "base-again" / "config.json").exists()
