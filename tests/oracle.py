@@ -118,7 +118,7 @@ def make_adapter(base_model: nn.Module, config, folder: Path, seed: int = 1, ada
 
     model = get_peft_model(copy.deepcopy(base_model), config)
     if adapter_dtype is not None:
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(adapter_dtype)
     randomize_adapter(model, seed)

@@ -261,7 +261,8 @@ def test_bone_fixture_to_lora_and_back(tmp_path):
     c = wsurgery.convert_adapter(tmp_path / "lora", tmp_path / "bone", to="bone", base=case / "base", rank=6,
                                  progress=False)
     assert all(m.exact for m in c.modules) and any("0.14-0.18" in n for n in c.notes)
-    original, ours = load_file(case / "adapter" / "adapter_model.safetensors"), load_file(tmp_path / "bone" / "adapter_model.safetensors")
+    original = load_file(case / "adapter" / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "bone" / "adapter_model.safetensors")
     assert set(ours) == set(original)
     for key in original:
         assert torch.allclose(ours[key], original[key], atol=1e-5 * float(original[key].abs().max())), key
@@ -323,7 +324,8 @@ def test_miss_round_trip_is_exact(tmp_path, llama):
     wsurgery.convert_adapter(source, tmp_path / "lora", to="lora", base=base, progress=False)
     c = wsurgery.convert_adapter(tmp_path / "lora", tmp_path / "miss", to="miss", rank=5, base=base, progress=False)
     assert all(m.exact for m in c.modules)
-    original, ours = load_file(source / "adapter_model.safetensors"), load_file(tmp_path / "miss" / "adapter_model.safetensors")
+    original = load_file(source / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "miss" / "adapter_model.safetensors")
     assert set(ours) == set(original)
     for key in original:
         assert torch.allclose(ours[key], original[key], atol=1e-5 * float(original[key].abs().max())), key

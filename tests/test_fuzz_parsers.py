@@ -145,7 +145,7 @@ def library_judges(raw: bytes) -> list | None:
     """The safetensors library's reading of a whole file: [(name, dtype, shape, bytes)], or None if it refuses."""
     try:
         return sorted((name, t["dtype"], t["shape"], bytes(t["data"])) for name, t in safetensors.deserialize(raw))
-    except Exception:  # noqa: BLE001 -- the library raises SafetensorError, and others on odd input
+    except Exception:
         return None
 
 

@@ -476,7 +476,8 @@ def test_conv1d_next_to_linear_whatever_the_saved_flag(tmp_path, case):
         model, cfg = _EmbConv1D(), LoraConfig(r=2, lora_alpha=3, target_modules=["conv1d", "lin0"])
     else:
         model = _untied_gpt2()
-        cfg = LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn", "c_fc", "lm_head"], use_dora=case.endswith("dora"))
+        cfg = LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn", "c_fc", "lm_head"],
+                         use_dora=case.endswith("dora"))
     _, adapter_dir, _ = run_case(tmp_path, model, cfg, check_unmerge=not case.endswith("dora"))
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["fan_in_fan_out"] is False
 
@@ -521,7 +522,8 @@ def test_monteclora(tmp_path, dtype):
 
 
 def test_mica_linear_and_embedding(tmp_path):
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "embed_tokens"], init_lora_weights="mica")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "embed_tokens"],
+                     init_lora_weights="mica")
     run_case(tmp_path, tiny_llama(), cfg)
 
 

@@ -51,8 +51,8 @@ def test_ambiguous_mapping_is_an_error(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
-    save_file({"base_model.model.x.lora_A.weight": torch.ones(2, 4), "base_model.model.x.lora_B.weight": torch.ones(4, 2)},
-              adapter / "adapter_model.safetensors")
+    save_file({"base_model.model.x.lora_A.weight": torch.ones(2, 4),
+               "base_model.model.x.lora_B.weight": torch.ones(4, 2)}, adapter / "adapter_model.safetensors")
     with pytest.raises(InputError, match="several ways"):
         wsurgery.merge(base, adapter, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

@@ -113,7 +113,8 @@ def _hra_bf16_case(tmp_path, model, cfg):
 
 
 def test_hra_llama_all_linear_bf16(tmp_path):
-    _hra_bf16_case(tmp_path, tiny_llama(torch.bfloat16), HRAConfig(r=4, init_weights=False, target_modules=LLAMA_LINEAR))
+    _hra_bf16_case(tmp_path, tiny_llama(torch.bfloat16),
+                   HRAConfig(r=4, init_weights=False, target_modules=LLAMA_LINEAR))
 
 
 def test_hra_gram_schmidt_llama(tmp_path):

@@ -166,13 +166,13 @@ def test_waveft_wrong_seed_mismatches(tmp_path):
     _assert_wrong_seed_mismatches(tmp_path, base_dir, adapter_dir, expected, base)
 
 
-@pytest.mark.parametrize("family, words", [("coif5", "48 taps but its padding assumes 30"),
-                                           ("db11", "has no filter taps for it")])
-def test_waveft_refuses_families_peft_cannot_run(tmp_path, capsys, family, words):
+@pytest.mark.parametrize("family, words, peft_error", [("coif5", "48 taps but its padding assumes 30", RuntimeError),
+                                                       ("db11", "has no filter taps for it", ValueError)])
+def test_waveft_refuses_families_peft_cannot_run(tmp_path, capsys, family, words, peft_error):
     base_dir = save_base(tiny_llama(), tmp_path / "base")
     cfg = WaveFTConfig(n_frequency=20, wavelet_family=family, target_modules=["q_proj"], init_weights=False)
     adapter_dir = make_adapter(tiny_llama(), cfg, tmp_path / "adapter")
-    with pytest.raises(Exception):  # PEFT itself cannot merge it
+    with pytest.raises(peft_error):  # PEFT itself cannot merge it
         oracle_merge(reload(tiny_llama(), base_dir, torch.float32), adapter_dir)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:

@@ -75,7 +75,8 @@ def test_c3a_llama_with_block_size_pattern(tmp_path, dtype):
 def test_c3a_refuses_a_kernel_that_does_not_fit(tmp_path):
     base_dir = save_base(tiny_llama(), tmp_path / "base")
     adapter_dir = make_adapter(tiny_llama(), C3AConfig(block_size=8, target_modules=["q_proj"]), tmp_path / "adapter")
-    edit_adapter_tensors(adapter_dir, lambda t: t.update({k: v[:, :3].contiguous() for k, v in t.items() if "layers.1." in k}))
+    edit_adapter_tensors(adapter_dir,
+                         lambda t: t.update({k: v[:, :3].contiguous() for k, v in t.items() if "layers.1." in k}))
     with pytest.raises(InputError, match=r"layers\.1\.self_attn\.q_proj: c3a_kernel is \[4, 3, 8\]"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)
 

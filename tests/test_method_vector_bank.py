@@ -304,5 +304,6 @@ def test_tinylora_unrecoverable_positions_are_refused(tmp_path):
     edit_adapter_config(adapter_dir, projection_seed=42)
     # a targeted layer missing from the file: 3 layers cannot make the 4 groups PEFT saved
     edit_adapter_tensors(adapter_dir, lambda t: [t.pop(k) for k in list(t) if "layers.1.mlp.up_proj" in k])
-    with pytest.raises(UnsupportedError, match=r"has 3 TinyLoRA layers.*makes 3 group\(s\), but it holds 4 shared vectors"):
+    with pytest.raises(UnsupportedError,
+                       match=r"has 3 TinyLoRA layers.*makes 3 group\(s\), but it holds 4 shared vectors"):
         wsurgery.merge(base_dir, adapter_dir, tmp_path / "merged", progress=False)

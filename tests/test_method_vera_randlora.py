@@ -211,7 +211,8 @@ def test_saved_projections_with_save_projection_false_are_ignored_like_peft(tmp_
     result, _, _, _ = case(tmp_path / "changed", tiny_llama(), cfg, edit=edit)
     assert any("save_projection=false" in n and "differ" in n for n in result.notes)
     # Saved projections that equal the regenerated ones: nothing to report.
-    result, _, _, _ = case(tmp_path / "equal", tiny_llama(), cfg, edit=lambda d: edit_adapter_config(d, save_projection=False))
+    result, _, _, _ = case(tmp_path / "equal", tiny_llama(), cfg,
+                           edit=lambda d: edit_adapter_config(d, save_projection=False))
     assert not result.notes
 
 

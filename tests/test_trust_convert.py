@@ -5,16 +5,13 @@ headers and configs tell is checked before the first tensor is read.
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from peft import LoHaConfig, LoraConfig
 
 import wsurgery
-from oracle import edit_adapter_tensors, make_adapter, run_cli, save_base, tiny_llama
+from oracle import edit_adapter_tensors, make_adapter, save_base, tiny_llama
 from test_bad_input import assert_refused, edit_config
 from wsurgery.checkpoint.reader import Checkpoint
 from wsurgery.convert import combine as combine_module

@@ -64,7 +64,8 @@ def test_ia3_gpt2_conv1d_next_to_lm_head(tmp_path):
     """The saved fan_in_fan_out is the lm_head's False; the Conv1D layers' layout comes from their shapes."""
     from test_method_hra_road_ia3 import _untied_gpt2
 
-    cfg = IA3Config(target_modules=["c_attn", "c_fc", "mlp.c_proj", "lm_head"], feedforward_modules=["c_fc", "mlp.c_proj"])
+    cfg = IA3Config(target_modules=["c_attn", "c_fc", "mlp.c_proj", "lm_head"],
+                    feedforward_modules=["c_fc", "mlp.c_proj"])
     _case(tmp_path, _untied_gpt2(), cfg, transposable=False)
 
 
@@ -227,7 +228,8 @@ CUDA_CASES = {
     **PEFT_FORWARD,
     "ln_tuning": (tiny_bert, LNTuningConfig(target_modules=["LayerNorm"])),
     "tokens": (tiny_llama, TrainableTokensConfig(token_indices=[0, 5, 7, 90])),
-    "beft": (lambda dtype: with_random_biases(tiny_bert(dtype)), BeftConfig(target_modules=["query", "value", "dense"])),
+    "beft": (lambda dtype: with_random_biases(tiny_bert(dtype)),
+             BeftConfig(target_modules=["query", "value", "dense"])),
 }
 
 
