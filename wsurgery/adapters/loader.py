@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import torch
 
@@ -25,6 +25,8 @@ from .config import AdapterConfig, load_config
 
 MODEL_PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -87,19 +89,26 @@ def _read_adapter_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     raise InputError(f"{folder}: no adapter_model.safetensors or adapter_model.bin next to adapter_config.json")
 
 
-class _ReadTracker(dict):
+class _ReadTracker(dict[str, torch.Tensor]):
     """A module's saved tensors that remember which of them the method read, so none is ignored."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__(tensors)
         self.read: set[str] = set()
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: str) -> torch.Tensor:
         value = super().__getitem__(key)
         self.read.add(key)
         return value
 
-    def get(self, key, default=None):
+    @overload
+    def get(self, key: str, default: None = None, /) -> torch.Tensor | None: ...
+    @overload
+    def get(self, key: str, default: torch.Tensor, /) -> torch.Tensor: ...
+    @overload
+    def get(self, key: str, default: _T, /) -> torch.Tensor | _T: ...
+
+    def get(self, key: str, default: object = None, /) -> object:
         if key in self:
             self.read.add(key)
         return super().get(key, default)
@@ -172,9 +181,9 @@ def load_adapter(path: str | Path, options: dict[str, Any] | None = None) -> Ada
             adapter.tokens.append(token_patch(module, tensor, indices, key))
             continue
         cut = next((i for i, p in enumerate(parts) if p in method.param_names), None)
-        unknown = next((p for p in parts if prefix and p.startswith(prefix)), None) if cut is None else None
-        if unknown is not None:
-            raise UnsupportedError(f"{file}: tensor {key!r}: {unknown!r} has {config.peft_type}'s prefix {prefix!r} "
+        stray = next((p for p in parts if prefix and p.startswith(prefix)), None) if cut is None else None
+        if stray is not None:
+            raise UnsupportedError(f"{file}: tensor {key!r}: {stray!r} has {config.peft_type}'s prefix {prefix!r} "
                                    f"but is no {config.peft_type} tensor wsurgery knows (a newer PEFT variant?); "
                                    "refused rather than read as a module path")
         if cut is not None and cut > 0:

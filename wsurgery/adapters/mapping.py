@@ -10,23 +10,36 @@ for every module; if none does, or several different ones do, that is an error, 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 
 from ..errors import InputError
 
 Rename = tuple[str, Callable[[str], str | None]]
 
 
+def _as_saved(module: str) -> str:
+    return module
+
+
+def _without_first(module: str, k: int) -> str | None:
+    return ".".join(module.split(".")[k:]) if module.count(".") >= k else None
+
+
+def _with_prefix(module: str, prefix: str) -> str:
+    return f"{prefix}.{module}"
+
+
 def _renamings(base_prefixes: Iterable[str]) -> list[Rename]:
-    out: list[Rename] = [("as saved", lambda m: m)]
+    out: list[Rename] = [("as saved", _as_saved)]
     for k in (1, 2):
-        out.append((f"without the first {k} name component{'s' if k > 1 else ''}",
-                    lambda m, k=k: ".".join(m.split(".")[k:]) if m.count(".") >= k else None))
+        out.append((f"without the first {k} name component{'s' if k > 1 else ''}", partial(_without_first, k=k)))
     for prefix in sorted(base_prefixes):
-        out.append((f"with prefix {prefix!r}", lambda m, p=prefix: f"{p}.{m}"))
+        out.append((f"with prefix {prefix!r}", partial(_with_prefix, prefix=prefix)))
     return out
 
 
-def map_modules(modules: list[str], base_tensor_names: Iterable[str], adapter_desc: str, base_desc: str) -> dict[str, str]:
+def map_modules(modules: list[str], base_tensor_names: Iterable[str], adapter_desc: str,
+                base_desc: str) -> dict[str, str]:
     """Return ``{adapter module path: base module path}`` for every module, or raise ``InputError``."""
     names = list(base_tensor_names)
     base_modules = {n.rpartition(".")[0] for n in names}
