@@ -193,3 +193,29 @@ def test_unknown_and_missing_files_keep_their_messages(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(InputError, match="this is an adapter folder"):
         open_checkpoint(tmp_path)
+
+
+def test_ggml_tensors_stream_in_row_chunks_as_whole(quantized, tmp_path, monkeypatch):
+    """With chunks of a few rows (the engine's path for large tensors), a merge into a GGUF base written
+    as a folder gives the same bytes as whole-tensor reads; Q/K (interleaved rows) stay whole."""
+    import wsurgery.engine as engine
+    from oracle import make_adapter
+    from peft import LoraConfig
+
+    from wsurgery.adapters import load_adapter
+
+    lora = make_adapter(tiny_llama(seed=3), LoraConfig(r=2, target_modules=["up_proj", "q_proj"]), tmp_path / "ad")
+    base = open_checkpoint(quantized)
+    adapters = [(load_adapter(lora), 1.0)]
+    execute(plan(base, adapters), tmp_path / "whole", progress=False)
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)
+    chunks = engine._RowChunks(base, plan(base, adapters), {}, {})
+    assert len(chunks.spans("model.layers.0.mlp.up_proj.weight")) > 1
+    assert len(chunks.spans("model.layers.1.mlp.down_proj.weight")) > 1  # unchanged, decoded in chunks too
+    assert not chunks.spans("model.layers.0.self_attn.q_proj.weight")
+    execute(plan(base, adapters), tmp_path / "chunked", progress=False)
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    parts = load_file(tmp_path / "chunked" / "model.safetensors")
+    assert whole.keys() == parts.keys()
+    for key in whole:
+        assert torch.equal(whole[key], parts[key]), key
