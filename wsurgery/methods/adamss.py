@@ -227,9 +227,9 @@ class AdamssPatch(Patch):
         self.margin = margin
         if margin < TIGHT_MARGIN:
             self.notes.append(
-                f"{self.module}: a row of the base weight lies within float32 rounding of two AdaMSS clusters (relative "
-                f"margin {margin:.1e}); the cluster sizes match the adapter's, but scikit-learn's summation order "
-                "could have placed that row differently")
+                f"{self.module}: a row of the base weight lies within float32 rounding of two AdaMSS clusters "
+                f"(relative margin {margin:.1e}); the cluster sizes match the adapter's, but scikit-learn's "
+                "summation order could have placed that row differently")
         return self._add(tensors, self._delta(index, aug.shape[0]), 1.0)
 
     def _check_newb(self, Vt: torch.Tensor) -> None:
@@ -267,8 +267,9 @@ class AdamssPatch(Patch):
                 "checkpoint and merge from it again instead")
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"kind": "linear", "r": self.r, "subspaces": len(self.B), "rows_per_subspace": self.sizes,
-                                "ranks": [a.shape[0] for a in self.A], "newB_columns": self.newB.shape[1],
+        info: dict[str, Any] = {"kind": "linear", "r": self.r, "subspaces": len(self.B),
+                                "rows_per_subspace": self.sizes, "ranks": [a.shape[0] for a in self.A],
+                                "newB_columns": self.newB.shape[1],
                                 "scatter_index": "recomputed (svd_lowrank + KMeans reproduction)"}
         if self.margin is not None:
             info["min_assignment_margin"] = self.margin
@@ -283,7 +284,8 @@ class Adamss(Method):
         Support("AdaMSS (incl. dynamic rank, ASA)", "Linear (weight and bias)",
                 "exact given the clustering: scikit-learn's KMeans reproduced in numpy and checked against the saved "
                 "subspace sizes and newB; refused where they disagree",
-                "refused: the clustering of the original weight is not saved and the merged weight clusters differently",
+                "refused: the clustering of the original weight is not saved and the merged weight clusters "
+                "differently",
                 "0.21.2 with scikit-learn 1.9.1"),
     )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -43,7 +44,8 @@ class AdapterContext:
     modules: tuple[str, ...] = ()
     #: Room for state a method derives once per adapter (regenerated projections, index maps...).
     #: Patches may fill it during ``check`` (all checks run before the first ``apply``).
-    cache: dict[str, Any] = field(default_factory=dict)
+    #: Keys are names or tuples (name, parameters...).
+    cache: dict[Hashable, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,7 +74,8 @@ def expect_shape(module: str, change: str, want: tuple[int, ...], have: tuple[in
     want, have = tuple(want), tuple(have)
     if want == have:
         return
-    hint = " (transposed: is fan_in_fan_out set right in adapter_config.json?)" if len(have) == 2 and have == want[::-1] else ""
+    transposed = len(have) == 2 and have == want[::-1]
+    hint = " (transposed: is fan_in_fan_out set right in adapter_config.json?)" if transposed else ""
     raise InputError(f"{module}: {change} has shape {list(want)}{detail} but the base {what} is {list(have)}{hint}; "
                      "was the adapter trained on another model?")
 
@@ -264,6 +267,9 @@ class AdditivePatch(Patch):
 
     @abstractmethod
     def delta(self) -> Tensors: ...
+
+    def add_scaled(self, tensors: Tensors, alpha: float) -> Tensors:
+        return _add(tensors, self.delta(), alpha)
 
     def apply(self, tensors: Tensors) -> Tensors:
         return self.add_scaled(tensors, 1.0)

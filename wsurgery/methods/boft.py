@@ -79,7 +79,7 @@ def butterfly_perms(n: int, N: int, D: int, b: int) -> tuple[torch.Tensor | None
 
     Cached: a model has only a few layer shapes, and the port of PEFT's loop is slow. Read-only.
     """
-    perms: Sequence[torch.Tensor | None] = []
+    perms: list[torch.Tensor | None] = []
     for i in range(N):
         perm = block_butterfly_perm(n, int(D / (2 ** i)), int(b / 2), N - 1)
         perms.append(None if torch.equal(perm, torch.arange(n)) else perm)
@@ -246,6 +246,7 @@ class BoftPatch(Patch):
     @property
     def orthogonality_deviation(self) -> float:
         self.blocks  # noqa: B018 (computes it)
+        assert self._deviation is not None  # set together with the blocks
         return self._deviation
 
     # -- validation --------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ which training overwrote.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -76,7 +77,7 @@ class FrodPatch(ShapeLayout, Patch):
     of length ``len(V)`` (the inputs) says, not the saved ``fan_in_fan_out`` (the last wrapped layer's)."""
 
     def __init__(self, module: str, cat: str, V: torch.Tensor, indices: torch.Tensor, size: tuple[int, int],
-                 values: torch.Tensor, lambda_l: torch.Tensor, layout: Layout, cache: dict[str, Any]):
+                 values: torch.Tensor, lambda_l: torch.Tensor, layout: Layout, cache: dict[Hashable, Any]):
         super().__init__(module, ("weight",))
         self.cat, self.V, self.indices, self.size = cat, V, indices, size
         self.values, self.lambda_l, self.layout = values, lambda_l, layout

@@ -126,12 +126,14 @@ class GloraPatch(Patch):
                 raise InputError(f"{self.module}: GLoRA applies to nn.Linear weights (out, in), but the base weight "
                                  f"is {list(w)}")
             out, inp = w
+            want: dict[str, tuple[int, ...]] = {"A": (out, inp), "B": (out, inp), "C": (inp, 1)}
         else:  # only D/E change the bias; W is neither read nor written
-            w, out, inp = shapes["bias"], shapes["bias"][0], None
-        want = {"A": (out, inp), "B": (out, inp), "C": (inp, 1), "D": (out,), "E": (out,)}
+            w, out = shapes["bias"], shapes["bias"][0]
+            want = {}  # A/B/C are disabled paths (zero buffers) with nothing to check against
+        want.update(D=(out,), E=(out,))
         for letter, path in self.paths.items():
-            if inp is None and letter in "ABC":
-                continue  # disabled paths (zero buffers) with nothing to check against
+            if letter not in want:
+                continue
             if not path.fits(want[letter]):
                 raise InputError(f"{self.module}: {path.shapes_text()} does not fit the base weight {list(w)} "
                                  f"(expected a {list(want[letter])} term); was the adapter trained on another model?")
@@ -140,15 +142,15 @@ class GloraPatch(Patch):
 
     def apply(self, tensors: Tensors) -> Tensors:
         p = self.paths
-        W = tensors.get("weight")
         if "bias" in tensors:  # from the original W, before the weight changes
             b = tensors["bias"]
             D, E = (p[x].value().to(b.dtype) for x in "DE")
             change = b * D + E
-            if p["C"].trainable:
-                change += (W @ p["C"].value().to(b.dtype)).squeeze(-1)
+            if p["C"].trainable:  # then W is read (see __init__)
+                change += (tensors["weight"] @ p["C"].value().to(b.dtype)).squeeze(-1)
             b.add_(change)
         if self.changes_weight:
+            W = tensors["weight"]
             change = self._scaled(W) if p["A"].trainable else torch.zeros_like(W)
             if p["B"].trainable:
                 change.add_(p["B"].value().to(W.dtype))
@@ -215,8 +217,8 @@ class GloraPatch(Patch):
         if reason is not None:
             raise NotInvertibleError(f"{self.module}: {reason}")
         p = self.paths
-        W = tensors.get("weight")
         if self.changes_weight:
+            W = tensors["weight"]
             if p["B"].trainable:
                 W.sub_(p["B"].value().to(W.dtype))
             if p["A"].trainable:
@@ -228,8 +230,8 @@ class GloraPatch(Patch):
             b = tensors["bias"]
             D, E = (p[x].value().to(b.dtype) for x in "DE")
             b.sub_(E)
-            if p["C"].trainable:
-                b.sub_((W @ p["C"].value().to(b.dtype)).squeeze(-1))
+            if p["C"].trainable:  # then W is read (see __init__)
+                b.sub_((tensors["weight"] @ p["C"].value().to(b.dtype)).squeeze(-1))
             factor = D + 1.0
             self._note_smallest("D", factor)
             b.div_(factor)

@@ -56,7 +56,7 @@ class GraloraPatch(ShapeLayout, AdditivePatch):
         A = self.A.to(torch.float32).reshape(k, self.sub_in, k, sigma)  # [n, i, j, s]
         B = self.B.to(torch.float32).reshape(k, k, sigma, self.sub_out)  # [j, n, s, o]
         d = torch.einsum("jnso,nijs->joni", B, A).reshape(self.out_in)
-        if self.Ag is not None:
+        if self.Ag is not None and self.Bg is not None:  # saved together
             d += self.Bg.to(torch.float32) @ self.Ag.to(torch.float32)
         if self.transposed:
             d = d.T
@@ -74,7 +74,7 @@ class GraloraPatch(ShapeLayout, AdditivePatch):
         h = torch.einsum("tni,nir->tnr", x.reshape(t, k, self.sub_in), like(self.A, x))
         h = h.reshape(t, k, k, sigma).permute(0, 2, 1, 3).reshape(t, k, k * sigma)
         out = torch.einsum("tjr,jro->tjo", h, like(self.B, x)).reshape(t, -1)
-        if self.Ag is not None:
+        if self.Ag is not None and self.Bg is not None:  # saved together
             out = out + (x @ like(self.Ag, x).T) @ like(self.Bg, x).T
         return layer(x, base) + out * self.scaling
 

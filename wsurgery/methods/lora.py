@@ -444,12 +444,13 @@ class ParamLoraPatch(AdditivePatch):
         self.experts = 1
         self.ndim = 2
         self.rank = A.shape[0]
-        self.alpha = self.scaling = None
+        self.alpha = self.scaling = 0.0  # set by check(), as param is
         self.transposed_from: str | None = None
 
     def _solve(self, shapes: Shapes) -> dict[int, tuple[str, str]]:
         """{depth: (parameter, layout)} for every wrapper of this module, or raise if not unique."""
-        group = self.context.cache["lora_param_wrappers"][self.module]
+        group: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = \
+            self.context.cache["lora_param_wrappers"][self.module]
         depths = sorted(group)
         present = [c for c in self.candidates if c in shapes]
         listed = ", ".join(f"{c} {list(shapes[c])}" for c in present) or "none of " + ", ".join(self.candidates)
@@ -464,11 +465,12 @@ class ParamLoraPatch(AdditivePatch):
             found = by_transposed.setdefault(transposed, set())
             for perm in itertools.permutations(present):
                 layouts = [_fits(*group[d], shapes[p], version, transposed) for d, p in zip(depths, perm)]
-                if all(layouts):
-                    found.add(tuple(zip(perm, layouts)))
+                fitted = [layout for layout in layouts if layout is not None]
+                if len(fitted) == len(layouts):
+                    found.add(tuple(zip(perm, fitted)))
         solutions = set().union(*by_transposed.values())
+        release = ".".join(map(str, version)) if version else "<= 0.17"
         if not solutions:
-            release = ".".join(map(str, version)) if version else "<= 0.17"
             raise InputError(f"{self.where}: the saved LoRA factors ({saved}) fit none of the targeted base "
                              f"parameters ({listed}) as PEFT {release} lays them out; was the adapter trained on "
                              "another model?")
@@ -480,7 +482,7 @@ class ParamLoraPatch(AdditivePatch):
         if len(solutions) > 1:
             raise UnsupportedError(
                 f"{self.where}: the saved LoRA factors ({saved}) fit the square expert stack(s) ({listed}) in more "
-                f"than one way: PEFT {'.'.join(map(str, version))} lays a stack out as (E, out, in) or (E, in, out) "
+                f"than one way: PEFT {release} lays a stack out as (E, out, in) or (E, in, out) "
                 "depending on the model class's is_transposed (True for GPT-OSS and Aria), which the files do not "
                 "record. Pass the option experts_transposed=True or False")
         (sol,) = solutions
@@ -640,7 +642,7 @@ class Lora(Method):
             )
 
     def summary(self, config: AdapterConfig) -> dict[str, Any]:
-        facts = {
+        facts: dict[str, Any] = {
             "scaling_rule": "lora_alpha/sqrt(r)" if config.get("use_rslora", False) else "lora_alpha/r",
             "dora": _variant_on(config, "use_dora"),
             "fan_in_fan_out": bool(config.get("fan_in_fan_out", False)),
@@ -711,7 +713,7 @@ class Lora(Method):
         if "use_dora" in variants:
             magnitude = t.get("lora_magnitude_vector", t.get("lora_magnitude_vector.weight"))
             if magnitude is None:
-                params.require("lora_magnitude_vector")
+                (magnitude,) = params.require("lora_magnitude_vector")  # raises: it is missing
             if lora.bias is not None:
                 raise UnsupportedError(f"{module}: DoRA with lora_bias is not a valid PEFT configuration")
             return DoraPatch(lora, magnitude)

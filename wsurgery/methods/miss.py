@@ -70,6 +70,7 @@ class MissBlockPatch(AdditivePatch):
 
     def _full_block(self, dtype: torch.dtype) -> torch.Tensor:
         """``(r, out)``: the block tiled along out (a no-op outside mini mode)."""
+        assert self._shape is not None  # set by check()
         out = self._shape[0]
         b = self.block.to(dtype)
         return b.repeat(1, out // self.cols) if self.cols != out else b
@@ -273,8 +274,8 @@ class _MissFamily(Method):
             return MissBatPatch(params.module, self.key, block)
         if block.ndim != 2 or 0 in block.shape:
             hint = " (a bat block: is init_weights in adapter_config.json right?)" if block.ndim == 3 else ""
-            raise InputError(f"{where} is {list(block.shape)}, but init_weights={config.raw.get('init_weights', True)!r}"
-                             f" saves a 2-D block{hint}")
+            raise InputError(f"{where} is {list(block.shape)}, but "
+                             f"init_weights={config.raw.get('init_weights', True)!r} saves a 2-D block{hint}")
         if mode == "mini":
             mini_r = config.get("mini_r", 1)
             if block.shape[1] != mini_r:

@@ -253,6 +253,7 @@ class OftPatch(Patch):
         if self.fmt == "v13":  # eps * ceil(out/r)^2 with ceil(out/r) = b
             return self.eps * b * b / math.sqrt(p)
         # v14: eps * ceil(out/r)^2, r = number of blocks = in/b
+        assert self.scale is not None  # peft 0.14-0.15 always save oft_s
         out = self.scale.numel()
         if self.share:
             assert self.weight_shape is not None  # derived from the shapes by bind()
@@ -271,6 +272,7 @@ class OftPatch(Patch):
         if self.kind == "embedding":  # E' = E R: columns become E_k R_k = E_k (R_k^T)^T
             return R.transpose(-2, -1), None
         if self.fmt == "v13":  # W' = R^T W on the rows, R cut to out x out
+            assert self.weight_shape is not None  # derived from the shapes by bind()
             out = self.weight_shape[0]
             rem = out % self.block
             last = None
@@ -305,6 +307,7 @@ class OftPatch(Patch):
         if self._cond is None:
             A, last = self._action()
             if self.fmt == "v13" and not self.share:
+                assert self.weight_shape is not None  # _action needed it too
                 A = A[:self.weight_shape[0] // self.block]
             blocks = torch.linalg.cond(A).max().item() if A.numel() and A.shape[0] else 1.0
             cut = torch.linalg.cond(last).item() if last is not None else 1.0
@@ -352,8 +355,8 @@ class OftPatch(Patch):
             self._noted.add(what)
             how = ("with the exact inverse of every block (not the transpose)" if what == "unmerged"
                    else "as PEFT does")
-            self.notes.append(f"the OFT rotation is not orthogonal (max|R R^T - I| = {dev:.3g}, {self._cayley_text()}); "
-                              f"{what} {how}")
+            self.notes.append(f"the OFT rotation is not orthogonal (max|R R^T - I| = {dev:.3g}, "
+                              f"{self._cayley_text()}); {what} {how}")
 
     # -- the unmerged forward path, for verify ----------------------------------------------------
     def layer(self, shapes: Shapes) -> Layer:

@@ -82,8 +82,9 @@ class PolyPatch(AdditivePatch):
         return layer(x, base) + (x @ A) @ B / self.rank
 
     def describe(self) -> dict[str, Any]:
-        info = {"kind": "linear", "task_id": self.task if self.task is not None else "none (pass --task-id)",
-                "rank": self.rank, "n_splits": self.splits, "n_skills": self.skills, "n_tasks": self.logits.shape[0]}
+        task = self.task if self.task is not None else "none (pass --task-id)"
+        info: dict[str, Any] = {"kind": "linear", "task_id": task, "rank": self.rank, "n_splits": self.splits,
+                                "n_skills": self.skills, "n_tasks": self.logits.shape[0]}
         if self.task is not None:
             info["mixing_weights"] = [[round(v, 6) for v in row] for row in self.weights().tolist()]
         return info

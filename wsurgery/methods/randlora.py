@@ -133,6 +133,7 @@ class RandLoraPatch(AdditivePatch):
         """PEFT's RandLoRA forward: ``Â = (λ ⊙ A[:, :nb, :lo] ⊙ γ)`` flattened to (r·nb, lo), ``B̂ = B[:hi, :nb]``
         flattened to (hi, nb·r) (``get_scaled_bases``); Â acts on the smaller side: ``x·Âᵀ·B̂ᵀ`` when in = lo, else
         ``x·B̂·Â``; times randlora_alpha/r. Bases from the shared saved-or-regenerated state, as PEFT holds them."""
+        assert self.dims is not None  # set by check()
         out_f, in_f = self.dims
         lo, hi, nb = min(out_f, in_f), max(out_f, in_f), self.nb
         A, B = self.projections.get()

@@ -31,7 +31,8 @@ from .layers import Layer
 _LENGTH = {"road_1": 0.5, "road_2": 1, "road_4": 2}  # parameter count per output feature
 
 
-def prepare_cols(variant: str, group: int, theta: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_cols(variant: str, group: int, theta: torch.Tensor,
+                 alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's ``_prepare_cols``: the per-output coefficients (c1, c2), in the dtype of theta/alpha."""
     if variant == "road_1":
         theta = theta.reshape(-1, group // 2).repeat_interleave(2, dim=0).flatten()
@@ -134,8 +135,8 @@ class RoadPatch(Patch):
             i = int(bad.nonzero()[0, 0])
             g, p = divmod(i, self.group // 2)
             return (f"{int(bad.sum())} of its 2x2 output rotations are singular (e.g. outputs "
-                    f"{g * self.group + p} and {g * self.group + p + self.group // 2}, determinant 0, e.g. from road_alpha = 0), so the "
-                    "merge erased information; unmerging needs the base checkpoint")
+                    f"{g * self.group + p} and {g * self.group + p + self.group // 2}, determinant 0, e.g. from "
+                    "road_alpha = 0), so the merge erased information; unmerging needs the base checkpoint")
         return None
 
     def describe(self) -> dict[str, Any]:

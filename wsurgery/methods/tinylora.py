@@ -305,9 +305,9 @@ class TinyLora(Method):
 
     @staticmethod
     def _no_projection(n: int) -> str:
-        return (f"this TinyLoRA adapter has no saved tinylora_P (save_projection=False) and {n} layers: PEFT draws each "
-                "layer's projections from projection_seed + the layer's position in the model's module registration "
-                "order (and groups layers by it), which neither the adapter nor the checkpoint records. To fix: set "
-                "\"save_projection\": true in adapter_config.json, load the adapter with PEFT "
-                "(PeftModel.from_pretrained on the base model, which regenerates the projections) and save_pretrained "
-                "it again")
+        return (f"this TinyLoRA adapter has no saved tinylora_P (save_projection=False) and {n} layers: PEFT draws "
+                "each layer's projections from projection_seed + the layer's position in the model's module "
+                "registration order (and groups layers by it), which neither the adapter nor the checkpoint "
+                "records. To fix: set \"save_projection\": true in adapter_config.json, load the adapter with PEFT "
+                "(PeftModel.from_pretrained on the base model, which regenerates the projections) and "
+                "save_pretrained it again")

@@ -126,7 +126,8 @@ def token_patch(module: str, delta: torch.Tensor, indices: list[int], key: str |
     return TokenPatch(module, delta, indices, key)
 
 
-def token_indices_for(option: list[int] | dict[str, list[int]] | None, module: str, where: str = "adapter") -> list[int]:
+def token_indices_for(option: list[int] | dict[str, list[int]] | None, module: str,
+                      where: str = "adapter") -> list[int]:
     """Resolve LoRA's ``trainable_token_indices`` for the module (adapter-side path) that saved a token tensor.
 
     A list applies to the input embedding (the only module PEFT then wraps). A dict maps layer names to

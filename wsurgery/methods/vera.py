@@ -158,9 +158,13 @@ def shared_pair(params: ModuleParams, names: tuple[str, str], label: str, save_p
             have, lack = (names[0], names[1]) if model_wide[0] is not None else (names[1], names[0])
             raise InputError(f"{folder}: the adapter holds base_model.{have} but not base_model.{lack}; the adapter "
                              "file is incomplete")
-        pair = tuple(model_wide) if model_wide[0] is not None else None
-        if pair is None and copies[0] is not None and copies[1] is not None:
-            pair = tuple(copies)  # only the per-layer copies were saved
+        wide_A, wide_B = model_wide
+        copy_A, copy_B = copies
+        pair: tuple[torch.Tensor, torch.Tensor] | None = None
+        if wide_A is not None and wide_B is not None:
+            pair = (wide_A, wide_B)
+        elif copy_A is not None and copy_B is not None:
+            pair = (copy_A, copy_B)  # only the per-layer copies were saved
         if save_projection:
             if pair is None:
                 raise InputError(f"{folder}: adapter_config.json says save_projection=true but the adapter holds no "
@@ -174,8 +178,9 @@ def shared_pair(params: ModuleParams, names: tuple[str, str], label: str, save_p
             raise InputError(f"{folder}: module {params.module!r} holds only one of {names[0]}/{names[1]}; the "
                              "adapter file is incomplete")
         reference = state.saved if state.saved is not None else state.ignored
-        if copies[0] is not None and reference is not None:
-            for name, copy, ref in zip(names, copies, reference):
+        copy_A, copy_B = copies
+        if copy_A is not None and copy_B is not None and reference is not None:
+            for name, copy, ref in zip(names, (copy_A, copy_B), reference):
                 if copy.shape != ref.shape or not torch.equal(copy, ref.to(copy.dtype)):
                     raise InputError(f"{folder}: module {params.module!r} holds a {name} {list(copy.shape)} that "
                                      f"differs from the model-wide one {list(ref.shape)}; PEFT loads all of them "
@@ -223,7 +228,8 @@ class VeraPatch(ShapeLayout, AdditivePatch):
             self.notes.append(self.projections.ignored_note)
             self.projections.ignored_note = None  # told once per adapter
         r = self.rank
-        sliced_A, sliced_B = as_peft_buffer(self, self.projections, A[:r, : self.in_features], B[: self.out_features, :])
+        sliced_A, sliced_B = as_peft_buffer(self, self.projections, A[:r, : self.in_features],
+                                            B[: self.out_features, :])
         lambda_b = self.lambda_b.to(torch.float32).unsqueeze(-1)
         lambda_d = self.lambda_d[:r].to(torch.float32).unsqueeze(-1)
         d = (lambda_b * sliced_B) @ (lambda_d * sliced_A)

@@ -219,17 +219,18 @@ class WaveFTPatch(AdditivePatch):
         self.layout.observe(self.module, self._by_shape)
         out, in_ = layer_dims(self.module, shapes, self.transposed, self.spectrum.numel(), "WaveFT")
         if self.family is not None:
-            size = self._geometry(out, in_)["reconstructed"]
+            size = self._geometry(self.family, out, in_)["reconstructed"]
             if size[0] < out or size[1] < in_:
                 raise UnsupportedError(
                     f"{self.module}: WaveFT with wavelet_family={self.family!r} reconstructs a {list(size)} matrix "
                     f"for this {[out, in_]} layer, smaller than the layer, so PEFT cannot merge (or run) it either")
         self.dims = (out, in_)
 
-    def _geometry(self, out: int, in_: int) -> dict[str, Any]:
+    @staticmethod
+    def _geometry(family: str, out: int, in_: int) -> dict[str, Any]:
         """PEFT's padding, sub-band split and crops for an ``(out, in)`` change."""
-        length = len(_REC_LO[self.family])
-        pad_rows, pad_cols = out + _REDUCTION[self.family], in_ + _REDUCTION[self.family]
+        length = len(_REC_LO[family])
+        pad_rows, pad_cols = out + _REDUCTION[family], in_ + _REDUCTION[family]
         pad_rows += pad_rows % 2
         pad_cols += pad_cols % 2
         crop = (2 * length - 3) // 2  # waverec2d's crop on each side
@@ -252,13 +253,14 @@ class WaveFTPatch(AdditivePatch):
             d[rows, cols] = values
             d.mul_(self.scaling)
         else:
-            d = self._idwt(out, in_, rows, cols, values).mul_(self.scaling)
+            d = self._idwt(self.family, out, in_, rows, cols, values).mul_(self.scaling)
         return {"weight": d.T if self.transposed else d}
 
-    def _idwt(self, out: int, in_: int, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _idwt(self, family: str, out: int, in_: int, rows: torch.Tensor, cols: torch.Tensor,
+              values: torch.Tensor) -> torch.Tensor:
         """One level of PEFT's inverse DWT of the sparse coefficient grid, cropped to ``(out, in)``."""
-        g = self._geometry(out, in_)
-        lo, hi = reconstruction_filters(self.family)
+        g = self._geometry(family, out, in_)
+        lo, hi = reconstruction_filters(family)
         length = g["length"]
         half_r, half_c = g["half"]
         r = rows + g["offset"][0]
