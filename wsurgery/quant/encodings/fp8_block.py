@@ -113,9 +113,12 @@ class Fp8Block(Encoding):
         codes = read(info.parts["weight"], (start, stop))
         scales = read(info.parts["scale_inv"], scale_rows)
         out = torch.empty(codes.shape, dtype=info.dtype)
+        buffer = torch.empty(0, dtype=torch.float32)
         for c, s, o in _matrices(codes, scales, out, bm):
             for a, b, i in self._chunks(c.shape):
-                x = c[a:b].to(torch.float32)
+                if buffer.numel() < c[a:b].numel():
+                    buffer = torch.empty(c[a:b].numel(), dtype=torch.float32)
+                x = buffer[: c[a:b].numel()].view(b - a, c.shape[1]).copy_(c[a:b])
                 self._apply(x, s[i:i + -(-(b - a) // bm)], torch.Tensor.mul_)
                 o[a:b] = x
         return out
