@@ -172,8 +172,8 @@ def test_known_cycles_are_still_there():
 
 #: Modules that must not know which checkpoint formats exist (the formats' own modules do).
 FORMAT_FREE = ["engine.py", "describe.py", "api.py", "hub.py", "hub_inputs.py"]
-_FORMAT_BRANCH = re.compile(r"""(==|!=|\bin\b)\s*\(?\s*["'](gguf|safetensors|bin)["']|["'](gguf|safetensors|bin)["']\s*(==|!=)"""
-                            r"""|\.format\s*(==|!=)|isinstance\([^)]*Gguf""")
+_FORMAT_BRANCH = re.compile(r"""(==|!=|\bin\b)\s*\(?\s*["'](gguf|safetensors|bin)["']"""
+                            r"""|["'](gguf|safetensors|bin)["']\s*(==|!=)|\.format\s*(==|!=)|isinstance\([^)]*Gguf""")
 
 
 @pytest.mark.parametrize("name", FORMAT_FREE)

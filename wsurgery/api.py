@@ -20,7 +20,7 @@ from .convert import combine as _combine
 from .convert import convert as _convert
 from .convert import extract as _extract
 from .convert.combine import AdapterSpec, weighted_specs
-from .convert.convert import Conversion  # noqa: F401  (the API of `wsurgery convert`)
+from .convert.convert import Conversion
 from .errors import InputError
 from .model_card import provenance
 from .quant.checkpoints import describe_encoding, requantize_targets, through_targets
@@ -143,7 +143,7 @@ def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, scale: 
 
 def verify(base: str | Path, adapter: AdapterSpec | list[AdapterSpec], merged: str | Path, *, scale: float = 1.0,
            device: str = "auto", tokens: int = 64, seed: int = 0, rtol: float | None = None, atol: float = 0.0,
-           progress: bool = True, options: dict[str, Any] | None = None) -> "Report":
+           progress: bool = True, options: dict[str, Any] | None = None) -> Report:
     """Check with forward passes that ``merged`` computes what ``base`` + ``adapter`` compute.
 
     Each changed module runs the adapter's unmerged forward path on seeded inputs and the merged
@@ -159,7 +159,7 @@ def verify(base: str | Path, adapter: AdapterSpec | list[AdapterSpec], merged: s
 
 
 def verify_quantized(original: str | Path, quantized: str | Path, *, device: str = "auto", tokens: int = 64,
-                     seed: int = 0, progress: bool = True) -> "Report":
+                     seed: int = 0, progress: bool = True) -> Report:
     """Check a bitsandbytes 4-bit checkpoint against the checkpoint it was quantized from: every
     weight's forward error within the 4-bit error bound, every other tensor equal."""
     from .verify import verify_quantized as run
@@ -188,7 +188,7 @@ def quantize(src: str | Path, out: str | Path, *, quant_type: str = "nf4", block
              double_quant: bool = True, compute_dtype: str | torch.dtype | None = None,
              skip_modules: tuple[str, ...] = (), dtype: str | torch.dtype | None = None,
              max_shard_size: str | int | None = None, overwrite: bool = False, progress: bool = True,
-             report: bool = False, command: str | None = None) -> tuple[Result, "QuantReport | None"]:
+             report: bool = False, command: str | None = None) -> tuple[Result, QuantReport | None]:
     """Store a checkpoint's Linear weights in bitsandbytes 4-bit (NF4 or FP4, double quantization),
     as ``from_pretrained(..., load_in_4bit=True)`` + ``save_pretrained`` would, tensor by tensor.
 
@@ -221,7 +221,7 @@ def dequantize(src: str | Path, out: str | Path, *, dtype: str | torch.dtype | N
 
 
 def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, scale: float = 1.0,
-                     gguf_type: str = "f32", overwrite: bool = False) -> "GgufLora":
+                     gguf_type: str = "f32", overwrite: bool = False) -> GgufLora:
     """Write a PEFT LoRA as the llama.cpp LoRA adapter file ``out`` (.gguf) for the GGUF file ``base``:
     ``general.type=adapter``, ``adapter.type=lora``, one ``adapter.lora.alpha`` (modules whose scale
     differs get it baked into B), B's rows in the base's GGUF layout, the token embedding's A

@@ -90,7 +90,7 @@ def check_login(target: PushTarget) -> None:
     except LocalTokenNotFoundError:
         raise InputError(f"{target.repo_id}: pushing needs a Hub token; pass --token, set HF_TOKEN, "
                          "or log in with `hf auth login`") from None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise hub_error(e, target.repo_id, target.token) from None
 
 
@@ -185,7 +185,7 @@ def push(folder: str | Path, target: PushTarget, provenance: dict[str, Any] | No
             api.create_branch(target.repo_id, branch=target.revision, exist_ok=True)
         card = "kept" if "README.md" in files else "on the Hub" if api.file_exists(
             target.repo_id, "README.md", revision=None if target.create_pr else target.revision) else "generated"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise hub_error(e, target.repo_id, target.token) from None
     readme = model_card(folder, target.repo_id, provenance) if card == "generated" else None
     with _staged(folder, files, readme) as staged, _progress_bars(progress):
@@ -193,7 +193,7 @@ def push(folder: str | Path, target: PushTarget, provenance: dict[str, Any] | No
             info = api.upload_folder(repo_id=target.repo_id, folder_path=staged, revision=target.revision,
                                      create_pr=target.create_pr,
                                      commit_message=target.commit_message or "Upload with wsurgery")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise hub_error(e, target.repo_id, target.token, doing=_upload_state(api, target, staged)) from None
     uploaded = files + (["README.md"] if readme else [])
     return PushResult(target.repo_id, str(info.commit_url), info.pr_url, sorted(uploaded), card)
@@ -239,7 +239,7 @@ def _upload_state(api: HfApi, target: PushTarget, staged: Path) -> str:
     try:
         remote = {f.path: f.size for f in api.list_repo_tree(target.repo_id, revision=target.revision,
                                                              recursive=True) if hasattr(f, "size")}
-    except Exception:  # noqa: BLE001 -- the Hub is still unreachable: say so rather than guess
+    except Exception:
         return f"the upload failed and which of the {len(local)} files reached it could not be checked; {resume}"
     done = sorted(f for f, size in local.items() if remote.get(f) == size)
     missing = sorted(set(local) - set(done))
@@ -297,7 +297,8 @@ def push_after(out: str | Path, push_target: PushTarget | None, provenance: dict
     try:
         result = push(out, push_target, provenance, progress)
     except WsurgeryError as e:
-        raise type(e)(f"{e}; {out} is written: push it again with `wsurgery push {out} {push_target.repo_id}`") from None
+        again = f"wsurgery push {out} {push_target.repo_id}"
+        raise type(e)(f"{e}; {out} is written: push it again with `{again}`") from None
     report_push(result)
     return result
 
@@ -316,6 +317,7 @@ _PUSH_OPTIONS = [
     click.option("--private", is_flag=True, help="With --push-to: create the repo private."),
     click.option("--revision", metavar="BRANCH", default=None,
                  help="With --push-to: push to this branch (created if missing) or refs/pr/N."),
-    click.option("--create-pr", is_flag=True, help="With --push-to: open a pull request instead of committing to main."),
+    click.option("--create-pr", is_flag=True,
+                 help="With --push-to: open a pull request instead of committing to main."),
     click.option("--token", default=None, help="Hub token (default: HF_TOKEN, else the stored login). Never printed."),
 ]

@@ -63,7 +63,7 @@ def resolve(spec: str | Path, kind: str = "model", revision: str | None = None) 
     except LocalEntryNotFoundError:
         raise InputError(f"{spec}: no such local path, and the Hub repository is not in the local cache "
                          "(offline or unreachable); download it first or pass a local path") from None
-    except Exception as e:  # noqa: BLE001 -- HTTP and network failures of any kind become one line
+    except Exception as e:
         if isinstance(e, WsurgeryError):
             raise
         raise hub_error(e, str(spec), doing="could not fetch it from the Hub") from None

@@ -19,7 +19,9 @@ _LAZY = {
     "copy_side_files": (".output", "copy_side_files"),
 }
 
-__all__ = sorted(_LAZY)
+__all__ = ["Checkpoint", "CheckpointWriter", "SafetensorsWriter", "TensorInfo", "TensorSpec", "atomic_output_dir",
+           "check_output_path", "copy_side_files", "open_checkpoint", "parse_size", "plan_shards", "read_header",
+           "read_tensor"]
 
 if TYPE_CHECKING:
     from .formats import open_checkpoint

@@ -19,6 +19,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 import torch
@@ -34,6 +35,9 @@ from .gguf_names import Layout, arch_rules, hf_names, layout
 from .reader import Checkpoint, check_weights_file
 from .safetensors_file import TensorInfo, copy_range, read_tensor, write_at
 from .untrusted import shown
+
+if TYPE_CHECKING:
+    from .formats.base import CheckpointFormat
 
 #: ggml types stored as plain elements, and their torch dtypes.
 PLAIN_TYPES: dict[GgmlType, torch.dtype] = plain_types()
@@ -97,7 +101,7 @@ class GgufCheckpoint(Checkpoint):
         return {} if config is None else {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
 
 
-def open_gguf(path: Path, fmt: object) -> GgufCheckpoint:
+def open_gguf(path: Path, fmt: CheckpointFormat) -> GgufCheckpoint:
     """Open a GGUF file (of the format ``fmt``): parse and check its header, map its tensors to Hugging Face
     names."""
     check_weights_file(path, path.parent)

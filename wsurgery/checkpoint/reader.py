@@ -180,7 +180,7 @@ def check_index(ckpt: Checkpoint, index_path: Path, listed: dict[str, str]) -> C
 
 def grouped(ckpt: Checkpoint) -> Checkpoint:
     """``ckpt`` with its encoded weights listed as the logical tensors they stand for."""
-    ckpt.stored = dict(ckpt.tensors)
+    ckpt.stored = {n: t for n, t in ckpt.tensors.items() if isinstance(t, TensorInfo)}  # all, before grouping
     ckpt.tensors = group_encoded(ckpt.stored, ckpt.config, ckpt.read_part, str(ckpt.index_file or ckpt.folder))
     return ckpt
 
@@ -200,7 +200,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
             raise InputError(f"{path}: holds Python objects other than tensors, which wsurgery does not unpickle "
                              "(that could run arbitrary code); re-save the weights as safetensors") from None
         raise InputError(f"{path}: cannot load as a PyTorch weights file ({_first_line(e)})") from None
-    except Exception as e:  # noqa: BLE001 -- garbage makes the unpickler fail in any way (IndexError, OSError, ...)
+    except Exception as e:
         raise InputError(f"{path}: cannot load as a PyTorch weights file ({_first_line(e)}); "
                          "the file is corrupt or truncated") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

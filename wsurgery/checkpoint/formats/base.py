@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 
@@ -122,9 +122,10 @@ class CheckpointFormat(ABC):
 
 
 _FORMATS: list[CheckpointFormat] = []
+F = TypeVar("F", bound=CheckpointFormat)
 
 
-def register_format(fmt: CheckpointFormat) -> CheckpointFormat:
+def register_format(fmt: F) -> F:
     """Make a format known to ``open_checkpoint``; formats are tried in ``preference`` order."""
     _FORMATS.append(fmt)
     _FORMATS.sort(key=lambda f: f.preference)

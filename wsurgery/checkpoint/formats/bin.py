@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ...quant.encodings import EncodedTensorInfo
 from ..reader import (BIN_INDEX_NAME, SAFETENSORS_INDEX_SUFFIX, Checkpoint, _load_bin, check_index,
                       check_weights_file, grouped, read_index)
 from ..safetensors_file import TensorInfo
@@ -61,7 +62,7 @@ class BinFormat(CheckpointFormat):
         return grouped(check_index(self.open_shards(shards, path.parent, path), path, listed))
 
     def open_shards(self, shards: list[Path], folder: Path, index: Path | None) -> BinCheckpoint:
-        tensors: dict[str, TensorInfo] = {}
+        tensors: dict[str, TensorInfo | EncodedTensorInfo] = {}
         ckpt = BinCheckpoint(folder, shards, tensors, self, index)
         for shard in shards:
             check_weights_file(shard, folder, index)

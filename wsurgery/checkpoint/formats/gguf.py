@@ -8,13 +8,16 @@ this module plugs it into ``open_checkpoint``, the engine, ``inspect`` and ``pus
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from ...errors import InputError, UnsupportedError
 from ..reader import Checkpoint
 from .base import CheckpointFormat, FileWriter, register_format
+
+if TYPE_CHECKING:
+    from ..gguf_format import GgufCheckpoint, GgufTensorInfo
 
 
 class GgufFormat(CheckpointFormat):
@@ -32,6 +35,7 @@ class GgufFormat(CheckpointFormat):
 
     def describe(self, ckpt: Checkpoint) -> dict[str, Any]:
         """The architecture and every key/value; arrays (the tokenizer's) by element type and length."""
+        ckpt = cast("GgufCheckpoint", ckpt)  # this format opens only GgufCheckpoints
         return {"gguf": {"architecture": ckpt.arch,
                          "metadata": {e.key: e.value if e.item_type is None and e.value is not None
                                       else f"[{e.count} x {e.item_type.name.lower() if e.item_type else '?'}]"
@@ -55,7 +59,7 @@ class GgufFormat(CheckpointFormat):
 
         try:
             gguf.GGUFReader(path)
-        except Exception as e:  # noqa: BLE001 -- the reader fails on a broken file in many ways
+        except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"{path}: not a readable GGUF file ({first}); the file is corrupt or truncated") from None
 
@@ -81,7 +85,7 @@ class GgufFormat(CheckpointFormat):
     def file_writer(self, path: Path, base: Checkpoint, options: Any) -> FileWriter:
         from ..gguf_format import GgufWriter
 
-        return GgufWriter(path, base, options.types, options.updates)
+        return GgufWriter(path, cast("GgufCheckpoint", base), options.types, options.updates)
 
     def file_rounding(self, base: Checkpoint, options: Any, name: str,
                       changed: bool) -> tuple[torch.dtype, str | None] | None:
@@ -91,7 +95,7 @@ class GgufFormat(CheckpointFormat):
 
         if not changed and name not in options.types:
             return None
-        target = options.types.get(name, base.tensors[name].type)
+        target = options.types.get(name, cast("GgufTensorInfo", base.tensors[name]).type)
         remedy = None if changed else (f"{type_name(target)} cannot store (GGUF block types keep float16 scales); "
                                        "keep the tensor in a wider type")
         return plain_types().get(target, torch.float16), remedy

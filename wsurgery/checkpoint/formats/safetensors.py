@@ -50,7 +50,7 @@ class SafetensorsFormat(CheckpointFormat):
         return grouped(check_index(self.open_shards(shards, path.parent, path), path, listed))
 
     def open_shards(self, shards: list[Path], folder: Path, index: Path | None) -> Checkpoint:
-        tensors: dict[str, TensorInfo] = {}
+        tensors: dict[str, TensorInfo | EncodedTensorInfo] = {}
         metadata: dict[str, str] = {}
         for shard in shards:
             check_weights_file(shard, folder, index)
