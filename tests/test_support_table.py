@@ -19,7 +19,8 @@ def test_readme_generated_sections_are_current():
 def test_readme_opens_with_the_ci_commands():
     """`.ci/run` runs the two commands at the top of README.md: install, then test."""
     lines = (ROOT / "README.md").read_text().splitlines()
-    assert lines[2:6] == ["```bash", 'pip install -e ".[dev]"', "pytest -q", "```"]
+    assert lines[2:6] == ["```bash", 'pip install -e ".[dev]" && pip install --no-deps -r tests/oracles-no-deps.txt',
+                          "pytest -q", "```"]
 
 
 def test_commands_table_lists_every_command():
