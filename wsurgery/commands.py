@@ -26,7 +26,8 @@ from .convert.convert import TARGETS
 from .convert.combine import adapter_with_weight
 from .engine import Result
 from .errors import InputError, NotExpressible
-from .hub import PushTarget, looks_like_repo_id, push_after, push_options, redacted_command, report_push
+from .hub import PushTarget, push_after, push_options, redacted_command, report_push
+from .hub_inputs import looks_like_repo_id
 from .methods import Option, not_mergeable, registered
 from .support import support_markdown, support_rows
 

@@ -33,7 +33,7 @@ from .checkpoint.reader import resolves_inside
 from .checkpoint.safetensors_file import read_header
 from .errors import InputError, WsurgeryError
 from .hub_errors import hub_error
-from .hub_inputs import REPO_ID, looks_like_repo_id  # noqa: F401  (commands.py takes looks_like_repo_id here)
+from .hub_inputs import REPO_ID
 from .model_card import model_card
 
 if TYPE_CHECKING:
