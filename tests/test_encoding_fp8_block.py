@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from oracle import LLAMA_LINEAR, assert_close_to, load_all, make_adapter, run_cli
 from wsurgery.checkpoint import open_checkpoint
 
-from transformers import AutoModelForCausalLM, FineGrainedFP8Config, LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers.integrations.finegrained_fp8 import (  # noqa: E402
+from transformers import AutoModelForCausalLM, FineGrainedFP8Config, LlamaConfig, LlamaForCausalLM
+from transformers.integrations.finegrained_fp8 import (
     Fp8Dequantize, Fp8Quantize, _dequantize_fp8_weight)
 
 FP8 = torch.float8_e4m3fn

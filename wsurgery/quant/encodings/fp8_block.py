@@ -19,6 +19,7 @@ e4m3fn), applied to each (possibly ragged) block on its own.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -123,7 +124,7 @@ class Fp8Block(Encoding):
                 o[a:b] = x
         return out
 
-    def _chunks(self, shape: tuple[int, int]) -> list[tuple[int, int, int]]:
+    def _chunks(self, shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
         """Row ranges [a, b) of one matrix, with their first block row i: whole block rows of about
         ``_CHUNK`` elements, the ragged last block row alone."""
         bm = self.block[0]
@@ -135,10 +136,11 @@ class Fp8Block(Encoding):
             spans.append((whole, rows))
         return [(a, b, a // bm) for a, b in spans]
 
-    def _apply(self, x: torch.Tensor, per_block: torch.Tensor, op) -> None:
+    def _apply(self, x: torch.Tensor, per_block: torch.Tensor,
+               op: Callable[[torch.Tensor, torch.Tensor], object]) -> None:
         """``op(x_block, per_block[block])`` in place on each block of the float32 rows ``x`` (whole block
         rows, or one ragged one), ``per_block`` being (block rows, block cols)."""
-        bm, bn = self.block
+        bn = self.block[1]
         rows, cols = x.shape
         n = per_block.shape[0]
         x3 = x.view(n, rows // n, cols)
