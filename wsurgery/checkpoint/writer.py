@@ -48,7 +48,10 @@ def plan_shards(
         last = order[-1] if order else single_name
         for spec in specs:
             groups.setdefault(base_assignment.get(spec.name, last), []).append(spec)
-        return [(name, g) for name, g in groups.items() if g or len(groups) == 1]
+        kept = [(name, g) for name, g in groups.items() if g]
+        if len(kept) <= 1:  # one shard left (the others held only side tensors that decoding drops): one file
+            return [(single_name, kept[0][1] if kept else [])]
+        return kept
     chunks: list[list[TensorSpec]] = [[]]
     size = 0
     for spec in specs:
