@@ -220,7 +220,8 @@ class QuantState:
             raise InputError(f"{where}: 4-bit shape {shape!r} is not a list of positive sizes")
         nested = [key for key in _NESTED_JSON_KEYS if key in fields]
         if nested and len(nested) != len(_NESTED_JSON_KEYS):
-            raise InputError(f"{where}: the 4-bit quant-state JSON has {nested} but not all of {list(_NESTED_JSON_KEYS)}")
+            raise InputError(f"{where}: the 4-bit quant-state JSON has {nested} but not all of "
+                             f"{list(_NESTED_JSON_KEYS)}")
         offset = None
         if nested:
             if not _is_int(fields["nested_blocksize"]) or fields["nested_blocksize"] <= 0:
@@ -229,7 +230,8 @@ class QuantState:
                 raise InputError(f"{where}: nested_dtype {fields['nested_dtype']!r} is not supported "
                                  "(bitsandbytes writes float32)")
             raw_offset = fields["nested_offset"]
-            if isinstance(raw_offset, bool) or not isinstance(raw_offset, (int, float)) or not math.isfinite(raw_offset):
+            if (isinstance(raw_offset, bool) or not isinstance(raw_offset, (int, float))
+                    or not math.isfinite(raw_offset)):
                 raise InputError(f"{where}: nested_offset {raw_offset!r} is not a finite number")
             offset = _as_float32(float(raw_offset))
         return cls(quant_type=fields["quant_type"], blocksize=fields["blocksize"],
@@ -333,6 +335,7 @@ def _codes(scaled: torch.Tensor, grid: _CodeGrid, scratch: _Scratch) -> torch.Te
     above = torch.gt(scaled, midpoint, out=scratch.above[:m])
     if grid.step is None:
         return codes.add_(above)
+    assert scratch.step is not None  # allocated for FP4, as grid.step is
     step = torch.index_select(grid.step, 0, index, out=scratch.step[:m])
     return codes.add_(step.mul_(above))
 
@@ -641,13 +644,14 @@ def _empty(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def block_absmax(parts: dict[str, torch.Tensor], state: QuantState, device: torch.device) -> torch.Tensor:
     """The float32 absmax of every block on ``device``, with the double quantization undone."""
-    if not state.double_quant:
+    if state.nested_offset is None:  # no double quantization
         return parts["absmax"].to(device)
     return _dequantize_nested(parts["absmax"].to(device), parts["nested_absmax"].to(device),
                               parts["nested_quant_map"].to(device), state.nested_blocksize, state.nested_offset)
 
 
-def dequantize_4bit(parts: dict[str, torch.Tensor], *, where: str, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_4bit(parts: dict[str, torch.Tensor], *, where: str,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight a stored bitsandbytes 4-bit tensor stands for, from its parts alone.
 
     ``parts`` maps suffix -> tensor (``""`` is the packed weight, in any quant_storage dtype).

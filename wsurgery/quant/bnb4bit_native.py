@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import functools
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 
 import torch
 
+_bnb4bit_native: ModuleType | None
 try:
     from . import _bnb4bit_native
 except ImportError:  # not built: no compiler at install, or a platform without a wheel
@@ -43,8 +45,8 @@ def dequantize_full_blocks(packed: torch.Tensor, absmax: torch.Tensor, code: tor
     ``packed``: uint8, two codes per byte, first in the high nibble; ``absmax``: float32, one per
     block; ``code``: the 16 float32 values. ``isa`` forces an instruction set (tests run each one).
     """
-    isas = supported_isas()
-    if (not isas or out.device.type != "cpu" or out.dtype not in _OUT_TYPES or not out.is_contiguous()
+    isas, native = supported_isas(), _bnb4bit_native
+    if (native is None or not isas or out.device.type != "cpu" or out.dtype not in _OUT_TYPES or not out.is_contiguous()
             or blocksize % 32 or (isa is not None and isa not in isas)):
         return False
     packed, absmax, code = packed.contiguous(), absmax.float().contiguous(), code.float().contiguous()
@@ -55,9 +57,9 @@ def dequantize_full_blocks(packed: torch.Tensor, absmax: torch.Tensor, code: tor
 
     def run(part: int) -> None:
         start, stop = bounds[part], bounds[part + 1]
-        _bnb4bit_native.dequantize(packed.data_ptr() + start // 2, absmax.data_ptr() + start // blocksize * 4,
-                                   code.data_ptr(), stop - start, blocksize, _OUT_TYPES[out.dtype],
-                                   out.data_ptr() + start * item, isa or isas[0])
+        native.dequantize(packed.data_ptr() + start // 2, absmax.data_ptr() + start // blocksize * 4,
+                          code.data_ptr(), stop - start, blocksize, _OUT_TYPES[out.dtype],
+                          out.data_ptr() + start * item, isa or isas[0])
 
     if workers == 1:
         run(0)

@@ -45,7 +45,10 @@ def _magnitude(x):
 
 @triton.jit
 def _exponent_and_nonzero(raw):
-    """The biased float32 exponent field of each value and whether it is nonzero, from its bits (no float op may flush them)."""
+    """The biased float32 exponent field of each value and whether it is nonzero, from its bits.
+
+    No float op may flush them.
+    """
     if raw.dtype == tl.float32:
         bits = raw.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         exponent = bits >> 23
@@ -116,7 +119,8 @@ def _quantize_kernel(x_ptr, packed_ptr, absmax_ptr, redo_ptr, midpoints_ptr, cod
     tl.store(absmax_ptr + rows, absmax, mask=in_range)
 
     absmax_exponent = (absmax.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    redo = (absmax_exponent >= 252) | (_at_risk(raw_first, absmax_exponent) > 0) | (_at_risk(raw_second, absmax_exponent) > 0)
+    redo = ((absmax_exponent >= 252) | (_at_risk(raw_first, absmax_exponent) > 0)
+            | (_at_risk(raw_second, absmax_exponent) > 0))
     tl.store(redo_ptr + rows, redo.to(tl.int8), mask=in_range)
 
     # absmax below 2**-101 means a block of zeros (s = 0 whatever the scale) or one redone in torch

@@ -115,7 +115,8 @@ def quantize_checkpoint(src: Checkpoint, out: Path, fmt: Bnb4bit, *, compute_dty
         raise InputError(f"{src.folder}: no Linear weights to quantize (2-D *.weight tensors that are not "
                          "embeddings or heads)" + (" after --skip-modules" if skip else ""))
     sink: list[TensorError] = []
-    encoder = _Measured(fmt.quant_type, fmt.blocksize, fmt.double_quant, fmt.quant_storage, sink=sink) if report else fmt
+    encoder = (_Measured(fmt.quant_type, fmt.blocksize, fmt.double_quant, fmt.quant_storage, sink=sink)
+               if report else fmt)
     weights = [src.tensors[n] for n in chosen]
     compute = compute_dtype or dtype or max((w.dtype for w in weights), key=lambda d: torch.finfo(d).bits)
 

@@ -37,13 +37,13 @@ def group_encoded(stored: dict[str, TensorInfo], config: dict | None, read: Read
     if not found:
         return dict(stored)
     grouped: dict[str, TensorInfo | EncodedTensorInfo] = {}
-    for n, info in stored.items():
+    for n, plain in stored.items():
         logical = owner.get(n)
         if logical is None:
             if n in found:
                 raise InputError(f"{where}: {n} is stored plain and also encoded by other tensors; the checkpoint "
                                  "is inconsistent")
-            grouped[n] = info
+            grouped[n] = plain
         elif logical not in grouped:
             grouped[logical] = found[logical]
     return grouped
@@ -54,5 +54,5 @@ def recognized(quantization_config: dict) -> type[Encoding] | None:
     return next((e for e in registered() if e.recognizes(quantization_config)), None)
 
 
-__all__ = ["EncodedTensorInfo", "Encoding", "GroupContext", "ReadPart", "Rows", "group_encoded", "recognized", "register",
-           "registered"]
+__all__ = ["EncodedTensorInfo", "Encoding", "GroupContext", "ReadPart", "Rows", "group_encoded", "recognized",
+           "register", "registered"]
