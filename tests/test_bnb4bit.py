@@ -56,7 +56,10 @@ SHAPES = [
 
 @pytest.fixture(scope="module", autouse=True)
 def eager_bitsandbytes():
-    """bitsandbytes torch.compiles its fallback dequantization; eager gives the same floats, without minutes of compiling."""
+    """bitsandbytes torch.compiles its fallback dequantization.
+
+    Eager gives the same floats, without minutes of compiling.
+    """
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch._dynamo.config, "disable", True)
         yield
@@ -101,7 +104,8 @@ def assert_same_parts(ours, theirs):
 
 def test_code_books_are_bitsandbytes():
     assert torch.equal(code_book("nf4"), F.get_4bit_type("nf4", device="cpu"))
-    assert code_book("fp4").view(torch.int32).tolist() == F.get_4bit_type("fp4", device="cpu").view(torch.int32).tolist()
+    fp4 = F.get_4bit_type("fp4", device="cpu")
+    assert code_book("fp4").view(torch.int32).tolist() == fp4.view(torch.int32).tolist()
     assert dynamic_map().view(torch.int32).tolist() == F.create_dynamic_map().view(torch.int32).tolist()
 
 
@@ -168,7 +172,8 @@ def test_bitsandbytes_cpu_dequantize_row_bug():
 def test_ties_zero_blocks_and_extremes(quant_type):
     """Values exactly on (and one ulp around) every midpoint, blocks of zeros, ±absmax, subnormal scaled values."""
     bounds = bnb4bit.midpoints(quant_type)
-    around = torch.cat([bounds, torch.nextafter(bounds, torch.tensor(2.0)), torch.nextafter(bounds, torch.tensor(-2.0))])
+    around = torch.cat([bounds, torch.nextafter(bounds, torch.tensor(2.0)),
+                        torch.nextafter(bounds, torch.tensor(-2.0))])
     rows = [
         torch.cat([torch.tensor([1.0]), around, torch.zeros(64 - 1 - around.numel())]),  # absmax 1: s = x exactly
         torch.cat([torch.tensor([-8.0]), around * 8, torch.zeros(64 - 1 - around.numel())]),  # powers of two keep ties

@@ -23,7 +23,7 @@ import wsurgery.api  # a submodule: "import wsurgery" no longer imports it eager
 from oracle import LLAMA_LINEAR, assert_close_to, load_all, make_adapter, save_base, tiny_gpt2
 
 bnb = pytest.importorskip("bitsandbytes")
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
 MODELS = {
     "llama": (lambda dtype: _llama64(dtype), AutoModelForCausalLM),
@@ -174,7 +174,8 @@ def test_quant_storage_bf16_dequantizes(tmp_path):
     base = save_base(_llama64(torch.bfloat16), tmp_path / "base")
     cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
-    AutoModelForCausalLM.from_pretrained(base, quantization_config=cfg, device_map="cpu").save_pretrained(tmp_path / "q")
+    quantized = AutoModelForCausalLM.from_pretrained(base, quantization_config=cfg, device_map="cpu")
+    quantized.save_pretrained(tmp_path / "q")
     _transformers_quantized(base, AutoModelForCausalLM, tmp_path / "q8")
     wsurgery.api.dequantize(tmp_path / "q", tmp_path / "a", progress=False)
     wsurgery.api.dequantize(tmp_path / "q8", tmp_path / "b", progress=False)
@@ -272,11 +273,13 @@ def test_bad_input(tmp_path, case):
     elif case == "shape-mismatch":
         state = json.loads(bytes(tensors[w + ".quant_state.bitsandbytes__nf4"].tolist()))
         state["shape"] = [state["shape"][0] * 2, state["shape"][1]]
-        tensors[w + ".quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+        tensors[w + ".quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(state).encode()),
+                                                                     dtype=torch.uint8)
     elif case == "unknown-type":
         state = json.loads(bytes(tensors[w + ".quant_state.bitsandbytes__nf4"].tolist()))
         state["quant_type"] = "nf5"
-        tensors[w + ".quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+        tensors[w + ".quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(state).encode()),
+                                                                     dtype=torch.uint8)
     save_file(tensors, f, metadata={"format": "pt"})
     before = f.read_bytes()
     args = {"already-quantized": ("quantize", q, tmp_path / "out"),

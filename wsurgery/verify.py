@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 from tqdm.auto import tqdm
@@ -87,7 +88,7 @@ def pick_device(device: str) -> torch.device:
 def check_options(tokens: object, seed: object, rtol: object = None, atol: object = 0.0) -> None:
     """``--tokens``/``--seed``/``--rtol``/``--atol`` as numbers the check can use: a NaN tolerance
     would fail every module, an infinite one pass every module."""
-    def is_int(v: object) -> bool:
+    def is_int(v: object) -> TypeGuard[int]:
         return isinstance(v, int) and not isinstance(v, bool)
 
     if not is_int(tokens) or tokens < 1:
@@ -208,7 +209,8 @@ def _check_bytes(base: Checkpoint, merged: Checkpoint, name: str) -> Check:
     if a.dtype != b.dtype:
         a = a.to(b.dtype)
     same = a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-    return Check(name, "bytes", same, detail="" if same else "differs from the base, but the adapter does not change it")
+    return Check(name, "bytes", same,
+                 detail="" if same else "differs from the base, but the adapter does not change it")
 
 
 def format_report(report: Report, everything: bool = False) -> str:
@@ -281,10 +283,11 @@ def verify_quantized(original: Checkpoint, quantized: Checkpoint, *, device: str
         err = (got - expected).abs()
         weights_ok = bool(((Q - W).abs() <= bound * (1 + slack)).all())  # the bound holds weight by weight too
         passed = bool(torch.isfinite(got).all()) and bool((err <= limit).all()) and weights_ok
-        rel = float((err.norm() / expected.norm().clamp_min(1e-30)))
-        cosine = float(torch.nn.functional.cosine_similarity(got.flatten().double(), expected.flatten().double(), dim=0))
-        report.checks.append(Check(name, "forward", passed, float(err.max()), rel, cosine,
-                                   "" if passed else "error beyond what 4-bit quantization can cause: a damaged block?"))
+        rel = float(err.norm() / expected.norm().clamp_min(1e-30))
+        cosine = float(torch.nn.functional.cosine_similarity(got.flatten().double(), expected.flatten().double(),
+                                                             dim=0))
+        detail = "" if passed else "error beyond what 4-bit quantization can cause: a damaged block?"
+        report.checks.append(Check(name, "forward", passed, float(err.max()), rel, cosine, detail))
         report.modules += 1
     report.seconds = time.perf_counter() - start
     return report
