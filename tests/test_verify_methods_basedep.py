@@ -71,8 +71,9 @@ def _assert_forward_is_peft(model, base_dir, adapter_dir, tokens=16):
     for job in jobs:
         base = {role: ckpt.read(name).float() for role, name in job.tensors.items()}
         # PEFT saves targeted embeddings whole (save_embedding_layers): the base as the adapter's layers see it.
-        base |= {p.role: p.tensor.float() for p, _, _ in job.patches if isinstance(p, ReplacePatch)}
-        (patch,) = [p for p, _, _ in job.patches if not isinstance(p, ReplacePatch)]
+        patches = [bound.patch for bound, _, _ in job.patches]
+        base |= {p.role: p.tensor.float() for p in patches if isinstance(p, ReplacePatch)}
+        (patch,) = [p for p in patches if not isinstance(p, ReplacePatch)]
         shapes = {role: tuple(t.shape) for role, t in base.items()}
         layer = patch.layer(shapes)
         x = layer.inputs(shapes, tokens, torch.Generator().manual_seed(0))
