@@ -391,3 +391,25 @@ def test_dtype_cast_keeps_the_bases_own_inf(assets, tmp_path, capsys):
     written = load_file(tmp_path / "out" / "model.safetensors")["model.norm.weight"]
     assert written.dtype == torch.bfloat16 and written[0] == float("-inf")
     assert torch.equal(written[1:], tensors["model.norm.weight"][1:].to(torch.bfloat16))
+
+
+def test_verify_quantized_refuses_encodings_without_an_error_bound(assets, tmp_path, capsys):
+    """verify --quantized bounds bitsandbytes 4-bit's error; an FP8-block checkpoint compared byte for byte with
+    its original would "fail" every weight: refused in one line instead."""
+    folder = copy_of(assets.base, tmp_path / "fp8")
+    tensors = {}
+    for name, w in load_file(folder / "model.safetensors").items():
+        if name.endswith("_proj.weight"):
+            tensors[name] = w.float().clamp(-448, 448).to(torch.float8_e4m3fn)
+            tensors[name + "_scale_inv"] = torch.ones((-(-w.shape[0] // 128), -(-w.shape[1] // 128)))
+        else:
+            tensors[name] = w
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128],
+                                     "activation_scheme": "dynamic"}
+    (folder / "config.json").write_text(json.dumps(config))
+    status, stdout, stderr = run_cli(["verify", "--quantized", assets.base, folder], capsys)
+    lines = stderr.strip().splitlines()
+    assert status == 1 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert "fp8-block" in lines[0] and "verify --quantized" in lines[0], lines[0]

@@ -254,6 +254,13 @@ def verify_quantized(original: Checkpoint, quantized: Checkpoint, *, device: str
     dev = pick_device(device)
     for ckpt in (original, quantized):  # encodings not decoded: their codes would be compared as numbers
         check_decoded(ckpt.tensors, ckpt.config, (), str(ckpt.folder))
+    for name, info in quantized.tensors.items():  # the error bound below is bitsandbytes 4-bit's
+        encoding = getattr(info, "encoding", None)
+        if encoding is not None and not isinstance(encoding, Bnb4bit):
+            raise UnsupportedError(
+                f"{quantized.folder}: {name} is stored in {encoding.name}; verify --quantized checks bitsandbytes "
+                "4-bit weights against their error bound and has none for this encoding. Check a merge into it with "
+                "`wsurgery verify BASE ADAPTER MERGED`, which decodes it")
     missing = [n for n in original.tensors if n not in quantized.tensors]
     if missing:
         raise InputError(f"{quantized.folder}: lacks {len(missing)} tensors of {original.folder} "
