@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
@@ -32,6 +33,14 @@ if TYPE_CHECKING:
     from .verify import Report
 
 
+@overload
+def _local(spec: str | Path, kind: str = "model") -> Path: ...
+@overload
+def _local(spec: None, kind: str = "model") -> None: ...
+@overload
+def _local(spec: str | Path | None, kind: str = "model") -> Path | None: ...
+
+
 def _local(spec: str | Path | None, kind: str = "model") -> Path | None:
     """A path or Hub repo id as a local path: every repo id is resolved here, where it enters the API."""
     return None if spec is None else resolve(spec, kind=kind)
@@ -43,9 +52,9 @@ def convert(adapter: str | Path, out: str | Path, *, base: str | Path | None = N
 
 
 @functools.wraps(_combine.combine)
-def combine(out: str | Path, adapters: AdapterSpec | list[AdapterSpec], *, base: str | Path | None = None,
+def combine(out: str | Path, adapters: AdapterSpec | Sequence[AdapterSpec], *, base: str | Path | None = None,
             **options: Any):
-    local = [(_local(a, "adapter"), w) for a, w in weighted_specs(adapters)]
+    local: list[AdapterSpec] = [(_local(a, "adapter"), w) for a, w in weighted_specs(adapters)]
     return _combine.combine(out, local, base=_local(base), **options)
 
 
@@ -54,13 +63,13 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, **options: Any
     return _extract.extract(_local(base), _local(tuned), out, **options)
 
 
-def _load_adapters(adapter: AdapterSpec | list[AdapterSpec], scale: float, options: dict[str, Any] | None
+def _load_adapters(adapter: AdapterSpec | Sequence[AdapterSpec], scale: float, options: dict[str, Any] | None
                    ) -> list[tuple[Adapter, float]]:
     """Each adapter loaded, with its scale·weight."""
     return [(load_adapter(_local(a, "adapter"), options), scale * w) for a, w in weighted_specs(adapter)]
 
 
-def _run(direction: str, base: str | Path, adapter: AdapterSpec | list[AdapterSpec], out: str | Path,
+def _run(direction: str, base: str | Path, adapter: AdapterSpec | Sequence[AdapterSpec], out: str | Path,
          scale: float, dtype: str | torch.dtype | None, max_shard_size: str | int | None, overwrite: bool,
          progress: bool, options: dict[str, Any] | None, requantize: bool = False, through_nf4: bool = False,
          command: str | None = None, gguf_type: str | None = None) -> Result:
@@ -99,7 +108,7 @@ def _gguf_merge_output(base, changed: list[str], gguf_type: str | None, out: Pat
     return merge_output(base, changed, gguf_type, out)
 
 
-def merge(base: str | Path, adapter: AdapterSpec | list[AdapterSpec], out: str | Path, *, scale: float = 1.0,
+def merge(base: str | Path, adapter: AdapterSpec | Sequence[AdapterSpec], out: str | Path, *, scale: float = 1.0,
           dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
           overwrite: bool = False, progress: bool = True, options: dict[str, Any] | None = None,
           requantize: bool = False, through_nf4: bool = False, command: str | None = None,
@@ -141,7 +150,7 @@ def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, scale: 
                 command=command)
 
 
-def verify(base: str | Path, adapter: AdapterSpec | list[AdapterSpec], merged: str | Path, *, scale: float = 1.0,
+def verify(base: str | Path, adapter: AdapterSpec | Sequence[AdapterSpec], merged: str | Path, *, scale: float = 1.0,
            device: str = "auto", tokens: int = 64, seed: int = 0, rtol: float | None = None, atol: float = 0.0,
            progress: bool = True, options: dict[str, Any] | None = None) -> Report:
     """Check with forward passes that ``merged`` computes what ``base`` + ``adapter`` compute.

@@ -11,6 +11,7 @@ to ``rank``; they are computed from the base (its shapes, and W where the change
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def adapter_with_weight(spec: str) -> tuple[str, float]:
     return head, _weight(head, tail)
 
 
-def weighted_specs(adapters: AdapterSpec | list[AdapterSpec]) -> list[tuple[str | Path, float]]:
+def weighted_specs(adapters: AdapterSpec | Sequence[AdapterSpec]) -> list[tuple[str | Path, float]]:
     """``adapter``, ``(adapter, weight)`` or a list of those -> ``[(adapter, weight), ...]`` (weight 1 by default)."""
     if isinstance(adapters, (str, Path)) or (isinstance(adapters, tuple) and len(adapters) == 2
                                              and isinstance(adapters[1], (int, float))):
@@ -55,8 +56,9 @@ def weighted_specs(adapters: AdapterSpec | list[AdapterSpec]) -> list[tuple[str 
     return out
 
 
-def _weight(spec: str | Path, weight: object) -> float:
-    """An adapter's weight: a finite number (a bool is no number here; text is parsed)."""
+def _weight(spec: str | Path, weight: Any) -> float:
+    """An adapter's weight: a finite number (a bool is no number here; text is parsed). ``weight`` is
+    whatever the caller passed: ``float`` decides, and what it refuses is refused."""
     try:
         value = float(weight) if not isinstance(weight, bool) else math.nan
     except (TypeError, ValueError):
@@ -80,6 +82,12 @@ class Contribution:
 
     def where(self) -> str:
         return f"adapter {self.adapter.folder} ({self.adapter.config.peft_type}) at {self.patch.module}"
+
+    @property
+    def lora(self) -> LoraPatch:
+        """The patch of a contribution the layout found ``plain_lora``."""
+        assert isinstance(self.patch, LoraPatch), self.where()
+        return self.patch
 
 
 @dataclass
@@ -119,9 +127,9 @@ def _contributions(adapters: list[tuple[Adapter, float]], base: Checkpoint | Non
 
 def _concatenate(parts: list[Contribution], kind: str) -> LoraModule:
     """[w₁s₁B₁ … wₖsₖBₖ]·[A₁; …; Aₖ]: exactly the weighted sum of the LoRAs' changes."""
-    A = torch.cat([c.patch.A.to(torch.float32) for c in parts], 0)
-    B = torch.cat([c.patch.B.to(torch.float32) * (c.weight * c.patch.scaling) for c in parts], 1)
-    biases = [c.patch.bias.to(torch.float32) * (c.weight * c.patch.scaling) for c in parts if c.patch.bias is not None]
+    A = torch.cat([c.lora.A.to(torch.float32) for c in parts], 0)
+    B = torch.cat([c.lora.B.to(torch.float32) * (c.weight * c.lora.scaling) for c in parts], 1)
+    biases = [bias.to(torch.float32) * (c.weight * c.lora.scaling) for c in parts if (bias := c.lora.bias) is not None]
     return LoraModule(kind, A, B, torch.stack(biases).sum(0) if biases else None)
 
 
@@ -156,7 +164,8 @@ def _check_dense(c: Contribution, base: Checkpoint | None) -> None:
 def _dense_change(c: Contribution, base: Checkpoint | None) -> torch.Tensor:
     """One contribution's weighted change of the module's ``weight``, in the base's layout."""
     if c.plain_lora:
-        return c.patch.weight_delta().mul_(c.weight)
+        return c.lora.weight_delta().mul_(c.weight)
+    assert base is not None, "_check_dense refused a dense change without a base"
     W = base.read(c.tensors["weight"]).to(torch.float32)
     return c.patch.merge({"weight": W.clone()}, c.weight)["weight"].sub_(W)
 
@@ -226,7 +235,7 @@ def _layout(by_module: dict[str, list[Contribution]], rank: int | None, base: Ch
     return layout
 
 
-def combine(out: str | Path, adapters: AdapterSpec | list[AdapterSpec], *, rank: int | None = None,
+def combine(out: str | Path, adapters: AdapterSpec | Sequence[AdapterSpec], *, rank: int | None = None,
             base: str | Path | None = None, overwrite: bool = False, progress: bool = True,
             command: str | None = None) -> CombineResult:
     """Write one PEFT LoRA adapter whose change is Σ wᵢ·ΔWᵢ of ``adapters`` (paths, repo ids or

@@ -30,6 +30,7 @@ from ..model_card import provenance
 from ..methods import AdditivePatch, Patch
 from ..methods.adalora import AdaLoraPatch
 from ..methods.lora import LoraPatch
+from ..methods.trainable_tokens import TokenPatch
 from ..methods.vblora import VBLoraPatch
 from . import to_lora, to_structured  # noqa: F401  (they register the targets)
 from .peft_writer import write_adapter
@@ -142,11 +143,11 @@ def _sources(ad: Adapter, base: Checkpoint | None) -> list[_Source]:
         if not isinstance(patch, AdditivePatch):
             raise InputError(f"{patch.module}: the {ad.config.peft_type} change depends on the base weight; pass "
                              "--base BASE")
-        shapes = _own_shapes(patch)
-        if shapes is None:
+        own = _own_shapes(patch)
+        if own is None:
             raise InputError(f"{ad.folder}: {ad.config.peft_type} adapters do not record the shape of "
                              f"{patch.module}'s weight (in_features, layer type); pass --base BASE")
-        shapes = patch.bind(shapes).shapes
+        shapes = patch.bind(own).shapes
         found.append(_Source(patch, _kind(patch, shapes["weight"], fan_in_fan_out), shapes, {}))
     return found
 
@@ -175,6 +176,7 @@ def _read(src: _Source, base: Checkpoint | None, needs_weight: bool) -> ModuleDe
         change = {role: t.to(torch.float64) for role, t in patch.delta().items()}
         delta.matrix, delta.bias = as_matrix(src.kind, change["weight"]), change.get("bias")
     else:
+        assert base is not None, "_sources refuses a change that depends on W without a base"
         before = {role: base.read(name).to(torch.float64) for role, name in src.tensors.items()}
         after = patch.apply({role: t.clone() for role, t in before.items()})
         delta.matrix = as_matrix(src.kind, after["weight"].sub_(before["weight"]))
@@ -190,6 +192,7 @@ def _read(src: _Source, base: Checkpoint | None, needs_weight: bool) -> ModuleDe
     if not needs_weight:
         delta.weight = None
     elif delta.weight is None:
+        assert base is not None, "convert refuses a target that needs W without a base"
         delta.weight = as_matrix(src.kind, base.read(src.tensors["weight"]).to(torch.float64))
     return delta
 
@@ -203,6 +206,7 @@ def _relative_error(written: ModuleDelta, source: ModuleDelta) -> float:
     """‖ΔW' − ΔW‖_F / ‖ΔW‖_F with the bias changes counted in (0 where the source changes nothing), from
     factors where both sides have them."""
     if written.matrix is None and source.matrix is None:
+        assert written.factors is not None and source.factors is not None, "a delta without a matrix has factors"
         (B1, A1), (B2, A2) = written.factors, source.factors
         diff, norm = _product_norm(torch.cat([B1, -B2], 1), torch.cat([A1, A2])), _product_norm(B2, A2)
     else:
@@ -241,7 +245,9 @@ def _carried(ad: Adapter, carries_tokens: bool, to: str) -> tuple[dict[str, torc
         if not carries_tokens:
             raise UnsupportedError(f"{ad.config.path}: trainable_token_indices has no place in a {to} adapter; "
                                    "convert to lora, which keeps them")
-        tensors.update({t.key: t.rows for t in ad.tokens})
+        for t in ad.tokens:
+            assert isinstance(t, TokenPatch), t.module  # Adapter.tokens holds token_patch()'s patches only
+            tensors[t.key] = t.rows
         config["trainable_token_indices"] = ad.config.raw["trainable_token_indices"]
     return tensors, config
 

@@ -52,6 +52,7 @@ class ModuleDelta:
     def delta(self) -> torch.Tensor:
         """The dense float64 change, formed from the factors on first use."""
         if self.matrix is None:
+            assert self.factors is not None, f"{self.module}: a ModuleDelta holds a matrix or factors"
             B, A = self.factors
             self.matrix = B @ A
         return self.matrix
