@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 from wsurgery.checkpoint import open_checkpoint
 
 SCHEMES = {
-    "W4A16 g128 (pack-quantized)": ("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}),
+    "W4A16 g128 (pack-quantized)": ("pack-quantized",
+                                    {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}),
     "FP8 per channel (float-quantized)": ("float-quantized", {"num_bits": 8, "type": "float", "strategy": "channel"}),
 }
 

@@ -86,7 +86,8 @@ def test_reader_other_architectures(tmp_path, arch):
     model = tiny_model(arch)
     path = write_llama_gguf(model, tmp_path / f"{arch}.gguf")
     ckpt = open_checkpoint(path)
-    original = {n: t for n, t in model.state_dict().items() if n != "lm_head.weight" or not model.config.tie_word_embeddings}
+    original = {n: t for n, t in model.state_dict().items()
+                if n != "lm_head.weight" or not model.config.tie_word_embeddings}
     assert set(ckpt.tensors) == set(original)
     for name, t in original.items():
         step = np.spacing(np.float32(1 + t.abs().max().item())) if "norm" in name and arch.startswith("gemma") else 0

@@ -124,7 +124,7 @@ def library_refuses(path: Path) -> bool:
     try:
         with safetensors.safe_open(path, "pt") as f:
             f.metadata()
-    except Exception:  # noqa: BLE001 -- the library's errors have no common type
+    except Exception:  # the library's errors have no common type
         return True
     return False
 

@@ -4,14 +4,15 @@
 encodings) before anything is written, so bad input costs a second, not a pass over the model.
 ``execute`` then walks the base in file order: untouched tensors are copied (cast if ``dtype`` asks),
 each changed module's tensors are read together, upcast to float32, patched, rounded once to the
-output dtype (each chunk checked finite as it is rounded) and written into their pre-laid-out place. Peak memory is a few copies of the largest changed tensor, whatever the model size.
+output dtype (each chunk checked finite as it is rounded) and written into their pre-laid-out place.
+Peak memory is a few copies of the largest changed tensor, whatever the model size.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -165,7 +166,7 @@ def _output_dtype(src: torch.dtype, requested: torch.dtype | None) -> torch.dtyp
 
 
 def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shard_size: int | None = None,
-            overwrite: bool = False, progress: bool = True, extra_inputs: list[Path] = (),
+            overwrite: bool = False, progress: bool = True, extra_inputs: Sequence[Path] = (),
             quantize: dict[str, Encoding] | None = None,
             through: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
             config_update: Callable[[dict], None] | None = None, gguf: GgufOutput | None = None) -> Result:
@@ -192,7 +193,7 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
     logical_dtype = {n: _output_dtype(t.dtype, dtype) for n, t in base.tensors.items()}
     specs: list[TensorSpec] = []
     assignment, single, index_name = _output_layout(base)
-    for n, t in base.tensors.items():
+    for n in base.tensors:
         if n in quantize:
             stored = quantize[n].stored_specs(n, plan.out_shapes[n], logical_dtype[n])
             assignment.update({s.name: assignment[n] for s in stored})
@@ -370,7 +371,7 @@ def _run_job_in_rows(job: ModuleJob, direction: str, rows: _RowChunks,
 
 
 def _execute_file(plan: Plan, out: Path, fmt: CheckpointFormat, options: object, overwrite: bool, progress: bool,
-                  extra_inputs: list[Path]) -> Result:
+                  extra_inputs: Sequence[Path]) -> Result:
     """Write the result as one file of ``fmt``'s own (GGUF: the base's key/values and tensor order, changed
     tensors and those ``options`` retypes re-encoded, the others copied byte for byte)."""
     from .checkpoint.output import atomic_output_file, check_output_file

@@ -9,9 +9,11 @@ hard-coded in llama.cpp rather than stored. For those no config is written.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
+
+from .gguf_header import KvValue
 
 #: llama.cpp architecture -> (config.json model_type, architectures entry)
 _MODELS = {
@@ -21,12 +23,13 @@ _MODELS = {
 }
 
 
-def _float(value: object) -> float:
+def _float(value: str | float) -> float:
     """A float32 key/value as the decimal it was written from (1e-06, not 9.999999974752427e-07)."""
     return float(str(np.float32(value)))
 
 
-def hf_config(arch: str, kv: dict[str, object], tensor_names: Iterable[str], vocab_rows: int | None) -> dict | None:
+def hf_config(arch: str, kv: Mapping[str, KvValue], tensor_names: Iterable[str],
+              vocab_rows: int | None) -> dict | None:
     """The config.json transformers needs to load the tensors of this GGUF file, or None where the
     key/values do not determine it (see the module docstring). ``vocab_rows``: the token embedding's
     rows (the header parser keeps no array values, so not the token list's length)."""
@@ -36,11 +39,15 @@ def hf_config(arch: str, kv: dict[str, object], tensor_names: Iterable[str], voc
     if "rope_freqs.weight" in names:
         return None
 
-    def get(key: str) -> object:
+    def get(key: str) -> KvValue:
         return kv.get(f"{arch}.{key}")
 
-    hidden, heads, layers = get("embedding_length"), get("attention.head_count"), get("block_count")
-    if not all(isinstance(v, int) and v > 0 for v in (hidden, heads, layers, get("feed_forward_length"))):
+    def positive(key: str) -> int | None:
+        value = get(key)
+        return value if isinstance(value, int) and value > 0 else None
+
+    hidden, heads, layers = positive("embedding_length"), positive("attention.head_count"), positive("block_count")
+    if hidden is None or heads is None or layers is None or positive("feed_forward_length") is None:
         return None
     model_type, architecture = _MODELS[arch]
     config: dict[str, object] = {

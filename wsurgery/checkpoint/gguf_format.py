@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +31,7 @@ from ..quant.encodings import EncodedTensorInfo
 from ..quant.encodings.ggml import (Ggml, can_decode, can_encode, fits_blocks, plain_types, stored_nbytes,
                                     type_name)
 from .gguf_config import hf_config
-from .gguf_header import KeyValue, pack_string, read_header
+from .gguf_header import KeyValue, KvValue, pack_string, read_header
 from .gguf_names import Layout, arch_rules, hf_names, layout
 from .reader import Checkpoint, check_weights_file
 from .safetensors_file import TensorInfo, copy_range, read_tensor, write_at
@@ -88,12 +89,23 @@ class GgufCheckpoint(Checkpoint):
     alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT
 
     @property
-    def kv(self) -> dict[str, object]:
+    def kv(self) -> dict[str, KvValue]:
         return {e.key: e.value for e in self.key_values}
 
     @property
     def config(self) -> dict | None:
         return None  # the hyperparameters are key/values of the file itself
+
+    def gguf_info(self, name: str) -> GgufTensorInfo:
+        """``tensors[name]``, typed as what ``open_gguf`` makes every tensor of a GGUF file."""
+        info = self.tensors[name]
+        if not isinstance(info, GgufTensorInfo):
+            raise TypeError(f"{name}: {type(info).__name__} in a GGUF checkpoint")
+        return info
+
+    def gguf_items(self) -> list[tuple[str, GgufTensorInfo]]:
+        """Every tensor, in file order, as ``gguf_info``."""
+        return [(name, self.gguf_info(name)) for name in self.tensors]
 
     def made_side_files(self) -> dict[str, str]:
         embedding = self.tensors.get("model.embed_tokens.weight")
@@ -142,7 +154,7 @@ def open_gguf(path: Path, fmt: CheckpointFormat) -> GgufCheckpoint:
         data = TensorInfo(t.name, torch.uint8, (stored_nbytes(t.shape, t.type),), path, t.offset)
         tensors[name] = GgufTensorInfo(name, dtype, t.shape, {"data": data}, Ggml(t.type, lay))
     stored = {t.gguf_name: t.stored for t in tensors.values()}
-    return GgufCheckpoint(path.parent, [path], tensors, fmt, side_files=False, stored=stored, arch=arch,
+    return GgufCheckpoint(path.parent, [path], dict(tensors), fmt, side_files=False, stored=stored, arch=arch,
                           key_values=header.key_values, alignment=header.alignment)
 
 
@@ -160,14 +172,14 @@ def check_encodable(source: GgufCheckpoint, types: dict[str, GgmlType], changed:
                     out_shapes: dict[str, tuple[int, ...]]) -> None:
     """Refuse, before anything is written, an output ``GgufWriter`` could not produce: ``changed``
     tensors and those ``types`` retypes are re-encoded."""
-    for name, info in source.tensors.items():
+    for name, info in source.gguf_items():
         if tuple(out_shapes.get(name, info.shape)) != info.shape:
             raise UnsupportedError(f"{info.gguf_name}: the job changes its shape {list(info.shape)} to "
                                    f"{list(out_shapes[name])}; a GGUF output keeps the base's shapes (its tokenizer "
                                    "and hyperparameters describe them); write safetensors instead")
-    retyped = [n for n, t in types.items() if t != source.tensors[n].type]
+    retyped = [n for n, t in types.items() if t != source.gguf_info(n).type]
     for name in dict.fromkeys([*changed, *retyped]):
-        info = source.tensors[name]
+        info = source.gguf_info(name)
         target = types.get(name, info.type)
         if not can_decode(info.type):
             raise UnsupportedError(f"{source.shards[0]}: tensor {info.gguf_name} is {info.type.name}, which the gguf "
@@ -194,9 +206,9 @@ class GgufWriter:
     """
 
     def __init__(self, path: Path, source: GgufCheckpoint, types: dict[str, GgmlType],
-                 updates: list[KeyValue] = ()):
+                 updates: Sequence[KeyValue] = ()):
         self.path, self.source = path, source
-        self._types = {n: types.get(n, t.type) for n, t in source.tensors.items()}
+        self._types = {n: types.get(n, t.type) for n, t in source.gguf_items()}
         entries = {e.key: e for e in source.key_values}
         entries.update({e.key: e for e in updates})
         header = bytearray(struct.pack("<IIQQ", gguf.GGUF_MAGIC, gguf.GGUF_VERSION, len(source.tensors), len(entries)))
@@ -204,7 +216,7 @@ class GgufWriter:
             header += e.raw
         self._offsets: dict[str, int] = {}
         pos = 0
-        for name, info in source.tensors.items():
+        for name, info in source.gguf_items():
             t = self._types[name]
             header += pack_string(info.gguf_name) + struct.pack("<I", len(info.shape))
             header += struct.pack(f"<{len(info.shape)}Q", *reversed(info.shape))
@@ -224,7 +236,7 @@ class GgufWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Store the logical tensor ``name`` in its output type."""
-        info = self.source.tensors[name]
+        info = self.source.gguf_info(name)
         data = info.encoding.encode_data(tensor, self._types[name])
         if data.numel() * data.element_size() != stored_nbytes(info.shape, self._types[name]):
             raise AssertionError(f"{info.gguf_name}: encoded to {data.numel() * data.element_size()} bytes")
@@ -233,7 +245,7 @@ class GgufWriter:
 
     def copy_raw(self, name: str) -> bool:
         """Copy an unchanged tensor's stored bytes where its output type is its stored type."""
-        info = self.source.tensors[name]
+        info = self.source.gguf_info(name)
         if self._types[name] != info.type:
             return False
         where = self._data_start + self._offsets[name]

@@ -25,6 +25,8 @@ _SCALARS: dict[GGUFValueType, str] = {
     GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
     GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }
+#: A key/value's decoded value: str, int, float or bool (an int); None for arrays.
+KvValue = str | int | float | None
 _CHUNK = 1 << 20
 #: Arrays of arrays are legal; deeper nesting than any real file uses is refused (the walk recurses).
 _MAX_ARRAY_DEPTH = 8
@@ -36,7 +38,7 @@ class KeyValue:
 
     key: str
     type: GGUFValueType
-    value: object  # str, int, float or bool; None for arrays
+    value: KvValue
     count: int  # array length (1 for scalars)
     item_type: GGUFValueType | None  # arrays: the element type
     raw: bytes
@@ -197,7 +199,7 @@ def pack_string(s: str) -> bytes:
     return struct.pack("<Q", len(b)) + b
 
 
-def pack_key_value(key: str, vtype: GGUFValueType, value: object) -> KeyValue:
+def pack_key_value(key: str, vtype: GGUFValueType, value: KvValue) -> KeyValue:
     """A new scalar or string entry, encoded as GGUF does (little-endian)."""
     data = pack_string(str(value)) if vtype == GGUFValueType.STRING else struct.pack(_SCALARS[vtype], value)
     return KeyValue(key, vtype, value, 1, None, pack_string(key) + struct.pack("<I", vtype) + data)

@@ -15,6 +15,7 @@ stacked experts under other names) are refused rather than guessed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import gguf
@@ -75,7 +76,7 @@ def _hf_spelling(candidates: list[str], in_block: bool) -> str | None:
     if in_block:
         ours = [c for c in candidates if c.startswith(_BLOCK_PREFIX)]
         known = [c for c in ours if c[len(_BLOCK_PREFIX):].partition(".")[2] in _TRANSFORMERS_BLOCK_NAMES]
-        return (known or ours or [None])[0]
+        return next(iter(known or ours), None)
     return next((c for c in candidates if c == _HEAD or (c.startswith(_TOP_PREFIX) and c.count(".") == 1)), None)
 
 
@@ -96,7 +97,7 @@ def hf_names(arch: str, gguf_names: list[str], n_blocks: int) -> dict[str, str]:
     return names
 
 
-def _head_counts(kv: dict[str, object], arch: str) -> tuple[int, int]:
+def _head_counts(kv: Mapping[str, object], arch: str) -> tuple[int, int]:
     n_head = kv.get(gguf.Keys.Attention.HEAD_COUNT.format(arch=arch))
     n_kv = kv.get(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), n_head)
     if not isinstance(n_head, int) or not isinstance(n_kv, int):
@@ -139,7 +140,7 @@ class Layout:
 PLAIN = Layout()
 
 
-def layout(rules: ArchRules, arch: str, gguf_name: str, kv: dict[str, object]) -> Layout:
+def layout(rules: ArchRules, arch: str, gguf_name: str, kv: Mapping[str, object]) -> Layout:
     """The layout of ``gguf_name`` in a file of this architecture."""
     base, _ = _split_suffix(gguf_name)
     kind = base.rpartition(".")[2]
@@ -158,10 +159,10 @@ _MODEL_TYPE_ARCH = {"mistral": "llama", "gemma3_text": "gemma3"}
 def arch_of_config(config: dict, where: str) -> tuple[str, ArchRules, dict[str, object]]:
     """A Hugging Face model's llama.cpp architecture, its rules, and the key/values layouts need."""
     model_type = config.get("model_type")
-    arch = _MODEL_TYPE_ARCH.get(model_type, model_type)
-    rules = arch_rules(str(arch), f"{where} (model_type {model_type!r})")
+    arch = _MODEL_TYPE_ARCH.get(str(model_type), str(model_type))
+    rules = arch_rules(arch, f"{where} (model_type {model_type!r})")
     n_head = config.get("num_attention_heads")
-    kv = {gguf.Keys.Attention.HEAD_COUNT.format(arch=arch): n_head,
+    kv: dict[str, object] = {gguf.Keys.Attention.HEAD_COUNT.format(arch=arch): n_head,
           gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch): config.get("num_key_value_heads", n_head)}
     return arch, rules, kv
 

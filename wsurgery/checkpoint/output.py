@@ -18,7 +18,7 @@ import re
 import shutil
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -277,7 +277,7 @@ def atomic_output_file(out: Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def copy_side_files(src_folder: Path, dst_folder: Path, skip: set[str] = frozenset()) -> list[str]:
+def copy_side_files(src_folder: Path, dst_folder: Path, skip: Collection[str] = frozenset()) -> list[str]:
     """Copy config, generation config, tokenizer and other small non-weight files; return their names."""
     copied = []
     for p in sorted(src_folder.iterdir()):

@@ -14,8 +14,10 @@ import json
 import math
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -164,7 +166,7 @@ def read_tensor(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tens
         out = torch.empty(info.shape, dtype=info.dtype)
     if info.nbytes == 0:
         return out
-    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    view = out.reshape(-1).view(torch.uint8).numpy().data
     fd = os.open(info.file, os.O_RDONLY)
     try:
         done = 0
@@ -180,7 +182,7 @@ def read_tensor(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tens
 
 def write_at(fd: int, tensor: torch.Tensor, offset: int, path: Path, name: str) -> None:
     """Write a tensor's bytes at ``offset`` of the open file ``fd`` (``path`` names it in errors)."""
-    data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data
     done = 0
     try:
         while done < len(data):
@@ -229,7 +231,15 @@ class TensorSpec:
         return math.prod(self.shape) * itemsize(self.dtype)
 
 
-def _header_blob(header: dict[str, object], size: int | None = None) -> bytes:
+class _Entry(TypedDict):
+    """One tensor's entry in a safetensors header."""
+
+    dtype: str
+    shape: list[int]
+    data_offsets: list[int]
+
+
+def _header_blob(header: Mapping[str, object], size: int | None = None) -> bytes:
     blob = json.dumps(header, separators=(",", ":")).encode()
     if size is None:
         return blob + b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as safetensors does
@@ -250,14 +260,15 @@ class SafetensorsWriter:
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
         self.path = path
-        self._header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        self._metadata = dict(metadata or {"format": "pt"})
+        self._entries: dict[str, _Entry] = {}
         self._slots: dict[str, tuple[int, TensorSpec]] = {}
         self._late: dict[str, torch.Tensor | None] = {}
         pos = 0
         for spec in sorted(specs, key=lambda s: s.late):
             if spec.dtype not in TORCH_TO_SAFETENSORS:
                 raise InputError(f"cannot write tensor {spec.name!r}: dtype {spec.dtype} has no safetensors name")
-            self._header[spec.name] = {
+            self._entries[spec.name] = {
                 "dtype": TORCH_TO_SAFETENSORS[spec.dtype],
                 "shape": list(spec.shape),
                 "data_offsets": [pos, pos + spec.nbytes],
@@ -266,7 +277,7 @@ class SafetensorsWriter:
             if spec.late:
                 self._late[spec.name] = None
             pos += spec.nbytes
-        blob = _header_blob(self._header)  # with late tensors at their largest: room for any final header
+        blob = _header_blob(self._header())  # with late tensors at their largest: room for any final header
         self._data_start = 8 + len(blob)
         self.total_bytes = pos
         self._pending = set(self._slots)
@@ -326,15 +337,19 @@ class SafetensorsWriter:
         finally:
             os.close(self._fd)
 
+    def _header(self) -> dict[str, object]:
+        return {"__metadata__": self._metadata, **self._entries}
+
     def _place_late(self) -> None:
         pos = min(self._slots[n][0] for n in self._late)
         for name, tensor in self._late.items():
-            entry = self._header[name]
+            assert tensor is not None  # close() has refused a late tensor never written
+            entry = self._entries[name]
             entry["shape"] = [tensor.numel()]
             entry["data_offsets"] = [pos, pos + tensor.numel() * itemsize(tensor.dtype)]
             os.pwrite(self._fd, tensor.numpy().tobytes(), self._data_start + pos)
             pos = entry["data_offsets"][1]
-        os.pwrite(self._fd, _header_blob(self._header, self._data_start - 8), 8)
+        os.pwrite(self._fd, _header_blob(self._header(), self._data_start - 8), 8)
         os.ftruncate(self._fd, self._data_start + pos)
         self.total_bytes = pos
 

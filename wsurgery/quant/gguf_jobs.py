@@ -66,7 +66,7 @@ def quantize_gguf(src: GgufCheckpoint, out: Path, target_name: str, *, overwrite
     if out.suffix != ".gguf":
         raise InputError(f"{out}: --gguf-type writes a GGUF file; name the output *.gguf")
     target = parse_type(target_name)
-    weights = [info for info in src.tensors.values() if _quantized_by_llama_cpp(info)]
+    weights = [info for _, info in src.gguf_items() if _quantized_by_llama_cpp(info)]
     kept = [info.gguf_name for info in weights if not fits_blocks(info.shape, target)]
     types = {info.name: target for info in weights if fits_blocks(info.shape, target)}
     if not types:

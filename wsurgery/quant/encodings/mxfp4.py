@@ -45,8 +45,11 @@ def _nibble_tables(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     byte = torch.arange(256)
     exp = (torch.arange(256, dtype=torch.int32) - 127).view(256, 1)
     bits = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
-    return tuple(torch.ldexp(lut[nibble].expand(256, 256).contiguous(), exp).view(bits).reshape(-1)
-                 for nibble in (byte & 0x0F, byte >> 4))
+
+    def table(nibble: torch.Tensor) -> torch.Tensor:
+        return torch.ldexp(lut[nibble].expand(256, 256).contiguous(), exp).view(bits).reshape(-1)
+
+    return table(byte & 0x0F), table(byte >> 4)
 
 
 @functools.cache
@@ -208,7 +211,7 @@ def _check_shapes(blocks: TensorInfo, scales: TensorInfo, name: str, config: dic
                          f"{list(blocks.shape)} needs one scale per block, {list(blocks.shape[:-1])}")
     cfg = config or {}
     hidden, inter, experts = cfg.get("hidden_size"), cfg.get("intermediate_size"), cfg.get("num_local_experts")
-    if not all(isinstance(v, int) for v in (hidden, inter, experts)):
+    if not (isinstance(hidden, int) and isinstance(inter, int) and isinstance(experts, int)):
         return
     e, n, g, _ = blocks.shape
     out, k = (2 * inter, hidden) if name.endswith("gate_up_proj") else (hidden, inter)
