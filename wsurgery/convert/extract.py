@@ -89,7 +89,11 @@ class RankRule:
         if self.rank is not None:
             return min(self.rank, singular_values.numel())
         kept = torch.cumsum(singular_values.double() ** 2, 0)
-        wanted = total * self.energy if self.energy is not None else total * (1 - self.max_error ** 2)
+        if self.energy is not None:
+            wanted = total * self.energy
+        else:
+            assert self.max_error is not None, "__post_init__ requires exactly one rule"
+            wanted = total * (1 - self.max_error ** 2)
         return min(int(torch.searchsorted(kept, torch.tensor([wanted], dtype=torch.float64) * (1 - 1e-12))) + 1,
                    singular_values.numel())
 
@@ -123,12 +127,14 @@ def resolve_device(device: str) -> torch.device:
         raise InputError(f"--device {device!r}: expected auto, cpu or cuda") from None
 
 
-def _randomized(rule: RankRule, svd: str, shape: tuple[int, int]) -> bool:
-    """Randomized SVD only for a fixed rank (the rank-choosing rules need the whole spectrum); under
-    ``auto`` only where the matrix is at least 4x wider than the sketch, else exact is as cheap."""
-    if svd == "exact" or not rule.fixed:
-        return False
-    return svd == "randomized" or 4 * _sketch(rule.rank, shape) <= min(shape)
+def _randomized(rule: RankRule, svd: str, shape: tuple[int, int]) -> int | None:
+    """The sketch size where the SVD is randomized, else None. Randomized SVD only for a fixed rank (the
+    rank-choosing rules need the whole spectrum); under ``auto`` only where the matrix is at least 4x
+    wider than the sketch, else exact is as cheap."""
+    if svd == "exact" or rule.rank is None:
+        return None
+    sketch = _sketch(rule.rank, shape)
+    return sketch if svd == "randomized" or 4 * sketch <= min(shape) else None
 
 
 def _sketch(rank: int, shape: tuple[int, int]) -> int:
@@ -141,10 +147,12 @@ def truncated_svd(M: torch.Tensor, rule: RankRule, *, svd: str = "auto", device:
     device = device or M.device
     total = float(torch.linalg.vector_norm(M, dtype=torch.float64) ** 2)
     work = M.to(device)
-    if _randomized(rule, svd, tuple(M.shape)):
+    rows, cols = M.shape
+    sketch = _randomized(rule, svd, (rows, cols))
+    if sketch is not None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(0)  # the same factors every run
-            U, S, V = torch.svd_lowrank(work, q=_sketch(rule.rank, tuple(M.shape)), niter=_POWER_ITERATIONS)
+            U, S, V = torch.svd_lowrank(work, q=sketch, niter=_POWER_ITERATIONS)
         Vh, method = V.T, "randomized"
     else:
         # cuSOLVER's float32 SVD is less accurate than LAPACK's (1e-5 off in the tests); float64 costs little there.
@@ -460,14 +468,15 @@ def check_plot_path(path: Path) -> None:
 def plot_spectra(result: ExtractResult, path: Path, count: int = 6) -> None:
     """Singular values (relative to the largest) and kept energy against rank, for ``count`` LoRA modules
     spread over the model, each with its chosen rank marked: to choose a rank by eye."""
-    lora = [m for m in result.lora if m.singular_values is not None and m.singular_values.numel()]
+    lora = [(m, m.singular_values) for m in result.lora if m.singular_values is not None and m.singular_values.numel()]
     if not lora:
         raise InputError(f"--plot {path}: no module became a LoRA, so there is no spectrum to draw")
     picked = [lora[i] for i in sorted({round(k * (len(lora) - 1) / max(count - 1, 1)) for k in range(count)})]
     fig = _figure_class()(figsize=(12, 4.5))
     spectrum, energy = fig.subplots(1, 2)
-    for m in picked:
-        s = m.singular_values.double()
+    for m, values in picked:
+        assert m.norm is not None and m.rank is not None, f"{m.module}: a LoRA module has its norm and rank"
+        s = values.double()
         index = range(1, s.numel() + 1)
         kept = torch.cumsum(s ** 2, 0) / m.norm ** 2
         (line,) = spectrum.semilogy(index, (s / s[0]).numpy(), label=f"{m.module} (r={m.rank})")

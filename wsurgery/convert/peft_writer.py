@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ _COMMON_FIELDS: dict[str, Any] = {"inference_mode": True, "revision": None, "tas
 
 
 def write_adapter(out: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], *,
-                  overwrite: bool = False, inputs: list[Path] = (), record: dict[str, Any] | None = None,
+                  overwrite: bool = False, inputs: Sequence[Path] = (), record: dict[str, Any] | None = None,
                   check: Callable[[Path], None] | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``out`` atomically.
 

@@ -142,7 +142,8 @@ def lora_tensors(kind: str, shape: tuple[int, ...], A: torch.Tensor, B: torch.Te
     if kind == "embedding":  # ΔE (V, d) = (B·A)ᵀ with A (r, V), B (d, r)
         return {"lora_embedding_A": A, "lora_embedding_B": B}
     if kind == "conv":
-        return {"lora_A.weight": A.reshape(k, *shape[1:]), "lora_B.weight": B.reshape(B.shape[0], k, *[1] * (len(shape) - 2))}
+        return {"lora_A.weight": A.reshape(k, *shape[1:]),
+                "lora_B.weight": B.reshape(B.shape[0], k, *[1] * (len(shape) - 2))}
     return {"lora_A.weight": A, "lora_B.weight": B}
 
 

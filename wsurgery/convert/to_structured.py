@@ -62,7 +62,13 @@ class _SharedBlockTarget(Target):
     peft_type: ClassVar[str]
     key: ClassVar[str]
 
-    sizes = ("rank",)
+    sizes: ClassVar[tuple[str, ...]] = ("rank",)
+
+    @staticmethod
+    def r(options: Options) -> int:
+        """``--rank``, which ``check_options`` requires."""
+        assert options.rank is not None, "check_options requires --rank"
+        return options.rank
 
     def check_options(self, options: Options) -> None:
         super().check_options(options)
@@ -73,13 +79,13 @@ class _SharedBlockTarget(Target):
     def check_module(self, module: str, kind: str, shape: tuple[int, int], has_bias_change: bool,
                      options: Options) -> None:
         super().check_module(module, kind, shape, has_bias_change, options)
-        if options.rank > shape[1]:
+        if self.r(options) > shape[1]:
             raise InputError(f"{module}: --rank {options.rank} is larger than its in_features {shape[1]}; "
                              f"{self.method} (like PEFT) needs r <= in_features")
 
     def fit(self, d: ModuleDelta, options: Options) -> Fit:
-        block = periodic_means(d.delta, options.rank).to(OUTPUT_DTYPE)
-        return Fit({self.key: block}, options.rank, d.kind)
+        block = periodic_means(d.delta, self.r(options)).to(OUTPUT_DTYPE)
+        return Fit({self.key: block}, self.r(options), d.kind)
 
     def config(self, fits: dict[str, Fit], options: Options) -> dict[str, Any]:
         return {"peft_type": self.peft_type, "r": options.rank, "init_weights": True, "target_modules": sorted(fits),
@@ -160,7 +166,13 @@ class _RotationTarget(Target):
     size_name = "block"
     default_block: ClassVar[int]
 
-    sizes = ("block_size",)
+    sizes: ClassVar[tuple[str, ...]] = ("block_size",)
+
+    @staticmethod
+    def weight(d: ModuleDelta) -> torch.Tensor:
+        """W, which convert reads for every target that ``needs_weight``."""
+        assert d.weight is not None, f"{d.module}: convert reads W for a target that needs it"
+        return d.weight
 
     def block_size(self, options: Options) -> int:
         return self.default_block if options.block_size is None else options.block_size
@@ -187,7 +199,8 @@ class OftTarget(_RotationTarget):
 
     def fit(self, d: ModuleDelta, options: Options) -> Fit:
         b = self.block_size(options)
-        R = procrustes_blocks(d.weight, d.weight + d.delta, b)
+        W = self.weight(d)
+        R = procrustes_blocks(W, W + d.delta, b)
         Q, backed_off = cayley_preimage(R)
         rows, cols = torch.triu_indices(b, b, 1)
         vector = Q[:, rows, cols].to(OUTPUT_DTYPE)
@@ -220,8 +233,9 @@ def fit_butterfly(W: torch.Tensor, T: torch.Tensor, b: int, N: int) -> tuple[tor
         for i in range(N):  # ‖diag(s)·X_i·M_iᵀ·Y_i − T‖ = ‖(diag(s)·X_i·P_i)·B_iᵀ − T·Y_iᵀ·P_i‖
             X = _factors(W, blocks, perms, range(i)) * s[:, None]
             Y = _factors(T, blocks.transpose(-1, -2), perms, reversed(range(i + 1, N)))
-            if perms[i] is not None:
-                inverse = torch.argsort(perms[i])
+            perm = perms[i]
+            if perm is not None:
+                inverse = torch.argsort(perm)
                 X, Y = X[:, inverse], Y[:, inverse]
             blocks[i] = procrustes_blocks(X, Y, b)
         Z = _factors(W, blocks, perms, range(N))
@@ -264,7 +278,8 @@ class BoftTarget(_RotationTarget):
     def fit(self, d: ModuleDelta, options: Options) -> Fit:
         N, b = self.factors(options), self.block_size(options)
         m, n = d.out_in
-        blocks, s = fit_butterfly(d.weight, d.weight + d.delta, b, N)
+        W = self.weight(d)
+        blocks, s = fit_butterfly(W, W + d.delta, b, N)
         Q, backed_off = cayley_preimage(blocks.reshape(-1, b, b))
         R = Q.reshape(N, n // b, b, b).to(OUTPUT_DTYPE)
         scale = s.reshape(m, 1).to(OUTPUT_DTYPE)
