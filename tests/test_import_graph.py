@@ -155,8 +155,6 @@ def test_the_graph_sees_the_imports_it_must():
 KNOWN_ELSEWHERE = {
     # commands.py takes _fail/_one_line from cli.py, which imports commands: move them to errors.py
     ("wsurgery.cli", "wsurgery.commands"),
-    # bnb4bit_triton takes its code tables from bnb4bit, which imports it: move them to a module of their own
-    ("wsurgery.quant.bnb4bit", "wsurgery.quant.bnb4bit_triton"),
 }
 
 

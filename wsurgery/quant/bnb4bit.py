@@ -70,6 +70,7 @@ import torch
 
 from ..errors import InputError
 from . import bnb4bit_native
+from .bnb4bit_codes import ASCENDING_CODES, code_book, dequantized_codes, midpoints
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -89,33 +90,12 @@ _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _JSON_KEYS = ("quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset")
 _NESTED_JSON_KEYS = ("nested_blocksize", "nested_dtype", "nested_offset")
 
-_NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-)
-# FP4 (1 sign, 2 exponent, 1 mantissa bits) in bit-pattern order, normalized by 12 as bitsandbytes does.
-_FP4_UNNORMALIZED = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
-# Codes in ascending order of value. FP4's two zeros: bitsandbytes' argsort puts code 0 before code 8.
-ASCENDING_CODES = {
-    "nf4": tuple(range(16)),
-    "fp4": (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3),
-}
 GRID_CELLS = 1023  # odd, so that no cell edge falls on 0, where FP4 has a midpoint
 
 
 def json_suffix(quant_type: str) -> str:
     """The key suffix of the packed-JSON tensor: ``quant_state.bitsandbytes__nf4`` or ``__fp4``."""
     return JSON_SUFFIX_PREFIX + quant_type
-
-
-@functools.cache
-def code_book(quant_type: str) -> torch.Tensor:
-    """The 16 code values bitsandbytes stores as ``quant_map`` (float32, CPU; read-only)."""
-    if quant_type == "nf4":
-        return torch.tensor(_NF4_CODE, dtype=torch.float32)
-    return torch.tensor(_FP4_UNNORMALIZED, dtype=torch.float32) / torch.tensor(12.0)
 
 
 @functools.cache
@@ -286,13 +266,6 @@ class _CodeGrid:
     low: torch.Tensor        # uint8 (K + 1,): the code at the cell's low end
     midpoint: torch.Tensor   # float32 (K + 1,)
     step: torch.Tensor | None  # uint8 (K + 1,): code change across the midpoint (mod 256); None = always 1
-
-
-@functools.cache
-def midpoints(quant_type: str) -> torch.Tensor:
-    """The 15 float32 midpoints between the code values in ascending order (bitsandbytes' bounds)."""
-    ascending = code_book(quant_type)[list(ASCENDING_CODES[quant_type])]
-    return (ascending[:-1] + ascending[1:]) / 2
 
 
 @functools.cache
@@ -577,15 +550,6 @@ def _check_packed_weight(tensor: torch.Tensor, state: QuantState, name: str) -> 
     if n_bytes != state.n_packed_bytes or not is_column or tensor.dtype == torch.bool:
         raise InputError(f"{name}: a 4-bit weight of shape {list(state.shape)} packs into {state.n_packed_bytes} "
                          f"bytes as a (n, 1) column; found {tensor.dtype} {tuple(tensor.shape)}")
-
-
-@functools.cache
-def dequantized_codes(quant_type: str) -> torch.Tensor:
-    """The 16 values bitsandbytes' C++ kernel dequantizes the codes to: FP4 code 8 is -0.0 there."""
-    code = code_book(quant_type).clone()
-    if quant_type == "fp4":
-        code[8] = -0.0
-    return code
 
 
 @functools.cache

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bnb4bit import ASCENDING_CODES, dequantized_codes, midpoints
+from .bnb4bit_codes import ASCENDING_CODES, dequantized_codes, midpoints
 
 # Elements per program: enough independent loads in flight to keep HBM busy.
 ELEMENTS_PER_PROGRAM = 4096
