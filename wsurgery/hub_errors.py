@@ -4,6 +4,7 @@ repo, and what to do; never the token."""
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 from .errors import WsurgeryError
@@ -48,7 +49,7 @@ def _root_cause(e: BaseException) -> BaseException:
     """The HTTP or network error behind wrappers (huggingface_hub wraps upload failures)."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    seen = e
+    seen: BaseException | None = e
     while seen is not None:
         if isinstance(seen, (HfHubHTTPError, WsurgeryError, *network_errors())):
             return seen
@@ -64,14 +65,13 @@ def _status(e: BaseException) -> int | None:
 @functools.cache
 def network_errors() -> tuple[type[BaseException], ...]:
     """The HTTP client's transport errors (connection refused, reset, dropped, timed out)."""
-    try:
-        import httpx2 as http
-    except ImportError:
+    for name in ("httpx2", "httpx"):
         try:
-            import httpx as http
+            http = importlib.import_module(name)
         except ImportError:
-            return (ConnectionError, TimeoutError)
-    return (http.TransportError, ConnectionError, TimeoutError)
+            continue
+        return (http.TransportError, ConnectionError, TimeoutError)
+    return (ConnectionError, TimeoutError)
 
 
 def first_line(e: BaseException) -> str:
@@ -86,6 +86,6 @@ def _token() -> str | None:
 
 
 def _redact(text: str, token: str | None) -> str:
-    for secret in {token, os.environ.get("HF_TOKEN"), _token()} - {None, ""}:
+    for secret in {s for s in (token, os.environ.get("HF_TOKEN"), _token()) if s}:
         text = text.replace(secret, "***")
     return text

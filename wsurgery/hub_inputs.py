@@ -24,6 +24,7 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SIDE = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.py", "*.jinja"]
 _MODEL_ST = ["*.safetensors", "*.safetensors.index.json", *_SIDE]
 _MODEL_BIN = ["*.bin", "*.bin.index.json", *_SIDE]
+_ADAPTER_WEIGHTS: tuple[str, ...] = ("adapter_model.safetensors", "adapter_model.bin")  # the reader's preference
 _ADAPTER = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "*.json"]
 
 
@@ -50,10 +51,11 @@ def resolve(spec: str | Path, kind: str = "model", revision: str | None = None) 
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError)
 
+    unreachable: tuple[type[BaseException], ...] = (OfflineModeIsEnabled, *network_errors())
     try:
         try:
             return _download(str(spec), kind, revision)
-        except (OfflineModeIsEnabled, *network_errors()):
+        except unreachable:
             return _from_cache(str(spec), kind, revision)
     except GatedRepoError:
         raise InputError(f"{spec}: a gated Hub repository; accept its conditions on its page, then pass a token "
@@ -95,7 +97,7 @@ def needed_files(files: list[str], kind: str) -> tuple[list[str], str | None]:
     """
     top = [f for f in files if "/" not in f]
     if kind == "adapter":
-        weights = [w for w in ("adapter_model.safetensors", "adapter_model.bin") if w in top][:1]
+        weights = [w for w in _ADAPTER_WEIGHTS if w in top][:1]
         return ([f for f in ("adapter_config.json", *weights) if f in top] if weights else []), None
     st_indexes = [f for f in top if f.endswith(".safetensors.index.json") and not f.startswith("adapter")]
     singles = [f for f in top if f.endswith(".safetensors") and not f.startswith("adapter_model")]

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def model_card(folder: Path, repo_id: str, provenance: dict[str, Any] | None = N
 
 
 def provenance(operation: str, command: str | None, base: str | None = None,
-               adapters: list[tuple[str, float]] = (), quantization: dict[str, Any] | None = None,
+               adapters: Sequence[tuple[str, float]] = (), quantization: dict[str, Any] | None = None,
                **extra: str | None) -> dict[str, Any]:
     """The ``"wsurgery"`` record of a command's output (``command`` with any token already hidden).
 
@@ -222,7 +223,8 @@ def render_card(facts: CardFacts, repo_id: str) -> str:
     if facts.tuned:
         lines.append(f"- Fine-tuned model: `{facts.tuned}`")
     if facts.adapters and (facts.kind != "adapter" or facts.operation in ("combine", "convert")):
-        lines.append(f"- {'Made from a' if facts.kind == 'adapter' else 'A'}dapter{'s' if len(facts.adapters) > 1 else ''}: "
+        plural = "s" if len(facts.adapters) > 1 else ""
+        lines.append(f"- {'Made from a' if facts.kind == 'adapter' else 'A'}dapter{plural}: "
                      + ", ".join(_describe_adapter(a) for a in facts.adapters))
     if facts.quantization:
         lines.append(f"- Quantization: {_describe_quantization(facts.quantization)}")
@@ -279,7 +281,7 @@ def _quantization_from_config(qc: dict[str, Any]) -> dict[str, Any]:
 def _is_repo_id(name: str | None) -> bool:
     from .hub_inputs import looks_like_repo_id
 
-    return bool(name) and looks_like_repo_id(name)
+    return looks_like_repo_id(name) if name else False
 
 
 def _redact(text: str) -> str:
