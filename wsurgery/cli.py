@@ -1,47 +1,35 @@
 """The ``wsurgery`` entry point: every outcome is one line on stderr and an exit status.
 
-This module imports only the standard library and ``wsurgery.interrupts``: ``main`` installs the
-SIGINT/SIGTERM/SIGHUP handlers before it imports the commands (and torch with them), so that even a
-Ctrl-C during start-up ends in one line, not a traceback. The commands are in ``wsurgery.commands``.
+This module imports only the standard library, ``wsurgery.interrupts`` and ``wsurgery.errors`` (whose
+``fail`` the commands share): ``main`` installs the SIGINT/SIGTERM/SIGHUP handlers before it imports the
+commands (and torch with them), so that even a Ctrl-C during start-up ends in one line, not a traceback.
+The commands are in ``wsurgery.commands``.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+from typing import NoReturn
 
 from . import interrupts
+from .errors import WsurgeryError, fail
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _fail(message: str, code: int = 1) -> None:
-    """Print ``wsurgery: MESSAGE`` and exit; no signal can cut the line or add a traceback after it."""
-    interrupts.stop_raising()
-    try:
-        print(f"wsurgery: {_one_line(message)}", file=sys.stderr, flush=True)
-    except OSError:  # stderr gone with the terminal (SIGHUP): the exit status still tells
-        pass
-    sys.exit(code)
-
-
-def _interrupted() -> None:
+def _interrupted() -> NoReturn:
     """Exit 128 + the signal's number, saying whether an output was complete before the signal came."""
     interrupts.stop_raising()
     signum = interrupts.stopped_by() or signal.SIGINT
     written = interrupts.outputs_written()
     what = (f"{', '.join(map(str, written))} had been written completely" if written
             else "no output was left behind")
-    _fail(f"interrupted ({signal.Signals(signum).name}); {what}", 128 + signum)
+    fail(f"interrupted ({signal.Signals(signum).name}); {what}", 128 + signum)
 
 
 def _run(args: list[str]) -> None:
     import click
 
     from .commands import cli
-    from .errors import WsurgeryError
 
     debug = "--debug" in args
     try:
@@ -50,7 +38,7 @@ def _run(args: list[str]) -> None:
         sys.exit(e.exit_code)
     except click.UsageError as e:  # one line too, not click's usage block
         hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-        _fail(f"error: {e.format_message().rstrip('.')}{hint}", e.exit_code)
+        fail(f"error: {e.format_message().rstrip('.')}{hint}", e.exit_code)
     except click.ClickException as e:
         interrupts.stop_raising()
         e.show()
@@ -60,16 +48,16 @@ def _run(args: list[str]) -> None:
     except WsurgeryError as e:
         if debug:
             raise
-        _fail(f"error: {e}")
+        fail(f"error: {e}")
     except OSError as e:  # disk full, permissions...: about the user's system, not a bug
         if debug:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        _fail(f"error: {where}{e.strerror or e}")
+        fail(f"error: {where}{e.strerror or e}")
     except Exception as e:  # a bug: still one line
         if debug:
             raise
-        _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for details)")
+        fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for details)")
     interrupts.stop_raising()
 
 

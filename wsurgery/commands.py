@@ -20,12 +20,11 @@ import click
 
 from . import __version__, api
 from .checkpoint.output import atomic_output_file, check_output_file, check_output_path, check_written_file
-from .cli import _fail, _one_line
 from .describe import format_text, inspect
 from .convert.convert import TARGETS
 from .convert.combine import adapter_with_weight
 from .engine import Result
-from .errors import InputError, NotExpressible
+from .errors import InputError, NotExpressible, fail, one_line
 from .hub import PushTarget, push_after, push_options, redacted_command, report_push
 from .hub_inputs import looks_like_repo_id
 from .methods import Option, not_mergeable, registered
@@ -59,7 +58,8 @@ max_shard_size_option = click.option("--max-shard-size", default=None,
                                      help="Re-shard the output (e.g. 5GB). Default: the input's sharding.")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                              show_default=True, help="Where the computation runs (auto: CUDA when there is one).")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of text.")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print the result as JSON on stdout instead of text.")
 
 
 def dtype_option(default: str) -> Callable:
@@ -121,7 +121,7 @@ def _check_out(out: str, inputs: list[Path], overwrite: bool, one_file: bool = F
     (check_output_file if one_file else check_output_path)(Path(out), inputs, overwrite, whole_folders=True)
 
 
-def _write_side_file(path: str, write: Callable[[Path], None]) -> None:
+def _write_side_file(path: str, write: Callable[[Path], object]) -> None:
     """Write a report beside the output whole or not at all (through a temporary sibling), or straight
     into a device such as /dev/stdout."""
     if os.path.exists(path) and not os.path.isfile(path):
@@ -246,7 +246,8 @@ def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, o
 @click.argument("folder")
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo private (when it does not exist yet).")
-@click.option("--revision", metavar="BRANCH", default=None, help="Push to this branch (created if missing) or refs/pr/N.")
+@click.option("--revision", metavar="BRANCH", default=None,
+              help="Push to this branch (created if missing) or refs/pr/N.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
 @click.option("--commit-message", default=None, help="The commit's title.")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN, else the stored login). Never printed.")
@@ -409,7 +410,7 @@ def _show_verify(report, report_path: str | None, show_all: bool, as_json: bool 
     if not report.passed:
         names = ", ".join(c.module for c in report.failures[:3])
         more = f" and {len(report.failures) - 3} more" if len(report.failures) > 3 else ""
-        _fail(f"verify failed: {names}{more} differ from the unmerged forward")
+        fail(f"verify failed: {names}{more} differ from the unmerged forward")
 
 
 @cli.command()
@@ -568,8 +569,9 @@ def _report(verb: str, r: Result, quiet: bool) -> None:
               help="The PEFT method to write, or gguf-lora: a llama.cpp LoRA adapter (.gguf) for --base (the .gguf "
                    "file it will run on, or the Hugging Face checkpoint that file was converted from).")
 @click.option("--base", default=None,
-              help="The base checkpoint: needed where the change depends on W (DoRA, OFT, BOFT, HRA, IA3, MiSS bat...), "
-                   "for --to oft/boft, and for adapters that do not record their layers' shapes (all but LoRA, VB-LoRA).")
+              help="The base checkpoint: needed where the change depends on W (DoRA, OFT, BOFT, HRA, IA3, MiSS "
+                   "bat...), for --to oft/boft, and for adapters that do not record their layers' shapes (all but "
+                   "LoRA, VB-LoRA).")
 @click.option("--rank", type=int, default=None,
               help="LoRA/LoHa/LoKr rank (default: each module's exact rank); MiSS/Bone's r (required).")
 @click.option("--block-size", type=int, default=None, help="OFT/BOFT block size (default 32 / 4).")
@@ -601,6 +603,7 @@ def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | N
     if merge_into is not None:
         _check_out(merge_into, inputs, overwrite, one_file=Path(merge_into).suffix == ".gguf")
     if to == "gguf-lora":
+        assert base is not None, "refused above"
         _gguf_lora(adapter, out, base, gguf_type, merge_into, overwrite, quiet)
         return
     with _closing_progress_bars():
@@ -627,7 +630,7 @@ def _gguf_lora(adapter: str, out: str, base: str, gguf_type: str, merge_into: st
     except NotExpressible as e:
         if merge_into is None:
             raise
-        click.echo(f"wsurgery: note: {_one_line(e.problem)}; merging it into {base} instead (--merge-into)", err=True)
+        click.echo(f"wsurgery: note: {one_line(e.problem)}; merging it into {base} instead (--merge-into)", err=True)
         with _closing_progress_bars():
             result = api.merge(base, adapter, merge_into, overwrite=overwrite, progress=not quiet,
                                command=_command_line())

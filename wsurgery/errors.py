@@ -1,10 +1,31 @@
 """Exceptions that carry a user-facing, one-line message.
 
 Anything raised as a ``WsurgeryError`` is a problem with the user's input (or a refusal on
-principle) and is printed by the CLI as a single line, without a traceback.
+principle) and is printed by the CLI as a single line, without a traceback (``fail``). This module
+imports only the standard library and ``wsurgery.interrupts``, so that the entry point (``cli``) and
+the commands share ``fail`` without importing each other.
 """
 
 from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+from . import interrupts
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``wsurgery: MESSAGE`` and exit; no signal can cut the line or add a traceback after it."""
+    interrupts.stop_raising()
+    try:
+        print(f"wsurgery: {one_line(message)}", file=sys.stderr, flush=True)
+    except OSError:  # stderr gone with the terminal (SIGHUP): the exit status still tells
+        pass
+    sys.exit(code)
 
 
 class WsurgeryError(Exception):
