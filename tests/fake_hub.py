@@ -136,7 +136,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         self.body = self._read_body()
-        self.hub.requests.append(Request(method, unquote(url.path), query, {k.lower(): v for k, v in self.headers.items()}, self.body))
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        self.hub.requests.append(Request(method, unquote(url.path), query, headers, self.body))
         if self.hub.drop and self.hub.drop in unquote(url.path):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)

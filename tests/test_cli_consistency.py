@@ -23,7 +23,8 @@ COMMANDS = sorted(cli.commands)
 
 def _params(command: str) -> dict[str, click.Parameter]:
     """Every option of ``command`` by each of its spellings."""
-    return {opt: p for p in cli.commands[command].params if isinstance(p, click.Option) for opt in p.opts + p.secondary_opts}
+    return {opt: p for p in cli.commands[command].params if isinstance(p, click.Option)
+            for opt in p.opts + p.secondary_opts}
 
 
 def _help(command: str) -> str:

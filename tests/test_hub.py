@@ -207,7 +207,8 @@ def test_no_write_access_is_one_line(hub, capfd):
 
 def test_dropped_connection_says_what_arrived_and_a_rerun_resumes(hub, capfd):
     """The server closes the socket on the commit: the LFS data arrived, no commit was made."""
-    index_and_config = {k: v for k, v in folder_files(BASE).items() if k in ("config.json", "model.safetensors.index.json")}
+    index_and_config = {k: v for k, v in folder_files(BASE).items()
+                        if k in ("config.json", "model.safetensors.index.json")}
     hub.add_repo("alice/tiny", index_and_config)
     hub.drop = "/commit/"
     code, output = cli(capfd, "push", str(BASE), "alice/tiny", "--token", TOKEN, "-q")

@@ -8,7 +8,7 @@ from wsurgery.methods import registered
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import update_readme  # noqa: E402
+import update_readme
 
 
 def test_readme_generated_sections_are_current():
