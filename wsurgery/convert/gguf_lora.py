@@ -101,7 +101,7 @@ def _targets(base: Checkpoint) -> tuple[str, dict[str, tuple[str, Layout]]]:
     """The base's llama.cpp architecture and, per Hugging Face tensor, its GGUF name and layout: from the
     GGUF file itself, or for a Hugging Face checkpoint from its config.json as llama.cpp's converter would."""
     if isinstance(base, GgufCheckpoint):
-        return base.arch, {n: (t.gguf_name, t.layout) for n, t in base.tensors.items()}
+        return base.arch, {n: (t.gguf_name, t.layout) for n, t in base.gguf_items()}
     where = str(base.folder)
     if base.config is None:
         raise InputError(f"{where}: --base is neither a .gguf file nor a model folder with a config.json; "
