@@ -29,7 +29,6 @@ from safetensors.torch import save_file
 
 from wsurgery.checkpoint import open_checkpoint, read_header
 from wsurgery.checkpoint.dtypes import SAFETENSORS_TO_TORCH
-from wsurgery.checkpoint.gguf_format import open_gguf
 from wsurgery.checkpoint.gguf_header import read_header as read_gguf_header
 from wsurgery.errors import WsurgeryError
 
@@ -365,7 +364,7 @@ def mutated_gguf(draw) -> bytes:
 
 def _open_or_refuse(raw: bytes, path: Path) -> None:
     path.write_bytes(raw)
-    for reader in (read_gguf_header, open_gguf):
+    for reader in (read_gguf_header, open_checkpoint):
         try:
             reader(path)
         except WsurgeryError as e:
@@ -386,7 +385,7 @@ def test_gguf_generated_headers_read_as_gguf_reads_them(raw, scratch):
             assert e.value == reader.fields[e.key].contents()
     assert [(t.name, t.shape, t.offset) for t in header.tensors] == \
         [(t.name, tuple(int(d) for d in reversed(t.shape)), int(t.data_offset)) for t in reader.tensors]
-    open_gguf(path)
+    open_checkpoint(path)
 
 
 @fuzz(700)
