@@ -1,4 +1,4 @@
-"""Quantized weight formats, computed straight on tensors (bitsandbytes 4-bit)."""
+"""Quantized weights: the stored encodings (``encodings/``), their arithmetic, and the quantize/dequantize jobs."""
 
 from .bnb4bit import (
     BLOCKSIZES,
