@@ -72,7 +72,7 @@ def _load_adapters(adapter: AdapterSpec | Sequence[AdapterSpec], scale: float, o
 def _run(direction: str, base: str | Path, adapter: AdapterSpec | Sequence[AdapterSpec], out: str | Path,
          scale: float, dtype: str | torch.dtype | None, max_shard_size: str | int | None, overwrite: bool,
          progress: bool, options: dict[str, Any] | None, requantize: bool = False, through_nf4: bool = False,
-         command: str | None = None, gguf_type: str | None = None) -> Result:
+         command: str | None = None, gguf_type: str | None = None, workers: int | None = None) -> Result:
     if isinstance(dtype, str):
         dtype = parse_user_dtype(dtype)
     if isinstance(max_shard_size, str):
@@ -96,7 +96,8 @@ def _run(direction: str, base: str | Path, adapter: AdapterSpec | Sequence[Adapt
 
     return execute(job, Path(out), dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                    progress=progress, extra_inputs=[a.folder for a, _ in adapters], quantize=quantize, through=through,
-                   config_update=update, gguf=_gguf_merge_output(ckpt, job.changed_tensors, gguf_type, Path(out)))
+                   config_update=update, gguf=_gguf_merge_output(ckpt, job.changed_tensors, gguf_type, Path(out)),
+                   workers=workers)
 
 
 def _gguf_merge_output(base, changed: list[str], gguf_type: str | None, out: Path):
@@ -112,7 +113,7 @@ def merge(base: str | Path, adapter: AdapterSpec | Sequence[AdapterSpec], out: s
           dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
           overwrite: bool = False, progress: bool = True, options: dict[str, Any] | None = None,
           requantize: bool = False, through_nf4: bool = False, command: str | None = None,
-          gguf_type: str | None = None) -> Result:
+          gguf_type: str | None = None, workers: int | None = None) -> Result:
     """Merge a PEFT adapter (or several) into a base checkpoint and write the merged model folder ``out``.
 
     ``base`` is a model folder, a ``.safetensors``/``.bin`` file, an index file or a Hub repo id;
@@ -131,15 +132,18 @@ def merge(base: str | Path, adapter: AdapterSpec | Sequence[AdapterSpec], out: s
     GGUF: a ``.gguf`` base is read as its Hugging Face-named tensors; an ``out`` ending in ``.gguf``
     is written as one GGUF file with the base's metadata and tokenizer, the changed tensors
     requantized to their own type or to ``gguf_type`` (``"q8_0"``, ``"f16"``...).
+
+    ``workers``: threads that read, compute and write different tensors at once (default: one per core);
+    the output is the same bytes whatever the number.
     """
     return _run("merge", base, adapter, out, scale, dtype, max_shard_size, overwrite, progress, options,
-                requantize, through_nf4, command, gguf_type)
+                requantize, through_nf4, command, gguf_type, workers)
 
 
 def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, scale: float = 1.0,
             dtype: str | torch.dtype | None = None, max_shard_size: str | int | None = None,
             overwrite: bool = False, progress: bool = True, options: dict[str, Any] | None = None,
-            command: str | None = None) -> Result:
+            command: str | None = None, workers: int | None = None) -> Result:
     """Undo ``merge``: subtract the adapter's change from a merged checkpoint.
 
     Exact (up to rounding) for additive methods. Refuses, before writing anything, where the
@@ -147,7 +151,7 @@ def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, scale: 
     ``command``: the command line to record in config.json's "wsurgery" record.
     """
     return _run("unmerge", merged, adapter, out, scale, dtype, max_shard_size, overwrite, progress, options,
-                command=command)
+                command=command, workers=workers)
 
 
 def verify(base: str | Path, adapter: AdapterSpec | Sequence[AdapterSpec], merged: str | Path, *, scale: float = 1.0,
@@ -197,7 +201,8 @@ def quantize(src: str | Path, out: str | Path, *, quant_type: str = "nf4", block
              double_quant: bool = True, compute_dtype: str | torch.dtype | None = None,
              skip_modules: tuple[str, ...] = (), dtype: str | torch.dtype | None = None,
              max_shard_size: str | int | None = None, overwrite: bool = False, progress: bool = True,
-             report: bool = False, command: str | None = None) -> tuple[Result, QuantReport | None]:
+             report: bool = False, command: str | None = None,
+             workers: int | None = None) -> tuple[Result, QuantReport | None]:
     """Store a checkpoint's Linear weights in bitsandbytes 4-bit (NF4 or FP4, double quantization),
     as ``from_pretrained(..., load_in_4bit=True)`` + ``save_pretrained`` would, tensor by tensor.
 
@@ -212,12 +217,13 @@ def quantize(src: str | Path, out: str | Path, *, quant_type: str = "nf4", block
                                                                       "double_quant": double_quant})
     return quantize_checkpoint(open_checkpoint(_local(src)), Path(out), fmt, compute_dtype=_dtype(compute_dtype),
                                skip=tuple(skip_modules), dtype=_dtype(dtype), max_shard_size=_size(max_shard_size),
-                               overwrite=overwrite, progress=progress, report=report, record=record)
+                               overwrite=overwrite, progress=progress, report=report, record=record,
+                               workers=workers)
 
 
 def dequantize(src: str | Path, out: str | Path, *, dtype: str | torch.dtype | None = None,
                max_shard_size: str | int | None = None, overwrite: bool = False, progress: bool = True,
-               command: str | None = None) -> Result:
+               command: str | None = None, workers: int | None = None) -> Result:
     """Write an encoded checkpoint (bitsandbytes, FP8, GPTQ..., a llama.cpp GGUF file) back as plain tensors
     and drop ``quantization_config``; weights come back in their decoded dtype unless ``dtype``."""
     from .quant.checkpoints import dequantize_checkpoint
@@ -226,7 +232,7 @@ def dequantize(src: str | Path, out: str | Path, *, dtype: str | torch.dtype | N
     ckpt.format.check_plain_output(ckpt, Path(out))
     record = provenance("dequantize", command, str(src))
     return dequantize_checkpoint(ckpt, Path(out), dtype=_dtype(dtype), max_shard_size=_size(max_shard_size),
-                                 overwrite=overwrite, progress=progress, record=record)
+                                 overwrite=overwrite, progress=progress, record=record, workers=workers)
 
 
 def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, scale: float = 1.0,

@@ -58,6 +58,9 @@ max_shard_size_option = click.option("--max-shard-size", default=None,
                                      help="Re-shard the output (e.g. 5GB). Default: the input's sharding.")
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                              show_default=True, help="Where the computation runs (auto: CUDA when there is one).")
+workers_option = click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+                               help="Threads that read, compute and write different tensors at once. Default: one "
+                                    "per core. The output is the same whatever N.")
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print the result as JSON on stdout instead of text.")
 
@@ -150,7 +153,7 @@ def with_output_options(f):
     for option in reversed((dtype_option("keep each tensor's dtype"), max_shard_size_option,
                             click.option("--scale", default=1.0, type=float, show_default=True,
                                          help="Merge scale·ΔW instead of ΔW."),
-                            overwrite_option, quiet_option)):
+                            overwrite_option, quiet_option, workers_option)):
         f = option(f)
     return f
 
@@ -198,7 +201,8 @@ def methods(as_json: bool) -> None:
                   "Default: each tensor's own type.")
 @push_options
 def merge(base: str, adapters: tuple[str, ...], out: str, dtype, max_shard_size, scale, overwrite, quiet,
-          options: dict, requantize: bool, through_nf4: bool, then_verify: bool, gguf_type: str | None,
+          workers: int | None, options: dict, requantize: bool, through_nf4: bool, then_verify: bool,
+          gguf_type: str | None,
           push: PushTarget | None) -> None:
     """Merge the ADAPTERs into BASE, in order, and write the merged model to the new folder OUT.
 
@@ -214,7 +218,7 @@ def merge(base: str, adapters: tuple[str, ...], out: str, dtype, max_shard_size,
     with _closing_progress_bars():
         r = api.merge(base, weighted, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
                       overwrite=overwrite, progress=not quiet, options=options, requantize=requantize,
-                      through_nf4=through_nf4, command=_command_line(), gguf_type=gguf_type)
+                      through_nf4=through_nf4, command=_command_line(), gguf_type=gguf_type, workers=workers)
     _report("merged", r, quiet)
     if then_verify:
         with _closing_progress_bars():
@@ -230,14 +234,14 @@ def merge(base: str, adapters: tuple[str, ...], out: str, dtype, max_shard_size,
 @with_output_options
 @method_options
 @push_options
-def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet, options: dict,
-            push: PushTarget | None) -> None:
+def unmerge(merged: str, adapter: str, out: str, dtype, max_shard_size, scale, overwrite, quiet,
+            workers: int | None, options: dict, push: PushTarget | None) -> None:
     """Subtract ADAPTER from the merged model MERGED and write the result to the new folder OUT."""
     _check_out(out, _local(merged, adapter), overwrite)
     with _closing_progress_bars():
         r = api.unmerge(merged, adapter, out, scale=scale, dtype=dtype, max_shard_size=max_shard_size,
                         overwrite=overwrite, progress=not quiet,
-                        options=options, command=_command_line())
+                        options=options, command=_command_line(), workers=workers)
     _report("unmerged", r, quiet)
     push_after(r.out, push, progress=not quiet)  # the card reads config.json's "wsurgery" record
 
@@ -286,11 +290,12 @@ def _command_line() -> str:
                   "GGUF file OUT instead.")
 @overwrite_option
 @quiet_option
+@workers_option
 @push_options
 def quantize_cmd(src: str, out: str, quant_type: str, no_double_quant: bool, blocksize: int, compute_dtype: str | None,
                  skip_modules: tuple[str, ...], report_path: str | None, as_json: bool, dtype: str | None,
                  max_shard_size: str | None, gguf_type: str | None, overwrite: bool, quiet: bool,
-                 push: PushTarget | None) -> None:
+                 workers: int | None, push: PushTarget | None) -> None:
     """Store SRC's Linear weights in bitsandbytes 4-bit (loadable by transformers) in the new folder OUT;
     with --gguf-type, requantize the GGUF file SRC into the GGUF file OUT."""
     _folder_for_push(out, push)
@@ -310,7 +315,7 @@ def quantize_cmd(src: str, out: str, quant_type: str, no_double_quant: bool, blo
         r, errors = api.quantize(src, out, quant_type=quant_type, blocksize=blocksize, double_quant=not no_double_quant,
                                  compute_dtype=compute_dtype, skip_modules=skip_modules, dtype=dtype,
                                  max_shard_size=max_shard_size, overwrite=overwrite, progress=not quiet,
-                                 report=bool(report_path or as_json), command=_command_line())
+                                 report=bool(report_path or as_json), command=_command_line(), workers=workers)
     if errors is not None:
         report = _quant_report_dict(errors)
         if report_path not in (None, "-"):
@@ -341,15 +346,16 @@ def _quant_report_dict(errors) -> dict:
 @max_shard_size_option
 @overwrite_option
 @quiet_option
+@workers_option
 @push_options
 def dequantize_cmd(src: str, out: str, dtype: str | None, max_shard_size: str | None, overwrite: bool,
-                   quiet: bool, push: PushTarget | None) -> None:
+                   quiet: bool, workers: int | None, push: PushTarget | None) -> None:
     """Write a bitsandbytes 4-bit checkpoint, or a llama.cpp .gguf file, SRC back as plain tensors (safetensors,
     Hugging Face names) in the new folder OUT."""
     _check_out(out, _local(src), overwrite)
     with _closing_progress_bars():
         r = api.dequantize(src, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                           progress=not quiet, command=_command_line())
+                           progress=not quiet, command=_command_line(), workers=workers)
     _report("dequantized", r, quiet)
     push_after(r.out, push, progress=not quiet)
 

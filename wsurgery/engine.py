@@ -10,9 +10,15 @@ Peak memory is a few copies of the largest changed tensor, whatever the model si
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
 import json
 import math
-from collections.abc import Callable, Sequence
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -169,7 +175,8 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
             overwrite: bool = False, progress: bool = True, extra_inputs: Sequence[Path] = (),
             quantize: dict[str, Encoding] | None = None,
             through: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-            config_update: Callable[[dict], None] | None = None, gguf: GgufOutput | None = None) -> Result:
+            config_update: Callable[[dict], None] | None = None, gguf: GgufOutput | None = None,
+            workers: int | None = None) -> Result:
     """Write the planned result to ``out`` atomically.
 
     ``quantize`` names the tensors to store encoded, and how (an encoded base's tensors that are left
@@ -202,18 +209,18 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
             specs.append(TensorSpec(n, logical_dtype[n], plan.out_shapes[n]))
     shards = plan_shards(specs, assignment, max_shard_size, single)
     sharded = len(shards) > 1
-    scratch = _Scratch()
+    scratches = _ThreadScratch()
 
     def rounded(name: str, tensor: torch.Tensor) -> torch.Tensor:
         # Changed tensors must come out finite; unchanged ones may keep the base's own inf/NaN, but no
         # finite value may become inf in a narrower --dtype.
         dtype = logical_dtype[name]
         if name in plan.owner and dtype.is_floating_point:
-            return _rounded_finite(scratch, tensor, dtype, plan, name)
+            return _rounded_finite(scratches.get(), tensor, dtype, plan, name)
         if tensor.is_floating_point() and dtype != tensor.dtype:
-            return _rounded_finite(scratch, tensor, dtype, plan, name, unchanged=f"--dtype {dtype_name(dtype)} would "
-                                   "make inf; choose a wider --dtype")
-        return scratch.cast("out", tensor, dtype)
+            remedy = f"--dtype {dtype_name(dtype)} would make inf; choose a wider --dtype"
+            return _rounded_finite(scratches.get(), tensor, dtype, plan, name, unchanged=remedy)
+        return scratches.get().cast("out", tensor, dtype)
 
     def emit(name: str, tensor: torch.Tensor) -> None:
         t = rounded(name, tensor)
@@ -236,7 +243,7 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
 
     def read(name: str, use: str) -> torch.Tensor:
         info = base.tensors[name]
-        raw = base.read(name, scratch.take(use, info.shape, info.dtype))
+        raw = base.read(name, scratches.get().take(use, info.shape, info.dtype))
         if name in through:
             raw = through[name](raw)
         return raw
@@ -256,10 +263,10 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
                 if rows.job_in_chunks(job):
                     _run_job_in_rows(job, plan.direction, rows, emit_rows, emit)
                 else:
-                    for tensor_name, tensor in _run_job(job, plan.direction, read, scratch).items():
+                    for tensor_name, tensor in _run_job(job, plan.direction, read, scratches.get()).items():
                         emit(tensor_name, tensor)
 
-            _stream(plan, unchanged, run_job, progress)
+            _stream(plan, unchanged, run_job, progress, workers)
             writer.close()
         except BaseException:
             writer.abort()
@@ -275,24 +282,83 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
                   [s[0] for s in shards], notes(plan))
 
 
+def default_workers() -> int:
+    """Threads a job uses by default: one per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _stream(plan: Plan, unchanged: Callable[[str], None], run_job: Callable[[ModuleJob], None],
-            progress: bool) -> None:
+            progress: bool, workers: int | None = 1) -> None:
     """Walk the base in file order: each unchanged tensor copied (or read and written), each job run
-    when its first tensor comes up."""
+    when its first tensor comes up.
+
+    With several ``workers`` the units run on a pool of threads, a few ahead of the oldest unfinished
+    one: one thread's positioned reads and writes overlap another's arithmetic (both release the GIL),
+    and each output tensor has its own place in the pre-laid-out files, so the order of completion
+    does not matter. Results are the same bytes as with one worker; of several failures the first in
+    file order is the one raised.
+    """
     base = plan.base
+    units: list[tuple[Callable[[], None], int]] = []
     done_jobs: set[str] = set()
+    for name, info in base.tensors.items():
+        job_name = plan.owner.get(name)
+        if job_name is None:
+            units.append((functools.partial(unchanged, name), info.nbytes))
+        elif job_name not in done_jobs:
+            done_jobs.add(job_name)
+            job = plan.jobs[job_name]
+            units.append((functools.partial(run_job, job), sum(base.tensors[t].nbytes for t in job.tensors.values())))
+    workers = default_workers() if workers is None else workers
     with tqdm(total=base.total_bytes, unit="B", unit_scale=True, disable=not progress,
               desc=plan.direction, leave=False) as bar:
-        for name, info in base.tensors.items():
-            job_name = plan.owner.get(name)
-            if job_name is None:
-                unchanged(name)
-                bar.update(info.nbytes)
-            elif job_name not in done_jobs:
-                done_jobs.add(job_name)
-                job = plan.jobs[job_name]
-                run_job(job)
-                bar.update(sum(base.tensors[t].nbytes for t in job.tensors.values()))
+        if workers <= 1 or len(units) <= 1:
+            for work, nbytes in units:
+                work()
+                bar.update(nbytes)
+            return
+        with _intra_op_threads(workers), ThreadPoolExecutor(workers, thread_name_prefix="wsurgery") as pool:
+            ahead: collections.deque[tuple[Future[None], int]] = collections.deque()
+            try:
+                for work, nbytes in units:
+                    ahead.append((pool.submit(work), nbytes))
+                    while len(ahead) > 2 * workers:  # bounded: memory is a few units' buffers per thread
+                        future, size = ahead.popleft()
+                        future.result()
+                        bar.update(size)
+                while ahead:
+                    future, size = ahead.popleft()
+                    future.result()
+                    bar.update(size)
+            except BaseException:
+                for future, _ in ahead:
+                    future.cancel()
+                raise
+
+
+@contextlib.contextmanager
+def _intra_op_threads(workers: int) -> Iterator[None]:
+    """torch's own thread pool shrunk while ``workers`` threads share the cores (each op split over all
+    cores by each worker would oversubscribe them); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _ThreadScratch:
+    """One ``_Scratch`` per thread: each worker reuses its own buffers."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self) -> _Scratch:
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = _Scratch()
+        return scratch
 
 
 #: Tensors with more elements than this are read, changed and written in chunks of rows (of their

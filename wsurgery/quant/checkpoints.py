@@ -104,7 +104,8 @@ def _encoding_name(ckpt: Checkpoint) -> str:
 def quantize_checkpoint(src: Checkpoint, out: Path, fmt: Bnb4bit, *, compute_dtype: torch.dtype | None = None,
                         skip: tuple[str, ...] = (), dtype: torch.dtype | None = None,
                         max_shard_size: int | None = None, overwrite: bool = False, progress: bool = True,
-                        report: bool = False, record: dict | None = None) -> tuple[Result, QuantReport | None]:
+                        report: bool = False, record: dict | None = None,
+                        workers: int | None = None) -> tuple[Result, QuantReport | None]:
     """Store the Linear weights of ``src`` in 4-bit; ``record`` goes to config.json's "wsurgery" key."""
     job = plan(src, [])  # first: refuses encodings not decoded, before they read as "already quantized"
     if _is_quantized(src):
@@ -127,24 +128,26 @@ def quantize_checkpoint(src: Checkpoint, out: Path, fmt: Bnb4bit, *, compute_dty
 
     result = execute(job, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                      progress=progress, quantize={n: encoder.with_transposed(t) for n, t in chosen.items()},
-                     config_update=update)
+                     config_update=update, workers=workers)
     result.modules = result.changed_tensors = len(chosen)
     quant_report = None
-    if report:
+    if report:  # workers finish in any order: the report lists the weights in file order
+        order = {name: i for i, name in enumerate(chosen)}
+        sink.sort(key=lambda t: order[t.name])
         quant_report = QuantReport(sink, src.total_bytes, result.bytes_written)
     return result, quant_report
 
 
 def dequantize_checkpoint(src: Checkpoint, out: Path, *, dtype: torch.dtype | None = None,
                           max_shard_size: int | None = None, overwrite: bool = False, progress: bool = True,
-                          record: dict | None = None) -> Result:
+                          record: dict | None = None, workers: int | None = None) -> Result:
     """Write every tensor of an encoded checkpoint plain (as decoded, or in ``dtype``)."""
     job = plan(src, [])  # first: refuses encodings not decoded, whose tensors cannot be written plain
     if not _is_quantized(src):
         raise InputError(f"{src.folder}: no encoded weights and no quantization_config: the checkpoint is plain "
                          "already; nothing to dequantize")
     result = execute(job, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                     progress=progress, config_update=lambda c: _plain_config(c, record))
+                     progress=progress, config_update=lambda c: _plain_config(c, record), workers=workers)
     result.modules = result.changed_tensors = len(_encoded(src))
     return result
 

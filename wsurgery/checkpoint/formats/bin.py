@@ -3,6 +3,7 @@ read with ``torch.load(weights_only=True, mmap=True)`` so that only the tensor a
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +21,15 @@ class BinCheckpoint(Checkpoint):
     """Tensors read from memory-mapped pickles, one shard mapped at a time."""
 
     _bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    # The engine's workers read concurrently: one of them maps a shard, the others use that mapping.
+    _bin_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def _mapped(self, info: TensorInfo) -> torch.Tensor:
-        if self._bin_cache is None or self._bin_cache[0] != info.file:
-            self._bin_cache = (info.file, _load_bin(info.file))
-        return self._bin_cache[1][info.name]  # memory-mapped: only the pages used are read
+        with self._bin_lock:
+            if self._bin_cache is None or self._bin_cache[0] != info.file:
+                self._bin_cache = (info.file, _load_bin(info.file))
+            mapped = self._bin_cache[1]
+        return mapped[info.name]  # memory-mapped: only the pages used are read
 
     def read_stored(self, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
         src = self._mapped(info)

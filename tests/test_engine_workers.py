@@ -1,0 +1,62 @@
+"""``--workers``: several threads read, compute and write different tensors at once. The output must be the
+same bytes whatever their number, and a failure must leave nothing behind, as with one."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from oracle import run_cli
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+BASE, LORA = FIXTURES / "tiny-llama", FIXTURES / "tiny-llama-lora"
+
+
+def _same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir() if p.suffix in (".safetensors", ".json") and p.name != "config.json")
+    assert names == sorted(p.name for p in b.iterdir() if p.suffix in (".safetensors", ".json")
+                           and p.name != "config.json")
+    for name in names:
+        assert filecmp.cmp(a / name, b / name, shallow=False), name
+
+
+@pytest.mark.parametrize("command", [["merge", BASE, LORA], ["unmerge", BASE, LORA], ["quantize", BASE],
+                                     ["merge", BASE, LORA, "--dtype", "float32"]])
+def test_the_output_does_not_depend_on_the_workers(tmp_path, capsys, command):
+    for workers in (1, 3):
+        assert run_cli([*command, tmp_path / f"w{workers}", "-q", "--workers", workers], capsys)[0] == 0
+    _same_files(tmp_path / "w1", tmp_path / "w3")
+
+
+def test_quantize_report_lists_weights_in_file_order_with_workers(tmp_path, capsys):
+    reports = []
+    for workers in (1, 3):
+        report = tmp_path / f"r{workers}.json"
+        assert run_cli(["quantize", BASE, tmp_path / f"q{workers}", "-q", "--workers", workers, "--report", report],
+                       capsys)[0] == 0
+        reports.append(json.loads(report.read_text()))
+    assert reports[0] == reports[1]
+
+
+def test_a_failure_with_workers_leaves_nothing(tmp_path, capsys):
+    """An adapter tensor with inf: refused while the other workers run; OUT absent, no temporary left."""
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text((LORA / "adapter_config.json").read_text())
+    tensors = load_file(LORA / "adapter_model.safetensors")
+    last = sorted(k for k in tensors if "lora_B" in k)[-1]
+    tensors[last] = torch.full_like(tensors[last], float("inf"))
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    status, _, stderr = run_cli(["merge", BASE, adapter, tmp_path / "out", "-q", "--workers", 4], capsys)
+    assert status == 1 and "inf or NaN" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+
+
+def test_workers_must_be_positive(tmp_path, capsys):
+    status, _, stderr = run_cli(["merge", BASE, LORA, tmp_path / "out", "--workers", 0], capsys)
+    assert status == 2 and "--workers" in stderr
