@@ -11,13 +11,12 @@ Peak memory is a few copies of the largest changed tensor, whatever the model si
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import json
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,8 +294,9 @@ def _stream(plan: Plan, unchanged: Callable[[str], None], run_job: Callable[[Mod
     With several ``workers`` the units run on a pool of threads, a few ahead of the oldest unfinished
     one: one thread's positioned reads and writes overlap another's arithmetic (both release the GIL),
     and each output tensor has its own place in the pre-laid-out files, so the order of completion
-    does not matter. Results are the same bytes as with one worker; of several failures the first in
-    file order is the one raised.
+    does not matter. torch's own thread count is left as it is: it decides how reductions split, so
+    changing it would change rounding. Results are the same bytes as with one worker; of several
+    failures the first in file order is the one raised.
     """
     base = plan.base
     units: list[tuple[Callable[[], None], int]] = []
@@ -317,7 +317,7 @@ def _stream(plan: Plan, unchanged: Callable[[str], None], run_job: Callable[[Mod
                 work()
                 bar.update(nbytes)
             return
-        with _intra_op_threads(workers), ThreadPoolExecutor(workers, thread_name_prefix="wsurgery") as pool:
+        with ThreadPoolExecutor(workers, thread_name_prefix="wsurgery") as pool:
             ahead: collections.deque[tuple[Future[None], int]] = collections.deque()
             try:
                 for work, nbytes in units:
@@ -334,18 +334,6 @@ def _stream(plan: Plan, unchanged: Callable[[str], None], run_job: Callable[[Mod
                 for future, _ in ahead:
                     future.cancel()
                 raise
-
-
-@contextlib.contextmanager
-def _intra_op_threads(workers: int) -> Iterator[None]:
-    """torch's own thread pool shrunk while ``workers`` threads share the cores (each op split over all
-    cores by each worker would oversubscribe them); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before // workers))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class _ThreadScratch:
