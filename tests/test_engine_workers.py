@@ -60,3 +60,24 @@ def test_a_failure_with_workers_leaves_nothing(tmp_path, capsys):
 def test_workers_must_be_positive(tmp_path, capsys):
     status, _, stderr = run_cli(["merge", BASE, LORA, tmp_path / "out", "--workers", 0], capsys)
     assert status == 2 and "--workers" in stderr
+
+
+def test_gguf_outputs_do_not_depend_on_the_workers(tmp_path, capsys):
+    """A merge into a Q8_0 GGUF and a requantization to Q4_0: the GGUF writer places each tensor at its
+    offset, so workers may finish in any order."""
+    from gguf import GGMLQuantizationType as T
+    from gguf_tiny import tiny_llama as gguf_llama, write_llama_gguf
+    from peft import LoraConfig
+
+    from oracle import make_adapter
+
+    model = gguf_llama()
+    base = write_llama_gguf(model, tmp_path / "base.gguf", T.Q8_0)
+    lora = make_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                          init_lora_weights=False), tmp_path / "lora")
+    for workers in (1, 3):
+        assert run_cli(["merge", base, lora, tmp_path / f"m{workers}.gguf", "-q", "--workers", workers], capsys)[0] == 0
+        assert run_cli(["quantize", base, tmp_path / f"q{workers}.gguf", "--gguf-type", "q4_0", "-q",
+                        "--workers", workers], capsys)[0] == 0
+    assert filecmp.cmp(tmp_path / "m1.gguf", tmp_path / "m3.gguf", shallow=False)
+    assert filecmp.cmp(tmp_path / "q1.gguf", tmp_path / "q3.gguf", shallow=False)

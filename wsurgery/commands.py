@@ -306,7 +306,8 @@ def quantize_cmd(src: str, out: str, quant_type: str, no_double_quant: bool, blo
         check_written_file(Path(report_path), "--report", _local(src), Path(out))
     if gguf_type is not None:
         with _closing_progress_bars():
-            r, kept = api.quantize_gguf(src, out, gguf_type, overwrite=overwrite, progress=not quiet)
+            r, kept = api.quantize_gguf(src, out, gguf_type, overwrite=overwrite, progress=not quiet,
+                                        workers=workers)
         if kept:
             _notes([f"{name}: kept as it was: its rows do not divide into {gguf_type} blocks" for name in kept])
         _report("quantized", r, quiet)

@@ -192,7 +192,7 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
         if dtype is not None or max_shard_size is not None or quantize or through:
             raise InputError(f"{out}: a GGUF output keeps the base's layout and types; --dtype, --max-shard-size and "
                              "4-bit options do not apply (choose the type of changed tensors with --type)")
-        return _execute_file(plan, Path(out), own, gguf, overwrite, progress, extra_inputs)
+        return _execute_file(plan, Path(out), own, gguf, overwrite, progress, extra_inputs, workers)
     base = plan.base
     quantize, through = quantize or {}, through or {}
     check_output_path(out, [base.folder, *base.shards, *extra_inputs], overwrite)
@@ -425,7 +425,7 @@ def _run_job_in_rows(job: ModuleJob, direction: str, rows: _RowChunks,
 
 
 def _execute_file(plan: Plan, out: Path, fmt: CheckpointFormat, options: object, overwrite: bool, progress: bool,
-                  extra_inputs: Sequence[Path]) -> Result:
+                  extra_inputs: Sequence[Path], workers: int | None) -> Result:
     """Write the result as one file of ``fmt``'s own (GGUF: the base's key/values and tensor order, changed
     tensors and those ``options`` retypes re-encoded, the others copied byte for byte)."""
     from .checkpoint.output import atomic_output_file, check_output_file
@@ -433,17 +433,17 @@ def _execute_file(plan: Plan, out: Path, fmt: CheckpointFormat, options: object,
     base = plan.base
     options = fmt.check_file_output(base, out, options, list(plan.owner), plan.out_shapes)
     check_output_file(out, [*base.shards, *extra_inputs], overwrite)
-    scratch = _Scratch()
+    scratches = _ThreadScratch()
 
     def read(name: str, use: str) -> torch.Tensor:
         info = base.tensors[name]
-        return base.read(name, scratch.take(use, info.shape, info.dtype))
+        return base.read(name, scratches.get().take(use, info.shape, info.dtype))
 
     def emit(name: str, tensor: torch.Tensor) -> None:
         rounding = fmt.file_rounding(base, options, name, name in plan.owner)
         if rounding is not None:  # the writer rounds: check against what it rounds to
             fits, remedy = rounding
-            tensor = _rounded_finite(scratch, tensor, tensor.dtype, plan, name, fits, remedy)
+            tensor = _rounded_finite(scratches.get(), tensor, tensor.dtype, plan, name, fits, remedy)
         writer.write(name, tensor)
 
     with atomic_output_file(out, overwrite) as tmp:
@@ -454,10 +454,10 @@ def _execute_file(plan: Plan, out: Path, fmt: CheckpointFormat, options: object,
                     emit(name, read(name, "read"))
 
             def run_job(job: ModuleJob) -> None:
-                for tensor_name, tensor in _run_job(job, plan.direction, read, scratch).items():
+                for tensor_name, tensor in _run_job(job, plan.direction, read, scratches.get()).items():
                     emit(tensor_name, tensor)
 
-            _stream(plan, unchanged, run_job, progress)
+            _stream(plan, unchanged, run_job, progress, workers)
             writer.close()
         except BaseException:
             writer.abort()

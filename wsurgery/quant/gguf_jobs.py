@@ -60,7 +60,7 @@ def _file_type(target: GgmlType) -> int | None:
 
 
 def quantize_gguf(src: GgufCheckpoint, out: Path, target_name: str, *, overwrite: bool = False,
-                  progress: bool = True) -> tuple[Result, list[str]]:
+                  progress: bool = True, workers: int | None = None) -> tuple[Result, list[str]]:
     """Re-encode ``src``'s weight matrices as ``target_name``; returns the result and the weights kept
     as they were because their rows do not divide into the type's blocks."""
     if out.suffix != ".gguf":
@@ -78,5 +78,6 @@ def quantize_gguf(src: GgufCheckpoint, out: Path, target_name: str, *, overwrite
     if target not in (GgmlType.F32, GgmlType.F16, GgmlType.BF16):
         updates.append(pack_key_value(gguf.Keys.General.QUANTIZATION_VERSION, gguf.GGUFValueType.UINT32,
                                       gguf.GGML_QUANT_VERSION))
-    result = execute(plan(src, []), out, overwrite=overwrite, progress=progress, gguf=GgufOutput(types, updates))
+    result = execute(plan(src, []), out, overwrite=overwrite, progress=progress, gguf=GgufOutput(types, updates),
+                     workers=workers)
     return result, kept
