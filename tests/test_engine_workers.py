@@ -81,3 +81,16 @@ def test_gguf_outputs_do_not_depend_on_the_workers(tmp_path, capsys):
                         "--workers", workers], capsys)[0] == 0
     assert filecmp.cmp(tmp_path / "m1.gguf", tmp_path / "m3.gguf", shallow=False)
     assert filecmp.cmp(tmp_path / "q1.gguf", tmp_path / "q3.gguf", shallow=False)
+
+
+def test_verify_reports_the_same_whatever_the_workers(tmp_path, capsys):
+    merged = tmp_path / "merged"
+    assert run_cli(["merge", BASE, LORA, merged, "-q"], capsys)[0] == 0
+    reports = []
+    for workers in (1, 3):
+        status, out, _ = run_cli(["verify", BASE, LORA, merged, "-q", "--workers", workers, "--json"], capsys)
+        assert status == 0
+        report = json.loads(out)
+        report.pop("seconds", None)
+        reports.append(report)
+    assert reports[0] == reports[1]

@@ -156,7 +156,7 @@ def unmerge(merged: str | Path, adapter: str | Path, out: str | Path, *, scale: 
 
 def verify(base: str | Path, adapter: AdapterSpec | Sequence[AdapterSpec], merged: str | Path, *, scale: float = 1.0,
            device: str = "auto", tokens: int = 64, seed: int = 0, rtol: float | None = None, atol: float = 0.0,
-           progress: bool = True, options: dict[str, Any] | None = None) -> Report:
+           progress: bool = True, options: dict[str, Any] | None = None, workers: int | None = None) -> Report:
     """Check with forward passes that ``merged`` computes what ``base`` + ``adapter`` compute.
 
     Each changed module runs the adapter's unmerged forward path on seeded inputs and the merged
@@ -167,7 +167,8 @@ def verify(base: str | Path, adapter: AdapterSpec | Sequence[AdapterSpec], merge
 
     ckpt = open_checkpoint(_local(base))
     return verify_merge(ckpt, _load_adapters(adapter, scale, options), open_checkpoint(_local(merged)),
-                        device=device, tokens=tokens, seed=seed, rtol=rtol, atol=atol, progress=progress)
+                        device=device, tokens=tokens, seed=seed, rtol=rtol, atol=atol, progress=progress,
+                        workers=workers)
 
 
 

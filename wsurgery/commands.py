@@ -375,10 +375,11 @@ def dequantize_cmd(src: str, out: str, dtype: str | None, max_shard_size: str | 
 @json_option
 @click.option("--all", "show_all", is_flag=True, help="List every module, not only failures.")
 @quiet_option
+@workers_option
 @method_options
 def verify_cmd(paths: tuple[str, ...], quantized: bool, device: str, tokens: int, seed: int, rtol: float | None,
                atol: float, scale: float, report_path: str | None, as_json: bool, show_all: bool, quiet: bool,
-               options: dict) -> None:
+               workers: int | None, options: dict) -> None:
     """Check with forward passes that MERGED computes what BASE + ADAPTER compute, or (--quantized) that
     QUANTIZED stays within 4-bit quantization error of ORIGINAL. Exit 0 only if every check passes."""
     want = 2 if quantized else 3
@@ -397,7 +398,7 @@ def verify_cmd(paths: tuple[str, ...], quantized: bool, device: str, tokens: int
             report = api.verify_quantized(*paths, device=device, tokens=tokens, seed=seed, progress=not quiet)
         else:
             report = api.verify(*paths, scale=scale, device=device, tokens=tokens, seed=seed, rtol=rtol,
-                                atol=atol, progress=not quiet, options=options)
+                                atol=atol, progress=not quiet, options=options, workers=workers)
     _show_verify(report, report_path, show_all, as_json)
 
 

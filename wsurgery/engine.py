@@ -10,14 +10,11 @@ Peak memory is a few copies of the largest changed tensor, whatever the model si
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
 import math
-import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +33,7 @@ from .conventions import tied_heads as tied_head_names
 from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
 from .methods import AdditivePatch, Bound
 from .quant.encodings import EncodedTensorInfo, Encoding, Rows
+from .workers import run_ordered
 
 if TYPE_CHECKING:  # imported where a GGUF is written: plain jobs never load the gguf package
     from .checkpoint.gguf_format import GgufOutput
@@ -281,22 +279,14 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
                   [s[0] for s in shards], notes(plan))
 
 
-def default_workers() -> int:
-    """Threads a job uses by default: one per core this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _stream(plan: Plan, unchanged: Callable[[str], None], run_job: Callable[[ModuleJob], None],
             progress: bool, workers: int | None = 1) -> None:
     """Walk the base in file order: each unchanged tensor copied (or read and written), each job run
     when its first tensor comes up.
 
-    With several ``workers`` the units run on a pool of threads, a few ahead of the oldest unfinished
-    one: one thread's positioned reads and writes overlap another's arithmetic (both release the GIL),
-    and each output tensor has its own place in the pre-laid-out files, so the order of completion
-    does not matter. torch's own thread count is left as it is: it decides how reductions split, so
-    changing it would change rounding. Results are the same bytes as with one worker; of several
-    failures the first in file order is the one raised.
+    With several ``workers`` the units run on a pool of threads (``run_ordered``); each output tensor
+    has its own place in the pre-laid-out files, so the order of completion does not matter and the
+    result is the same bytes as with one worker.
     """
     base = plan.base
     units: list[tuple[Callable[[], None], int]] = []
@@ -309,31 +299,11 @@ def _stream(plan: Plan, unchanged: Callable[[str], None], run_job: Callable[[Mod
             done_jobs.add(job_name)
             job = plan.jobs[job_name]
             units.append((functools.partial(run_job, job), sum(base.tensors[t].nbytes for t in job.tensors.values())))
-    workers = default_workers() if workers is None else workers
     with tqdm(total=base.total_bytes, unit="B", unit_scale=True, disable=not progress,
               desc=plan.direction, leave=False) as bar:
-        if workers <= 1 or len(units) <= 1:
-            for work, nbytes in units:
-                work()
-                bar.update(nbytes)
-            return
-        with ThreadPoolExecutor(workers, thread_name_prefix="wsurgery") as pool:
-            ahead: collections.deque[tuple[Future[None], int]] = collections.deque()
-            try:
-                for work, nbytes in units:
-                    ahead.append((pool.submit(work), nbytes))
-                    while len(ahead) > 2 * workers:  # bounded: memory is a few units' buffers per thread
-                        future, size = ahead.popleft()
-                        future.result()
-                        bar.update(size)
-                while ahead:
-                    future, size = ahead.popleft()
-                    future.result()
-                    bar.update(size)
-            except BaseException:
-                for future, _ in ahead:
-                    future.cancel()
-                raise
+        sizes = iter([nbytes for _, nbytes in units])
+        for _ in run_ordered([work for work, _ in units], workers):
+            bar.update(next(sizes))
 
 
 class _ThreadScratch:
