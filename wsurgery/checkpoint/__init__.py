@@ -6,8 +6,9 @@ that the encodings build on must not pull in the readers, which build on the enc
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
 
 _LAZY = {
     "Checkpoint": (".reader", "Checkpoint"), "open_checkpoint": (".formats", "open_checkpoint"),
@@ -30,15 +31,4 @@ if TYPE_CHECKING:
     from .safetensors_file import SafetensorsWriter, TensorInfo, TensorSpec, read_header, read_tensor
     from .writer import CheckpointWriter, parse_size, plan_shards
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'wsurgery.checkpoint' has no attribute {name!r}")
-    module, attribute = _LAZY[name]
-    value = getattr(importlib.import_module(module, __name__), attribute)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())

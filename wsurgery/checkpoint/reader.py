@@ -75,6 +75,10 @@ class Checkpoint:
         start, stop = rows
         if not 0 <= start <= stop <= (info.shape[0] if info.shape else 1):
             raise ValueError(f"rows {rows} of {info.name} {list(info.shape)}")
+        return self._read_rows(info, start, stop)
+
+    def _read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of a stored tensor (checked to exist): one positioned read."""
         row = math.prod(info.shape[1:]) * info.dtype.itemsize
         part = TensorInfo(info.name, info.dtype, (stop - start, *info.shape[1:]), info.file, info.offset + start * row)
         return read_tensor(part)

@@ -35,12 +35,7 @@ class BinCheckpoint(Checkpoint):
         src = self._mapped(info)
         return src.clone() if out is None else out.copy_(src)
 
-    def read_part(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        if rows is None:
-            return self.read_stored(info)
-        start, stop = rows
-        if not 0 <= start <= stop <= (info.shape[0] if info.shape else 1):
-            raise ValueError(f"rows {rows} of {info.name} {list(info.shape)}")
+    def _read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
         return self._mapped(info)[start:stop].clone()
 
 
