@@ -19,7 +19,8 @@ def test_readme_generated_sections_are_current():
 def test_readme_opens_with_the_ci_commands():
     """`.ci/run` runs the two commands at the top of README.md: install, then test."""
     lines = (ROOT / "README.md").read_text().splitlines()
-    install = 'pip install -e ".[dev]" && PYPCRE_DISABLE_NATIVE_FLAGS=1 pip install --no-deps -r tests/oracles-no-deps.txt'
+    install = ('pip install -e ".[dev]" && PYPCRE_DISABLE_NATIVE_FLAGS=1 pip install --no-deps '
+               "-r tests/oracles-no-deps.txt")
     assert lines[2:6] == ["```bash", install, "pytest -q", "```"]
 
 
