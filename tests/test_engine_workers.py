@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,54 @@ def test_verify_reports_the_same_whatever_the_workers(tmp_path, capsys):
         report.pop("seconds", None)
         reports.append(report)
     assert reports[0] == reports[1]
+
+
+def _same_adapters(a: Path, b: Path) -> None:
+    """The same tensors, bit for bit, and config (the recorded command lines differ by their --workers)."""
+    assert filecmp.cmp(a / "adapter_config.json", b / "adapter_config.json", shallow=False)
+    first, second = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert list(first) == list(second)
+    for name, tensor in first.items():
+        assert tensor.dtype == second[name].dtype and torch.equal(tensor, second[name]), name
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_extract_does_not_depend_on_the_workers(tmp_path, capsys, svd):
+    """Modules are factorised on several threads; randomized SVDs draw from torch's one global generator,
+    so they must still draw the same numbers whatever the number of threads."""
+    tuned = tmp_path / "tuned"
+    assert run_cli(["merge", BASE, LORA, tuned, "-q"], capsys)[0] == 0
+    for workers in (1, 3):
+        assert run_cli(["extract", BASE, tuned, tmp_path / f"w{workers}", "--rank", "2", "--svd", svd, "-q",
+                        "--workers", workers], capsys)[0] == 0
+    _same_adapters(tmp_path / "w1", tmp_path / "w3")
+    serial = load_file(tmp_path / "w1" / "adapter_model.safetensors")
+    assert any(t.abs().sum() > 0 for t in serial.values())
+
+
+@pytest.mark.parametrize("to", ["lora", "loha", "oft"])
+def test_convert_does_not_depend_on_the_workers(tmp_path, capsys, to):
+    for workers in (1, 3):
+        assert run_cli(["convert", LORA, tmp_path / f"w{workers}", "--to", to, "--base", BASE, "-q", "--force",
+                        "--workers", workers], capsys)[0] == 0
+    _same_adapters(tmp_path / "w1", tmp_path / "w3")
+
+
+def test_randomized_svds_on_several_threads_draw_what_one_thread_draws():
+    """torch.svd_lowrank draws from torch's global generator: concurrent calls must not interleave draws."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsurgery.convert.extract import RankRule, truncated_svd
+
+    g = torch.Generator().manual_seed(1)
+    matrices = [torch.randn(48, 48, generator=g) for _ in range(400)]
+    rule = RankRule(2, None, None)
+    serial = [truncated_svd(m.clone(), rule, svd="randomized").B for m in matrices]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two steps, as they may under load
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            threaded = list(pool.map(lambda m: truncated_svd(m.clone(), rule, svd="randomized").B, matrices))
+    finally:
+        sys.setswitchinterval(interval)
+    assert all(torch.equal(a, b) for a, b in zip(serial, threaded))

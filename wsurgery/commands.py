@@ -441,10 +441,11 @@ def _show_verify(report, report_path: str | None, show_all: bool, as_json: bool 
 @json_option
 @overwrite_option
 @quiet_option
+@workers_option
 @push_options
 def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | None, max_error: float | None,
             targets: str | None, device: str, svd: str, plot: str | None, report_path: str | None, as_json: bool,
-            overwrite: bool, quiet: bool, push: PushTarget | None) -> None:
+            overwrite: bool, quiet: bool, workers: int | None, push: PushTarget | None) -> None:
     """Extract the PEFT LoRA closest to TUNED − BASE (truncated SVD per weight) into the new folder OUT."""
     inputs = _local(base, tuned)
     _check_out(out, inputs, overwrite)
@@ -454,7 +455,7 @@ def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | N
     with _closing_progress_bars():
         r = api.extract(base, tuned, out, rank=rank, energy=energy, max_error=max_error, targets=targets,
                         device=device, svd=svd, overwrite=overwrite, progress=not quiet, plot=plot,
-                        command=_command_line())
+                        command=_command_line(), workers=workers)
     if report_path:
         _write_side_file(report_path, lambda p: p.write_text(json.dumps(r.to_dict(), indent=2)))
     if as_json:
@@ -592,10 +593,11 @@ def _report(verb: str, r: Result, quiet: bool) -> None:
                    "biases...), merge it into --base and write the model MERGED (a .gguf file) instead of OUT.")
 @overwrite_option
 @quiet_option
+@workers_option
 @push_options
 def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | None, block_size: int | None,
                 butterfly_factors: int | None, force: bool, gguf_type: str, merge_into: str | None, overwrite: bool,
-                quiet: bool, push: PushTarget | None) -> None:
+                quiet: bool, workers: int | None, push: PushTarget | None) -> None:
     """Rewrite ADAPTER as another PEFT method in the new folder OUT: exact where the method can express the
     change, its best approximation otherwise. Prints every module's relative error.
 
@@ -617,7 +619,7 @@ def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | N
     with _closing_progress_bars():
         c = api.convert(adapter, out, to=to, base=base, rank=rank, block_size=block_size,
                         butterfly_factors=butterfly_factors, force=force, overwrite=overwrite, progress=not quiet,
-                        command=_command_line())
+                        command=_command_line(), workers=workers)
     width = max((len(m.module) for m in c.modules), default=6)
     click.echo(f"{'module':<{width}}  {c.size_name:>5}  relative error")
     for m in c.modules:

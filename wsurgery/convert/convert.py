@@ -15,6 +15,7 @@ measured. ``modules_to_save`` and trainable-token rows are carried over as they 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,9 @@ from ..methods.trainable_tokens import TokenPatch
 from ..methods.vblora import VBLoraPatch
 from . import to_lora, to_structured  # noqa: F401  (they register the targets)
 from .peft_writer import write_adapter
-from .target import KINDS, TARGETS, Factors, ModuleDelta, Options, as_matrix, get_target, matrix_shape
+from ..workers import run_ordered
+from .target import (KINDS, TARGETS, Factors, Fit, ModuleDelta, Options, Target, as_matrix, get_target,
+                     matrix_shape)
 
 #: A module whose relative error reaches this gains nothing from the conversion.
 USELESS_ERROR = 0.99
@@ -252,10 +255,15 @@ def _carried(ad: Adapter, carries_tokens: bool, to: str) -> tuple[dict[str, torc
     return tensors, config
 
 
+def _fit(target: Target, src: _Source, base: Checkpoint | None, options: Options) -> Fit:
+    """One module's fit: a task of its own, so that modules run on several threads."""
+    return target.fit(_read(src, base, target.needs_weight), options)
+
+
 def convert(adapter: str | Path, out: str | Path, *, to: str, base: str | Path | None = None,
             rank: int | None = None, block_size: int | None = None, butterfly_factors: int | None = None,
             force: bool = False, overwrite: bool = False, progress: bool = True,
-            command: str | None = None) -> Conversion:
+            command: str | None = None, workers: int | None = None) -> Conversion:
     """Rewrite ``adapter`` as a ``to`` adapter (``lora``, ``miss``, ``bone``, ``oft``, ``boft``, ``loha``, ``lokr``).
 
     ``base`` is needed where the change depends on W (DoRA, OFT, BOFT, HRA, IA3, MiSS bat...), for the
@@ -263,7 +271,8 @@ def convert(adapter: str | Path, out: str | Path, *, to: str, base: str | Path |
     VB-LoRA). ``rank``: the LoRA/LoHa/LoKr rank (default: each module's exact rank) or MiSS/Bone's r.
     ``block_size``/``butterfly_factors``: OFT/BOFT's size. Raises ``UnsupportedError`` where a module's
     relative error reaches 0.99, unless ``force``. ``command``: the command line to record in the
-    adapter's provenance (paths cut to their names).
+    adapter's provenance (paths cut to their names). ``workers``: threads fitting different modules at
+    once (default one per core); the adapter is the same bytes whatever the number.
     """
     target = get_target(to)
     ad = load_adapter(adapter)
@@ -287,8 +296,9 @@ def convert(adapter: str | Path, out: str | Path, *, to: str, base: str | Path |
     record = provenance("convert", command, str(base) if base is not None else None, [(str(adapter), 1.0)])
 
     fits, notes = {}, [target.remark] if target.remark else []
-    for src in tqdm(sources, desc=f"convert to {to}", unit="module", disable=not progress, leave=False):
-        fit = target.fit(_read(src, ckpt, target.needs_weight), options)
+    tasks = [functools.partial(_fit, target, src, ckpt, options) for src in sources]
+    for src, fit in zip(sources, tqdm(run_ordered(tasks, workers), total=len(tasks), desc=f"convert to {to}",
+                                      unit="module", disable=not progress, leave=False)):
         if not all(bool(torch.isfinite(t).all()) for t in fit.tensors.values()):
             raise InputError(f"{src.module}: the {target.method} tensors of this change are not finite (it exceeds "
                              "float32's range); check the adapter's scaling (lora_alpha, r)")

@@ -14,9 +14,11 @@ keeps the adapter smaller.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from ..checkpoint import Checkpoint, check_output_path, open_checkpoint
 from ..conventions import CONV1D_LAYERS, is_embedding, is_output_head, last_name
 from ..errors import InputError, UnsupportedError
 from ..model_card import provenance
+from ..workers import run_ordered
 from .peft_writer import write_adapter
 
 # Randomized SVD (``--rank`` only): q = rank + oversampling columns, power iterations.
@@ -137,6 +140,9 @@ def _randomized(rule: RankRule, svd: str, shape: tuple[int, int]) -> int | None:
     return sketch if svd == "randomized" or 4 * sketch <= min(shape) else None
 
 
+_GLOBAL_RNG = threading.Lock()
+
+
 def _sketch(rank: int, shape: tuple[int, int]) -> int:
     return min(rank + max(rank, _MIN_OVERSAMPLING), min(shape))
 
@@ -150,7 +156,8 @@ def truncated_svd(M: torch.Tensor, rule: RankRule, *, svd: str = "auto", device:
     rows, cols = M.shape
     sketch = _randomized(rule, svd, (rows, cols))
     if sketch is not None:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # torch's generator is global: one randomized SVD at a time, so each draws the same numbers.
+        with _GLOBAL_RNG, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(0)  # the same factors every run
             U, S, V = torch.svd_lowrank(work, q=sketch, niter=_POWER_ITERATIONS)
         Vh, method = V.T, "randomized"
@@ -324,6 +331,16 @@ class _Plan:
     whole_size: dict[str, int] = field(default_factory=dict)  # LoRA module -> parameters if stored whole
     left_out: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    def absorb(self, part: _Plan) -> None:
+        """Add one module's findings (worked out on its own, maybe on another thread), in module order."""
+        self.loras.update(part.loras)
+        self.full.update(part.full)
+        self.reports.update(part.reports)
+        self.has_bias |= part.has_bias
+        self.whole_size.update(part.whole_size)
+        self.left_out.update(part.left_out)
+        self.notes += part.notes
 
 
 def _vocabulary_sized(module: str, rows: int, ckpt: Checkpoint) -> bool:
@@ -503,7 +520,7 @@ def _check_rank_fits(rule: RankRule, base: Checkpoint, targeted: list[str], grou
 def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int | None = None,
             energy: float | None = None, max_error: float | None = None, targets: str | None = None,
             device: str = "auto", svd: str = "auto", overwrite: bool = False, progress: bool = True,
-            plot: str | Path | None = None, command: str | None = None) -> ExtractResult:
+            plot: str | Path | None = None, command: str | None = None, workers: int | None = None) -> ExtractResult:
     """Write the PEFT LoRA that best approximates TUNED − BASE to the new adapter folder ``out``.
 
     Exactly one of ``rank`` (the same rank everywhere), ``energy`` (per module, the smallest rank that
@@ -513,6 +530,8 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
     (torch.linalg.svd), ``randomized`` (torch.svd_lowrank, fixed rank only) or ``auto`` (randomized
     for a fixed rank on large matrices, exact otherwise). ``plot`` draws a few modules' spectra.
     ``command``: the command line to record in the adapter's provenance (paths cut to their names).
+    ``workers``: threads factorising different modules at once (default one per core); the adapter is the
+    same bytes whatever the number.
     """
     rule = RankRule(rank, energy, max_error)
     if svd not in ("auto", "exact", "randomized"):
@@ -541,8 +560,16 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int |
     record = provenance("extract", command, str(base), tuned=str(tuned))
     conv1d = uses_conv1d(base_ckpt)
     plan = _Plan()
-    for module in tqdm(targeted, desc="extract", unit="module", disable=not progress, leave=False):
-        _extract_module(module, groups[module], base_ckpt, tuned_ckpt, rule, conv1d, svd, dev, plan)
+
+    def extracted(module: str) -> _Plan:
+        part = _Plan()
+        _extract_module(module, groups[module], base_ckpt, tuned_ckpt, rule, conv1d, svd, dev, part)
+        return part
+
+    tasks = [functools.partial(extracted, m) for m in targeted]
+    for part in tqdm(run_ordered(tasks, workers), total=len(tasks), desc="extract", unit="module",
+                     disable=not progress, leave=False):
+        plan.absorb(part)
     for module in groups:
         if module not in targeted:
             for name in groups[module]:
