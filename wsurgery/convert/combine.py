@@ -1,16 +1,22 @@
-"""Combine adapters into one LoRA whose change is the weighted sum of theirs: ΔW = Σ wᵢ·ΔWᵢ.
+"""Combine adapters into one LoRA, by default one whose change is the weighted sum of theirs: ΔW = Σ wᵢ·ΔWᵢ.
 
-PEFT's ``add_weighted_adapter(combination_type="linear")`` mixes the A and B factors separately,
-which is not a sum of changes. Here LoRAs are concatenated, which is exact:
-Σ wᵢ·sᵢ·Bᵢ·Aᵢ = [w₁s₁B₁ … wₖsₖBₖ]·[A₁; …; Aₖ], with rank the sum of ranks and scaling 1. ``rank``
-re-compresses each module to its best rank-R approximation through QR of the factors (the SVD of
-the product without forming it). Other methods' changes are summed densely and truncated by SVD
-to ``rank``; they are computed from the base (its shapes, and W where the change depends on it).
+``cat`` (the default) concatenates the LoRAs, which is exact:
+Σ wᵢ·sᵢ·Bᵢ·Aᵢ = [B₁ … Bₖ]·[w₁s₁A₁; …; wₖsₖAₖ], with rank the sum of ranks and scaling 1 (PEFT's ``cat``
+puts the weights on A too). ``rank`` re-compresses each module to its best rank-R approximation through QR
+of the factors (the SVD of the product without forming it). Other methods' changes are summed densely
+and truncated by SVD to ``rank``; they are computed from the base (its shapes, and W where the change
+depends on it).
+
+Every other ``combination_type`` of PEFT's ``add_weighted_adapter`` is reproduced as PEFT computes it
+(:mod:`.combine_methods`), streaming one module at a time in PEFT's module order. Its non-SVD variants
+(``linear``, ``ties``, ``dare_*``, ``magnitude_prune``) merge the A and the B factors separately, which is
+not a sum of changes.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +32,8 @@ from ..errors import InputError, UnsupportedError
 from ..hub_inputs import looks_like_repo_id
 from ..methods import Patch, ReplacePatch
 from ..methods.lora import LoraPatch
+from .combine_methods import METHODS, REPLAYED_INITS, MergeOptions, check_options, factor_weights, merge_tensors, \
+    replay_peft_init, svd_factors
 from .extract import LoraModule, RankRule, as_product, layer_kind, lora_adapter, truncated_svd, uses_conv1d
 from ..model_card import provenance
 from .peft_writer import write_adapter
@@ -95,8 +103,8 @@ class ModuleSummary:
     module: str
     kind: str  # linear | conv1d | embedding | conv | full
     rank: int | None
-    how: str  # concatenated | recompressed | svd of the summed change | copied (modules_to_save)
-    rel_error: float = 0.0  # of the written change against the exact sum
+    how: str  # concatenated | recompressed | svd of the summed change | copied (modules_to_save) | a PEFT method
+    rel_error: float | None = 0.0  # of the written change against the merged one (None: not an approximation)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -126,9 +134,10 @@ def _contributions(adapters: list[tuple[Adapter, float]], base: Checkpoint | Non
 
 
 def _concatenate(parts: list[Contribution], kind: str) -> LoraModule:
-    """[w₁s₁B₁ … wₖsₖBₖ]·[A₁; …; Aₖ]: exactly the weighted sum of the LoRAs' changes."""
-    A = torch.cat([c.lora.A.to(torch.float32) for c in parts], 0)
-    B = torch.cat([c.lora.B.to(torch.float32) * (c.weight * c.lora.scaling) for c in parts], 1)
+    """[B₁ … Bₖ]·[w₁s₁A₁; …; wₖsₖAₖ]: exactly the weighted sum of the LoRAs' changes, with the
+    weights on A as PEFT's ``cat`` puts them (the same factors where every adapter targets the module)."""
+    A = torch.cat([c.lora.A.to(torch.float32) * c.weight * c.lora.scaling for c in parts], 0)
+    B = torch.cat([c.lora.B.to(torch.float32) for c in parts], 1)
     biases = [bias.to(torch.float32) * (c.weight * c.lora.scaling) for c in parts if (bias := c.lora.bias) is not None]
     return LoraModule(kind, A, B, torch.stack(biases).sum(0) if biases else None)
 
@@ -236,19 +245,34 @@ def _layout(by_module: dict[str, list[Contribution]], rank: int | None, base: Ch
 
 
 def combine(out: str | Path, adapters: AdapterSpec | Sequence[AdapterSpec], *, rank: int | None = None,
-            base: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-            command: str | None = None) -> CombineResult:
-    """Write one PEFT LoRA adapter whose change is Σ wᵢ·ΔWᵢ of ``adapters`` (paths, repo ids or
-    ``(adapter, weight)`` pairs) to the new folder ``out``.
+            base: str | Path | None = None, method: str = "cat", density: float | None = None,
+            majority_sign_method: str = "total", seed: int | None = None, svd_clamp: float | None = None,
+            svd_full_matrices: bool = True, svd_driver: str | None = None,
+            module_order: str | Path | Sequence[str] | None = None, overwrite: bool = False,
+            progress: bool = True, command: str | None = None) -> CombineResult:
+    """Write one PEFT LoRA adapter combining ``adapters`` (paths, repo ids or ``(adapter, weight)`` pairs)
+    to the new folder ``out``.
 
-    LoRAs are concatenated (exact; rank = sum of ranks), then re-compressed to ``rank`` if given.
-    Other methods' changes are computed on ``base`` (required then), summed densely and truncated by SVD
-    to ``rank`` (required too). ``base`` also maps differently named modules onto the base's names.
-    Everything the configs and headers tell is checked before any change is computed. ``command``: the
-    command line to record in the adapter's provenance (paths cut to their names).
+    ``method="cat"``: the change is Σ wᵢ·ΔWᵢ. LoRAs are concatenated (exact; rank = sum of ranks), then
+    re-compressed to ``rank`` if given. Other methods' changes are computed on ``base`` (required then),
+    summed densely and truncated by SVD to ``rank`` (required too). ``base`` also maps differently named
+    modules onto the base's names.
+
+    Any other ``method`` is that ``combination_type`` of PEFT's ``add_weighted_adapter`` (LoRAs only), with
+    ``density``, ``majority_sign_method``, ``svd_clamp``, ``svd_full_matrices`` and ``rank`` as ``svd_rank``;
+    the non-SVD ones merge A and B separately, which is not a sum of changes. DARE's masks are PEFT's under
+    ``torch.manual_seed(seed)`` when the modules come in the model's order: ``module_order`` (a file of
+    module names, one a line, or a list: the model's ``named_modules()``), else by name with layer numbers
+    compared as numbers (a note says so). Everything the configs and headers tell is checked before any
+    change is computed. ``command``: the command line to record in the adapter's provenance.
     """
     if rank is not None and rank < 1:
         raise InputError(f"--rank must be at least 1, not {rank}")
+    options = check_options(method, density=density, majority_sign_method=majority_sign_method, seed=seed,
+                            svd_clamp=svd_clamp, svd_driver=svd_driver, rank=rank)
+    options = MergeOptions(options.method, density, majority_sign_method, seed, svd_clamp, svd_full_matrices)
+    if module_order is not None and not options.method.random:
+        raise InputError(f"--module-order sets the order of DARE's random draws; {method} draws nothing")
     specs = weighted_specs(adapters)
     loaded = [(load_adapter(spec), w) for spec, w in specs]
     ckpt = open_checkpoint(base) if base is not None else None
@@ -256,9 +280,18 @@ def combine(out: str | Path, adapters: AdapterSpec | Sequence[AdapterSpec], *, r
     inputs = [a.folder for a, _ in loaded] + ([ckpt.folder, *ckpt.shards] if ckpt else [])
     check_output_path(Path(out), inputs, overwrite)
     conv1d = uses_conv1d(ckpt) if ckpt else any(a.config.get("fan_in_fan_out", False) for a, _ in loaded)
-    layout = _layout(_contributions(loaded, ckpt), rank, ckpt, conv1d)
+    by_module = _contributions(loaded, ckpt)
     record = provenance("combine", command, str(base) if base is not None else None,
                         [(str(spec), w) for spec, w in specs])
+    if method != "cat":
+        peft = _PeftCombination(loaded, options, rank, by_module, conv1d, module_order)
+        combined, done, said = peft.run(progress)
+        peft_config, peft_tensors = lora_adapter(combined, {}, base_model=_base_name(loaded, base))
+        peft_config.update(r=peft.new_rank, lora_alpha=peft.new_rank, target_modules=peft.target_modules,
+                           use_rslora=peft.use_rslora, rank_pattern={}, alpha_pattern={})
+        write_adapter(out, peft_config, peft_tensors, overwrite=overwrite, inputs=inputs, record=record)
+        return CombineResult(Path(out), done, said)
+    layout = _layout(by_module, rank, ckpt, conv1d)
     loras: dict[str, LoraModule] = {}
     full: dict[str, dict[str, torch.Tensor]] = {}
     summaries: list[ModuleSummary] = []
@@ -288,6 +321,178 @@ def combine(out: str | Path, adapters: AdapterSpec | Sequence[AdapterSpec], *, r
                                    all_modules={n.rpartition(".")[0] for n in ckpt.tensors} if ckpt else None)
     write_adapter(out, config, tensors, overwrite=overwrite, inputs=inputs, record=record)
     return CombineResult(Path(out), summaries, notes)
+
+
+def _natural_key(name: str) -> list[Any]:
+    """``layers.2`` before ``layers.10``: numbers compared as numbers."""
+    return [(1, int(part), "") if part.isdigit() else (0, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def _config_rank(adapter: Adapter) -> int:
+    """PEFT's rank of an adapter for ``add_weighted_adapter``: ``r``, or the largest of ``rank_pattern``."""
+    r = int(adapter.config.get("r", 8))
+    pattern = adapter.config.get("rank_pattern") or {}
+    return max(r, *map(int, pattern.values())) if pattern else r
+
+
+class _PeftCombination:
+    """One ``add_weighted_adapter`` call, checked as a whole before any module is computed, then run one
+    module at a time in PEFT's module order (the order DARE's masks are drawn in)."""
+
+    def __init__(self, loaded: list[tuple[Adapter, float]], options: MergeOptions, rank: int | None,
+                 by_module: dict[str, list[Contribution]], conv1d: bool,
+                 module_order: str | Path | Sequence[str] | None) -> None:
+        self.notes: list[str] = []
+        m = options.method
+        if len(loaded) == 1 and m.name != "linear":  # as PEFT does: a single adapter can only be scaled
+            self.notes.append(f"one adapter: PEFT combines it as 'linear', whatever the method ({m.name})")
+            options = MergeOptions(METHODS["linear"], None, "total", None, None, True)
+        self.options = options
+        for adapter, _ in loaded:
+            _check_peft_lora(adapter, options.method.name)
+        ranks = [_config_rank(a) for a, _ in loaded]
+        if options.method.svd:
+            self.new_rank = rank or max(ranks)
+        elif len(set(ranks)) > 1:
+            got = ", ".join(f"{a.folder.name}: r={r}" for (a, _), r in zip(loaded, ranks))
+            raise InputError(f"--method {options.method.name} merges the A and B factors, so every adapter needs the "
+                             f"same rank; got {got}; use an SVD method (e.g. ties_svd) or cat")
+        else:
+            self.new_rank = ranks[0]
+        self.target_modules = _peft_target_modules([a for a, _ in loaded])
+        self.use_rslora = bool(loaded[0][0].config.get("use_rslora", False))
+        if self.use_rslora:
+            self.notes.append("the first adapter uses rsLoRA, so the combined one does too (PEFT copies its config): "
+                              f"scaling lora_alpha/√r = √{self.new_rank}")
+        self.modules = self._check_modules(by_module, conv1d)
+        self.init_lora_weights = loaded[0][0].config.get("init_lora_weights", True)
+        if options.method.random and self.init_lora_weights not in REPLAYED_INITS:
+            raise UnsupportedError(f"the first adapter has init_lora_weights={self.init_lora_weights!r}: PEFT "
+                                   "initialises the combined adapter with it, drawing from the generator before "
+                                   "DARE's masks, which wsurgery replays only for True, False and 'gaussian'; put "
+                                   "another adapter first")
+        self.order = _module_order(list(self.modules), module_order)
+        if options.method.random and module_order is None and options.density != 1 and len(self.order) > 1:
+            self.notes.append("DARE's masks drawn module by module in name order (layer numbers as numbers); PEFT "
+                              "draws them in the model's module order, which no file records: pass --module-order "
+                              "(the model's named_modules(), one a line) for PEFT's masks exactly")
+
+    def _check_modules(self, by_module: dict[str, list[Contribution]], conv1d: bool) -> dict[str, _Module]:
+        method = self.options.method
+        modules: dict[str, _Module] = {}
+        for module, parts in by_module.items():
+            parts = [c for c in parts if not _is_base_copy(c)]
+            if not parts:
+                continue
+            for c in parts:
+                if isinstance(c.patch, ReplacePatch):
+                    raise UnsupportedError(f"{c.where()}: modules_to_save or a saved bias; PEFT's add_weighted_adapter "
+                                           "does not carry those over; combine with --method cat")
+                if not c.plain_lora:
+                    raise UnsupportedError(f"{c.where()}: not a plain LoRA layer, which --method {method.name} "
+                                           "(PEFT's add_weighted_adapter) requires; use --method cat")
+                if not method.svd and c.lora.rank != self.new_rank:
+                    raise InputError(f"{c.where()}: rank {c.lora.rank}, not the adapters' common {self.new_rank}; "
+                                     f"--method {method.name} merges A and B factors of equal ranks")
+            kind = _module_kind(module, parts, conv1d)
+            if (method.svd or method.random) and kind == "conv":
+                raise UnsupportedError(f"{module}: convolution layers are not supported by --method {method.name}")
+            modules[module] = _Module(module, parts, kind, method.name)
+        if not modules:
+            raise UnsupportedError("no LoRA module to combine")
+        return modules
+
+    def run(self, progress: bool) -> tuple[dict[str, LoraModule], list[ModuleSummary], list[str]]:
+        o = self.options
+        generator = torch.Generator().manual_seed(o.seed if o.seed is not None else 0) if o.method.random else None
+        if o.method.random and o.seed is None:
+            self.notes.append("no --seed: DARE's masks drawn with seed 0")
+        if generator is not None:  # add_weighted_adapter first injects the new adapter, drawing its init
+            for name in self.order:
+                A, B = self.modules[name].parts[0].lora.A, self.modules[name].parts[0].lora.B
+                replay_peft_init(generator, self.modules[name].kind, A.shape[1], B.shape[0], self.new_rank,
+                                 self.init_lora_weights)
+        loras: dict[str, LoraModule] = {}
+        summaries: list[ModuleSummary] = []
+        for name in tqdm(self.order, desc="combine", unit="module", disable=not progress, leave=False):
+            m = self.modules[name]
+            lora, error = self._module(m, generator)
+            _check_finite(m, {"A": lora.A, "B": lora.B})
+            loras[name] = lora
+            summaries.append(ModuleSummary(name, m.kind, lora.rank, m.how, error))
+        return loras, summaries, self.notes
+
+    def _module(self, m: _Module, generator: torch.Generator | None) -> tuple[LoraModule, float | None]:
+        """``_generalized_task_arithmetic_weighted_adapter`` (A's, then B's) or
+        ``_svd_generalized_task_arithmetic_weighted_adapter`` (the changes, then SVD) for one module."""
+        o = self.options
+        merge = o.method.merge
+        if not o.method.svd:
+            wa, wb = factor_weights([c.weight for c in m.parts], [c.lora.scaling for c in m.parts])
+            A = merge_tensors(merge, [c.lora.A.to(torch.float32) for c in m.parts], wa, o.density,
+                              o.majority_sign_method, generator)
+            B = merge_tensors(merge, [c.lora.B.to(torch.float32) for c in m.parts], wb, o.density,
+                              o.majority_sign_method, generator)
+            return LoraModule(m.kind, A, B), None
+        # weight_delta is get_delta_weight: s·B·A, transposed for Conv1D and embeddings, as PEFT lays it out
+        deltas = [c.lora.weight_delta() for c in m.parts]
+        delta = merge_tensors(merge, deltas, torch.tensor([c.weight for c in m.parts]), o.density,
+                              o.majority_sign_method, generator)
+        _check_finite(m, {"change": delta})
+        if m.kind in ("embedding", "conv1d"):
+            delta = delta.T
+        A, B = svd_factors(delta, self.new_rank, o.svd_clamp, o.svd_full_matrices, m.module)
+        total = float(delta.double().square().sum())
+        error = float((delta.double() - B.double() @ A.double()).square().sum())
+        return LoraModule(m.kind, A, B), math.sqrt(error / total) if total > 0 else 0.0
+
+
+def _check_peft_lora(adapter: Adapter, method: str) -> None:
+    """What PEFT's ``add_weighted_adapter`` defines: plain LoRA adapters (LoraModel's method)."""
+    config = adapter.config
+    if config.peft_type != "LORA":
+        raise UnsupportedError(f"adapter {adapter.folder} is {config.peft_type}: --method {method} is PEFT's "
+                               "add_weighted_adapter, which only LoRA defines; use --method cat")
+    for flag, what in (("use_dora", "DoRA's magnitude"), ("lora_bias", "lora_B.bias"),
+                       ("target_parameters", "targeted parameters")):
+        if config.get(flag):
+            raise UnsupportedError(f"adapter {adapter.folder} has {flag}: PEFT's add_weighted_adapter does not "
+                                   f"combine {what}; use --method cat")
+
+
+def _peft_target_modules(adapters: list[Adapter]) -> str | list[str]:
+    """PEFT's ``target_modules`` of the combined adapter: the union of the lists, or the regexes joined."""
+    targets = [a.config.get("target_modules") for a in adapters]
+    if all(isinstance(t, str) for t in targets):
+        return "|".join(f"({t})" for t in targets)
+    if all(isinstance(t, list) for t in targets):
+        return sorted(set().union(*targets))
+    raise InputError("the adapters' target_modules mix a regex string and lists "
+                     f"({', '.join(f'{a.folder.name}: {type(t).__name__}' for a, t in zip(adapters, targets))}), "
+                     "which PEFT's add_weighted_adapter refuses; use --method cat")
+
+
+def _module_order(modules: list[str], module_order: str | Path | Sequence[str] | None) -> list[str]:
+    """The modules in the model's order (``module_order``: its ``named_modules()`` names, from a file or a list;
+    names not combined here are skipped), or by name with numbers compared as numbers."""
+    if module_order is None:
+        return sorted(modules, key=_natural_key)
+    if isinstance(module_order, (str, Path)):
+        path = Path(module_order)
+        try:
+            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--module-order {path}: cannot read it ({e}); give a text file of module names, "
+                             "one a line") from None
+    else:
+        names = list(module_order)
+    wanted = set(modules)
+    order = list(dict.fromkeys(n for n in names if n in wanted))
+    missing = [m for m in modules if m not in set(order)]
+    if missing:
+        raise InputError(f"--module-order does not list {len(missing)} combined module(s), e.g. {missing[0]}; list "
+                         "the model's named_modules() names, one a line")
+    return order
 
 
 def _check_finite(m: _Module, tensors: dict[str, torch.Tensor | None]) -> None:
