@@ -9,11 +9,16 @@ reported, with ratios to ``cp -r`` and to the safetensors floor measured in the 
   cp            ``cp -r BASE OUT``
   safetensors   ``safe_open`` + ``save_file``, shard by shard (every tensor read into memory and written)
   merge-wN      ``wsurgery merge BASE ADAPTER OUT --workers N`` for each N of ``--workers``
+  start         ``wsurgery --version``: starting Python and importing torch, which every merge pays first
+
+``--cold`` drops the page cache before every run (``echo 3 > /proc/sys/vm/drop_caches``, as root), so that
+each variant reads its input from the disk.
 
 The merges' outputs are checked byte-identical to each other (the number of workers changes nothing).
 
     python scripts/bench_merge_speed.py                    # --workers 1 2, 3 repeats
     python scripts/bench_merge_speed.py --workers 1 2 4 8 --repeats 5
+    sudo python scripts/bench_merge_speed.py --cold
 """
 
 from __future__ import annotations
@@ -49,10 +54,21 @@ def _safetensors_floor(src: Path, out: Path) -> None:
         del tensors
 
 
-def _run(cmd: list[str], out: Path) -> tuple[float, float, int]:
-    """(wall s, CPU s, peak RSS bytes) of ``cmd`` in a fresh process; ``out`` removed first and synced."""
+def _drop_page_cache() -> None:
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as e:
+        sys.exit(f"--cold needs to drop the page cache, as root: {e}")
+
+
+def _run(cmd: list[str], out: Path, cold: bool = False) -> tuple[float, float, int]:
+    """(wall s, CPU s, peak RSS bytes) of ``cmd`` in a fresh process; ``out`` removed first and synced (and
+    with ``cold``, the page cache dropped)."""
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=False)
+    if cold:
+        _drop_page_cache()
     done = subprocess.run([sys.executable, "-c", _PROBE, *cmd], check=False, capture_output=True, text=True)
     wall, cpu, rss_kib, code = done.stdout.split()
     if int(code) != 0:
@@ -71,16 +87,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", choices=sorted(SIZES), default="large")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before every run (root)")
     parser.add_argument("--floor-only", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_only:
         _safetensors_floor(*args.floor_only)
         return
     base, adapter = ensure_data(args.size, SIZES[args.size])
-    warm_up(base, adapter)
+    if args.cold:
+        _drop_page_cache()
+    else:
+        warm_up(base, adapter)
     wsurgery = shutil.which("wsurgery") or sys.exit("the wsurgery command is not on PATH")
     out = WORK / args.size / "out-speed"
-    commands = {"cp": ["cp", "-r", str(base), str(out)],
+    commands = {"start": [wsurgery, "--version"], "cp": ["cp", "-r", str(base), str(out)],
                 "safetensors": [sys.executable, __file__, "--floor-only", str(base), str(out)],
                 **{f"merge-w{n}": [wsurgery, "merge", str(base), str(adapter), str(out), "--quiet", "--workers", str(n)]
                    for n in args.workers}}
@@ -88,7 +108,7 @@ def main() -> None:
     kept: dict[str, Path] = {}
     for rep in range(args.repeats):
         for variant, cmd in commands.items():
-            runs[variant].append(_run(cmd, out))
+            runs[variant].append(_run(cmd, out, args.cold))
             wall, cpu, rss = runs[variant][-1]
             print(f"rep {rep + 1} {variant:12s} {wall:6.2f} s  cpu {cpu:6.2f} s  {rss / 1e6:6.0f} MB", flush=True)
             if variant.startswith("merge") and variant not in kept:
@@ -107,8 +127,8 @@ def main() -> None:
         print(f"{v:12s} {m['wall_s']:7.2f} {m['cpu_s']:7.2f} {m['peak_rss_mb']:7.0f} "
               f"{m['wall_s'] / med['cp']['wall_s']:6.2f} {m['wall_s'] / med['safetensors']['wall_s']:13.2f}")
     print(f"merge outputs byte-identical across --workers: {identical}")
-    (WORK / "merge_speed.json").write_text(json.dumps({"medians": med, "repeats": args.repeats,
-                                                       "identical": identical}, indent=2))
+    (WORK / f"merge_speed{'_cold' if args.cold else ''}.json").write_text(
+        json.dumps({"medians": med, "repeats": args.repeats, "cold": args.cold, "identical": identical}, indent=2))
     if not identical:
         sys.exit("the merge outputs differ with the number of workers")
 
