@@ -1,0 +1,438 @@
+"""A Hugging Face model folder -> one GGUF file, byte for byte what llama.cpp's ``convert_hf_to_gguf.py``
+writes for it (``--outtype f32|f16|bf16|q8_0``), streaming one tensor at a time.
+
+The conversion is two parts, so that a merge can stream into it (``HfToGgufWriter`` has the writer
+interface the engine's one-file outputs use):
+
+* ``plan_conversion`` reads the folder up front: the family's rules (``FAMILIES``), every key/value
+  the converter writes, in its order (general metadata through ``gguf.Metadata`` as the converter does,
+  hyperparameters, the tokenizer: ``convert/gguf_vocab.py``), and each tensor's GGUF name, shape and
+  type in the converter's tensor order (parts by file name, tensors by name within a part).
+* ``GgufConversion.convert`` turns one tensor in Hugging Face layout into its GGUF name and bytes
+  (Llama's Q/K rows interleaved, the ggml type chosen as the converter chooses it, encoded with the
+  ``gguf`` package's quantizers as the converter encodes it).
+
+Families whose conversion is more than renames, the Q/K interleave and casts (rope_freqs computed
+from Llama 3's rope scaling, stacked experts, SentencePiece vocabularies...) are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as GgmlType
+
+from ..errors import InputError, UnsupportedError
+from ..quant.encodings import EncodedTensorInfo
+from .gguf_vocab import check_tokenizer_kind
+
+#: ``--outtype`` -> the converter's file type.
+OUT_TYPES: dict[str, gguf.LlamaFileType] = {
+    "f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+_FILE_TYPE_TENSOR = {
+    gguf.LlamaFileType.ALL_F32: GgmlType.F32, gguf.LlamaFileType.MOSTLY_F16: GgmlType.F16,
+    gguf.LlamaFileType.MOSTLY_BF16: GgmlType.BF16, gguf.LlamaFileType.MOSTLY_Q8_0: GgmlType.Q8_0,
+}
+#: Tensors the converter drops.
+_DROPPED = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One of the converter's model classes: what it does besides renaming."""
+
+    arch: gguf.MODEL_ARCH
+    permute_qk: bool = False  # LlamaModel: Q/K rows interleaved per head for llama.cpp's RoPE
+    sentencepiece_first: bool = True  # set_vocab tries tokenizer.model before tokenizer.json
+    llama_params: bool = False  # LlamaModel.set_gguf_parameters: vocab_size, rope.dimension_count
+    #: transformers' config defaults that ``AutoConfig(...).to_dict()`` (the converter's hparams) fills in
+    defaults: tuple[tuple[str, Any], ...] = ()
+
+
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": Family(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_params=True,
+                               defaults=(("max_position_embeddings", 2048), ("rms_norm_eps", 1e-6))),
+    "MistralForCausalLM": Family(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_params=True,
+                                 defaults=(("max_position_embeddings", 4096 * 32), ("rms_norm_eps", 1e-6))),
+    "Qwen2ForCausalLM": Family(gguf.MODEL_ARCH.QWEN2,
+                               defaults=(("max_position_embeddings", 32768), ("rms_norm_eps", 1e-6))),
+    "Qwen3ForCausalLM": Family(gguf.MODEL_ARCH.QWEN3,
+                               defaults=(("max_position_embeddings", 32768), ("rms_norm_eps", 1e-6),
+                                         ("head_dim", 128))),
+}
+#: Families whose conversion is known to be more than that, and why they are refused.
+_REFUSED = {
+    "MixtralForCausalLM": "stacked experts",
+    "Qwen2MoeForCausalLM": "stacked experts",
+    "Qwen3MoeForCausalLM": "stacked experts",
+    "GemmaForCausalLM": "a SentencePiece vocabulary and norm offsets not redone here yet",
+    "Gemma2ForCausalLM": "a SentencePiece vocabulary and norm offsets not redone here yet",
+    "Gemma3ForCausalLM": "a SentencePiece vocabulary and norm offsets not redone here yet",
+    "Gemma3ForConditionalGeneration": "a vision model and a SentencePiece vocabulary",
+}
+
+
+@dataclass(frozen=True)
+class GgufTarget:
+    """Where one Hugging Face tensor goes: its GGUF name, shape (torch order) and ggml type."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: GgmlType
+    heads: int | None = None  # rows interleaved per head (Llama Q/K)
+
+
+@dataclass
+class GgufConversion:
+    """A model folder's conversion, computed up front (see the module docstring)."""
+
+    folder: Path
+    writer: gguf.GGUFWriter  # holds the key/values and tensor infos; writes only the header
+    targets: dict[str, GgufTarget] = field(default_factory=dict)  # Hugging Face name -> target, file order
+
+    def convert(self, name: str, tensor: torch.Tensor) -> np.ndarray:
+        """``name``'s bytes in the GGUF file (as the converter encodes them)."""
+        t = self.targets[name]
+        if tuple(tensor.shape) != t.shape:
+            raise InputError(f"{name}: shape {list(tensor.shape)}, planned as {list(t.shape)}")
+        if tensor.dtype not in (torch.float16, torch.float32):
+            tensor = tensor.to(torch.float32)
+        if t.heads is not None:
+            tensor = _interleave(tensor, t.heads)
+        data = tensor.contiguous().numpy()
+        try:
+            return gguf.quants.quantize(data, t.type)
+        except gguf.QuantError as e:
+            raise AssertionError(f"{t.name}: planned as {t.type.name} but {e}") from e
+
+
+def _interleave(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The converter's ``LlamaModel.permute``."""
+    return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def _family(config: dict, where: Path) -> Family:
+    arches = config.get("architectures") or []
+    text = config.get("text_config") or {}
+    arch = (text.get("architectures") or arches or [None])[0]
+    if arch in _REFUSED:
+        raise UnsupportedError(f"{where}: {arch} is not converted to GGUF by wsurgery: its llama.cpp conversion "
+                               f"involves {_REFUSED[arch]}; use llama.cpp's convert_hf_to_gguf.py")
+    family = FAMILIES.get(str(arch))
+    if family is None:
+        raise UnsupportedError(f"{where}: architecture {arch!r} is not converted to GGUF by wsurgery (it converts "
+                               f"{', '.join(sorted(FAMILIES))}); use llama.cpp's convert_hf_to_gguf.py")
+    return family
+
+
+def _find(h: dict, keys: list[str]) -> Any:
+    return next((h[k] for k in keys if k in h), None)
+
+
+def _hparams(config: dict, family: Family) -> dict:
+    """The converter's hparams: ``AutoConfig(...).to_dict()`` for these families, i.e. config.json with
+    transformers' defaults, rope settings gathered in ``rope_parameters``."""
+    h = {**config, **config.get("text_config", {})}
+    for key, value in family.defaults:
+        h.setdefault(key, value)
+    h.setdefault("num_key_value_heads", h.get("num_attention_heads"))
+    if family.llama_params and "head_dim" not in h and h.get("num_attention_heads"):
+        h["head_dim"] = h["hidden_size"] // h["num_attention_heads"]
+    rope = dict(h.get("rope_parameters") or h.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", h.get("rope_theta", 10000.0))
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope["type"]
+    rope.setdefault("rope_type", "default")
+    h["rope_parameters"] = rope
+    return h
+
+
+def _rope_parameters(h: dict) -> dict:
+    """``TextModel.__init__``'s mirror of the global rope settings into ``rope_parameters``."""
+    rope = dict(h.get("rope_parameters", h.get("rope_scaling")) or {})
+    theta = _find(h, ["global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base"])
+    local = _find(h, ["local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta",
+                      "rope_local_base_freq"])
+    partial = _find(h, ["partial_rotary_factor", "rope_pct", "rope_percent"])
+    orig = _find(h, ["original_max_position_embeddings"])
+    if "full_attention" not in rope and "sliding_attention" not in rope:
+        if local is not None:
+            rope["sliding_attention"] = {"rope_theta": local}
+        if "rope_theta" not in rope and theta is not None:
+            rope["rope_theta"] = theta
+        if "rope_type" not in rope and (kind := rope.get("type")) is not None:
+            rope["rope_type"] = kind
+        if "partial_rotary_factor" not in rope and partial is not None:
+            rope["partial_rotary_factor"] = partial
+        if "original_max_position_embeddings" not in rope and orig is not None:
+            rope["original_max_position_embeddings"] = orig
+    return rope
+
+
+def _add_parameters(w: gguf.GGUFWriter, h: dict, family: Family, ftype: gguf.LlamaFileType,  # noqa: C901
+                    where: Path) -> None:
+    """``TextModel.set_gguf_parameters`` (and ``LlamaModel``'s), for the settings these families use;
+    settings that would need more (MoE, mrope, llama3 rope) are refused."""
+    w.add_block_count(h["num_hidden_layers"])
+    if (n_ctx := _find(h, ["max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length",
+                           "model_max_length"])) is not None:
+        w.add_context_length(n_ctx)
+    if (n_embd := _find(h, ["hidden_size", "n_embd", "dim"])) is not None:
+        w.add_embedding_length(n_embd)
+    if (n_ff := _find(h, ["prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size",
+                          "n_inner", "hidden_dim"])) is not None:
+        w.add_feed_forward_length(n_ff)
+    if (n_head := _find(h, ["num_attention_heads", "n_head", "n_heads"])) is not None:
+        w.add_head_count(n_head)
+    if (n_kv := _find(h, ["num_key_value_heads", "n_kv_heads"])) is not None:
+        w.add_head_count_kv(n_kv)
+    if h.get("is_causal") is False:
+        w.add_causal_attention(False)
+    rope_all = _rope_parameters(h)
+    rope = rope_all.get("full_attention", rope_all)
+    if (kind := rope.get("rope_type")) is not None:
+        factor = rope.get("factor")
+        if kind == "linear" and factor is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(factor)
+        elif kind == "yarn" and factor is not None:
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(factor)
+            w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                             ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                             ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+                if key == "beta_fast" and (attn := rope.get("attention_factor", rope.get("attn_factor"))) is not None:
+                    w.add_rope_scaling_yarn_attn_factor(attn)
+                if (value := rope.get(key)) is not None:
+                    add(value)
+        elif kind not in ("default", "linear", "yarn"):
+            raise UnsupportedError(f"{where}: rope type {kind!r}; llama.cpp's converter computes more for it than "
+                                   "wsurgery redoes (a rope_freqs tensor or per-model settings)")
+    if "mrope_section" in rope_all:
+        raise UnsupportedError(f"{where}: multimodal rope sections are not converted by wsurgery")
+    if (theta := rope.get("rope_theta")) is not None:
+        w.add_rope_freq_base(theta)
+    if (local := rope_all.get("sliding_attention", {}).get("rope_theta")) is not None:
+        w.add_rope_freq_base_swa(local)
+    if (eps := _find(h, ["rms_norm_eps", "norm_eps"])) is not None:
+        w.add_layer_norm_rms_eps(eps)
+    if (eps := _find(h, ["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"])) is not None:
+        w.add_layer_norm_eps(eps)
+    moe = ["num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group"]
+    if any(h.get(k) is not None for k in moe):
+        raise UnsupportedError(f"{where}: a mixture-of-experts config; wsurgery does not convert experts to GGUF")
+    if (head_dim := h.get("head_dim")) is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_file_type(ftype)
+    if family.llama_params:
+        w.add_vocab_size(h["vocab_size"])
+        w.add_rope_dimension_count(h.get("head_dim") or h["hidden_size"] // h["num_attention_heads"])
+    elif (where / "modules.json").is_file():
+        raise UnsupportedError(f"{where}: a sentence-transformers model (modules.json); its pooling settings are "
+                               "not converted by wsurgery")
+
+
+def _tensor_type(gguf_name: str, shape: tuple[int, ...], ftype: gguf.LlamaFileType,
+                 type_for: Callable[[str, tuple[int, ...]], GgmlType | None] | None) -> GgmlType:
+    """The converter's choice (``prepare_tensors``): norms, 1-D tensors and non-weights F32, the rest the
+    file type's, Q8_0 falling back to F16 where rows do not divide into blocks; ``type_for`` overrides the
+    weights it names."""
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+        return GgmlType.F32
+    chosen = type_for(gguf_name, shape) if type_for is not None else None
+    target = chosen if chosen is not None else _FILE_TYPE_TENSOR[ftype]
+    block = gguf.GGML_QUANT_SIZES[target][0]
+    if shape[-1] % block:
+        if chosen is not None:
+            raise UnsupportedError(f"{gguf_name}: rows of {shape[-1]} values do not divide into {target.name} "
+                                   f"blocks of {block}")
+        return GgmlType.F16
+    return target
+
+
+def _nbytes(shape: tuple[int, ...], t: GgmlType) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size if shape else size
+
+
+def _ordered(tensors: dict[str, Any]) -> list[str]:
+    """The converter's tensor order: parts sorted by file name, tensors by name within a part."""
+    return sorted(tensors, key=lambda n: (tensors[n].file.name, n))
+
+
+def plan_conversion(ckpt: Any, outtype: str = "f16",
+                    type_for: Callable[[str, tuple[int, ...]], GgmlType | None] | None = None,
+                    shapes: dict[str, tuple[int, ...]] | None = None) -> GgufConversion:
+    """Everything about the GGUF file of ``ckpt`` (an opened Hugging Face checkpoint) but its tensor data.
+
+    ``shapes`` are the output tensors' shapes where a job changes them (default: the checkpoint's)."""
+    folder = Path(ckpt.folder)
+    if outtype not in OUT_TYPES:
+        raise InputError(f"unknown --gguf-type {outtype!r} for a Hugging Face model; choose one of "
+                         f"{', '.join(OUT_TYPES)}")
+    ftype = OUT_TYPES[outtype]
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{folder}: no config.json; converting to GGUF needs the model's config and tokenizer")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    family = _family(config, folder)
+    if config.get("quantization_config") or any(isinstance(i, EncodedTensorInfo) for i in ckpt.tensors.values()):
+        raise UnsupportedError(f"{folder}: a quantized checkpoint; llama.cpp's converter dequantizes it its own way. "
+                               "Run wsurgery dequantize first, then convert the plain model")
+    h = _hparams(config, family)
+    add_vocab = check_tokenizer_kind(folder, family.sentencepiece_first)
+    n_blocks = h["num_hidden_layers"]
+    tensor_map = gguf.get_tensor_name_map(family.arch, n_blocks)
+    n_head, n_kv = h["num_attention_heads"], h["num_key_value_heads"]
+    w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[family.arch])
+    conv = GgufConversion(folder, w)
+    for name in _ordered(ckpt.tensors):
+        if name.endswith(_DROPPED):
+            continue
+        info = ckpt.tensors[name]
+        shape = tuple((shapes or {}).get(name, info.shape))
+        gguf_name = tensor_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UnsupportedError(f"{ckpt.shards[0]}: tensor {name!r} has no GGUF name in llama.cpp's "
+                                   f"{gguf.MODEL_ARCH_NAMES[family.arch]} layout (the converter refuses it too)")
+        heads = None
+        if family.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
+            heads = n_head
+        elif family.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
+            heads = n_kv
+        t = _tensor_type(gguf_name, shape, ftype, type_for)
+        conv.targets[name] = GgufTarget(gguf_name, shape, t, heads)
+        np_dtype = {GgmlType.F32: np.float32, GgmlType.F16: np.float16}.get(t, np.uint8)
+        w.add_tensor_info(gguf_name, shape if np_dtype is not np.uint8 else gguf.quant_shape_to_byte_shape(shape, t),
+                          np.dtype(np_dtype), _nbytes(shape, t), raw_dtype=t)
+    _add_metadata(w, folder, ftype)
+    _add_parameters(w, h, family, ftype, folder)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if family.llama_params and (config_file := folder / "tokenizer_config.json").is_file():
+        tokenizer_config = json.loads(config_file.read_text(encoding="utf-8"))
+        if (prefix := tokenizer_config.get("add_prefix_space")) is not None:
+            w.add_add_space_prefix(prefix)
+    add_vocab(w, h.get("vocab_size"))
+    return conv
+
+
+def _add_metadata(w: gguf.GGUFWriter, folder: Path, ftype: gguf.LlamaFileType) -> None:
+    """``ModelBase.prepare_metadata``'s general.* keys, from ``gguf.Metadata`` as the converter reads them."""
+    total, shared, expert, count = w.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, folder, None, total)
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():  # the converter's newer gguf also reads transformers' repetition_penalty
+        gen = json.loads(gen_path.read_text(encoding="utf-8"))
+        if "penalty_repeat" not in gen and "repetition_penalty" in gen:
+            meta.sampling_penalty_repeat = gen["repetition_penalty"]
+    if meta.name is None:
+        meta.name = folder.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, count)
+    w.add_type(gguf.GGUFType.MODEL)
+    meta.set_gguf_meta_model(w)
+    del ftype
+
+
+class HfToGgufWriter:
+    """Writes a conversion's file: the header first (sized for every tensor), then each tensor into its
+    place as it comes, in any order (the engine's one-file writer interface: ``write``, ``copy_raw``,
+    ``close``, ``abort``, ``total_bytes``)."""
+
+    def __init__(self, path: Path, conversion: GgufConversion):
+        self.path, self.conversion = path, conversion
+        w = conversion.writer
+        w.write_header_to_file(path=Path(path))
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        header = os.path.getsize(path)
+        align = w.data_alignment
+        self._data_start = -(-header // align) * align
+        self._offsets: dict[str, int] = {}
+        pos = 0
+        for name, t in conversion.targets.items():
+            self._offsets[name] = pos
+            pos += -(-_nbytes(t.shape, t.type) // align) * align
+        self.total_bytes = self._data_start + pos
+        self._pending = set(conversion.targets)
+        self._fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(self._fd, self.total_bytes)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.conversion.targets:
+            return  # dropped by the converter (rotary inv_freq...)
+        data = self.conversion.convert(name, tensor)
+        t = self.conversion.targets[name]
+        if data.nbytes != _nbytes(t.shape, t.type):
+            raise AssertionError(f"{t.name}: encoded to {data.nbytes} bytes")
+        os.pwrite(self._fd, memoryview(np.ascontiguousarray(data)).cast("B"), self._data_start + self._offsets[name])
+        self._pending.discard(name)
+
+    def copy_raw(self, name: str) -> bool:
+        return False  # every tensor is converted
+
+    def close(self) -> None:
+        try:
+            if self._pending:
+                raise AssertionError(f"{self.path}: tensors never written: {sorted(self._pending)[:5]}")
+        finally:
+            os.close(self._fd)
+
+    def abort(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+def hf_to_gguf(ckpt_folder: str | Path, out: str | Path, outtype: str = "f16",
+               type_for: Callable[[str, tuple[int, ...]], GgmlType | None] | None = None, *,
+               overwrite: bool = False, progress: bool = True, workers: int | None = None) -> Path:
+    """Convert a Hugging Face model folder to ``out`` (a .gguf file) as ``convert_hf_to_gguf.py --outtype
+    OUTTYPE`` does; ``type_for(gguf_name, shape)`` may choose other ggml types for weights."""
+    from tqdm import tqdm
+
+    from ..checkpoint import open_checkpoint
+    from ..checkpoint.output import atomic_output_file, check_output_file
+    from ..workers import run_ordered
+
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise InputError(f"{out}: a GGUF output is one file; name it *.gguf")
+    ckpt = open_checkpoint(Path(ckpt_folder))
+    conversion = plan_conversion(ckpt, outtype, type_for)
+    check_output_file(out, [*ckpt.shards], overwrite)
+    names = list(conversion.targets)
+    with atomic_output_file(out, overwrite) as tmp:
+        writer = HfToGgufWriter(tmp, conversion)
+        try:
+            def one(name: str) -> int:
+                writer.write(name, ckpt.read(name))
+                return ckpt.tensors[name].nbytes
+
+            with tqdm(total=sum(ckpt.tensors[n].nbytes for n in names), unit="B", unit_scale=True,
+                      disable=not progress, desc="convert", leave=False) as bar:
+                for done in run_ordered([lambda n=n: one(n) for n in names], workers):
+                    bar.update(done)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    return out
