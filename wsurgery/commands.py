@@ -23,6 +23,7 @@ from .checkpoint.output import atomic_output_file, check_output_file, check_outp
 from .describe import format_text, inspect
 from .convert.convert import TARGETS
 from .convert.combine import adapter_with_weight
+from .convert.combine_methods import METHODS, methods_help
 from .engine import Result
 from .errors import InputError, NotExpressible, fail, one_line
 from .hub import PushTarget, push_after, push_options, redacted_command, report_push
@@ -481,27 +482,57 @@ def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | N
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]... OUT")
-@click.option("--rank", type=int, default=None, help="Re-compress each module to at most this rank (best "
-                                                     "approximation); needed for adapters that are not LoRAs.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="cat", show_default=True,
+              help=f"How to combine: PEFT's add_weighted_adapter combination_type. {methods_help()}.")
+@click.option("--rank", type=int, default=None, help="cat: re-compress each module to at most this rank (best "
+                                                     "approximation); needed for adapters that are not LoRAs. SVD "
+                                                     "methods: PEFT's svd_rank (default: the largest adapter rank).")
+@click.option("--density", type=float, default=None,
+              help="ties, dare_*, magnitude_prune*: the fraction of values kept, in (0, 1].")
+@click.option("--majority-sign-method", type=click.Choice(["total", "frequency"]), default="total",
+              show_default=True, help="ties, dare_ties(_svd): elect each entry's sign by the summed values or by "
+                                      "the count of signs.")
+@click.option("--seed", type=int, default=None, help="dare_*: the seed of the masks; with the model's module order "
+                                                     "(--module-order) they are PEFT's under torch.manual_seed(SEED). "
+                                                     "Default 0.")
+@click.option("--module-order", type=click.Path(dir_okay=False), default=None,
+              help="dare_*: a text file of the model's named_modules() names, one a line: the order PEFT draws "
+                   "the masks in, which no file records (default: by name, layer numbers as numbers).")
+@click.option("--svd-clamp", type=float, default=None, help="SVD methods: clamp the factors to this quantile of "
+                                                            "their entries (PEFT's svd_clamp).")
+@click.option("--svd-full-matrices/--no-svd-full-matrices", default=True, show_default=True,
+              help="SVD methods: the full or the reduced SVD (PEFT's svd_full_matrices).")
+@click.option("--svd-driver", type=click.Choice(["gesvd", "gesvdj", "gesvda"]), default=None,
+              help="PEFT's svd_driver: a cuSOLVER method, for CUDA only; refused here, as wsurgery computes on the "
+                   "CPU.")
 @click.option("--base", default=None, help="The base checkpoint: needed where a change depends on W; also maps "
                                            "differently named modules onto the base's names.")
 @overwrite_option
 @quiet_option
 @push_options
-def combine(paths: tuple[str, ...], rank: int | None, base: str | None, overwrite: bool, quiet: bool,
+def combine(paths: tuple[str, ...], method: str, rank: int | None, density: float | None,
+            majority_sign_method: str, seed: int | None, module_order: str | None, svd_clamp: float | None,
+            svd_full_matrices: bool, svd_driver: str | None, base: str | None, overwrite: bool, quiet: bool,
             push: PushTarget | None) -> None:
-    """Write one LoRA whose change is the weighted sum of the ADAPTERs' changes to the new folder OUT.
+    """Write one LoRA combining the ADAPTERs to the new folder OUT; by default (cat) its change is the
+    weighted sum of their changes.
 
-    ADAPTER:WEIGHT scales that adapter's change (e.g. style-lora:0.5). OUT may also come first (the former
-    order); it is then the end that is not an adapter, and a case that cannot be told apart is refused."""
+    ADAPTER:WEIGHT weights that adapter (e.g. style-lora:0.5). The other methods are those of PEFT's
+    add_weighted_adapter, for LoRAs, computed as PEFT computes them; linear, ties, dare_linear, dare_ties
+    and magnitude_prune merge the A and B factors separately, which is not a sum of changes. OUT may also
+    come first (the former order); it is then the end that is not an adapter, and a case that cannot be
+    told apart is refused."""
     out, adapters = _combine_out(paths)
     weighted = [adapter_with_weight(a) for a in adapters]
     _check_out(out, _local(base, *(a for a, _ in weighted)), overwrite)
     with _closing_progress_bars():
-        r = api.combine(out, weighted, rank=rank, base=base, overwrite=overwrite,
-                        progress=not quiet, command=_command_line())
+        r = api.combine(out, weighted, rank=rank, base=base, method=method, density=density,
+                        majority_sign_method=majority_sign_method, seed=seed, module_order=module_order,
+                        svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
+                        overwrite=overwrite, progress=not quiet, command=_command_line())
     click.echo(_table(["module", "kind", "rank", "how", "rel_error"],
-                      [[m.module, m.kind, m.rank or "-", m.how, f"{m.rel_error:.3e}"] for m in r.modules]))
+                      [[m.module, m.kind, m.rank or "-", m.how, "-" if m.rel_error is None else f"{m.rel_error:.3e}"]
+                       for m in r.modules]))
     _notes(r.notes)
     if not quiet:
         click.echo(f"combined {len(adapters)} adapter(s) into {len(r.modules)} module(s); wrote {r.out}", err=True)

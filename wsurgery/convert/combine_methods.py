@@ -46,25 +46,31 @@ class CombineMethod:
         return not self.svd and self.merge != "cat"
 
 
-_NOT_A_SUM = "A and B merged separately with √(w·s) each: not a sum of changes; equal ranks"
 METHODS: dict[str, CombineMethod] = {m.name: m for m in (
-    CombineMethod("cat", "cat", False, "exact weighted sum of the changes, ranks concatenated (default)"),
-    CombineMethod("linear", "task_arithmetic", False, _NOT_A_SUM),
-    CombineMethod("svd", "task_arithmetic", True, "weighted sum of the changes, truncated by SVD"),
-    CombineMethod("ties", "ties", False, f"TIES on the factors; {_NOT_A_SUM}"),
-    CombineMethod("ties_svd", "ties", True, "TIES on the changes, truncated by SVD"),
-    CombineMethod("dare_linear", "dare_linear", False, f"DARE on the factors; {_NOT_A_SUM}"),
-    CombineMethod("dare_ties", "dare_ties", False, f"DARE-TIES on the factors; {_NOT_A_SUM}"),
-    CombineMethod("dare_linear_svd", "dare_linear", True, "DARE on the changes, truncated by SVD"),
-    CombineMethod("dare_ties_svd", "dare_ties", True, "DARE-TIES on the changes, truncated by SVD"),
-    CombineMethod("magnitude_prune", "magnitude_prune", False, f"top-|x| pruning on the factors; {_NOT_A_SUM}"),
-    CombineMethod("magnitude_prune_svd", "magnitude_prune", True, "top-|x| pruning on the changes, truncated by SVD"),
+    CombineMethod("cat", "cat", False, "the exact weighted sum of the changes, ranks concatenated"),
+    CombineMethod("linear", "task_arithmetic", False, "weighted sums of the A's and of the B's"),
+    CombineMethod("svd", "task_arithmetic", True, "the weighted sum of the changes"),
+    CombineMethod("ties", "ties", False, "TIES"),
+    CombineMethod("ties_svd", "ties", True, "TIES"),
+    CombineMethod("dare_linear", "dare_linear", False, "DARE (random pruning, rescaled)"),
+    CombineMethod("dare_ties", "dare_ties", False, "DARE, then TIES' sign election"),
+    CombineMethod("dare_linear_svd", "dare_linear", True, "DARE"),
+    CombineMethod("dare_ties_svd", "dare_ties", True, "DARE, then TIES' sign election"),
+    CombineMethod("magnitude_prune", "magnitude_prune", False, "top-|x| pruning, summed"),
+    CombineMethod("magnitude_prune_svd", "magnitude_prune", True, "top-|x| pruning, summed"),
 )}
 
 
 def methods_help() -> str:
     """The method list for ``--help`` and the README, from :data:`METHODS`."""
-    return "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+    factors = [m for m in METHODS.values() if m.factors]
+    svd = [m for m in METHODS.values() if m.svd]
+    return (f"{METHODS['cat'].name}: {METHODS['cat'].summary}. "
+            + "; ".join(f"{m.name}: {m.summary}" for m in factors)
+            + ": on the A and the B factors separately (√|w·s| on each), which is NOT a sum of changes; the "
+              "adapters' ranks must be equal. "
+            + "; ".join(f"{m.name}: {m.summary}" for m in svd)
+            + ": on the dense changes, then truncated by SVD to --rank")
 
 
 @dataclass(frozen=True)
