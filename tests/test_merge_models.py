@@ -35,7 +35,7 @@ def models(request, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp(f"models-{str(request.param)[6:]}")
     base = tiny_llama(request.param)
     paths = {"base": save_base(base, root / "base")}
-    for k, seed in (("a", 11), ("b", 12), ("c", 13)):
+    for k, seed in (("a", 11), ("b", 12), ("c", 13), ("d", 14), ("e", 15)):
         paths[k] = save_base(_tuned(base, seed, sparse=0.3), root / k)
     return paths
 
@@ -66,7 +66,7 @@ def _assert_identical(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Ten
 
 def _config(models: dict[str, Path], method: str, params: dict, per_model: list[dict], base: bool = True) -> dict:
     config = {"merge_method": method, "models": [{"model": str(models[k]), "parameters": p}
-                                                 for k, p in zip("abc", per_model)]}
+                                                 for k, p in zip("abcde", per_model)]}
     if base:
         config["base_model"] = str(models["base"])
     if params:
@@ -98,3 +98,50 @@ def test_same_as_mergekit(models, method, tmp_path):
     theirs = _mergekit(config, tmp_path / "mergekit", seed=7)
     ours = _ours(config, tmp_path / "ours", seed=7)
     _assert_identical(ours, theirs)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_five_models(models, method, tmp_path):
+    """Five models: float32 sums of more than four rows take torch's stacked order, 16-bit ones a running sum."""
+    per_model = [{"weight": w} for w in (0.5, 0.3, 0.9, 0.2, 0.6)]
+    config = _config(models, method, {"density": 0.6}, per_model)
+    _assert_identical(_ours(config, tmp_path / "ours", seed=3), _mergekit(config, tmp_path / "mergekit", seed=3))
+
+
+def test_filters_gradients_dtype(models, tmp_path):
+    """Per-tensor filters, layer gradients, per-model overrides, dtype and out_dtype, as mergekit resolves them."""
+    config = _config(models, "della", {
+        "density": [{"filter": "mlp", "value": 0.3}, {"filter": "self_attn", "value": [0.4, 0.8]}, {"value": 0.6}],
+        "epsilon": 0.05, "lambda": [0.9, 1.2], "normalize": [{"filter": "norm", "value": False}, {"value": True}],
+    }, [{"weight": [0.2, 0.9]}, {"weight": 0.4, "density": [{"filter": "embed", "value": 0.9}]},
+        {"weight": [{"filter": "layers.1.", "value": 0.7}, {"value": 0.3}]}])
+    config.update(dtype="float32", out_dtype="bfloat16")
+    theirs = _mergekit(config, tmp_path / "mergekit", seed=5)
+    assert {t.dtype for t in theirs.values()} == {torch.bfloat16}
+    _assert_identical(_ours(config, tmp_path / "ours", seed=5), theirs)
+
+
+def test_seed_decides_the_masks(models, tmp_path):
+    """The same seed gives the same masks (and mergekit's); another seed other masks."""
+    config = _config(models, "dare_linear", {"density": 0.5}, [{"weight": 0.6}, {"weight": 0.4}])
+    a = _ours(config, tmp_path / "one", seed=1)
+    assert a.keys() == (b := _ours(config, tmp_path / "two", seed=1)).keys()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    c = _ours(config, tmp_path / "three", seed=2)
+    assert any(not torch.equal(a[n], c[n]) for n in a if n.endswith("proj.weight"))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(33,), (7, 5), (64, 48), (3, 1000, 33)])
+def test_running_sum_is_torchs(n, dtype, shape):
+    """The running sum gives torch's stacked sum bit for bit where it is used (the reference is torch)."""
+    from wsurgery.merging.accumulate import StackedSum
+
+    g = torch.Generator().manual_seed(n)
+    rows = [(torch.randn(shape, generator=g) * 10 ** torch.randint(-3, 3, (), generator=g)).to(dtype)
+            for _ in range(n)]
+    acc = StackedSum(n, dtype)
+    for r in rows:
+        acc.add(r)
+    assert torch.equal(acc.result(), torch.stack(rows).sum(dim=0))

@@ -1,6 +1,10 @@
 """mergekit 0.1.5's sparsifiers (``mergekit/sparsify.py``), op for op: the same torch calls on the same
 whole tensor, so that ties in magnitude sort the same way and the same random draws make the same mask.
 
+Each returns a ``Kept``: the mask it chose (bit-packed) and the rescaling factor, which ``apply`` turns
+into exactly the tensor mergekit's sparsifier returns. TIES-style merges apply it twice (once to elect
+signs, once to sum), so they keep one bit per element per model instead of every model's change.
+
 Random masks are drawn from ``generator``, a ``torch.Generator`` seeded once per merge: mergekit seeds
 torch's global generator once (``transformers.set_seed``) and draws every mask from it in the order it
 merges the tensors, which a generator seeded with the same number reproduces draw for draw.
@@ -8,44 +12,68 @@ merges the tensors, which a generator seeded with the same number reproduces dra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 
-def rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
-    """``tensor * mask``, scaled back to the L1 norm of ``tensor`` when ``rescale`` (DARE's rescaling)."""
-    masked = tensor * mask
-    if not rescale:
-        return masked
-    before, after = tensor.abs().sum(), masked.abs().sum()
-    if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
+@dataclass
+class Kept:
+    """Which elements a sparsifier kept, and how it rescaled them."""
+
+    bits: np.ndarray  # the 0/1 mask, packed 8 to a byte
+    numel: int
+    mask_dtype: torch.dtype  # the dtype mergekit's mask (and masked product) is in
+    rescale: bool
+    as_rows: bool  # DELLA views a 1-D tensor as one row
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, rescale: bool, as_rows: bool = False) -> Kept:
+        bits = np.packbits(mask.reshape(-1).to(torch.bool).numpy())
+        return cls(bits, mask.numel(), mask.dtype, rescale, as_rows)
+
+    def mask(self, shape: torch.Size) -> torch.Tensor:
+        flat = torch.from_numpy(np.unpackbits(self.bits, count=self.numel).view(np.bool_))
+        return flat.to(self.mask_dtype).reshape(shape)
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        """mergekit's ``rescaled_masked_tensor(tensor, mask, l1 if rescale)`` and the casts around it."""
+        dtype, shape = tensor.dtype, tensor.shape
+        if self.as_rows and tensor.dim() < 2:
+            tensor = tensor.unsqueeze(0)
+        work = tensor.to(self.mask_dtype) if self.mask_dtype != dtype else tensor
+        mask = self.mask(work.shape)
+        masked = work * mask
+        if self.rescale:
+            before, after = work.abs().sum(), masked.abs().sum()
+            if not (before < 1e-7 or after < 1e-7):
+                masked = masked * (before / after)
+        return masked.to(dtype).reshape(shape)
 
 
-def magnitude(tensor: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+def magnitude(tensor: torch.Tensor, density: float, rescale: bool) -> Kept | None:
     """Keep the ``density`` share of largest magnitudes (at least one element): TIES' trim."""
     if density >= 1:
-        return tensor
-    if tensor.numel() == 0:
-        return torch.zeros_like(tensor)
+        return None
     k = max(1, int(density * tensor.numel()))
     mask = torch.zeros(tensor.numel(), dtype=tensor.dtype)
     top = torch.argsort(tensor.abs().reshape(-1).float(), descending=True)[:k]
     mask[top] = 1
-    return rescaled(tensor, mask.reshape_as(tensor), rescale)
+    return Kept.of(mask, rescale)
 
 
-def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
+def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float, rescale: bool) -> Kept | None:
     """Model Breadcrumbs: drop the ``gamma`` share of largest magnitudes, then the smallest, keeping ``density``."""
     if density >= 1:
-        return tensor
+        return None
     n = tensor.numel()
     target, top = int(density * n), int(gamma * n)
     bottom = max(0, n - target - top)
     order = torch.sort(tensor.abs().reshape(-1).float(), descending=False).indices
     mask = torch.zeros(n, dtype=tensor.dtype)
     mask[order[bottom:bottom + target]] = 1
-    return rescaled(tensor, mask.reshape_as(tensor), rescale)
+    return Kept.of(mask, rescale)
 
 
 def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -53,25 +81,24 @@ def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if tensor.dtype == torch.bfloat16 else torch.float32
 
 
-def bernoulli(tensor: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
+def bernoulli(tensor: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> Kept | None:
     """DARE: keep each element with probability ``density``."""
     if density >= 1:
-        return tensor
-    work = _work_dtype(tensor)
-    mask = torch.bernoulli(torch.full_like(tensor, density, dtype=work), generator=generator)
-    return rescaled(tensor.to(work), mask, rescale).to(tensor.dtype)
+        return None
+    mask = torch.bernoulli(torch.full_like(tensor, density, dtype=_work_dtype(tensor)), generator=generator)
+    return Kept.of(mask, rescale)
 
 
 def della_magprune(tensor: torch.Tensor, density: float, epsilon: float, rescale: bool,
-                   generator: torch.Generator) -> torch.Tensor:
+                   generator: torch.Generator) -> Kept | None:
     """DELLA's MagPrune: keep probabilities from density-epsilon to density+epsilon by magnitude rank in each row."""
     if density >= 1:
-        return tensor
-    shape, work = tensor.shape, _work_dtype(tensor)
+        return None
+    work = _work_dtype(tensor)
     if tensor.dim() < 2:
         tensor = tensor.unsqueeze(0)
     ranks = torch.argsort(tensor.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
     low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     probs = (density - epsilon) + ((ranks - low) / (high - low)).clamp(0, 1) * 2 * epsilon
-    mask = torch.bernoulli(probs, generator=generator).to(work)
-    return rescaled(tensor.to(work), mask, rescale).to(tensor.dtype).reshape(shape)
+    del ranks
+    return Kept.of(torch.bernoulli(probs, generator=generator).to(work), rescale, as_rows=True)

@@ -4,8 +4,8 @@ della_linear, breadcrumbs, breadcrumbs_ties (``mergekit/merge_methods/generalize
 Each model's change from the base is sparsified (TIES' magnitude trim, DARE's random drop, DELLA's
 ranked drop, breadcrumbs' outlier-and-small drop), weighted, optionally sign-elected (TIES' ``sum``
 consensus), summed, normalized by the weights that survived, scaled by ``lambda`` and added to the base.
-The changes are stacked and summed with one ``torch.sum`` as mergekit does: torch's summation order of a
-stacked dimension is what makes the result bit-identical, so a tensor holds one change per model at once.
+Models are read one at a time: the sums are running sums with torch's own order (``accumulate``), and
+the sign election keeps each model's mask (one bit per element) to replay its change in the second pass.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from ..errors import InputError
 from . import sparsify
+from .accumulate import StackedSum
 from .base import Inputs, MergeMethod, Param, register
 
 
@@ -53,54 +54,68 @@ class TaskArithmetic(MergeMethod):
             if "gamma" in p and not 0 <= p["gamma"] <= 1:
                 raise InputError(f"{where}: gamma {p['gamma']} is outside [0, 1]")
 
-    def _sparsified(self, delta: torch.Tensor, p: dict[str, Any], rescale: bool,
-                    generator: torch.Generator) -> torch.Tensor:
+    def _kept(self, delta: torch.Tensor, p: dict[str, Any], rescale: bool,
+              generator: torch.Generator) -> sparsify.Kept | None:
         if self.sparsification == "magnitude":
             return sparsify.magnitude(delta, p["density"], rescale)
         if self.sparsification == "random":
             return sparsify.bernoulli(delta, p["density"], rescale, generator)
         if self.sparsification == "magnitude_outliers":
             return sparsify.magnitude_outliers(delta, p["density"], p["gamma"], rescale)
-        assert self.sparsification == "della_magprune", self.sparsification
-        return sparsify.della_magprune(delta, p["density"], p["epsilon"], rescale, generator)
+        if self.sparsification == "della_magprune":
+            return sparsify.della_magprune(delta, p["density"], p["epsilon"], rescale, generator)
+        return None
 
     def merge(self, inputs: Inputs, shared: dict[str, Any], per_model: list[dict[str, Any]],
               generator: torch.Generator) -> torch.Tensor:
         assert inputs.base is not None
         base = inputs.base()
-        if not inputs.models:
+        n = len(inputs.models)
+        if not n:
             return base
-        deltas = base.new_empty((len(inputs.models), *base.shape))
-        for i, (read, p) in enumerate(zip(inputs.models, per_model)):
-            delta = read() - base
-            if self.sparsification is not None:
-                delta = self._sparsified(delta, p, shared["rescale"], generator)
-            deltas[i] = delta
-            del delta
-        weights = torch.tensor([p["weight"] for p in per_model], dtype=deltas.dtype)
-        while deltas.dim() > weights.dim():
+        # mergekit's weights: a [n, 1, ...] tensor in the base's dtype, multiplied into the stacked changes.
+        weights = torch.tensor([p["weight"] for p in per_model], dtype=base.dtype)
+        while weights.dim() < base.dim() + 1:
             weights.unsqueeze_(-1)
-        deltas.mul_(weights)
-        if self.consensus:
-            # mergekit's int8_mask only changes the dtype the signs are compared in, never the mask.
-            sign = deltas.sign()
-            majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
-            mask = sign == majority
-            del sign, majority
-            mixed = (deltas * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-        else:
-            mixed = deltas.sum(dim=0)
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
-        del deltas
-        if shared["normalize"]:
-            mixed /= divisor
-        if shared["lambda"] != 1:
-            mixed *= shared["lambda"]
-        return (base + mixed).to(base.dtype)
+        kept: list[sparsify.Kept | None] = []
 
+        def change(i: int, first_time: bool) -> torch.Tensor:
+            """Model i's sparsified, weighted change; the mask is drawn the first time, replayed after."""
+            delta = inputs.models[i]() - base
+            if first_time:
+                kept.append(self._kept(delta, per_model[i], shared["rescale"], generator))
+            k = kept[i]
+            return (k.apply(delta) if k is not None else delta) * weights[i]
+
+        if self.consensus:
+            # Elect each element's sign by the sum of the changes, then sum the changes that agree.
+            # (mergekit's int8_mask only changes the dtype the signs are compared in, never the mask.)
+            votes = StackedSum(n, base.dtype)
+            for i in range(n):
+                votes.add(change(i, True))
+            majority = (votes.result() >= 0).to(base.dtype) * 2 - 1
+            del votes
+            mixed, divisor = StackedSum(n, base.dtype), StackedSum(n, base.dtype)
+            for i in range(n):
+                d = change(i, False)
+                agree = d.sign() == majority
+                mixed.add(d * agree)
+                divisor.add(weights[i] * agree)
+                del d, agree
+            mixed_delta, total = mixed.result(), divisor.result()
+            total[total == 0] = 1
+        else:
+            summed = StackedSum(n, base.dtype)
+            for i in range(n):
+                summed.add(change(i, True))
+            mixed_delta = summed.result()
+            total = weights.sum(dim=0)
+            total[total.abs() < 1e-8] = 1
+        if shared["normalize"]:
+            mixed_delta /= total
+        if shared["lambda"] != 1:
+            mixed_delta *= shared["lambda"]
+        return (base + mixed_delta).to(base.dtype)
 
 for _method in (
     TaskArithmetic("task_arithmetic", None, False, False, False),
