@@ -46,6 +46,7 @@ def env(tmp_path_factory):
         q_only=make(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), "q_only", 4),
         q_only2=make(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"]), "q_only2", 5),
         loha=make(LoHaConfig(r=4, alpha=4, target_modules=["q_proj"]), "loha", 6),
+        dora=make(LoraConfig(r=4, lora_alpha=4, use_dora=True, target_modules=["q_proj"]), "dora", 7),
     )
 
 
@@ -136,6 +137,29 @@ def test_cat_puts_the_weights_on_a_as_peft_does(env, tmp_path):
     assert_same_adapter(ours(tmp_path / "out"), peft_combined(env, tmp_path, adapters, "cat"))
 
 
+@pytest.mark.parametrize("method, kwargs", [("dare_linear", {"density": 0.5}),
+                                             ("dare_ties_svd", {"density": 0.5, "svd_rank": 3})])
+def test_gpt2_conv1d_and_bf16_adapters_are_peft_bit_for_bit(tmp_path, method, kwargs):
+    """Conv1D layers (fan_in_fan_out: PEFT's delta transposed, then back for the SVD) and an adapter saved
+    in bfloat16 (PEFT loads it into float32 LoRA weights, as we read it)."""
+    from peft import LoraConfig
+
+    from oracle import tiny_gpt2
+
+    model = tiny_gpt2(seed=2)
+    base = save_base(model, tmp_path / "base")
+    config = dict(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    a = make_adapter(model, LoraConfig(lora_alpha=8, **config), tmp_path / "a", seed=1)
+    b = make_adapter(model, LoraConfig(lora_alpha=4, **config), tmp_path / "b", seed=2, adapter_dtype=torch.bfloat16)
+    order = tmp_path / "order.txt"
+    order.write_text("\n".join(name for name, _ in model.named_modules()))
+    adapters = [(a, 0.9), (b, 0.5)]
+    wsurgery.combine(tmp_path / "out", adapters, method=method, seed=3, module_order=order, progress=False,
+                     **_api_options(kwargs))
+    env = SimpleNamespace(base=base)
+    assert_same_adapter(ours(tmp_path / "out"), peft_combined(env, tmp_path, adapters, method, seed=3, **kwargs))
+
+
 def test_one_adapter_is_combined_as_linear_like_peft(env, tmp_path):
     r = wsurgery.combine(tmp_path / "out", [(env.a, 0.3)], method="ties", density=0.5, progress=False)
     assert any("linear" in n for n in r.notes)
@@ -216,6 +240,8 @@ def test_unequal_ranks_and_non_lora_adapters_are_refused(env, tmp_path):
         wsurgery.combine(tmp_path / "out", [env.a, env.c], method="linear", progress=False)
     with pytest.raises(UnsupportedError, match="LOHA.*only LoRA"):
         wsurgery.combine(tmp_path / "out", [env.q_only, env.loha], method="ties_svd", density=0.5, progress=False)
+    with pytest.raises(UnsupportedError, match="use_dora"):
+        wsurgery.combine(tmp_path / "out", [env.q_only, env.dora], method="ties", density=0.5, progress=False)
     with pytest.raises(InputError, match="does not list"):
         wsurgery.combine(tmp_path / "out", [env.a, env.b], method="dare_linear", density=0.5,
                          module_order=["model.layers.0.self_attn.q_proj"], progress=False)

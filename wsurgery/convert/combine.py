@@ -288,7 +288,7 @@ def combine(out: str | Path, adapters: AdapterSpec | Sequence[AdapterSpec], *, r
         combined, done, said = peft.run(progress)
         peft_config, peft_tensors = lora_adapter(combined, {}, base_model=_base_name(loaded, base))
         peft_config.update(r=peft.new_rank, lora_alpha=peft.new_rank, target_modules=peft.target_modules,
-                           use_rslora=peft.use_rslora, rank_pattern={}, alpha_pattern={})
+                           use_rslora=peft.use_rslora, rank_pattern={}, alpha_pattern={}, **peft.restrictions)
         write_adapter(out, peft_config, peft_tensors, overwrite=overwrite, inputs=inputs, record=record)
         return CombineResult(Path(out), done, said)
     layout = _layout(by_module, rank, ckpt, conv1d)
@@ -360,6 +360,7 @@ class _PeftCombination:
         else:
             self.new_rank = ranks[0]
         self.target_modules = _peft_target_modules([a for a, _ in loaded])
+        self.restrictions = _layer_restrictions([a for a, _ in loaded])
         self.use_rslora = bool(loaded[0][0].config.get("use_rslora", False))
         if self.use_rslora:
             self.notes.append("the first adapter uses rsLoRA, so the combined one does too (PEFT copies its config): "
@@ -463,6 +464,9 @@ def _check_peft_lora(adapter: Adapter, method: str) -> None:
 def _peft_target_modules(adapters: list[Adapter]) -> str | list[str]:
     """PEFT's ``target_modules`` of the combined adapter: the union of the lists, or the regexes joined."""
     targets = [a.config.get("target_modules") for a in adapters]
+    if any(t is None for t in targets):
+        raise InputError(f"adapter {adapters[targets.index(None)].folder} has no target_modules in its config, which "
+                         "PEFT's add_weighted_adapter needs; use --method cat")
     if all(isinstance(t, str) for t in targets):
         return "|".join(f"({t})" for t in targets)
     if all(isinstance(t, list) for t in targets):
@@ -470,6 +474,24 @@ def _peft_target_modules(adapters: list[Adapter]) -> str | list[str]:
     raise InputError("the adapters' target_modules mix a regex string and lists "
                      f"({', '.join(f'{a.folder.name}: {type(t).__name__}' for a, t in zip(adapters, targets))}), "
                      "which PEFT's add_weighted_adapter refuses; use --method cat")
+
+
+_RESTRICTIONS = ("layers_to_transform", "layers_pattern", "exclude_modules")
+
+
+def _layer_restrictions(adapters: list[Adapter]) -> dict[str, Any]:
+    """The first adapter's ``layers_to_transform``/``layers_pattern``/``exclude_modules``, which PEFT copies
+    to the combined adapter (restricting where it goes): refused where the adapters' differ, since PEFT
+    would then leave out layers that some adapter changes."""
+    first = {k: adapters[0].config.get(k) for k in _RESTRICTIONS}
+    for a in adapters[1:]:
+        other = {k: a.config.get(k) for k in _RESTRICTIONS}
+        if other != first:
+            key = next(k for k in _RESTRICTIONS if other[k] != first[k])
+            raise UnsupportedError(f"adapters {adapters[0].folder.name} and {a.folder.name} differ in {key} "
+                                   f"({first[key]!r} vs {other[key]!r}); PEFT's add_weighted_adapter applies the "
+                                   "first's to the combined adapter; use --method cat")
+    return {k: v for k, v in first.items() if v is not None}
 
 
 def _module_order(modules: list[str], module_order: str | Path | Sequence[str] | None) -> list[str]:
