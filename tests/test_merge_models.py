@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from oracle import load_all, run_cli, save_base, tiny_llama
+from oracle import load_all, save_base, tiny_llama
 
 from wsurgery.errors import InputError, UnsupportedError
 from wsurgery.merging import merge_models
@@ -145,3 +145,108 @@ def test_running_sum_is_torchs(n, dtype, shape):
     for r in rows:
         acc.add(r)
     assert torch.equal(acc.result(), torch.stack(rows).sum(dim=0))
+
+
+def _adapter(models: dict[str, Path], tmp_path: Path) -> Path:
+    from oracle import make_adapter
+    from peft import LoraConfig
+
+    base = tiny_llama(load_all(models["base"])["model.embed_tokens.weight"].dtype)
+    base.load_state_dict(load_all(models["base"]), strict=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    return make_adapter(base, config, tmp_path / "lora", seed=5)
+
+
+def test_lora_adapter_contributes_its_change(models, tmp_path):
+    """An adapter is the model PEFT's merge_and_unload makes of the base (mergekit's BASE+LORA syntax)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    lora = _adapter(models, tmp_path)
+    config = _config(models, "ties", {"density": 0.5}, [{"weight": 0.6}, {"weight": 0.4}])
+    config["models"].append({"model": f"{models['base']}+{lora}", "parameters": {"weight": 0.7}})
+    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "mergekit"),
+              MergeOptions(lora_merge_cache=str(tmp_path / "cache"), copy_tokenizer=False, write_model_card=False,
+                           quiet=True))
+    theirs = load_all(tmp_path / "mergekit")
+    _assert_identical(_ours(config, tmp_path / "ours", seed=None), theirs)
+    config["models"][-1]["model"] = str(lora)  # an adapter folder: its change on the merge's base
+    _assert_identical(_ours(config, tmp_path / "ours2", seed=None), theirs)
+
+
+def _cli(args: list) -> object:
+    from click.testing import CliRunner
+
+    from wsurgery.merging.command import merge_models_command
+
+    return CliRunner().invoke(merge_models_command, [str(a) for a in args])
+
+
+def test_cli(models, tmp_path):
+    """`merge-models BASE A:W B:W OUT --method dare_ties --density 0.5 --seed 0` and `--config YAML OUT` are
+    mergekit's merge."""
+    per_model = [{"weight": 0.6}, {"weight": 0.4}]
+    config = _config(models, "dare_ties", {"density": 0.5}, per_model)
+    theirs = _mergekit(config, tmp_path / "mergekit", seed=0)
+    r = _cli([models["base"], f"{models['a']}:0.6", f"{models['b']}:0.4", tmp_path / "ours", "--method", "dare_ties",
+              "--density", "0.5", "--seed", "0", "--quiet"])
+    assert r.exit_code == 0, r.output
+    _assert_identical(load_all(tmp_path / "ours"), theirs)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text()) == \
+        json.loads((models["base"] / "config.json").read_text())
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(config))
+    r = _cli(["--config", tmp_path / "m.yml", tmp_path / "ours2", "--seed", "0"])
+    assert r.exit_code == 0, r.output
+    assert "merged 3 models with dare_ties" in r.output
+    _assert_identical(load_all(tmp_path / "ours2"), theirs)
+
+
+def _refused(tmp_path: Path, error: type, match: str, **kwargs) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(error, match=match):
+        merge_models(out, progress=False, **kwargs)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "wsurgery-tmp" in p.name]
+
+
+def test_bad_models(models, tmp_path):
+    other = save_base(tiny_llama(load_all(models["a"])["model.norm.weight"].dtype, vocab=100), tmp_path / "wider")
+    _refused(tmp_path, InputError, r"wider: lm_head.weight is \[100, 32\] but \[96, 32\] in .*base; .* share shapes",
+             base=models["base"], models=[models["a"], other], method="ties")
+    tied = save_base(tiny_llama(load_all(models["a"])["model.norm.weight"].dtype, tie=True), tmp_path / "tied")
+    _refused(tmp_path, InputError, "tied: lacks lm_head.weight", base=models["base"], models=[tied])
+    for density in (0, 1.5, -0.2):
+        _refused(tmp_path, InputError, rf"density {float(density)} is outside \(0, 1\]", base=models["base"],
+                 models=[models["a"]], method="ties", parameters={"density": density})
+    _refused(tmp_path, InputError, "epsilon", base=models["base"], models=[models["a"]], method="della",
+             parameters={"density": 0.9, "epsilon": 0.2})
+    _refused(tmp_path, InputError, "slerp merges the base with exactly 1 other model; got 2",
+             base=models["base"], models=[models["a"], models["b"]], method="slerp", parameters={"t": 0.5})
+    _refused(tmp_path, InputError, "parameter t is required", base=models["base"], models=[models["a"]],
+             method="nearswap")
+    _refused(tmp_path, InputError, "model_stock needs at least 2", base=models["base"], models=[models["a"]],
+             method="model_stock")
+    _refused(tmp_path, UnsupportedError, "parameters names gamma, which ties does not have", base=models["base"],
+             models=[models["a"]], method="ties", parameters={"gamma": 0.1})
+    _refused(tmp_path, InputError, "no such file or folder", base=models["base"], models=[tmp_path / "nope"])
+
+
+@pytest.mark.parametrize("yaml_text, error, match", [
+    ("merge_method: sce\nbase_model: B\nmodels: [{model: A}]", InputError, "merge method 'sce' is not supported"),
+    ("merge_method: ties\nslices: []\nbase_model: B", UnsupportedError, "'slices' .* is not supported"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: A}]\nfoo: 1", UnsupportedError, "option 'foo'"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: A}]\ntokenizer_source: union", UnsupportedError,
+     "tokenizer_source 'union'"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: A, parameters: {weight: 1, densty: 0.5}}]",
+     UnsupportedError, "names densty, which ties does not have"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: A, parameters: {weight: x}}]", InputError,
+     "weight must be a number"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: A}]\n"
+     "parameters: {weight: 1, density: [{filter: mlp, value: 2}]}", InputError,
+     r"mlp.* density 2.0 is outside \(0, 1\]"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: A}]", InputError, "parameter weight is required"),
+    ("merge_method: [", InputError, "not valid YAML"),
+])
+def test_bad_yaml(models, tmp_path, yaml_text, error, match):
+    path = tmp_path / "m.yml"
+    path.write_text(yaml_text.replace("B", str(models["base"])).replace("{model: A", f"{{model: {models['a']}"))
+    _refused(tmp_path, error, match, config=path)

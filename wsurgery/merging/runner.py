@@ -13,6 +13,7 @@ same masks. Methods without random masks run on ``--workers`` threads (the outpu
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -244,8 +245,8 @@ def run_merge(p: MergePlan, out: str | Path, *, max_shard_size: int | None = Non
                                  "it cannot be merged, only agreed on")
         return name, first
 
-    tasks: list[Callable[[], tuple[str, torch.Tensor]]] = [lambda j=j: merged(j) for j in p.jobs]
-    tasks += [lambda n=n: copied(n) for n in p.copied]
+    tasks: list[Callable[[], tuple[str, torch.Tensor]]] = [functools.partial(merged, j) for j in p.jobs]
+    tasks += [functools.partial(copied, n) for n in p.copied]
     with atomic_output_dir(out, overwrite) as tmp:
         writer = CheckpointWriter(tmp, shards, index_name if len(shards) > 1 else None)
         try:
