@@ -152,7 +152,8 @@ def test_gpt2_conv1d_and_bf16_adapters_are_peft_bit_for_bit(tmp_path, method, kw
     a = make_adapter(model, LoraConfig(lora_alpha=8, **config), tmp_path / "a", seed=1)
     b = make_adapter(model, LoraConfig(lora_alpha=4, **config), tmp_path / "b", seed=2, adapter_dtype=torch.bfloat16)
     order = tmp_path / "order.txt"
-    order.write_text("\n".join(name for name, _ in model.named_modules()))
+    # the names as a PeftModel lists them (base_model.model. prefixed) are taken too
+    order.write_text("\n".join(f"base_model.model.{name}" for name, _ in model.named_modules()))
     adapters = [(a, 0.9), (b, 0.5)]
     wsurgery.combine(tmp_path / "out", adapters, method=method, seed=3, module_order=order, progress=False,
                      **_api_options(kwargs))
@@ -227,6 +228,8 @@ def test_help_lists_every_peft_method_and_says_which_are_not_sums(capsys):
     ({"method": "svd", "svd_driver": "gesvd"}, "CUDA"),
     ({"method": "ties", "density": 0.5, "rank": 2}, "svd_rank"),
     ({"method": "nope"}, "unknown --method"),
+    ({"method": "ties", "density": 0.5, "svd_full_matrices": False}, "--no-svd-full-matrices applies"),
+    ({"method": "svd", "module_order": ["x"]}, "draws nothing"),
     ({"method": "svd", "rank": 40}, "smaller dimension"),
 ])
 def test_bad_options_are_refused_before_anything_is_written(env, tmp_path, options, message):

@@ -269,8 +269,8 @@ def combine(out: str | Path, adapters: AdapterSpec | Sequence[AdapterSpec], *, r
     if rank is not None and rank < 1:
         raise InputError(f"--rank must be at least 1, not {rank}")
     options = check_options(method, density=density, majority_sign_method=majority_sign_method, seed=seed,
-                            svd_clamp=svd_clamp, svd_driver=svd_driver, rank=rank)
-    options = MergeOptions(options.method, density, majority_sign_method, seed, svd_clamp, svd_full_matrices)
+                            svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
+                            rank=rank)
     if module_order is not None and not options.method.random:
         raise InputError(f"--module-order sets the order of DARE's random draws; {method} draws nothing")
     specs = weighted_specs(adapters)
@@ -495,8 +495,9 @@ def _layer_restrictions(adapters: list[Adapter]) -> dict[str, Any]:
 
 
 def _module_order(modules: list[str], module_order: str | Path | Sequence[str] | None) -> list[str]:
-    """The modules in the model's order (``module_order``: its ``named_modules()`` names, from a file or a list;
-    names not combined here are skipped), or by name with numbers compared as numbers."""
+    """The modules in the model's order (``module_order``: its ``named_modules()`` names, from a file or a list,
+    of the model or of a PeftModel; names not combined here are skipped), or by name with numbers compared as
+    numbers."""
     if module_order is None:
         return sorted(modules, key=_natural_key)
     if isinstance(module_order, (str, Path)):
@@ -509,6 +510,7 @@ def _module_order(modules: list[str], module_order: str | Path | Sequence[str] |
     else:
         names = list(module_order)
     wanted = set(modules)
+    names = [n.removeprefix("base_model.model.") for n in names]  # names taken from a PeftModel
     order = list(dict.fromkeys(n for n in names if n in wanted))
     missing = [m for m in modules if m not in set(order)]
     if missing:

@@ -86,7 +86,8 @@ class MergeOptions:
 
 
 def check_options(method: str, *, density: float | None, majority_sign_method: str, seed: int | None,
-                  svd_clamp: float | None, svd_driver: str | None, rank: int | None) -> MergeOptions:
+                  svd_clamp: float | None, svd_full_matrices: bool, svd_driver: str | None,
+                  rank: int | None) -> MergeOptions:
     """Every option against the method, refused in one line where PEFT would fail or ignore it."""
     if method not in METHODS:
         raise InputError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
@@ -107,8 +108,10 @@ def check_options(method: str, *, density: float | None, majority_sign_method: s
     if seed is not None and not m.random:
         raise InputError(f"--seed applies to the DARE methods ({', '.join(n for n, x in METHODS.items() if x.random)}),"
                          f" not {method}, which draws nothing at random")
-    if not m.svd and svd_clamp is not None:
-        raise InputError(f"--svd-clamp applies to the SVD methods, not {method}")
+    if not m.svd and (svd_clamp is not None or not svd_full_matrices):
+        option = "--svd-clamp" if svd_clamp is not None else "--no-svd-full-matrices"
+        raise InputError(f"{option} applies to the SVD methods ({', '.join(n for n, x in METHODS.items() if x.svd)}), "
+                         f"not {method}")
     if svd_clamp is not None and not 0 <= svd_clamp <= 1:
         raise InputError(f"--svd-clamp is a quantile in [0, 1], not {svd_clamp}")
     if svd_driver is not None:
@@ -116,7 +119,7 @@ def check_options(method: str, *, density: float | None, majority_sign_method: s
                                "(cuSOLVER), and wsurgery computes on the CPU, as PEFT does for adapters on the CPU")
     if m.factors and rank is not None:
         raise InputError(f"--rank is PEFT's svd_rank for the SVD methods; {method} keeps the adapters' common rank")
-    return MergeOptions(m, density, majority_sign_method, seed, svd_clamp)
+    return MergeOptions(m, density, majority_sign_method, seed, svd_clamp, svd_full_matrices)
 
 
 # -- PEFT's merge_utils, op for op ------------------------------------------------------------------------
