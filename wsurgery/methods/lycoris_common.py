@@ -1,0 +1,77 @@
+"""Shared pieces of the LyCORIS patches (kohya / LyCORIS adapter files): how a module's change is scaled by the
+user's multiplier, and DoRA's renormalisation as LyCORIS does it.
+
+LyCORIS (4.1.3) computes the weight its modules train and infer with as ``W + multiplier·ΔW`` (ΔW already
+carries α/r), or, with ``weight_decompose`` (DoRA), ``V·(multiplier·(m/‖V‖ − 1) + 1)`` with ``V = W + ΔW`` taken
+at multiplier 1 and ``‖V‖`` per output row (``wd_on_out``) or per input column, plus float32 eps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import InputError, NotInvertibleError
+from .base import AdditivePatch, Patch, Shapes, Tensors
+
+
+class LycorisPatch(Patch):
+    """A LyCORIS change ``W -> f(W, multiplier)``; subclasses implement ``merge`` with LyCORIS' multiplier rule
+    (which is not ``lerp``) and ``apply`` as merge at 1."""
+
+    def apply(self, tensors: Tensors) -> Tensors:
+        return self.merge(tensors, 1.0)
+
+    def revert(self, tensors: Tensors) -> Tensors:
+        return self.unmerge(tensors, 1.0)
+
+
+def _norm(V: torch.Tensor, on_out: bool) -> torch.Tensor:
+    """LyCORIS' ``weight_decompose`` norm: per output row or per input column, shaped to broadcast, plus eps."""
+    eps = torch.finfo(V.dtype).eps
+    if on_out:
+        return V.reshape(V.shape[0], -1).norm(dim=1).reshape(V.shape[0], *[1] * (V.dim() - 1)) + eps
+    return (V.transpose(0, 1).reshape(V.shape[1], -1).norm(dim=1, keepdim=True)
+            .reshape(V.shape[1], *[1] * (V.dim() - 1)).transpose(0, 1)) + eps
+
+
+class LycorisDoraPatch(LycorisPatch):
+    """LyCORIS DoRA (``dora_scale``) over an additive LoRA/LoHa/LoKr change: ``V = W + ΔW`` (ΔW at multiplier 1),
+    then ``W' = V·(mult·(m/‖V‖ − 1) + 1)``. ``dora_scale`` is ``(out, 1, …)`` (``wd_on_out``, the default) or
+    ``(1, in, …)``; its shape says which."""
+
+    def __init__(self, inner: AdditivePatch, dora_scale: torch.Tensor):
+        super().__init__(inner.module, ("weight",))
+        self.inner, self.m = inner, dora_scale
+        self.on_out = True
+
+    def check(self, shapes: Shapes) -> None:
+        self.inner.check(shapes)
+        w = tuple(shapes["weight"])
+        m = tuple(self.m.shape)
+        rest = (1,) * (len(w) - 1)
+        if m == (w[0], *rest):
+            self.on_out = True
+        elif len(w) >= 2 and m == (1, w[1], *rest[1:]):
+            self.on_out = False
+        else:
+            raise InputError(f"{self.module}: dora_scale is {list(m)} but the base weight is {list(w)}: expected "
+                             f"{[w[0], *rest]} (wd_on_out) or {[1, *w[1:2], *rest[1:]]}")
+
+    def merge(self, tensors: Tensors, scale: float) -> Tensors:
+        V = self.inner.add_scaled(tensors, 1.0)["weight"]
+        factor = self.m.to(V.dtype) / _norm(V, self.on_out)
+        if scale != 1:
+            factor = scale * (factor - 1) + 1
+        return {**tensors, "weight": V.mul_(factor)}
+
+    def unmerge(self, tensors: Tensors, scale: float) -> Tensors:
+        raise NotInvertibleError(f"{self.module}: {self.why_not_invertible()}")
+
+    def why_not_invertible(self) -> str | None:
+        return ("DoRA (dora_scale) rescales W+ΔW to the saved magnitude; the norm of W+ΔW is not in the files, "
+                "so W cannot be recovered. Keep the base checkpoint and merge from it again instead")
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.inner.describe(), "dora": "wd_on_out" if self.on_out else "wd_on_in"}
