@@ -238,12 +238,12 @@ def _pre_tokenize(pieces: list[str], spec: dict | None) -> tuple[list[str], bool
 
 
 def _merge_ranks(merges: list) -> dict[tuple[str, str], int]:
-    ranks = {}
+    ranks: dict[tuple[str, str], int] = {}
     for i, m in enumerate(merges):
         pair = tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
         if len(pair) != 2:
             raise _Unsupported("a merge that is not a pair")
-        ranks.setdefault(pair, i)
+        ranks.setdefault((pair[0], pair[1]), i)
     return ranks
 
 

@@ -18,6 +18,7 @@ from Llama 3's rope scaling, stacked experts, SentencePiece vocabularies...) are
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as GgmlType
 
+from ..checkpoint.safetensors_file import write_at
 from ..errors import InputError, UnsupportedError
 from ..quant.encodings import EncodedTensorInfo
 from .gguf_vocab import check_tokenizer_kind
@@ -92,6 +94,15 @@ class GgufTarget:
     heads: int | None = None  # rows interleaved per head (Llama Q/K)
 
 
+@dataclass(frozen=True)
+class HfGgufOutput:
+    """What a GGUF output of a Hugging Face base should be: the converter's ``--outtype`` and, optionally,
+    other ggml types for some weights (``type_for(gguf_name, shape)``, None: the outtype's)."""
+
+    outtype: str = "f16"
+    type_for: Callable[[str, tuple[int, ...]], GgmlType | None] | None = None
+
+
 @dataclass
 class GgufConversion:
     """A model folder's conversion, computed up front (see the module docstring)."""
@@ -114,6 +125,15 @@ class GgufConversion:
             return gguf.quants.quantize(data, t.type)
         except gguf.QuantError as e:
             raise AssertionError(f"{t.name}: planned as {t.type.name} but {e}") from e
+
+
+    def rounding(self, name: str, changed: bool) -> tuple[torch.dtype, str | None] | None:
+        """What a changed tensor must fit (its type's values, or the float16 scales of block types);
+        unchanged tensors are converted as the converter converts them, unchecked."""
+        if not changed or name not in self.targets:
+            return None
+        t = self.targets[name].type
+        return {GgmlType.F32: torch.float32, GgmlType.BF16: torch.bfloat16}.get(t, torch.float16), None
 
 
 def _interleave(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -179,7 +199,7 @@ def _rope_parameters(h: dict) -> dict:
     return rope
 
 
-def _add_parameters(w: gguf.GGUFWriter, h: dict, family: Family, ftype: gguf.LlamaFileType,  # noqa: C901
+def _add_parameters(w: gguf.GGUFWriter, h: dict, family: Family, ftype: gguf.LlamaFileType,
                     where: Path) -> None:
     """``TextModel.set_gguf_parameters`` (and ``LlamaModel``'s), for the settings these families use;
     settings that would need more (MoE, mrope, llama3 rope) are refused."""
@@ -382,7 +402,8 @@ class HfToGgufWriter:
         t = self.conversion.targets[name]
         if data.nbytes != _nbytes(t.shape, t.type):
             raise AssertionError(f"{t.name}: encoded to {data.nbytes} bytes")
-        os.pwrite(self._fd, memoryview(np.ascontiguousarray(data)).cast("B"), self._data_start + self._offsets[name])
+        write_at(self._fd, torch.from_numpy(np.ascontiguousarray(data)), self._data_start + self._offsets[name],
+                 self.path, t.name)
         self._pending.discard(name)
 
     def copy_raw(self, name: str) -> bool:
@@ -429,7 +450,7 @@ def hf_to_gguf(ckpt_folder: str | Path, out: str | Path, outtype: str = "f16",
 
             with tqdm(total=sum(ckpt.tensors[n].nbytes for n in names), unit="B", unit_scale=True,
                       disable=not progress, desc="convert", leave=False) as bar:
-                for done in run_ordered([lambda n=n: one(n) for n in names], workers):
+                for done in run_ordered([functools.partial(one, n) for n in names], workers):
                     bar.update(done)
             writer.close()
         except BaseException:
