@@ -116,7 +116,13 @@ def test_factor_methods_are_peft_bit_for_bit(env, tmp_path, method):
     adapters = [(env.a, 0.7), (env.b, -0.4)]
     extra = {"seed": SEED, "module_order": env.order} if METHODS[method].random else {}
     wsurgery.combine(tmp_path / "out", adapters, method=method, progress=False, **_api_options(kwargs), **extra)
-    assert_same_adapter(ours(tmp_path / "out"), peft_combined(env, tmp_path, adapters, method, **kwargs))
+    expected = peft_combined(env, tmp_path, adapters, method, **kwargs)
+    assert_same_adapter(ours(tmp_path / "out"), expected)
+    if METHODS[method].random:  # the order matters: by name (embed, layers.0.mlp, ...) the masks are others
+        r = wsurgery.combine(tmp_path / "by_name", adapters, method=method, seed=SEED, progress=False, **kwargs)
+        assert any("--module-order" in n for n in r.notes)
+        by_name = ours(tmp_path / "by_name")[0]
+        assert any(not torch.equal(by_name[k], t) for k, t in expected[0].items())
 
 
 @pytest.mark.parametrize("method", list(SVD_CASES))
