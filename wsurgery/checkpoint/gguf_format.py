@@ -50,7 +50,7 @@ def parse_type(text: str) -> GgmlType:
     """``"q8_0"`` -> ``GGMLQuantizationType.Q8_0``; only types ``encode`` can produce."""
     t = GgmlType.__members__.get(text.strip().upper())
     if t is None or not can_encode(t):
-        raise InputError(f"unknown or unsupported GGUF type {text!r}; the gguf package can write "
+        raise InputError(f"unknown or unsupported GGUF type {text!r}; wsurgery can write "
                          f"{', '.join(type_name(t) for t in GgmlType if can_encode(t))}")
     return t
 
@@ -190,7 +190,8 @@ def check_encodable(source: GgufCheckpoint, types: dict[str, GgmlType], changed:
                                    f"pass --type with one it can ({writable})")
         if not fits_blocks(info.shape, target):
             raise UnsupportedError(f"{info.gguf_name}: rows of {info.shape[-1]} values do not divide into "
-                                   f"{target.name} blocks of {gguf.GGML_QUANT_SIZES[target][0]}; choose another type")
+                                   f"{type_name(target)} blocks of {gguf.GGML_QUANT_SIZES[target][0]}; choose another "
+                                   "--gguf-type; nothing was written")
 
 
 def _align(n: int, alignment: int) -> int:

@@ -4,8 +4,9 @@ A GGUF tensor is one stored byte range: its values in the file's ggml type, in t
 converter wrote (Llama's Q/K rows interleaved per head, Gemma's norms stored + 1: ``gguf_names.Layout``).
 Its ``Ggml`` encoding decodes it as the ``gguf`` package dequantizes it (``gguf.quants.dequantize``,
 what transformers' GGUF loader calls) and undoes the layout, so an adapter in Hugging Face layout
-applies as it is; ``encode`` is ``gguf.quants.quantize`` (llama.cpp's reference quantizers) of the
-tensor put back in GGUF layout. GGUF files are opened by their format (``checkpoint/formats/gguf``),
+applies as it is; ``encode`` is ggml's reference quantizer (``quant/ggml_types``: byte-identical to
+ggml's, K-quants included; the ``gguf`` package's for the types it does not cover) of the tensor put
+back in GGUF layout. GGUF files are opened by their format (``checkpoint/formats/gguf``),
 which builds each tensor's ``EncodedTensorInfo`` under its Hugging Face name, and written by
 ``gguf_format.GgufWriter``: no safetensors checkpoint stores ggml types, so ``group`` finds none.
 
@@ -78,17 +79,13 @@ def can_decode(t: GgmlType) -> bool:
 
 @functools.cache
 def can_encode(t: GgmlType) -> bool:
-    """Whether ``t`` can be written from floats: plain floats, and the quantizers ``gguf`` implements."""
-    import gguf
+    """Whether ``t`` can be written from floats: plain floats, and the types ``ggml_types`` quantizes."""
+    from .. import ggml_types
 
     plain = plain_types()
     if t in plain:
         return plain[t].is_floating_point
-    try:
-        gguf.quants.quantize(np.zeros((1, block_sizes(t)[0]), np.float32), t)
-    except NotImplementedError:
-        return False
-    return True
+    return ggml_types.can_quantize(t, block_sizes(t)[0]) is None
 
 
 @register
@@ -149,6 +146,6 @@ class Ggml(Encoding):
         plain = plain_types()
         if target in plain:
             return tensor.to(plain[target]).contiguous()
-        import gguf
+        from .. import ggml_types
 
-        return torch.from_numpy(gguf.quants.quantize(tensor.contiguous().numpy(), target))
+        return torch.from_numpy(ggml_types.quantize(tensor, target))
