@@ -443,9 +443,9 @@ class _PeftCombination:
         if m.kind in ("embedding", "conv1d"):
             delta = delta.T
         A, B = svd_factors(delta, self.new_rank, o.svd_clamp, o.svd_full_matrices, m.module)
-        total = float(delta.double().square().sum())
-        error = float((delta.double() - B.double() @ A.double()).square().sum())
-        return LoraModule(m.kind, A, B), math.sqrt(error / total) if total > 0 else 0.0
+        total = float(torch.linalg.vector_norm(delta))
+        error = float(torch.linalg.vector_norm((B @ A).sub_(delta)))
+        return LoraModule(m.kind, A, B), error / total if total > 0 else 0.0
 
 
 def _check_peft_lora(adapter: Adapter, method: str) -> None:
