@@ -1,0 +1,208 @@
+"""Diffusion families (wsurgery.families) against diffusers' own single-file converters.
+
+For each family: tiny diffusers components (UNet2DConditionModel / SD3Transformer2DModel /
+FluxTransformer2DModel / AutoencoderKL, transformers CLIP/T5 text encoders) give the diffusers state dicts;
+our tables write them as the original single file; diffusers' converters (``single_file_utils``) read that
+single file back and must give the diffusers state dicts tensor for tensor (so our original names, slices,
+swaps and transposes are diffusers'); then every Location we give for the single file, applied to the
+stored tensor, must be exactly the diffusers tensor.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers.loaders import single_file_utils as sfu
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
+
+from wsurgery.families import Layout, detect, detect_folder
+
+torch.manual_seed(0)
+
+
+def _sd(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # random values everywhere (zero-initialised layers would hide a swapped slice)
+    return {k: torch.randn(v.shape) for k, v in model.state_dict().items()}
+
+
+def _clip(projection: bool = False, layers: int = 2) -> dict[str, torch.Tensor]:
+    cfg = CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                         vocab_size=50, max_position_embeddings=8, projection_dim=12)
+    if projection:
+        return _sd(CLIPTextModelWithProjection(cfg))
+    # transformers 5 dropped CLIPTextModel's ``text_model`` wrapper from its own names; files (diffusers folders,
+    # single files, converters' output) keep it, and transformers maps it back on load
+    return {f"text_model.{k}": v for k, v in _sd(CLIPTextModel(cfg)).items()}
+
+
+def _t5() -> dict[str, torch.Tensor]:
+    return _sd(T5EncoderModel(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)))
+
+
+def _vae() -> tuple[dict[str, torch.Tensor], dict]:
+    cfg = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+               up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, layers_per_block=1)
+    return _sd(AutoencoderKL(**cfg)), cfg
+
+
+def _unet(kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+    cfg: dict = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16, 16),
+                     cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
+    if kind == "sdxl":  # SGM layout: no attention at the first level, two transformer layers deeper
+        cfg.update(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                   transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+                   addition_embed_type="text_time", addition_time_embed_dim=4,
+                   projection_class_embeddings_input_dim=12 + 6 * 4)
+    else:  # SD 1.x/2.x layout: no attention at the last level
+        cfg.update(down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                   use_linear_projection=kind == "sd2")
+    return _sd(UNet2DConditionModel(**cfg)), cfg
+
+
+def _flux_converter():
+    """diffusers' Flux converter hard-codes Flux.1's widths (inner_dim = 3072); run its own code with the tiny
+    model's width instead (the only change)."""
+    src = inspect.getsource(sfu.convert_flux_transformer_checkpoint_to_diffusers)
+    assert src.count("inner_dim = 3072") == 1
+    ns = dict(vars(sfu))
+    exec(src.replace("inner_dim = 3072", "inner_dim = 16"), ns)
+    return ns["convert_flux_transformer_checkpoint_to_diffusers"]
+
+
+def build(name: str):
+    """(diffusers components, single-file extras, {component: converter(single file) -> diffusers dict})."""
+    comps: dict[str, dict[str, torch.Tensor]] = {}
+    conv = {}
+    extra: dict[str, torch.Tensor] = {}
+    vae, vae_cfg = _vae()
+    comps["vae"] = vae
+    if name in ("sd1", "sd2", "sdxl"):
+        comps["unet"], ucfg = _unet(name)
+        conv["unet"] = lambda sf, c=ucfg: sfu.convert_ldm_unet_checkpoint(dict(sf), c)
+        conv["vae"] = lambda sf: sfu.convert_ldm_vae_checkpoint(dict(sf), vae_cfg)
+    if name == "sd1":
+        comps["text_encoder"] = _clip()
+        conv["text_encoder"] = lambda sf: sfu.convert_ldm_clip_checkpoint(dict(sf))
+    if name == "sd2":
+        # SD 2's OpenCLIP has one resblock more than the diffusers text encoder (index 23 in the real model,
+        # which diffusers skips by name): 23 layers in diffusers, 24 stored
+        comps["text_encoder"] = _clip(layers=23)
+        p = "cond_stage_model.model.transformer.resblocks.23."
+        extra = {p + k: torch.randn(s) for k, s in (("attn.in_proj_weight", (48, 16)), ("attn.in_proj_bias", (48,)),
+                                                   ("ln_1.weight", (16,)), ("mlp.c_fc.weight", (32, 16)))}
+        extra["cond_stage_model.model.text_projection"] = torch.randn(16, 16)
+        conv["text_encoder"] = lambda sf: sfu.convert_open_clip_checkpoint(
+            CLIPTextModel(CLIPTextConfig(hidden_size=16)), dict(sf), prefix="cond_stage_model.model.")
+    if name == "sdxl":
+        comps["text_encoder"] = _clip()
+        comps["text_encoder_2"] = _clip(projection=True)
+        conv["text_encoder"] = lambda sf: sfu.convert_ldm_clip_checkpoint(dict(sf))
+        conv["text_encoder_2"] = lambda sf: sfu.convert_open_clip_checkpoint(
+            CLIPTextModel(CLIPTextConfig(hidden_size=16)), dict(sf), prefix="conditioner.embedders.1.model.")
+    if name == "sd3":
+        comps["transformer"] = _sd(SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+            pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm"))
+        comps["text_encoder"] = _clip(projection=True)
+        comps["text_encoder_2"] = _clip(projection=True)
+        comps["text_encoder_3"] = _t5()
+        conv["transformer"] = lambda sf: sfu.convert_sd3_transformer_checkpoint_to_diffusers(
+            {k: v for k, v in sf.items() if k.startswith("model.diffusion_model.")})
+        conv["text_encoder"] = lambda sf: sfu.convert_ldm_clip_checkpoint(
+            {k: v for k, v in sf.items() if "clip_l" in k}, "text_encoders.clip_l.transformer.")
+        conv["text_encoder_2"] = lambda sf: sfu.convert_ldm_clip_checkpoint(
+            {k: v for k, v in sf.items() if "clip_g" in k}, "text_encoders.clip_g.transformer.")
+        conv["text_encoder_3"] = lambda sf: sfu.convert_sd3_t5_checkpoint_to_diffusers(dict(sf))
+    if name == "flux":
+        comps["transformer"] = _sd(FluxTransformer2DModel(
+            patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4)))
+        comps["text_encoder"] = _clip()
+        comps["text_encoder_2"] = _t5()
+        flux_conv = _flux_converter()
+        conv["transformer"] = lambda sf: flux_conv(
+            {k: v for k, v in sf.items() if k.startswith("model.diffusion_model.")})
+        conv["text_encoder"] = lambda sf: sfu.convert_ldm_clip_checkpoint(
+            {k: v for k, v in sf.items() if "clip_l" in k}, "text_encoders.clip_l.transformer.")
+        conv["text_encoder_2"] = lambda sf: sfu.convert_sd3_t5_checkpoint_to_diffusers(dict(sf))
+    if name in ("sd3", "flux"):
+        vae_cfg["down_block_types"] = vae_cfg["up_block_types"] = ("x", "x")
+        prefix = "first_stage_model." if name == "sd3" else "vae."
+        conv["vae"] = lambda sf: sfu.convert_ldm_vae_checkpoint(
+            {k: v for k, v in sf.items() if k.startswith(prefix)}, vae_cfg)
+    return comps, extra, conv
+
+
+def shapes(d):
+    return {k: tuple(v.shape) for k, v in d.items()}
+
+
+FAMILIES = ["sd1", "sd2", "sdxl", "sd3", "flux"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_case(request):
+    name = request.param
+    comps, extra, conv = build(name)
+    folder = detect_folder({c: shapes(d) for c, d in comps.items()}, where=name)
+    assert folder is not None and folder.name == name and folder.layout is Layout.DIFFUSERS
+    sf = folder.to_single_file({f"{c}.{k}": v for c, d in comps.items() for k, v in d.items()})
+    sf.update(extra)
+    return name, comps, conv, folder, sf
+
+
+def test_single_file_is_what_diffusers_converts(family_case):
+    """Our single-file names/slices/transforms, read by diffusers' converters, give the diffusers tensors."""
+    name, comps, conv, _, sf = family_case
+    assert set(conv) == set(comps)
+    for c, expected in comps.items():
+        got = conv[c](sf)
+        assert set(got) == set(expected), (c, set(got) ^ set(expected))
+        for k, v in expected.items():
+            assert torch.equal(got[k], v), (c, k)
+
+
+def test_locations_take_the_diffusers_tensor(family_case):
+    """Every Location of the detected single file gives exactly the diffusers tensor, and back."""
+    name, comps, _, _, sf = family_case
+    fam = detect(shapes(sf), where=name)
+    assert fam is not None and fam.name == name and fam.layout is Layout.SINGLE_FILE
+    params = fam.parameters()
+    expected = {f"{c}.{k}": v for c, d in comps.items() for k, v in d.items()}
+    assert set(params) == set(expected), set(params) ^ set(expected)
+    for canonical, value in expected.items():
+        loc = params[canonical]
+        assert loc.shape == tuple(value.shape), canonical
+        got = loc.take(sf[loc.weight])
+        assert got.shape == value.shape and torch.equal(got, value), canonical
+        assert torch.equal(loc.to_stored(value), loc.region(sf[loc.weight])), canonical
+    fused = [loc for loc in params.values() if loc.slice is not None]
+    assert fused or name == "sd1"
+    for m, loc in fam.modules().items():
+        if loc.bias is not None:
+            assert torch.equal(loc.take(sf[loc.bias]), expected[m + ".bias"])
+
+
+def test_names_do_not_depend_on_the_layout(family_case):
+    """original_names/kohya_names read from the single file equal those read from the diffusers folder."""
+    _, _, _, folder, sf = family_case
+    fam = detect(shapes(sf))
+    assert fam is not None
+    assert fam.original_names() == folder.original_names()
+    assert fam.kohya_names() == folder.kohya_names()
+    assert fam.fused() == folder.fused()
