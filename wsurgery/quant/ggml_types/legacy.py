@@ -1,4 +1,11 @@
-"""ggml's 32-value block types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (``quantize_row_q*_ref``)."""
+"""ggml's 32-value block types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (``quantize_row_q*_ref``).
+
+Each type has a fast path for blocks of finite values whose inverse scale is finite, where C's
+conversions reduce to numpy's (``rint`` with its ties fixed, ``astype`` truncation of positive values),
+and ggml's reductions to numpy's up to which zero (+0 or -0) wins a tie, fixed where it matters. Other
+blocks (NaN, inf, scales so small that their inverse overflows) take the exact path, which spells
+out every C conversion; both give ggml's bytes.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +45,41 @@ def _min_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
+def _signed_absmax(blocks: np.ndarray) -> np.ndarray:
+    """``first_absmax``'s max along rows, from two reductions: order matters only where +m and -m both
+    occur (those rows are redone in order); all-zero rows give +0 as ggml's loop does."""
+    hi, lo = blocks.max(axis=1), blocks.min(axis=1)
+    mx = np.where(hi >= -lo, hi, lo)
+    both = (hi == -lo) & (hi != 0)
+    if both.any():
+        mx[both] = first_absmax(blocks[both].T)[1]
+    return np.where(mx == 0, F32(0), mx)
+
+
+def _fast_min_max(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_min_max`` from two reductions; rows whose min or max is a zero are redone in order (its sign
+    is stored)."""
+    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+    zero = (lo == 0) | (hi == 0)
+    if zero.any():
+        lo[zero], hi[zero] = _min_max(blocks[zero])
+    return lo, hi
+
+
+def _finite(*arrays: np.ndarray) -> bool:
+    return all(bool(np.isfinite(a).all()) for a in arrays)
+
+
+def _rint_away(q: np.ndarray) -> np.ndarray:
+    """``roundf`` of finite values: numpy's round-half-even, with the (rare) ties moved away from zero."""
+    r = np.rint(q)
+    ties = np.flatnonzero(np.abs(q - r) == F32(0.5))
+    if ties.size:
+        flat_q, flat_r = q.reshape(-1), r.reshape(-1)
+        flat_r[ties] = roundf(flat_q[ties])
+    return r
+
+
 def _nibbles(q: np.ndarray) -> np.ndarray:
     """(n, 32) codes -> (n, 16) bytes: value j in the low nibble of byte j, value j+16 in the high one."""
     return (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
@@ -49,30 +91,47 @@ def _high_bits(q: np.ndarray) -> np.ndarray:
     return np.bitwise_or.reduce(bits, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
 
 
+def _codes(values: np.ndarray, scale_inverse: np.ndarray, offset: float, top: int | None) -> np.ndarray:
+    """``MIN(top, (int8_t)(values*id + offset))`` (no MIN where ``top`` is None: a ``(uint8_t)`` cast)."""
+    v = values * scale_inverse[:, None] + F32(offset)
+    if _finite(v):  # positive here: astype truncates as C does
+        q = v.astype(np.int32)
+    else:
+        q = _c_int8(v)
+    return np.minimum(top, q) if top is not None else q & 0xFF
+
+
 @register
 class Q8_0(GgmlQuant):
     type = GgmlType.Q8_0
     block_size, type_size = 32, 34
-    chunk_blocks = 32768
+    chunk_blocks = 16384
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
         d = np.abs(blocks).max(axis=1) / F32(127)
-        q = roundf(blocks * _inverse(d)[:, None])
-        return np.concatenate([half_bytes(fp16(d)), (_cvtt(q) & 0xFF).astype(np.uint8)], axis=1)
+        inverse = _inverse(d)
+        q = blocks * inverse[:, None]
+        if _finite(d, inverse):
+            codes = _rint_away(q).astype(np.int8).view(np.uint8)
+        else:
+            codes = (_cvtt(roundf(q)) & 0xFF).astype(np.uint8)
+        out = np.empty((blocks.shape[0], cls.type_size), np.uint8)
+        out[:, :2] = half_bytes(fp16(d))
+        out[:, 2:] = codes
+        return out
 
 
 @register
 class Q4_0(GgmlQuant):
     type = GgmlType.Q4_0
     block_size, type_size = 32, 18
-    chunk_blocks = 32768
+    chunk_blocks = 16384
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        _, mx = first_absmax(blocks.T)
-        d = mx / F32(-8)
-        q = np.minimum(15, _c_int8(blocks * _inverse(d)[:, None] + F32(8.5)))
+        d = _signed_absmax(blocks) / F32(-8)
+        q = _codes(blocks, _inverse(d), 8.5, 15)
         return np.concatenate([half_bytes(fp16(d)), _nibbles(q)], axis=1)
 
 
@@ -84,9 +143,9 @@ class Q4_1(GgmlQuant):
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        lo, hi = _min_max(blocks)
+        lo, hi = _fast_min_max(blocks)
         d = (hi - lo) / F32(15)
-        q = np.minimum(15, _c_int8((blocks - lo[:, None]) * _inverse(d)[:, None] + F32(0.5)))
+        q = _codes(blocks - lo[:, None], _inverse(d), 0.5, 15)
         return np.concatenate([half_bytes(fp16(d)), half_bytes(fp16(lo)), _nibbles(q)], axis=1)
 
 
@@ -94,13 +153,12 @@ class Q4_1(GgmlQuant):
 class Q5_0(GgmlQuant):
     type = GgmlType.Q5_0
     block_size, type_size = 32, 22
-    chunk_blocks = 32768
+    chunk_blocks = 16384
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        _, mx = first_absmax(blocks.T)
-        d = mx / F32(-16)
-        q = np.minimum(31, _c_int8(blocks * _inverse(d)[:, None] + F32(16.5)))
+        d = _signed_absmax(blocks) / F32(-16)
+        q = _codes(blocks, _inverse(d), 16.5, 31)
         return np.concatenate([half_bytes(fp16(d)), _high_bits(q), _nibbles(q & 0xF)], axis=1)
 
 
@@ -112,8 +170,8 @@ class Q5_1(GgmlQuant):
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        lo, hi = _min_max(blocks)
+        lo, hi = _fast_min_max(blocks)
         d = (hi - lo) / F32(31)
-        q = _c_int8((blocks - lo[:, None]) * _inverse(d)[:, None] + F32(0.5)) & 0xFF  # (uint8_t), no clamp
+        q = _codes(blocks - lo[:, None], _inverse(d), 0.5, None)
         return np.concatenate([half_bytes(fp16(d)), half_bytes(fp16(lo)), _high_bits(q), _nibbles(q & 0xF)],
                               axis=1)
