@@ -8,6 +8,7 @@ calls ``merge`` with lazy readers of the inputs, so a method holds no more of th
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -20,6 +21,26 @@ from ..errors import InputError
 Reader = Callable[[], torch.Tensor]
 
 REQUIRED = object()
+
+
+class Draws:
+    """The merge's random generator, and one tensor's turn at it.
+
+    mergekit draws every random mask from one generator, tensor after tensor in name order. Tensors are
+    merged on several threads, so a tensor takes the generator only once every earlier tensor is done
+    with it (``with draws as generator:``, once per tensor, around all its draws).
+    """
+
+    def __init__(self, generator: torch.Generator, after: threading.Event | None, done: threading.Event):
+        self.generator, self._after, self.done = generator, after, done
+
+    def __enter__(self) -> torch.Generator:
+        if self._after is not None:
+            self._after.wait()
+        return self.generator
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
 
 
 @dataclass(frozen=True)
@@ -66,14 +87,14 @@ class MergeMethod(ABC):
     uses_base: ClassVar[bool] = True  # False: the base only lends config and tokenizer (linear)
     min_models: ClassVar[int] = 1  # besides the base
     max_models: ClassVar[int | None] = None
-    random: ClassVar[bool] = False  # draws random masks (needs the seed, and tensors in mergekit's order)
+    random: ClassVar[bool] = False  # draws random masks (needs the seed)
 
     def check(self, shared: dict[str, Any], per_model: list[dict[str, Any]], where: str) -> None:
         """Refuse parameter values the method cannot use (one line naming them); default: all accepted."""
 
     @abstractmethod
     def merge(self, inputs: Inputs, shared: dict[str, Any], per_model: list[dict[str, Any]],
-              generator: torch.Generator) -> torch.Tensor:
+              draws: Draws) -> torch.Tensor:
         """The merged tensor, in the dtype mergekit's method returns."""
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .base import Inputs, MergeMethod, Param, register
+from .base import Draws, Inputs, MergeMethod, Param, register
 
 
 class Linear(MergeMethod):
@@ -21,7 +21,7 @@ class Linear(MergeMethod):
     uses_base = False
 
     def merge(self, inputs: Inputs, shared: dict[str, Any], per_model: list[dict[str, Any]],
-              generator: torch.Generator) -> torch.Tensor:
+              draws: Draws) -> torch.Tensor:
         work = torch.float64 if inputs.dtype == torch.float64 else torch.float32
         weight = torch.tensor([[p["weight"] for p in per_model]], dtype=work)  # mergekit's [group, input] batch
         coefficient_shape = (1,) + (1,) * len(inputs.shape)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .base import Inputs, MergeMethod, Param, register
+from .base import Draws, Inputs, MergeMethod, Param, register
 
 
 class ModelStock(MergeMethod):
@@ -20,7 +20,7 @@ class ModelStock(MergeMethod):
     min_models = 2
 
     def merge(self, inputs: Inputs, shared: dict[str, Any], per_model: list[dict[str, Any]],
-              generator: torch.Generator) -> torch.Tensor:
+              draws: Draws) -> torch.Tensor:
         assert inputs.base is not None
         w0 = inputs.base()
         out_shape = w0.shape

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .base import Inputs, MergeMethod, Param, register
+from .base import Draws, Inputs, MergeMethod, Param, register
 
 
 class NearSwap(MergeMethod):
@@ -16,7 +16,7 @@ class NearSwap(MergeMethod):
     max_models = 1
 
     def merge(self, inputs: Inputs, shared: dict[str, Any], per_model: list[dict[str, Any]],
-              generator: torch.Generator) -> torch.Tensor:
+              draws: Draws) -> torch.Tensor:
         assert inputs.base is not None
         a, b = inputs.base(), inputs.models[0]()
         weight = (shared["t"] / torch.abs(a - b).clamp(min=1e-6)).clamp(min=0, max=1)

@@ -8,7 +8,8 @@ asks (``Inputs``' readers), and writes it into a safetensors output laid out lik
 
 Tensors are merged in mergekit's order, sorted by name: mergekit draws the random masks of DARE and
 DELLA from one generator seeded once, tensor after tensor in that order, so the same seed gives the
-same masks. Methods without random masks run on ``--workers`` threads (the output is the same).
+same masks. Tensors are merged on ``--workers`` threads, each taking its turn at the generator (``Draws``),
+so the output is the same whatever the number of threads.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,7 @@ from ..engine import Plan, plan
 from ..errors import InputError, UnsupportedError
 from ..quant.encodings import EncodedTensorInfo
 from ..workers import run_ordered
-from .base import Inputs, MergeMethod, get_method
+from .base import Draws, Inputs, MergeMethod, get_method
 from .config import MergeConfig, check_names, layer_t, resolve
 
 
@@ -225,13 +227,19 @@ def run_merge(p: MergePlan, out: str | Path, *, max_shard_size: int | None = Non
     generator = torch.Generator()
     if p.seed is not None:
         generator.manual_seed(p.seed)
+    turns = [threading.Event() for _ in p.jobs]  # job i has drawn its random masks (or has none to draw)
     everyone = ([p.base] if p.base is not None else []) + p.models
 
-    def merged(job: TensorJob) -> tuple[str, torch.Tensor]:
+    def merged(i: int) -> tuple[str, torch.Tensor]:
+        job = p.jobs[i]
         shape = tuple(donor.tensors[job.name].shape)
         inputs = Inputs(_reader(p.base, job.name, job.work) if p.base is not None else None,
                         [_reader(s, job.name, job.work) for s in p.models], shape, job.work)
-        result = p.method.merge(inputs, job.shared, job.per_model, generator)
+        try:
+            result = p.method.merge(inputs, job.shared, job.per_model,
+                                    Draws(generator, turns[i - 1] if i else None, turns[i]))
+        finally:
+            turns[i].set()
         if not bool(torch.isfinite(result).all()):
             raise InputError(f"{job.name}: the merge is not finite (inf or NaN); check the models' tensors and the "
                              "weights")
@@ -245,14 +253,14 @@ def run_merge(p: MergePlan, out: str | Path, *, max_shard_size: int | None = Non
                                  "it cannot be merged, only agreed on")
         return name, first
 
-    tasks: list[Callable[[], tuple[str, torch.Tensor]]] = [functools.partial(merged, j) for j in p.jobs]
+    tasks: list[Callable[[], tuple[str, torch.Tensor]]] = [functools.partial(merged, i) for i in range(len(p.jobs))]
     tasks += [functools.partial(copied, n) for n in p.copied]
     with atomic_output_dir(out, overwrite) as tmp:
         writer = CheckpointWriter(tmp, shards, index_name if len(shards) > 1 else None)
         try:
             total = sum(math_bytes(s) for s in specs)
             with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="merge-models") as bar:
-                for name, tensor in run_ordered(tasks, 1 if p.method.random else workers):
+                for name, tensor in run_ordered(tasks, workers):
                     writer.write(name, tensor.contiguous())
                     bar.update(tensor.numel() * tensor.element_size())
             writer.close()

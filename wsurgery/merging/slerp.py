@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import Inputs, MergeMethod, Param, register
+from .base import Draws, Inputs, MergeMethod, Param, register
 
 _CHUNK_ELEMENTS = 1024 * 1024  # mergekit's column chunk: the norms are norms of chunk norms
 
@@ -48,7 +48,7 @@ class Slerp(MergeMethod):
     max_models = 1
 
     def merge(self, inputs: Inputs, shared: dict[str, Any], per_model: list[dict[str, Any]],
-              generator: torch.Generator) -> torch.Tensor:
+              draws: Draws) -> torch.Tensor:
         assert inputs.base is not None
         t = torch.tensor([shared["t"]], dtype=torch.float64 if inputs.dtype == torch.float64 else torch.float32)
         return slerp(t, inputs.base().unsqueeze(0), inputs.models[0]().unsqueeze(0))[0]

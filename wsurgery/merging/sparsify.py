@@ -81,12 +81,14 @@ def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if tensor.dtype == torch.bfloat16 else torch.float32
 
 
-def bernoulli(tensor: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> Kept | None:
-    """DARE: keep each element with probability ``density``."""
+def bernoulli(shape: torch.Size, dtype: torch.dtype, density: float, rescale: bool,
+              generator: torch.Generator) -> Kept | None:
+    """DARE: keep each element of a ``dtype`` tensor of ``shape`` with probability ``density`` (the draw
+    does not depend on the values, so it can be made before they are read)."""
     if density >= 1:
         return None
-    mask = torch.bernoulli(torch.full_like(tensor, density, dtype=_work_dtype(tensor)), generator=generator)
-    return Kept.of(mask, rescale)
+    work = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    return Kept.of(torch.bernoulli(torch.full(shape, density, dtype=work), generator=generator), rescale)
 
 
 def della_magprune(tensor: torch.Tensor, density: float, epsilon: float, rescale: bool,

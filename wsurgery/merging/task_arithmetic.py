@@ -18,7 +18,7 @@ import torch
 from ..errors import InputError
 from . import sparsify
 from .accumulate import StackedSum
-from .base import Inputs, MergeMethod, Param, register
+from .base import Draws, Inputs, MergeMethod, Param, register
 
 
 @dataclass(frozen=True)
@@ -54,45 +54,51 @@ class TaskArithmetic(MergeMethod):
             if "gamma" in p and not 0 <= p["gamma"] <= 1:
                 raise InputError(f"{where}: gamma {p['gamma']} is outside [0, 1]")
 
-    def _kept(self, delta: torch.Tensor, p: dict[str, Any], rescale: bool,
-              generator: torch.Generator) -> sparsify.Kept | None:
-        if self.sparsification == "magnitude":
-            return sparsify.magnitude(delta, p["density"], rescale)
-        if self.sparsification == "random":
-            return sparsify.bernoulli(delta, p["density"], rescale, generator)
-        if self.sparsification == "magnitude_outliers":
-            return sparsify.magnitude_outliers(delta, p["density"], p["gamma"], rescale)
-        if self.sparsification == "della_magprune":
-            return sparsify.della_magprune(delta, p["density"], p["epsilon"], rescale, generator)
-        return None
-
     def merge(self, inputs: Inputs, shared: dict[str, Any], per_model: list[dict[str, Any]],
-              generator: torch.Generator) -> torch.Tensor:
+              draws: Draws) -> torch.Tensor:
         assert inputs.base is not None
         base = inputs.base()
         n = len(inputs.models)
         if not n:
             return base
+        rescale = shared["rescale"]
         # mergekit's weights: a [n, 1, ...] tensor in the base's dtype, multiplied into the stacked changes.
         weights = torch.tensor([p["weight"] for p in per_model], dtype=base.dtype)
         while weights.dim() < base.dim() + 1:
             weights.unsqueeze_(-1)
-        kept: list[sparsify.Kept | None] = []
+        kept: list[sparsify.Kept | None] = [None] * n
+        if self.sparsification == "random":  # DARE's masks do not depend on the values: drawn first
+            with draws as generator:
+                kept = [sparsify.bernoulli(base.shape, base.dtype, p["density"], rescale, generator) for p in per_model]
 
-        def change(i: int, first_time: bool) -> torch.Tensor:
-            """Model i's sparsified, weighted change; the mask is drawn the first time, replayed after."""
+        def change(i: int, first: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+            """Model i's sparsified, weighted change; its mask is chosen the first time, replayed after."""
             delta = inputs.models[i]() - base
-            if first_time:
-                kept.append(self._kept(delta, per_model[i], shared["rescale"], generator))
+            if first and self.sparsification == "magnitude":
+                kept[i] = sparsify.magnitude(delta, per_model[i]["density"], rescale)
+            elif first and self.sparsification == "magnitude_outliers":
+                kept[i] = sparsify.magnitude_outliers(delta, per_model[i]["density"], per_model[i]["gamma"], rescale)
+            elif first and self.sparsification == "della_magprune":
+                assert generator is not None
+                kept[i] = sparsify.della_magprune(delta, per_model[i]["density"], per_model[i]["epsilon"], rescale,
+                                                  generator)
             k = kept[i]
             return (k.apply(delta) if k is not None else delta) * weights[i]
+
+        def first_pass(into: StackedSum) -> None:
+            if self.sparsification == "della_magprune":  # DELLA draws from the values' ranks
+                with draws as generator:
+                    for i in range(n):
+                        into.add(change(i, True, generator))
+            else:
+                for i in range(n):
+                    into.add(change(i, True))
 
         if self.consensus:
             # Elect each element's sign by the sum of the changes, then sum the changes that agree.
             # (mergekit's int8_mask only changes the dtype the signs are compared in, never the mask.)
             votes = StackedSum(n, base.dtype)
-            for i in range(n):
-                votes.add(change(i, True))
+            first_pass(votes)
             majority = (votes.result() >= 0).to(base.dtype) * 2 - 1
             del votes
             mixed, divisor = StackedSum(n, base.dtype), StackedSum(n, base.dtype)
@@ -106,8 +112,7 @@ class TaskArithmetic(MergeMethod):
             total[total == 0] = 1
         else:
             summed = StackedSum(n, base.dtype)
-            for i in range(n):
-                summed.add(change(i, True))
+            first_pass(summed)
             mixed_delta = summed.result()
             total = weights.sum(dim=0)
             total[total.abs() < 1e-8] = 1
