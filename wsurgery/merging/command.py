@@ -32,7 +32,8 @@ _PARAMETERS = ("density", "epsilon", "gamma", "lambda_", "t", "normalize", "resc
 @click.option("--filter-wise", is_flag=True, default=None, help="model_stock: one angle per row.")
 @click.option("--seed", type=int, default=None, help="Seed of DARE's/DELLA's random masks (mergekit's "
                                                     "--random-seed): the same seed gives mergekit's masks.")
-@dtype_option("the dtype the merge is computed in")
+@dtype_option("the dtype the merge is computed in (the models' own, or the YAML's dtype); --dtype is "
+              "mergekit's out_dtype")
 @max_shard_size_option
 @overwrite_option
 @quiet_option
