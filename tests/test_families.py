@@ -11,6 +11,8 @@ stored tensor, must be exactly the diffusers tensor.
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
+from safetensors.torch import save_file
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -26,7 +29,8 @@ from transformers import (
     T5EncoderModel,
 )
 
-from wsurgery.families import Layout, detect, detect_folder
+from wsurgery.errors import InputError
+from wsurgery.families import Layout, detect, detect_folder, read_folder
 
 torch.manual_seed(0)
 
@@ -206,3 +210,113 @@ def test_names_do_not_depend_on_the_layout(family_case):
     assert fam.original_names() == folder.original_names()
     assert fam.kohya_names() == folder.kohya_names()
     assert fam.fused() == folder.fused()
+
+
+# --- detection and hostile inputs --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def single_files():
+    out = {}
+    for name in FAMILIES:
+        comps, extra, _ = build(name)
+        folder = detect_folder({c: shapes(d) for c, d in comps.items()})
+        assert folder is not None
+        sf = folder.to_single_file({f"{c}.{k}": v for c, d in comps.items() for k, v in d.items()})
+        sf.update(extra)
+        out[name] = (comps, shapes(sf))
+    return out
+
+
+def test_detect_each_family_and_layout(single_files):
+    for name, (comps, sf) in single_files.items():
+        fam = detect(sf)
+        assert fam is not None and fam.name == name
+        only_denoiser = {k: s for k, s in sf.items() if k.startswith("model.diffusion_model.")}
+        fam = detect(only_denoiser)  # a UNet/transformer-only file is told apart by its structure alone
+        assert fam is not None and fam.name == name
+        folder = detect_folder({c: shapes(d) for c, d in comps.items()})
+        assert folder is not None and folder.name == name
+
+
+def test_flux_bare_transformer_file(single_files):
+    """flux1-dev.safetensors stores the transformer with no prefix."""
+    _, sf = single_files["flux"]
+    bare = {k[len("model.diffusion_model."):]: s for k, s in sf.items() if k.startswith("model.diffusion_model.")}
+    fam = detect(bare)
+    assert fam is not None and fam.name == "flux"
+    loc = fam.modules()["transformer.single_transformer_blocks.0.proj_mlp"]
+    assert loc.weight == "single_blocks.0.linear1.weight" and loc.bias == "single_blocks.0.linear1.bias"
+    assert loc.slice == (0, 48, 64) and loc.stored_shape == (112, 16) and loc.shape == (64, 16)
+    with pytest.raises(InputError, match="under both"):
+        detect({**bare, **{k: s for k, s in sf.items() if k.startswith("model.diffusion_model.")}})
+
+
+def test_sd15_unet_with_sdxl_text_encoders_is_refused(single_files):
+    _, sd1 = single_files["sd1"]
+    _, sdxl = single_files["sdxl"]
+    mixed = {**{k: s for k, s in sd1.items() if k.startswith("model.diffusion_model.")},
+             **{k: s for k, s in sdxl.items() if k.startswith("conditioner.")}}
+    with pytest.raises(InputError, match=r"SD 1\.x .*SDXL .*conditioner"):
+        detect(mixed, where="mixed.safetensors")
+
+
+def test_sdxl_unet_in_an_sd1_folder_is_refused(single_files):
+    comps, _ = single_files["sdxl"]
+    folder = {c: shapes(d) for c, d in comps.items()}
+    with pytest.raises(InputError, match="StableDiffusionPipeline"):
+        detect_folder(folder, pipeline_class="StableDiffusionPipeline")
+
+
+@pytest.mark.parametrize("name,tensor,rows", [
+    ("flux", "model.diffusion_model.single_blocks.1.linear1.weight", 111),
+    ("flux", "model.diffusion_model.double_blocks.0.txt_attn.qkv.weight", 47),
+    ("sd3", "model.diffusion_model.joint_blocks.1.x_block.attn.qkv.weight", 40),
+    ("sdxl", "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", 32),
+])
+def test_truncated_fused_tensor_is_refused(single_files, name, tensor, rows):
+    _, sf = single_files[name]
+    broken = dict(sf)
+    assert broken[tensor][0] != rows
+    broken[tensor] = (rows,) + broken[tensor][1:]
+    with pytest.raises(InputError, match=tensor.replace(".", r"\.") + ".*truncated"):
+        detect(broken, where="x.safetensors")
+
+
+def test_vae_attention_that_is_no_1x1_conv_is_refused(single_files):
+    _, sf = single_files["sd1"]
+    broken = dict(sf)
+    key = "first_stage_model.encoder.mid.attn_1.q.weight"
+    assert broken[key] == (16, 16, 1, 1)
+    broken[key] = (16, 16, 3, 3)
+    with pytest.raises(InputError, match=r"attn_1\.q\.weight.*1x1"):
+        detect(broken)
+
+
+def test_not_a_diffusion_model():
+    assert detect({"model.layers.0.self_attn.q_proj.weight": (8, 8), "lm_head.weight": (10, 8)}) is None
+    assert detect_folder({"text_encoder": {"text_model.embeddings.token_embedding.weight": (50, 16)}}) is None
+
+
+def test_text_encoders_without_denoiser_are_refused_as_incomplete(single_files):
+    _, sd = single_files["sdxl"]
+    with pytest.raises(InputError, match="no unet tensors"):
+        detect({k: s for k, s in sd.items() if k.startswith("conditioner.")})
+
+
+def test_read_folder(tmp_path: Path):
+    comps, _, _ = build("sd1")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    for c, d in comps.items():
+        (tmp_path / c).mkdir()
+        save_file({k: v.contiguous() for k, v in d.items()}, str(tmp_path / c / "diffusion_pytorch_model.safetensors"))
+    folder, pipeline = read_folder(tmp_path)
+    assert pipeline == "StableDiffusionPipeline"
+    assert folder == {c: shapes(d) for c, d in comps.items()}
+    fam = detect_folder(folder, pipeline_class=pipeline)
+    assert fam is not None and fam.name == "sd1"
+    loc = fam.modules()["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert loc.component == "unet" and loc.weight == "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert loc.original == "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    save_file({"conv_in.weight": torch.zeros(1)}, str(tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(InputError, match="conv_in.weight.*keep one variant"):
+        read_folder(tmp_path)
