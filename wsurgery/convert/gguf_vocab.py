@@ -11,6 +11,9 @@ text and hashing the token ids (``chkhsh``); the hash is redone here with a byte
 converter's own table (``_PRE_TOKENIZERS``, copied from llama.cpp's ``get_vocab_base_pre`` of the
 version the tests compare with). A tokenizer whose encoding cannot be redone, or whose hash the table
 lacks (the converter refuses it too), is refused with one line.
+
+A SentencePiece ``tokenizer.model`` is read as the protobuf it is (its pieces, scores and types), as the
+converter reads it through ``sentencepiece``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 
 from ..errors import InputError, UnsupportedError
 
@@ -563,15 +567,121 @@ def add_gpt2_vocab(w: gguf.GGUFWriter, folder: Path, vocab_size: int | None) -> 
     SpecialVocab(folder, load_merges=True).add_to(w)
 
 
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+
+
+def _fields(data: bytes) -> list[tuple[int, int | bytes]]:
+    """One protobuf message's fields, in order: (field number, varint value or bytes)."""
+    out: list[tuple[int, int | bytes]] = []
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+            out.append((number, value))
+        elif wire == 1:
+            out.append((number, data[pos:pos + 8]))
+            pos += 8
+        elif wire == 2:
+            n, pos = _varint(data, pos)
+            out.append((number, data[pos:pos + n]))
+            pos += n
+        elif wire == 5:
+            out.append((number, data[pos:pos + 4]))
+            pos += 4
+        else:
+            raise ValueError(f"wire type {wire}")
+        if pos > len(data):
+            raise ValueError("truncated field")
+    return out
+
+
+def sentencepiece_pieces(path: Path) -> list[tuple[str, float, int]]:
+    """``tokenizer.model``'s pieces (text, score, SentencePiece type) in id order: the ``pieces`` of its
+    ``ModelProto`` (field 1; each piece=1, score=2 as float32, type=3 with NORMAL=1 by default)."""
+    try:
+        pieces = []
+        for number, value in _fields(path.read_bytes()):
+            if number != 1 or not isinstance(value, bytes):
+                continue
+            text, score, kind = "", 0.0, 1
+            for n, v in _fields(value):
+                if n == 1 and isinstance(v, bytes):
+                    text = v.decode("utf-8")
+                elif n == 2 and isinstance(v, bytes) and len(v) == 4:
+                    score = float(np.frombuffer(v, "<f4")[0])
+                elif n == 3 and isinstance(v, int):
+                    kind = v
+            pieces.append((text, score, kind))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a SentencePiece model ({e}); the tokenizer file is damaged") from None
+    if not pieces:
+        raise InputError(f"{path}: no pieces in this SentencePiece model; the tokenizer file is damaged")
+    return pieces
+
+
+#: SentencePiece piece types -> the token types the converter writes (USER_DEFINED pieces stay NORMAL:
+#: it asks only IsUnknown/IsControl/IsUnused/IsByte).
+_SPM_TYPES = {2: int(gguf.TokenType.UNKNOWN), 3: _CONTROL, 5: _UNUSED, 6: int(gguf.TokenType.BYTE)}
+
+
+def add_sentencepiece_vocab(w: gguf.GGUFWriter, folder: Path, vocab_size: int | None) -> None:
+    """The converter's ``_set_vocab_sentencepiece`` (``_create_vocab_sentencepiece``): pieces, scores and
+    types from ``tokenizer.model``, then ``added_tokens.json`` and ``tokenizer_config.json``'s
+    ``added_tokens_decoder`` over them."""
+    pieces = sentencepiece_pieces(folder / "tokenizer.model")
+    size = vocab_size or len(pieces)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    scores = [-10000.0] * size
+    types = [_UNUSED] * size
+    for i, (text, score, kind) in enumerate(pieces[:size]):
+        tokens[i], scores[i], types[i] = text, score, _SPM_TYPES.get(kind, _NORMAL)
+    added_path = folder / "added_tokens.json"
+    if added_path.is_file():
+        for key, tid in _load_json(added_path).items():
+            if isinstance(tid, int) and 0 <= tid < size:
+                tokens[tid], scores[tid], types[tid] = key, -1000.0, _USER_DEFINED
+    config_path = folder / "tokenizer_config.json"
+    if config_path.is_file():
+        for key, data in _load_json(config_path).get("added_tokens_decoder", {}).items():
+            tid, token = int(key), data["content"]
+            if tid >= size:
+                continue
+            if data.get("special") or _looks_special(token):
+                types[tid] = _CONTROL
+            else:
+                token = token.replace("\u2581", " ")
+                types[tid] = _USER_DEFINED
+            scores[tid], tokens[tid] = -1000.0, token
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    SpecialVocab(folder, load_merges=False, n_vocab=len(tokens)).add_to(w)
+
+
 def check_tokenizer_kind(folder: Path, sentencepiece_first: bool) -> Callable[[gguf.GGUFWriter, int | None], None]:
-    """Which of the converter's vocab paths applies to ``folder``; refuse those not redone here."""
+    """Which of the converter's vocab paths applies to ``folder`` (a ``tokenizer.model`` first where the
+    family's ``set_vocab`` tries it first, else ``tokenizer.json``); refuse those not redone here."""
     if sentencepiece_first and (folder / "tokenizer.model").is_file():
-        raise UnsupportedError(f"{folder}: a SentencePiece tokenizer (tokenizer.model); wsurgery converts only "
-                               "byte-level BPE tokenizers (tokenizer.json) to GGUF so far")
+        return lambda w, vocab_size: add_sentencepiece_vocab(w, folder, vocab_size)
     path = folder / "tokenizer.json"
     if path.is_file():
         model = _load_json(path).get("model", {})
         if model.get("type") == "BPE" and model.get("byte_fallback"):
-            raise UnsupportedError(f"{path}: a SentencePiece-style BPE (byte_fallback), which llama.cpp's "
-                                   "converter reads as a llama vocabulary; wsurgery does not convert it yet")
+            raise UnsupportedError(f"{path}: a SentencePiece-style BPE (byte_fallback) without its tokenizer.model, "
+                                   "which llama.cpp's converter reads through transformers; wsurgery does not "
+                                   "convert it (add the model's tokenizer.model)")
     return lambda w, vocab_size: add_gpt2_vocab(w, folder, vocab_size)

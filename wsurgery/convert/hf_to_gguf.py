@@ -344,7 +344,12 @@ def plan_conversion(ckpt: Any, outtype: str = "f16",
         tokenizer_config = json.loads(config_file.read_text(encoding="utf-8"))
         if (prefix := tokenizer_config.get("add_prefix_space")) is not None:
             w.add_add_space_prefix(prefix)
+    if family.llama_params and h.get("vocab_size") == 32016:
+        raise UnsupportedError(f"{folder}: a CodeLlama vocabulary (32016 tokens), whose infill tokens llama.cpp's "
+                               "converter adds by hand; wsurgery does not convert it")
     add_vocab(w, h.get("vocab_size"))
+    if family.llama_params and h.get("vocab_size") == 49152:  # the converter's rule for small Granite models
+        w.add_add_bos_token(False)
     return conv
 
 
