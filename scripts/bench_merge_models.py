@@ -139,7 +139,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny models, one repetition")
     ap.add_argument("--repeats", type=int, default=None, help="repetitions (default 3; 1 with --quick)")
-    ap.add_argument("--methods", nargs="+", default=["ties", "dare_ties"])
+    ap.add_argument("--methods", nargs="+", default=["dare_ties", "ties"])
     args = ap.parse_args()
     size = "quick" if args.quick else "1b"
     repeats = args.repeats or (1 if args.quick else 3)
@@ -174,9 +174,9 @@ def main() -> None:
         results[method] = row
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)
-    record = {"size": size, "repeats": repeats, "models": 3, "torch_threads": torch.get_num_threads(),
-              "when": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
-    (WORK / f"results-{size}.json").write_text(json.dumps(record, indent=2) + "\n")
+        record = {"size": size, "repeats": repeats, "models": 3, "torch_threads": torch.get_num_threads(),
+                  "when": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
+        (WORK / f"results-{size}.json").write_text(json.dumps(record, indent=2) + "\n")  # after each method
     print(f"{'method':10s} {'mergekit s':>10s} {'ours s':>8s} {'speedup':>8s} {'mergekit MB':>12s} {'ours MB':>8s} "
           "identical")
     for method, r in results.items():
