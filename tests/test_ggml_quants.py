@@ -74,8 +74,13 @@ def hostile_rows(rng: np.random.Generator, n: int) -> np.ndarray:
 def test_quantizers_equal_ggml_byte_for_byte(t):
     rng = np.random.default_rng(int(t))
     block = GGML_QUANT_SIZES[t][0]
-    cases = [hostile_rows(rng, 1024),
-             (rng.standard_normal((48, 2048)) * 0.02).astype(np.float32),  # weight-like
+    weights = rng.standard_normal((48, 2048)) * 0.02
+    cases = [hostile_rows(rng, 1024), weights.astype(np.float32),
+             torch.from_numpy(weights).to(torch.bfloat16).float().numpy(),  # few mantissa bits: more ties
+             torch.from_numpy(weights * 50).to(torch.float16).float().numpy(),
+             (rng.laplace(size=(16, 1024)) * 10.0 ** rng.integers(-4, 4, (16, 1))).astype(np.float32),
+             np.where(rng.random((16, 1024)) < 0.9, 0, rng.standard_normal((16, 1024))).astype(np.float32),  # sparse
+             (rng.standard_normal((16, 1024)) + np.sign(rng.standard_normal((16, 1024))) * 3).astype(np.float32),
              rng.uniform(-1, 1, (QUANTIZERS[t].chunk_blocks + 3, block)).astype(np.float32)]  # across chunks
     for x in cases:
         ours = quantize(x, t)

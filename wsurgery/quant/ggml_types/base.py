@@ -22,7 +22,17 @@ _MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it leaves round-half-even(x) in 
 
 def nearest_int(v: np.ndarray) -> np.ndarray:
     """ggml's ``nearest_int``: its bit trick, kept as is so that out-of-range values give ggml's bits too."""
-    return ((v.astype(F32, copy=False) + _MAGIC).view(np.int32) & 0x007FFFFF) - 0x00400000
+    bits = (v.astype(F32, copy=False) + _MAGIC).view(np.int32)
+    bits &= 0x007FFFFF
+    bits -= 0x00400000
+    return bits
+
+
+def clamp(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """``MAX(lo, MIN(hi, a))`` in place (``np.clip`` costs more per call than the work on small chunks)."""
+    np.maximum(a, lo, out=a)
+    np.minimum(a, hi, out=a)
+    return a
 
 
 def roundf(v: np.ndarray) -> np.ndarray:

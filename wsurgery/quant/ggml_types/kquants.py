@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as GgmlType
 
-from .base import (F32, GROUP_MAX_EPS, GgmlQuant, first_absmax, fp16, half_bytes, i8, nearest_int, register,
-                   running_max, seqsum, u8)
+from .base import (F32, GROUP_MAX_EPS, GgmlQuant, clamp, first_absmax, fp16, half_bytes, i8, nearest_int,
+                   register, running_max, seqsum, u8)
 
 QK_K = 256
 
@@ -44,11 +44,11 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
 
     iscale = F32(nmax) / (hi - lo)
     scale = F32(1) / iscale
-    levels = np.clip(nearest_int(iscale * (x - lo)), 0, nmax)
+    levels = clamp(nearest_int(iscale * (x - lo)), 0, nmax)
     best = error(scale, levels.astype(F32), lo)
     for step in range(nstep + 1):
         iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (hi - lo)
-        aux = np.clip(nearest_int(iscale * (x - lo)), 0, nmax)
+        aux = clamp(nearest_int(iscale * (x - lo)), 0, nmax)
         lf = aux.astype(F32)
         wl = w * lf
         sum_l, sum_l2, sum_xl = seqsum(wl), seqsum(wl * lf), seqsum(wl * x)
@@ -71,7 +71,7 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """ggml's ``make_q3_quants(do_rmse=true)`` on each column of ``x``: (scale, L + nmax)."""
     amax, mx = first_absmax(x)
     iscale = F32(-nmax) / mx
-    levels = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
+    levels = clamp(nearest_int(iscale * x), -nmax, nmax - 1)
     w = x * x
     wx = w * x
     lf = levels.astype(F32)
@@ -82,7 +82,7 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
             li = levels[i].astype(F32)
             slx = sumlx - wx[i] * li
             sl2 = suml2 - w[i] * li * li
-            new = np.clip(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1)
+            new = clamp(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1)
             nf = new.astype(F32)
             take = (slx > 0) & (new != levels[i])
             slx = slx + wx[i] * nf
@@ -107,7 +107,7 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
     wx = w * x
 
     def attempt(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        levels = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
+        levels = clamp(nearest_int(iscale * x), -nmax, nmax - 1)
         lf = levels.astype(F32)
         return levels, seqsum(wx * lf), seqsum(w * lf * lf)
 
@@ -131,7 +131,7 @@ def _requantize(x: np.ndarray, levels: np.ndarray, d: np.ndarray, dm: np.ndarray
     """ggml's second pass: ``L = clamp(nearest_int((x + dm)/d), lo, hi) - lo`` in the columns whose
     ``d`` is not 0; the others keep the search's ``levels``."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.clip(nearest_int((x if dm is None else x + dm) / d), lo, hi)
+        q = clamp(nearest_int((x if dm is None else x + dm) / d), lo, hi)
     return np.where(d != 0, q - lo, levels)
 
 
@@ -213,7 +213,7 @@ class Q3_K(GgmlQuant):
         nonzero = max_scale != 0
         with np.errstate(divide="ignore"):
             iscale = F32(-32) / max_scale
-            ls = np.clip(i8(nearest_int(iscale[:, None] * scales)).astype(np.int32), -32, 31) + 32
+            ls = clamp(i8(nearest_int(iscale[:, None] * scales)).astype(np.int32), -32, 31) + 32
         ls = np.where(nonzero[:, None], ls, 0).astype(np.uint8)
         packed = np.zeros((n_blocks, 12), np.uint8)
         packed[:, :8] = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
