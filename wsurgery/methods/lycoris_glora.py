@@ -67,7 +67,7 @@ class LycorisGloraPatch(LycorisPatch):
         else:
             wa = (W @ wa1) @ wa2
         d = (self._b().to(W.dtype) + wa) * self.scaling
-        return {"weight": W.add_(d * scale if scale != 1 else d)}
+        return {**tensors, "weight": W.add_(d * scale if scale != 1 else d)}
 
     def unmerge(self, tensors: Tensors, scale: float) -> Tensors:
         W1 = tensors["weight"]
@@ -84,7 +84,7 @@ class LycorisGloraPatch(LycorisPatch):
         residual = float((solved @ M - flat).abs().max())
         self.notes.append(f"GLoRA unmerge residual {residual:.3g}")
         W = solved.reshape(X.shape).movedim(-1, 1).to(W1.dtype)
-        return {"weight": W1.copy_(W)}
+        return {**tensors, "weight": W1.copy_(W)}
 
     def why_not_invertible(self) -> str | None:
         return None

@@ -35,14 +35,14 @@ class LycorisIa3Patch(LycorisPatch):
 
     def merge(self, tensors: Tensors, scale: float) -> Tensors:
         W = tensors["weight"]
-        return {"weight": W.mul_(self._factor(W, scale))}
+        return {**tensors, "weight": W.mul_(self._factor(W, scale))}
 
     def unmerge(self, tensors: Tensors, scale: float) -> Tensors:
         W = tensors["weight"]
         f = self._factor(W, scale)
         if bool((f == 0).any()):
             raise NotInvertibleError(f"{self.module}: some 1 + multiplier·w is 0: those channels were zeroed")
-        return {"weight": W.div_(f)}
+        return {**tensors, "weight": W.div_(f)}
 
     def why_not_invertible(self) -> str | None:
         return None

@@ -76,7 +76,7 @@ class LycorisOftPatch(LycorisPatch):
             x = torch.einsum("k n m, k n ... -> k m ...", r, W.view(-1, b, *rest)).reshape(W.shape)
         if self.rescale is not None:
             x = self.rescale.to(x.dtype) * x
-        return {"weight": W.copy_(x)}
+        return {**tensors, "weight": W.copy_(x)}
 
     def unmerge(self, tensors: Tensors, scale: float) -> Tensors:
         W1 = tensors["weight"]
@@ -93,7 +93,7 @@ class LycorisOftPatch(LycorisPatch):
                 x = x.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
         else:
             x = torch.linalg.solve(r.transpose(1, 2), x.reshape(-1, b, rest.numel())).reshape(W1.shape)
-        return {"weight": W1.copy_(x.to(W1.dtype))}
+        return {**tensors, "weight": W1.copy_(x.to(W1.dtype))}
 
     def why_not_invertible(self) -> str | None:
         return None

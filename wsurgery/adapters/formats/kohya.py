@@ -67,9 +67,8 @@ _LYCORIS_ALGO = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"
 
 
 def _identify(path: Path, name: str, params: dict[str, torch.Tensor]) -> str:
-    found = [a for a, (det, _, _) in _ALGOS.items() if det in params]
-    if "lokr_w2_a" in params and "lokr" not in found:
-        found.append("lokr")
+    own = set(params) - {"alpha", "dora_scale"}  # parameters several algorithms share say nothing
+    found = [a for a, (det, req, opt) in _ALGOS.items() if own & (req | opt | {det})]
     keys = [f"{name}.{p}" for p in params]
     if len(found) != 1:
         raise InputError(f"{path}: module {name!r} has tensors {describe_keys(keys)}, which are "
@@ -78,7 +77,7 @@ def _identify(path: Path, name: str, params: dict[str, torch.Tensor]) -> str:
     algo = found[0]
     _, required, optional = _ALGOS[algo]
     unknown = set(params) - required - optional - {_ALGOS[algo][0]}
-    missing = required - set(params)
+    missing = set(required - set(params))
     if algo == "lokr":
         pairs = [("lokr_w1", "lokr_w1_a", "lokr_w1_b"), ("lokr_w2", "lokr_w2_a", "lokr_w2_b")]
         for full, a, b in pairs:
