@@ -191,6 +191,58 @@ def test_other_families_and_types_are_byte_identical(llama_cpp_src, llama_dir, q
     _same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
 
 
+def _sentencepiece_folder(folder: Path, architecture: str = "llama") -> Path:
+    """A tiny model with a SentencePiece tokenizer trained here (byte fallback, a user-defined and a control
+    piece), and added tokens in both places the converter reads them (added_tokens.json, and
+    tokenizer_config.json's added_tokens_decoder) past the SentencePiece vocabulary."""
+    import io
+    import random
+
+    import sentencepiece
+    import transformers
+
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over lazy dog hello world llama model weights merge tensor".split()
+    model_file = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]),
+        model_writer=model_file, vocab_size=320, hard_vocab_limit=False, model_type="bpe", byte_fallback=True,
+        user_defined_symbols=["<tool>"], control_symbols=["<ctl>"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    torch.manual_seed(0)
+    common = dict(vocab_size=336, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    if architecture == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, head_dim=16, sliding_window=64))
+        with torch.no_grad():  # norms away from 0, so that a missing +1 shows
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(0.1 * torch.randn(p.shape))
+    model.save_pretrained(folder)
+    (folder / "tokenizer.model").write_bytes(model_file.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+        "added_tokens_decoder": {"0": {"content": "<unk>", "special": True}, "1": {"content": "<s>", "special": True},
+                                 "2": {"content": "</s>", "special": True},
+                                 "330": {"content": "<|im_start|>", "special": False},
+                                 "331": {"content": "\u2581user", "special": False}},
+        "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
+    (folder / "added_tokens.json").write_text(json.dumps({"<extra>": 332}))
+    return folder
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma2"])
+def test_sentencepiece_models_are_byte_identical(llama_cpp_src, tmp_path, architecture):
+    """The converter's SentencePiece path (tokenizer.model read without sentencepiece here); for Gemma 2 also
+    its own hyperparameters, norms stored + 1 and the tied head dropped."""
+    folder = _sentencepiece_folder(tmp_path / f"tiny-{architecture}", architecture)
+    done = _reference(llama_cpp_src, folder, tmp_path / "theirs.gguf", "f16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    hf_to_gguf(folder, tmp_path / "ours.gguf", "f16", progress=False)
+    _same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
+
+
 def test_pre_tokenizer_hashes_and_text_are_the_converters(llama_cpp_src):
     """Our copy of ``get_vocab_base_pre``'s table and check text, against the converter's source."""
     source = (llama_cpp_src / "conversion" / "base.py").read_text(encoding="utf-8")

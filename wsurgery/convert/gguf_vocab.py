@@ -367,7 +367,8 @@ class SpecialVocab:
     """The converter's ``gguf.SpecialVocab`` (merges, special token ids, ``add_*_token``, chat template),
     read from the same files with the same precedence."""
 
-    def __init__(self, folder: Path, load_merges: bool, n_vocab: int | None = None):
+    def __init__(self, folder: Path, load_merges: bool, n_vocab: int | None = None,
+                 types: tuple[str, ...] = _SPECIAL_TYPES):
         self.folder, self.n_vocab, self.load_merges = folder, n_vocab, load_merges
         self.merges: list[str] = []
         self.special_token_ids: dict[str, int] = {}
@@ -375,7 +376,7 @@ class SpecialVocab:
         self.chat_template: str | list | None = None
         self.lowercase: bool | None = None
         self.strip_accents: bool | None = None
-        self.types: tuple[str, ...] = _SPECIAL_TYPES
+        self.types = types
         self._from_tokenizer_json()
         self._from_config_json()
 
@@ -395,7 +396,8 @@ class SpecialVocab:
         if self.strip_accents is not None:
             w.add_bool("tokenizer.ggml.normalizer.strip_accents", self.strip_accents)
 
-    def _set(self, typ: str, tid: object) -> None:
+    def set_id(self, typ: str, tid: object) -> None:
+        """The converter's ``_set_special_token``: the first id found for a type stays."""
         if not isinstance(tid, int) or isinstance(tid, bool):
             return
         if tid < 0:
@@ -453,7 +455,7 @@ class SpecialVocab:
             content = entry.get("content") if isinstance(entry, dict) else entry
             if not isinstance(content, str):
                 continue
-            self._set(typ, next((a.get("id") for a in added if a.get("content") == content), None))
+            self.set_id(typ, next((a.get("id") for a in added if a.get("content") == content), None))
 
     def _post_processor(self, tokenizer: dict, config: dict | None) -> None:
         """The converter's reading of ``post_processor``: which special tokens ``encode`` adds."""
@@ -548,7 +550,7 @@ class SpecialVocab:
             tid = config.get(f"{typ}_token_id")
             if tid is None and "text_config" in config:
                 tid = config["text_config"].get(f"{typ}_token_id")
-            self._set(typ, tid)
+            self.set_id(typ, tid)
 
 
 def add_gpt2_vocab(w: gguf.GGUFWriter, folder: Path, vocab_size: int | None) -> None:
@@ -672,11 +674,15 @@ def add_sentencepiece_vocab(w: gguf.GGUFWriter, folder: Path, vocab_size: int | 
     SpecialVocab(folder, load_merges=False, n_vocab=len(tokens)).add_to(w)
 
 
-def check_tokenizer_kind(folder: Path, sentencepiece_first: bool) -> Callable[[gguf.GGUFWriter, int | None], None]:
-    """Which of the converter's vocab paths applies to ``folder`` (a ``tokenizer.model`` first where the
-    family's ``set_vocab`` tries it first, else ``tokenizer.json``); refuse those not redone here."""
-    if sentencepiece_first and (folder / "tokenizer.model").is_file():
+def check_tokenizer_kind(folder: Path, sentencepiece_only: bool = False
+                         ) -> Callable[[gguf.GGUFWriter, int | None], None]:
+    """Which of the converter's vocab paths applies to ``folder``: a ``tokenizer.model`` first (every family
+    here tries it first; Gemma's only), else ``tokenizer.json``; refuse those not redone here."""
+    if (folder / "tokenizer.model").is_file():
         return lambda w, vocab_size: add_sentencepiece_vocab(w, folder, vocab_size)
+    if sentencepiece_only:
+        raise InputError(f"{folder}: no tokenizer.model; llama.cpp's converter reads this family's SentencePiece "
+                         "tokenizer from it")
     path = folder / "tokenizer.json"
     if path.is_file():
         model = _load_json(path).get("model", {})

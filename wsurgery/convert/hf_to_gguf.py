@@ -34,7 +34,7 @@ from gguf import GGMLQuantizationType as GgmlType
 from ..checkpoint.safetensors_file import write_at
 from ..errors import InputError, UnsupportedError
 from ..quant.encodings import EncodedTensorInfo
-from .gguf_vocab import check_tokenizer_kind
+from .gguf_vocab import SpecialVocab, check_tokenizer_kind
 
 #: ``--outtype`` -> the converter's file type.
 OUT_TYPES: dict[str, gguf.LlamaFileType] = {
@@ -54,32 +54,37 @@ class Family:
     """One of the converter's model classes: what it does besides renaming."""
 
     arch: gguf.MODEL_ARCH
-    permute_qk: bool = False  # LlamaModel: Q/K rows interleaved per head for llama.cpp's RoPE
-    sentencepiece_first: bool = True  # set_vocab tries tokenizer.model before tokenizer.json
-    llama_params: bool = False  # LlamaModel.set_gguf_parameters: vocab_size, rope.dimension_count
+    #: the converter's class: "llama" (LlamaModel: Q/K rows interleaved per head for llama.cpp's RoPE,
+    #: vocab_size and rope.dimension_count), "qwen" (TextModel's rules as they are), "gemma"/"gemma2"
+    #: (their own hyperparameters, a SentencePiece vocabulary, norms stored + 1, lm_head dropped)
+    kind: str
     #: transformers' config defaults that ``AutoConfig(...).to_dict()`` (the converter's hparams) fills in
     defaults: tuple[tuple[str, Any], ...] = ()
 
 
+_LLAMA_DEFAULTS = (("max_position_embeddings", 2048), ("rms_norm_eps", 1e-6))
+_QWEN_DEFAULTS = (("max_position_embeddings", 32768), ("rms_norm_eps", 1e-6))
 FAMILIES: dict[str, Family] = {
-    "LlamaForCausalLM": Family(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_params=True,
-                               defaults=(("max_position_embeddings", 2048), ("rms_norm_eps", 1e-6))),
-    "MistralForCausalLM": Family(gguf.MODEL_ARCH.LLAMA, permute_qk=True, llama_params=True,
+    "LlamaForCausalLM": Family(gguf.MODEL_ARCH.LLAMA, "llama", defaults=_LLAMA_DEFAULTS),
+    "MistralForCausalLM": Family(gguf.MODEL_ARCH.LLAMA, "llama",
                                  defaults=(("max_position_embeddings", 4096 * 32), ("rms_norm_eps", 1e-6))),
-    "Qwen2ForCausalLM": Family(gguf.MODEL_ARCH.QWEN2,
-                               defaults=(("max_position_embeddings", 32768), ("rms_norm_eps", 1e-6))),
-    "Qwen3ForCausalLM": Family(gguf.MODEL_ARCH.QWEN3,
-                               defaults=(("max_position_embeddings", 32768), ("rms_norm_eps", 1e-6),
-                                         ("head_dim", 128))),
+    "Qwen2ForCausalLM": Family(gguf.MODEL_ARCH.QWEN2, "qwen", defaults=_QWEN_DEFAULTS),
+    "Qwen3ForCausalLM": Family(gguf.MODEL_ARCH.QWEN3, "qwen", defaults=(*_QWEN_DEFAULTS, ("head_dim", 128))),
+    "GemmaForCausalLM": Family(gguf.MODEL_ARCH.GEMMA, "gemma",
+                               defaults=(("max_position_embeddings", 8192), ("rms_norm_eps", 1e-6),
+                                         ("head_dim", 256))),
+    "Gemma2ForCausalLM": Family(gguf.MODEL_ARCH.GEMMA2, "gemma2",
+                                defaults=(("max_position_embeddings", 8192), ("rms_norm_eps", 1e-6),
+                                          ("head_dim", 256), ("num_key_value_heads", 4),
+                                          ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0),
+                                          ("sliding_window", 4096))),
 }
 #: Families whose conversion is known to be more than that, and why they are refused.
 _REFUSED = {
     "MixtralForCausalLM": "stacked experts",
     "Qwen2MoeForCausalLM": "stacked experts",
     "Qwen3MoeForCausalLM": "stacked experts",
-    "GemmaForCausalLM": "a SentencePiece vocabulary and norm offsets not redone here yet",
-    "Gemma2ForCausalLM": "a SentencePiece vocabulary and norm offsets not redone here yet",
-    "Gemma3ForCausalLM": "a SentencePiece vocabulary and norm offsets not redone here yet",
+    "Gemma3ForCausalLM": "token embedding rows cut to the tokenizer's size and per-layer rope settings",
     "Gemma3ForConditionalGeneration": "a vision model and a SentencePiece vocabulary",
 }
 
@@ -92,6 +97,7 @@ class GgufTarget:
     shape: tuple[int, ...]
     type: GgmlType
     heads: int | None = None  # rows interleaved per head (Llama Q/K)
+    shift: float = 0.0  # added to the values (Gemma's norms: llama.cpp multiplies by the weight, not 1 + it)
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,8 @@ class GgufConversion:
             tensor = tensor.to(torch.float32)
         if t.heads is not None:
             tensor = _interleave(tensor, t.heads)
+        if t.shift:
+            tensor = tensor + t.shift
         data = tensor.contiguous().numpy()
         try:
             return gguf.quants.quantize(data, t.type)
@@ -166,7 +174,7 @@ def _hparams(config: dict, family: Family) -> dict:
     for key, value in family.defaults:
         h.setdefault(key, value)
     h.setdefault("num_key_value_heads", h.get("num_attention_heads"))
-    if family.llama_params and "head_dim" not in h and h.get("num_attention_heads"):
+    if family.kind == "llama" and "head_dim" not in h and h.get("num_attention_heads"):
         h["head_dim"] = h["hidden_size"] // h["num_attention_heads"]
     rope = dict(h.get("rope_parameters") or h.get("rope_scaling") or {})
     rope.setdefault("rope_theta", h.get("rope_theta", 10000.0))
@@ -256,12 +264,30 @@ def _add_parameters(w: gguf.GGUFWriter, h: dict, family: Family, ftype: gguf.Lla
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_file_type(ftype)
-    if family.llama_params:
+    if family.kind == "llama":
         w.add_vocab_size(h["vocab_size"])
         w.add_rope_dimension_count(h.get("head_dim") or h["hidden_size"] // h["num_attention_heads"])
     elif (where / "modules.json").is_file():
         raise UnsupportedError(f"{where}: a sentence-transformers model (modules.json); its pooling settings are "
                                "not converted by wsurgery")
+
+
+def _add_gemma_parameters(w: gguf.GGUFWriter, h: dict, family: Family, ftype: gguf.LlamaFileType) -> None:
+    """``GemmaModel``/``Gemma2Model.set_gguf_parameters``: their own list, in their order."""
+    w.add_context_length(h["max_position_embeddings"])
+    w.add_embedding_length(h["hidden_size"])
+    w.add_block_count(h["num_hidden_layers"])
+    w.add_feed_forward_length(h["intermediate_size"])
+    w.add_head_count(h["num_attention_heads"])
+    w.add_head_count_kv(h["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(h["rms_norm_eps"])
+    w.add_key_length(h["head_dim"])
+    w.add_value_length(h["head_dim"])
+    w.add_file_type(ftype)
+    if family.kind == "gemma2":
+        w.add_attn_logit_softcapping(h["attn_logit_softcapping"])
+        w.add_final_logit_softcapping(h["final_logit_softcapping"])
+        w.add_sliding_window(h["sliding_window"])
 
 
 def _tensor_type(gguf_name: str, shape: tuple[int, ...], ftype: gguf.LlamaFileType,
@@ -312,14 +338,14 @@ def plan_conversion(ckpt: Any, outtype: str = "f16",
         raise UnsupportedError(f"{folder}: a quantized checkpoint; llama.cpp's converter dequantizes it its own way. "
                                "Run wsurgery dequantize first, then convert the plain model")
     h = _hparams(config, family)
-    add_vocab = check_tokenizer_kind(folder, family.sentencepiece_first)
+    add_vocab = check_tokenizer_kind(folder, sentencepiece_only=family.kind.startswith("gemma"))
     n_blocks = h["num_hidden_layers"]
     tensor_map = gguf.get_tensor_name_map(family.arch, n_blocks)
     n_head, n_kv = h["num_attention_heads"], h["num_key_value_heads"]
     w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[family.arch])
     conv = GgufConversion(folder, w)
     for name in _ordered(ckpt.tensors):
-        if name.endswith(_DROPPED):
+        if name.endswith(_DROPPED) or (family.kind.startswith("gemma") and name == "lm_head.weight"):
             continue
         info = ckpt.tensors[name]
         shape = tuple((shapes or {}).get(name, info.shape))
@@ -328,27 +354,39 @@ def plan_conversion(ckpt: Any, outtype: str = "f16",
             raise UnsupportedError(f"{ckpt.shards[0]}: tensor {name!r} has no GGUF name in llama.cpp's "
                                    f"{gguf.MODEL_ARCH_NAMES[family.arch]} layout (the converter refuses it too)")
         heads = None
-        if family.permute_qk and name.endswith(("q_proj.weight", "q_proj.bias")):
+        if family.kind == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
             heads = n_head
-        elif family.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif family.kind == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             heads = n_kv
         t = _tensor_type(gguf_name, shape, ftype, type_for)
-        conv.targets[name] = GgufTarget(gguf_name, shape, t, heads)
+        shift = 1.0 if family.kind.startswith("gemma") and name.endswith("norm.weight") else 0.0
+        conv.targets[name] = GgufTarget(gguf_name, shape, t, heads, shift)
         np_dtype = {GgmlType.F32: np.float32, GgmlType.F16: np.float16}.get(t, np.uint8)
         w.add_tensor_info(gguf_name, shape if np_dtype is not np.uint8 else gguf.quant_shape_to_byte_shape(shape, t),
                           np.dtype(np_dtype), _nbytes(shape, t), raw_dtype=t)
     _add_metadata(w, folder, ftype)
-    _add_parameters(w, h, family, ftype, folder)
+    if family.kind.startswith("gemma"):
+        _add_gemma_parameters(w, h, family, ftype)
+    else:
+        _add_parameters(w, h, family, ftype, folder)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if family.llama_params and (config_file := folder / "tokenizer_config.json").is_file():
+    if family.kind == "llama" and (config_file := folder / "tokenizer_config.json").is_file():
         tokenizer_config = json.loads(config_file.read_text(encoding="utf-8"))
         if (prefix := tokenizer_config.get("add_prefix_space")) is not None:
             w.add_add_space_prefix(prefix)
-    if family.llama_params and h.get("vocab_size") == 32016:
+    if family.kind == "llama" and h.get("vocab_size") == 32016:
         raise UnsupportedError(f"{folder}: a CodeLlama vocabulary (32016 tokens), whose infill tokens llama.cpp's "
                                "converter adds by hand; wsurgery does not convert it")
     add_vocab(w, h.get("vocab_size"))
-    if family.llama_params and h.get("vocab_size") == 49152:  # the converter's rule for small Granite models
+    if family.kind == "gemma":  # CodeGemma's infill tokens, as GemmaModel.set_vocab adds them for every Gemma
+        vocab = SpecialVocab(folder, load_merges=False, types=("prefix", "suffix", "middle", "fsep", "eot"))
+        for typ, tid in (("prefix", 67), ("suffix", 69), ("middle", 68), ("fsep", 70), ("eot", 107)):
+            vocab.set_id(typ, tid)
+        vocab.chat_template = None
+        vocab.add_to(w)
+    if family.kind.startswith("gemma"):
+        w.add_add_space_prefix(False)
+    if family.kind == "llama" and h.get("vocab_size") == 49152:  # the converter's rule for small Granite models
         w.add_add_bos_token(False)
     return conv
 
