@@ -10,6 +10,7 @@ stored tensor, must be exactly the diffusers tensor.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from pathlib import Path
@@ -86,8 +87,10 @@ def _flux_converter():
     return ns["convert_flux_transformer_checkpoint_to_diffusers"]
 
 
+@functools.cache
 def build(name: str):
-    """(diffusers components, single-file extras, {component: converter(single file) -> diffusers dict})."""
+    """(diffusers components, single-file extras, {component: converter(single file) -> diffusers dict}); built
+    once per family (the tests read them, never change them)."""
     comps: dict[str, dict[str, torch.Tensor]] = {}
     conv = {}
     extra: dict[str, torch.Tensor] = {}
@@ -320,3 +323,112 @@ def test_read_folder(tmp_path: Path):
     save_file({"conv_in.weight": torch.zeros(1)}, str(tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
     with pytest.raises(InputError, match="conv_in.weight.*keep one variant"):
         read_folder(tmp_path)
+
+
+# --- kohya names, judged by diffusers' own kohya loaders ---------------------------------------------------------
+
+def _trainable(fam) -> dict[str, tuple[str, ...]]:
+    """kohya names of the modules LoRA/LoCon train (linears and convs: not norms, not token/position tables)."""
+    mods = fam.modules()
+    return {k: t for k, t in fam.kohya_names().items()
+            if len(mods[t[0]].shape) >= 2 and ".embeddings." not in t[0]}
+
+
+def _peft_modules(out: dict[str, torch.Tensor]) -> set[str]:
+    """Module names of a converted LoRA state dict, through diffusers' own old-format -> PEFT conversion."""
+    from diffusers.utils.state_dict_utils import (
+        StateDictType,
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+    comp = next(iter(out)).split(".")[0]
+    sub = {k[len(comp) + 1:]: v for k, v in out.items()}
+    if comp == "unet":
+        peft = convert_unet_state_dict_to_peft(sub)
+    elif any(".lora_A." in k for k in sub):
+        peft = sub
+    else:
+        if not any("lora_linear_layer" in k for k in sub):
+            sub = convert_state_dict_to_diffusers(sub, StateDictType.DIFFUSERS_OLD)
+        peft = convert_state_dict_to_peft(sub)
+    return {f"{comp}.{k.rsplit('.lora_', 1)[0]}" for k in peft}
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
+def test_kohya_names_sd(name):
+    """Each kohya module name (diffusers-flattened, and SGM-flattened for SDXL) lands where diffusers'
+    ``lora_state_dict`` path puts it (SGM remap, kohya key conversion, old-format -> PEFT)."""
+    from types import SimpleNamespace
+
+    from diffusers.loaders import lora_conversion_utils as lcu
+    comps, _, _ = build(name)
+    fam = detect_folder({c: shapes(d) for c, d in comps.items()})
+    assert fam is not None
+    names = _trainable(fam)
+    # diffusers' heuristic mangles diffusers-spelled add_embedding (to "add.embedding.linear") and has no rule for
+    # text_projection; sd-scripts writes label_emb_0_0 for the former (checked) and never trains the latter
+    skip = {"lora_unet_add_embedding_linear_1", "lora_unet_add_embedding_linear_2", "lora_te2_text_projection"}
+    assert name != "sdxl" or {"lora_unet_label_emb_0_0", "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                              "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"} <= set(names)
+    checked = 0
+    for k, targets in names.items():
+        if k in skip:
+            continue
+        sd = {k + ".lora_down.weight": torch.zeros(1, 2), k + ".lora_up.weight": torch.zeros(2, 1)}
+        if k.startswith("lora_unet_"):
+            sd = lcu._maybe_map_sgm_blocks_to_diffusers(sd, SimpleNamespace(layers_per_block=2))
+        out, _ = lcu._convert_non_diffusers_lora_to_diffusers(sd)
+        assert _peft_modules(out) == set(targets), k
+        checked += 1
+    assert checked > 100
+
+
+def test_kohya_names_flux():
+    """Flux kohya names (BFL-flattened) split where diffusers' ``_convert_kohya_flux_lora_to_diffusers`` splits
+    them, in the same row order (lora_up rows numbered to tell). Its linear1 split is Flux.1-dev's
+    (3x3072 + 12288 rows), which it applies whatever the width; only the order is compared there."""
+    from diffusers.loaders import lora_conversion_utils as lcu
+    comps, _, _ = build("flux")
+    fam = detect_folder({c: shapes(d) for c, d in comps.items()})
+    assert fam is not None
+    names = _trainable(fam)
+    assert names["lora_unet_double_blocks_0_img_attn_qkv"] == tuple(
+        f"transformer.transformer_blocks.0.attn.to_{x}" for x in "qkv")
+    assert names["lora_unet_single_blocks_1_linear1"] == tuple(
+        f"transformer.single_transformer_blocks.1.{x}" for x in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
+    checked = 0
+    for k, targets in names.items():
+        if k.startswith("lora_te3_"):
+            continue  # diffusers' Flux loader drops T5 LoRA keys (returns nothing): no judge there
+        rows = 3 * 3072 + 12288 if k.endswith("_linear1") else 3 * len(targets)
+        sd = {k + ".lora_down.weight": torch.zeros(1, 2), k + ".alpha": torch.tensor(1.0),
+              k + ".lora_up.weight": torch.arange(rows, dtype=torch.float32).reshape(rows, 1)}
+        out = lcu._convert_kohya_flux_lora_to_diffusers(sd)
+        if k.startswith("lora_te1_"):
+            assert _peft_modules(out) == set(targets), k
+        else:
+            # it names block modules with the "transformer." prefix and the embedders without
+            first_row = {("" if kk.startswith("transformer.") else "transformer.") + kk.rsplit(".lora_B", 1)[0]:
+                         v[0, 0].item() for kk, v in out.items() if ".lora_B" in kk}
+            assert tuple(sorted(first_row, key=first_row.__getitem__)) == targets, k
+        checked += 1
+    assert checked > 30
+
+
+def test_kohya_names_sd3_and_text_encoders():
+    """SD3 (no kohya loader in diffusers to judge): sd-scripts' names are lora_unet_ + the flattened MMDiT
+    module, lora_te1/2/3 for CLIP-L/CLIP-G/T5; the MMDiT's original names are the ones diffusers' converter
+    reads (test_single_file_is_what_diffusers_converts)."""
+    comps, _, _ = build("sd3")
+    fam = detect_folder({c: shapes(d) for c, d in comps.items()})
+    assert fam is not None
+    names = fam.kohya_names()
+    assert names["lora_unet_joint_blocks_1_context_block_attn_qkv"] == tuple(
+        f"transformer.transformer_blocks.1.attn.add_{x}_proj" for x in "qkv")
+    assert names["lora_unet_joint_blocks_0_x_block_attn2_proj"] == ("transformer.transformer_blocks.0.attn2.to_out.0",)
+    assert names["lora_unet_final_layer_adaLN_modulation_1"] == ("transformer.norm_out.linear",)
+    assert names["lora_te2_text_model_encoder_layers_0_mlp_fc1"] == ("text_encoder_2.text_model.encoder.layers.0.mlp.fc1",)
+    assert names["lora_te3_encoder_block_0_layer_0_SelfAttention_q"] == (
+        "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q",)
+    assert not any(k.startswith("lora_transformer_") for k in names)
