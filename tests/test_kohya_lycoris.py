@@ -21,11 +21,11 @@ from wsurgery.adapters.formats import read_adapter_file
 from wsurgery.errors import InputError, NotInvertibleError, UnsupportedError
 
 lycoris_modules = pytest.importorskip("lycoris.modules", reason="needs lycoris-lora==4.1.3 (a test dependency)")
-LoConModule, LohaModule, LokrModule = (lycoris_modules.LoConModule, lycoris_modules.LohaModule,
-                                       lycoris_modules.LokrModule)
-FullModule, NormModule, GLoRAModule = lycoris_modules.FullModule, lycoris_modules.NormModule, lycoris_modules.GLoRAModule
+LoConModule, LohaModule = lycoris_modules.LoConModule, lycoris_modules.LohaModule
+LokrModule = lycoris_modules.LokrModule
+FullModule, NormModule = lycoris_modules.FullModule, lycoris_modules.NormModule
+GLoRAModule, IA3Module = lycoris_modules.GLoRAModule, lycoris_modules.IA3Module
 DiagOFTModule, ButterflyOFTModule = lycoris_modules.DiagOFTModule, lycoris_modules.ButterflyOFTModule
-IA3Module = lycoris_modules.IA3Module
 
 NAME = "lora_unet_down_blocks_0_attentions_0_proj"
 
@@ -328,9 +328,12 @@ def test_kohya_lora_matches_diffusers_fuse(tiny_unet, tmp_path):
     assert changed == len(net.unet_loras) > 10
 
 
-def test_diffusers_peft_file_matches_fuse(tiny_unet, tmp_path):
-    """A diffusers-format file (save_lora_weights: ``unet.<path>.lora_A/B.weight`` and lora_adapter_metadata with
-    lora_alpha ≠ r and an alpha_pattern), read and merged, equals diffusers' load_lora_weights + fuse_lora."""
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_diffusers_peft_file_matches_fuse(dora, tiny_unet, tmp_path):
+    """A diffusers-format file (save_lora_weights: ``unet.<path>.lora_A/B.weight``, with DoRA
+    ``lora_magnitude_vector``, and lora_adapter_metadata with lora_alpha ≠ r and an alpha_pattern), read and merged,
+    equals diffusers' fuse_lora. DoRA at lora_scale 1 only: diffusers scales ΔW inside DoRA's norm, while
+    wsurgery's PEFT DoraPatch interpolates for --scale (see the H18b report)."""
     import copy
 
     from diffusers import StableDiffusionPipeline
@@ -339,27 +342,31 @@ def test_diffusers_peft_file_matches_fuse(tiny_unet, tmp_path):
 
     unet = copy.deepcopy(tiny_unet)
     base = {k: v.clone() for k, v in unet.state_dict().items()}
-    config = LoraConfig(r=4, lora_alpha=8, alpha_pattern={"to_k": 2}, target_modules=["to_q", "to_k", "to_v",
-                                                                                      "to_out.0", "conv1"])
+    config = LoraConfig(r=4, lora_alpha=8, alpha_pattern={"to_k": 2}, use_dora=dora,
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"])
+    scale = 1.0 if dora else 0.5
     unet.add_adapter(config)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for n, p in unet.named_parameters():
-            if "lora_" in n:
+            if "lora_A" in n or "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif "lora_magnitude" in n:
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
     layers = get_peft_model_state_dict(unet)
     StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=layers,
                                               unet_lora_adapter_metadata=config.to_dict())
     path = tmp_path / "pytorch_lora_weights.safetensors"
     adapter = read_adapter_file(path)
     assert adapter.format == "diffusers"
-    unet.fuse_lora(lora_scale=0.5)
+    assert all(m.dora == dora for m in adapter.modules.values())
+    unet.fuse_lora(lora_scale=scale)
     fused = unet.state_dict()
     assert any(name.endswith("to_k") for name in adapter.modules)
     for name, module in adapter.modules.items():
         inner = name.removeprefix("unet.")
         w = base[f"{inner}.weight"]
-        merged = module.patch.bind({"weight": tuple(w.shape)}).merge({"weight": w.clone()}, 0.5)["weight"]
+        merged = module.patch.bind({"weight": tuple(w.shape)}).merge({"weight": w.clone()}, scale)["weight"]
         want = fused.get(f"{inner}.base_layer.weight", fused.get(f"{inner}.weight"))
         _close(merged, want)
 

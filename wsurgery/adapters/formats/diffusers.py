@@ -55,15 +55,16 @@ def _adapter_metadata(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]
     return meta
 
 
-def _alpha(path: Path, name: str, rank: int, saved: torch.Tensor | None, meta: dict[str, Any]) -> tuple[float, float]:
-    """(α, scale) for one module: its ``.alpha``, else the component's PEFT config in the metadata, else α = r."""
+def _alpha(path: Path, name: str, rank: int, saved: torch.Tensor | None,
+           meta: dict[str, Any]) -> tuple[float | None, float]:
+    """(α as the file states it, or None; scale) for one module: its ``.alpha``, else the component's PEFT config in
+    the metadata, else α = r (scale 1)."""
     if saved is not None:
         alpha = scalar(path, f"{name}.alpha", saved)
-        alpha = alpha if alpha else float(rank)
-        return alpha, alpha / rank
+        return alpha, (alpha if alpha else float(rank)) / rank
     component, _, inner = name.partition(".")
     if not meta or f"{component}.lora_alpha" not in meta:
-        return float(rank), 1.0
+        return None, 1.0
     for flag in _LORA_VARIANT_FLAGS:
         if meta.get(f"{component}.{flag}"):
             raise UnsupportedError(f"{path}: lora_adapter_metadata turns on {flag} for {component}; only plain LoRA "
@@ -105,8 +106,8 @@ class Diffusers(AdapterFormat):
                                  f"{list(B.shape)} do not form a rank-{rank} LoRA")
             alpha, scale = _alpha(path, name, rank, parts["alpha"][1] if "alpha" in parts else None, meta)
             bias = parts["bias"][1] if "bias" in parts else None
-            lora = LoraPatch(name, "conv" if A.dim() > 2 else "linear", A, B, alpha, scale, bias)
+            lora = LoraPatch(name, "conv" if A.dim() > 2 else "linear", A, B, float(rank) if alpha is None else alpha,
+                             scale, bias)
             patch = DoraPatch(lora, parts["magnitude"][1]) if "magnitude" in parts else lora
-            modules[name] = AdapterModule(name, "lora", patch, rank, alpha if "alpha" in parts else None, keys,
-                                          dora="magnitude" in parts)
+            modules[name] = AdapterModule(name, "lora", patch, rank, alpha, keys, dora="magnitude" in parts)
         return AdapterFile(path, self.name, modules, metadata)
