@@ -432,3 +432,43 @@ def test_kohya_names_sd3_and_text_encoders():
     assert names["lora_te3_encoder_block_0_layer_0_SelfAttention_q"] == (
         "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q",)
     assert not any(k.startswith("lora_transformer_") for k in names)
+
+
+# --- real sizes (meta tensors: shapes only; values are checked on the tiny models above) ----------------------
+
+SDXL_UNET = dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+
+
+@pytest.mark.parametrize("name", ["sdxl", "flux"])
+def test_real_size_denoisers(name):
+    """SDXL's UNet and Flux.1-dev's transformer at their real sizes: diffusers' unpatched converters read our
+    single-file names and shapes back to the diffusers ones, and detection takes well under a second."""
+    import time
+    with torch.device("meta"):
+        if name == "sdxl":
+            model: torch.nn.Module = UNet2DConditionModel(**SDXL_UNET)
+        else:
+            model = FluxTransformer2DModel(guidance_embeds=True)
+    comp = "unet" if name == "sdxl" else "transformer"
+    state = model.state_dict()
+    folder = detect_folder({comp: shapes(state)})
+    assert folder is not None and folder.name == name
+    sf = folder.to_single_file({f"{comp}.{k}": v for k, v in state.items()})
+    start = time.perf_counter()
+    fam = detect(shapes(sf))
+    elapsed = time.perf_counter() - start
+    assert fam is not None and fam.name == name and elapsed < 2.0
+    if name == "sdxl":
+        back = sfu.convert_ldm_unet_checkpoint(dict(sf), SDXL_UNET)
+    else:
+        back = sfu.convert_flux_transformer_checkpoint_to_diffusers(dict(sf))
+    assert shapes(back) == shapes(state)
+    assert {k: loc.shape for k, loc in fam.parameters().items()} == {f"{comp}.{k}": s for k, s in shapes(state).items()}
+    if name == "flux":
+        loc = fam.modules()["transformer.single_transformer_blocks.37.proj_mlp"]
+        assert loc.slice == (0, 3 * 3072, 12288) and loc.stored_shape == (21504, 3072)
