@@ -286,6 +286,10 @@ def test_lycoris_kohya_network_file(tiny_unet, tmp_path):
     layers = dict(tiny_unet.named_modules())
     by_name = {"lora_unet_" + n.replace(".", "_"): n for n in layers}
     assert set(adapter.modules) == {m.lora_name for m in net.unet_loras}
+    # conv_dim/conv_alpha for convolutions (kernel > 1), network dim/alpha elsewhere, as create_network chose
+    want = {m.lora_name: (m.lora_dim, float(m.alpha)) for m in net.unet_loras}
+    assert {r["module"]: (r["rank"], r["alpha"]) for r in adapter.table()} == want
+    assert set(want.values()) == {(4, 2.0), (2, 1.0)}
     convs = 0
     for m in net.unet_loras:
         layer = layers[by_name[m.lora_name]]
@@ -414,8 +418,8 @@ def _lora_state(rank: int = 2) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("state, match", [
     ({"lora_down.weight": torch.zeros(2, 8), "lora_up.weight": torch.zeros(8, 2), "scale": torch.tensor(1.0)},
-     "no known adapter format"),
-    ({"dylora_up": torch.zeros(8, 2)}, "no known adapter format"),
+     r"looks like a kohya adapter but 1 of its 3 tensors are not kohya adapter tensors: lora_unet_\w+\.scale$"),
+    ({"dylora_up": torch.zeros(8, 2)}, "match no known adapter format"),
     ({"lora_down.weight": torch.zeros(2, 8), "hada_w1_a": torch.zeros(8, 2)}, "several"),
     ({"lora_down.weight": torch.zeros(2, 8), "alpha": torch.tensor(1.0)}, r"missing \['lora_up.weight'\]"),
     ({"hada_w1_a": torch.zeros(8, 2), "hada_w1_b": torch.zeros(2, 8), "hada_w2_a": torch.zeros(8, 2),

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -52,6 +52,11 @@ class AdapterFile:
         return {k: v for k, v in self.metadata.items()
                 if k in SUMMARY_KEYS or k.startswith(("modelspec.", "lycoris_"))}
 
+    def table(self) -> list[dict[str, Any]]:
+        """One row per module for ``inspect``: name, algo, rank, alpha, DoRA, and the patch's own facts."""
+        return [{"module": m.name, "algo": m.algo, "rank": m.rank, "alpha": m.alpha, "dora": m.dora,
+                 **m.patch.describe()} for m in self.modules.values()]
+
     @property
     def base_model(self) -> str | None:
         """What the file says it was trained on, if it says."""
@@ -63,9 +68,14 @@ class AdapterFormat(ABC):
 
     name: ClassVar[str]
 
-    @abstractmethod
     def detect(self, keys: list[str], metadata: Mapping[str, str]) -> bool:
         """True if these tensor names (and metadata) are this format's."""
+        return not self.foreign_keys(keys)
+
+    @abstractmethod
+    def foreign_keys(self, keys: list[str]) -> list[str]:
+        """The tensor names this format cannot hold ([] for a file of this format), for the error that names them
+        when no format holds every key."""
 
     @abstractmethod
     def read(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> AdapterFile:
@@ -103,12 +113,19 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def detect_format(path: Path, keys: list[str], metadata: Mapping[str, str]) -> AdapterFormat:
     found = [f for f in _FORMATS.values() if f.detect(keys, metadata)]
-    if len(found) != 1:
-        sample = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
-        what = "matches no" if not found else f"matches several ({', '.join(f.name for f in found)}) of the"
-        raise InputError(f"{path}: its tensor names ({sample}) {what} known adapter formats "
-                         f"({', '.join(sorted(_FORMATS))})")
-    return found[0]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise InputError(f"{path}: its tensor names ({describe_keys(keys, 4)}) fit several adapter formats "
+                         f"({', '.join(f.name for f in found)}); cannot tell which")
+    # The format that explains most keys names the rest: usually a few keys of an unknown variant.
+    best = min(_FORMATS.values(), key=lambda f: len(f.foreign_keys(keys)))
+    foreign = best.foreign_keys(keys)
+    if len(foreign) < len(keys):
+        raise InputError(f"{path}: looks like a {best.name} adapter but {len(foreign)} of its {len(keys)} tensors are "
+                         f"not {best.name} adapter tensors: {describe_keys(foreign, 4)}")
+    raise InputError(f"{path}: its tensor names ({describe_keys(keys, 4)}) match no known adapter format "
+                     f"({', '.join(sorted(_FORMATS))})")
 
 
 def read_adapter_file(path: str | Path) -> AdapterFile:

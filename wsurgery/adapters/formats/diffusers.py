@@ -13,8 +13,8 @@ diffusers' ``save_lora_weights`` writes (``<component>.lora_alpha``, ``alpha_pat
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
+import math
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +79,12 @@ def _alpha(path: Path, name: str, rank: int, saved: torch.Tensor | None,
 class Diffusers(AdapterFormat):
     name = "diffusers"
 
-    def detect(self, keys: list[str], metadata: Mapping[str, str]) -> bool:
-        split = [_split(k) for k in keys]
-        return all(s is not None and "." in s[0] for s in split) and any(s[1] == "A" for s in split if s)
+    def foreign_keys(self, keys: list[str]) -> list[str]:
+        def fits(key: str) -> bool:
+            split = _split(key)
+            return split is not None and "." in split[0]  # a dotted module path: kohya names have no dots
+
+        return [k for k in keys if not fits(k)]
 
     def read(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> AdapterFile:
         grouped: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}

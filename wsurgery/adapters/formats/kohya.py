@@ -24,8 +24,8 @@ The multiplier (``--scale``) is the Patch's ``merge`` scale, with LyCORIS' rules
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
+import re
 from pathlib import Path
 
 import torch
@@ -194,12 +194,12 @@ def _check_metadata(path: Path, modules: dict[str, AdapterModule], metadata: Map
 class Kohya(AdapterFormat):
     name = "kohya"
 
-    def detect(self, keys: list[str], metadata: Mapping[str, str]) -> bool:
-        for k in keys:
-            name, _, param = k.partition(".")
-            if not param or not _NAME.match(name) or param not in _PARAMS:
-                return False
-        return True
+    def foreign_keys(self, keys: list[str]) -> list[str]:
+        def fits(key: str) -> bool:
+            name, _, param = key.partition(".")
+            return bool(_NAME.match(name)) and param in _PARAMS
+
+        return [k for k in keys if not fits(k)]
 
     def read(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> AdapterFile:
         grouped: dict[str, dict[str, torch.Tensor]] = {}
