@@ -149,7 +149,8 @@ def k(tmp_path_factory):
 
 def test_merge_into_a_k_quant_gguf_keeps_each_type_and_requantizes_as_ggml(k, capsys):
     """CLI: inspect names the K types; the merge writes every changed tensor back in its own type, exactly
-    ggml's bytes for our float merge, which is PEFT's merge into the dequantized base; the rest is copied."""
+    ggml's bytes for our float merge, which is PEFT's merge into the dequantized base; the rest is copied.
+    verify accepts the merge; dequantize writes what transformers' GGUF loader makes of the base."""
     from transformers import AutoModelForCausalLM
 
     root, _, base, lora = k
@@ -178,6 +179,18 @@ def test_merge_into_a_k_quant_gguf_keeps_each_type_and_requantizes_as_ggml(k, ca
         np.testing.assert_allclose(floats.read(hf).numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max())
         assert np.array_equal(stored.data, ggml_quantize(value, stored.tensor_type)), stored.name
     assert changed == 2 * len(LINEAR)
+    # Q2_K/Q3_K round by up to ~10 % of |W'|·|x| here; an unmerged file is off by far more
+    code, out, err = run_cli(["verify", base, lora, root / "merged.gguf", "--rtol", "0.2"], capsys)
+    assert code == 0, out + err
+    code, out, err = run_cli(["verify", base, lora, base, "--rtol", "0.2"], capsys)
+    assert code == 1 and "0/14 modules agree" in out + err, out + err
+    code, _, err = run_cli(["dequantize", base, root / "dequantized", "--quiet"], capsys)
+    assert code == 0, err
+    transformers_view = AutoModelForCausalLM.from_pretrained(root, gguf_file=base.name).state_dict()
+    dequantized = open_checkpoint(root / "dequantized")
+    assert set(dequantized.tensors) == set(transformers_view)
+    for name in dequantized.tensors:
+        assert torch.equal(dequantized.read(name), transformers_view[name]), name
 
 
 def test_llama_cpp_reads_the_k_quant_merge_as_transformers_does(k):

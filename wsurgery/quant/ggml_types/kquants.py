@@ -176,7 +176,7 @@ def _scales_mins_k4(blocks: np.ndarray, nmax: int, rmin: float, nstep: int) -> t
 class Q2_K(GgmlQuant):
     type = GgmlType.Q2_K
     block_size, type_size = QK_K, 84
-    chunk_blocks = 1024
+    chunk_blocks = 512
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -201,7 +201,7 @@ class Q2_K(GgmlQuant):
 class Q3_K(GgmlQuant):
     type = GgmlType.Q3_K
     block_size, type_size = QK_K, 110
-    chunk_blocks = 1024
+    chunk_blocks = 4096
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
@@ -266,7 +266,7 @@ class Q5_K(GgmlQuant):
 class Q6_K(GgmlQuant):
     type = GgmlType.Q6_K
     block_size, type_size = QK_K, 210
-    chunk_blocks = 1024
+    chunk_blocks = 512
 
     @classmethod
     def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
