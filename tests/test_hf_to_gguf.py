@@ -214,7 +214,9 @@ def _sentencepiece_folder(folder: Path, architecture: str = "llama") -> Path:
     if architecture == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     else:
-        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, head_dim=16, sliding_window=64))
+        gemma = dict(common, head_dim=16, sliding_window=64)
+        model = (transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**gemma)) if architecture == "gemma2"
+                 else transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**gemma)))
         with torch.no_grad():  # norms away from 0, so that a missing +1 shows
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
@@ -232,10 +234,11 @@ def _sentencepiece_folder(folder: Path, architecture: str = "llama") -> Path:
     return folder
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gemma2"])
+@pytest.mark.parametrize("architecture", ["llama", "gemma2", "gemma3"])
 def test_sentencepiece_models_are_byte_identical(llama_cpp_src, tmp_path, architecture):
     """The converter's SentencePiece path (tokenizer.model read without sentencepiece here); for Gemma 2 also
-    its own hyperparameters, norms stored + 1 and the tied head dropped."""
+    its own hyperparameters, norms stored + 1 and the tied head dropped; for Gemma 3 TextModel's rules with
+    its own over them (q/k norms + 1 too)."""
     folder = _sentencepiece_folder(tmp_path / f"tiny-{architecture}", architecture)
     done = _reference(llama_cpp_src, folder, tmp_path / "theirs.gguf", "f16")
     assert done.returncode == 0, done.stderr[-2000:]

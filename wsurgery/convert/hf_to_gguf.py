@@ -56,18 +56,20 @@ class Family:
     arch: gguf.MODEL_ARCH
     #: the converter's class: "llama" (LlamaModel: Q/K rows interleaved per head for llama.cpp's RoPE,
     #: vocab_size and rope.dimension_count), "qwen" (TextModel's rules as they are), "gemma"/"gemma2"
-    #: (their own hyperparameters, a SentencePiece vocabulary, norms stored + 1, lm_head dropped)
+    #: (their own hyperparameters, a SentencePiece vocabulary, norms stored + 1, lm_head dropped),
+    #: "gemma3" (TextModel's rules and its own on top, norms + 1, the embedding cut to the vocabulary)
     kind: str
     #: transformers' config defaults that ``AutoConfig(...).to_dict()`` (the converter's hparams) fills in
     defaults: tuple[tuple[str, Any], ...] = ()
 
 
 _LLAMA_DEFAULTS = (("max_position_embeddings", 2048), ("rms_norm_eps", 1e-6))
-_QWEN_DEFAULTS = (("max_position_embeddings", 32768), ("rms_norm_eps", 1e-6))
+_QWEN_DEFAULTS = (("max_position_embeddings", 32768), ("rms_norm_eps", 1e-6), ("num_key_value_heads", 32))
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family(gguf.MODEL_ARCH.LLAMA, "llama", defaults=_LLAMA_DEFAULTS),
     "MistralForCausalLM": Family(gguf.MODEL_ARCH.LLAMA, "llama",
-                                 defaults=(("max_position_embeddings", 4096 * 32), ("rms_norm_eps", 1e-6))),
+                                 defaults=(("max_position_embeddings", 4096 * 32), ("rms_norm_eps", 1e-6),
+                                           ("num_key_value_heads", 8))),
     "Qwen2ForCausalLM": Family(gguf.MODEL_ARCH.QWEN2, "qwen", defaults=_QWEN_DEFAULTS),
     "Qwen3ForCausalLM": Family(gguf.MODEL_ARCH.QWEN3, "qwen", defaults=(*_QWEN_DEFAULTS, ("head_dim", 128))),
     "GemmaForCausalLM": Family(gguf.MODEL_ARCH.GEMMA, "gemma",
@@ -78,13 +80,15 @@ FAMILIES: dict[str, Family] = {
                                           ("head_dim", 256), ("num_key_value_heads", 4),
                                           ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0),
                                           ("sliding_window", 4096))),
+    "Gemma3ForCausalLM": Family(gguf.MODEL_ARCH.GEMMA3, "gemma3",
+                                defaults=(("max_position_embeddings", 131072), ("rms_norm_eps", 1e-6),
+                                          ("head_dim", 256), ("num_key_value_heads", 4), ("sliding_window", 4096))),
 }
 #: Families whose conversion is known to be more than that, and why they are refused.
 _REFUSED = {
     "MixtralForCausalLM": "stacked experts",
     "Qwen2MoeForCausalLM": "stacked experts",
     "Qwen3MoeForCausalLM": "stacked experts",
-    "Gemma3ForCausalLM": "token embedding rows cut to the tokenizer's size and per-layer rope settings",
     "Gemma3ForConditionalGeneration": "a vision model and a SentencePiece vocabulary",
 }
 
@@ -98,6 +102,7 @@ class GgufTarget:
     type: GgmlType
     heads: int | None = None  # rows interleaved per head (Llama Q/K)
     shift: float = 0.0  # added to the values (Gemma's norms: llama.cpp multiplies by the weight, not 1 + it)
+    rows: int | None = None  # rows kept (Gemma 3's embedding: those of the vocabulary)
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,8 @@ class GgufConversion:
     def convert(self, name: str, tensor: torch.Tensor) -> np.ndarray:
         """``name``'s bytes in the GGUF file (as the converter encodes them)."""
         t = self.targets[name]
+        if t.rows is not None:
+            tensor = tensor[:t.rows]
         if tuple(tensor.shape) != t.shape:
             raise InputError(f"{name}: shape {list(tensor.shape)}, planned as {list(t.shape)}")
         if tensor.dtype not in (torch.float16, torch.float32):
@@ -290,6 +297,24 @@ def _add_gemma_parameters(w: gguf.GGUFWriter, h: dict, family: Family, ftype: gg
         w.add_sliding_window(h["sliding_window"])
 
 
+def _add_gemma3_parameters(w: gguf.GGUFWriter, h: dict) -> None:
+    """``Gemma3Model.set_gguf_parameters`` after TextModel's: keys written again keep their place."""
+    w.add_context_length(h.get("max_position_embeddings", 131072))
+    w.add_head_count(h.get("num_attention_heads", 8))
+    w.add_layer_norm_rms_eps(h.get("rms_norm_eps", 1e-6))
+    w.add_key_length(h.get("head_dim", 256))
+    w.add_value_length(h.get("head_dim", 256))
+    rope = _rope_parameters(h)
+    w.add_rope_freq_base(rope.get("full_attention", rope).get("rope_theta", 1_000_000.0))
+    if h.get("attn_logit_softcapping") is not None:
+        raise UnsupportedError("Gemma 3 with attn_logit_softcapping: llama.cpp's converter refuses it too")
+    if final := h.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(final)
+    if h.get("sliding_window_pattern") != 1:
+        w.add_sliding_window(h["sliding_window"])
+    w.add_head_count_kv(h.get("num_key_value_heads", 4))
+
+
 def _tensor_type(gguf_name: str, shape: tuple[int, ...], ftype: gguf.LlamaFileType,
                  type_for: Callable[[str, tuple[int, ...]], GgmlType | None] | None) -> GgmlType:
     """The converter's choice (``prepare_tensors``): norms, 1-D tensors and non-weights F32, the rest the
@@ -345,10 +370,14 @@ def plan_conversion(ckpt: Any, outtype: str = "f16",
     w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[family.arch])
     conv = GgufConversion(folder, w)
     for name in _ordered(ckpt.tensors):
-        if name.endswith(_DROPPED) or (family.kind.startswith("gemma") and name == "lm_head.weight"):
+        if name.endswith(_DROPPED) or (family.kind in ("gemma", "gemma2") and name == "lm_head.weight"):
             continue
         info = ckpt.tensors[name]
         shape = tuple((shapes or {}).get(name, info.shape))
+        rows = None
+        if family.kind == "gemma3" and "embed_tokens.weight" in name and h.get("vocab_size"):
+            rows = h["vocab_size"]  # the SentencePiece vocabulary's size: rows past it dropped
+            shape = (min(rows, shape[0]), *shape[1:])
         gguf_name = tensor_map.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise UnsupportedError(f"{ckpt.shards[0]}: tensor {name!r} has no GGUF name in llama.cpp's "
@@ -360,15 +389,17 @@ def plan_conversion(ckpt: Any, outtype: str = "f16",
             heads = n_kv
         t = _tensor_type(gguf_name, shape, ftype, type_for)
         shift = 1.0 if family.kind.startswith("gemma") and name.endswith("norm.weight") else 0.0
-        conv.targets[name] = GgufTarget(gguf_name, shape, t, heads, shift)
+        conv.targets[name] = GgufTarget(gguf_name, shape, t, heads, shift, rows)
         np_dtype = {GgmlType.F32: np.float32, GgmlType.F16: np.float16}.get(t, np.uint8)
         w.add_tensor_info(gguf_name, shape if np_dtype is not np.uint8 else gguf.quant_shape_to_byte_shape(shape, t),
                           np.dtype(np_dtype), _nbytes(shape, t), raw_dtype=t)
     _add_metadata(w, folder, ftype)
-    if family.kind.startswith("gemma"):
+    if family.kind in ("gemma", "gemma2"):
         _add_gemma_parameters(w, h, family, ftype)
     else:
         _add_parameters(w, h, family, ftype, folder)
+    if family.kind == "gemma3":
+        _add_gemma3_parameters(w, h)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if family.kind == "llama" and (config_file := folder / "tokenizer_config.json").is_file():
         tokenizer_config = json.loads(config_file.read_text(encoding="utf-8"))
