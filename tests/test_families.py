@@ -428,7 +428,8 @@ def test_kohya_names_sd3_and_text_encoders():
         f"transformer.transformer_blocks.1.attn.add_{x}_proj" for x in "qkv")
     assert names["lora_unet_joint_blocks_0_x_block_attn2_proj"] == ("transformer.transformer_blocks.0.attn2.to_out.0",)
     assert names["lora_unet_final_layer_adaLN_modulation_1"] == ("transformer.norm_out.linear",)
-    assert names["lora_te2_text_model_encoder_layers_0_mlp_fc1"] == ("text_encoder_2.text_model.encoder.layers.0.mlp.fc1",)
+    assert names["lora_te2_text_model_encoder_layers_0_mlp_fc1"] == (
+        "text_encoder_2.text_model.encoder.layers.0.mlp.fc1",)
     assert names["lora_te3_encoder_block_0_layer_0_SelfAttention_q"] == (
         "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q",)
     assert not any(k.startswith("lora_transformer_") for k in names)
@@ -472,3 +473,45 @@ def test_real_size_denoisers(name):
     if name == "flux":
         loc = fam.modules()["transformer.single_transformer_blocks.37.proj_mlp"]
         assert loc.slice == (0, 3 * 3072, 12288) and loc.stored_shape == (21504, 3072)
+
+
+def test_folder_with_a_misfit_fused_part_is_refused():
+    comps, _, _ = build("flux")
+    folder = {c: shapes(d) for c, d in comps.items()}
+    t = dict(folder["transformer"])
+    t["single_transformer_blocks.0.attn.to_k.weight"] = (12, 16)
+    with pytest.raises(InputError, match=r"to_k\.weight has shape \[12, 16\]"):
+        detect_folder({**folder, "transformer": t})
+    del t["single_transformer_blocks.0.attn.to_k.weight"]
+    with pytest.raises(InputError, match="only part of what .*linear1.weight fuses"):
+        detect_folder({**folder, "transformer": t})
+
+
+def test_sd3_without_t5():
+    """SD3 single files often leave T5 out (sd3_medium_incl_clips): it is optional."""
+    comps, extra, _ = build("sd3")
+    folder = detect_folder({c: shapes(d) for c, d in comps.items()})
+    assert folder is not None
+    sf = shapes(folder.to_single_file({f"{c}.{k}": v for c, d in comps.items() for k, v in d.items()
+                                       if c != "text_encoder_3"}))
+    fam = detect(sf)
+    assert fam is not None and fam.name == "sd3"
+    assert not any(m.startswith("text_encoder_3.") for m in fam.modules())
+    assert any(m.startswith("text_encoder_2.") for m in fam.modules())
+
+
+def test_kohya_name_collisions_are_refused():
+    """'.'->'_' flattening can make two modules one kohya name; that is refused, never resolved by a guess."""
+    from wsurgery.families import Component, Family, Rule
+
+    class Toy(Family):
+        name = "toy"
+        title = "Toy"
+
+        @classmethod
+        def build_components(cls, keys, layout):
+            return (Component("unet", ("m.",), (Rule("{r}", ("{r}",)),), "lora_unet"),)
+
+    fam = Toy.from_diffusers({"unet": {"a_b.weight": (2, 2), "a.b.weight": (2, 2)}}, "toy")
+    with pytest.raises(InputError, match="lora_unet_a_b would stand for both"):
+        fam.kohya_names()

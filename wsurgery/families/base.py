@@ -373,7 +373,30 @@ class Family:
             elif c.required:
                 raise InputError(f"{where}: no {c.name}/ component in what looks like a {cls.title} diffusers "
                                  "folder; the folder is incomplete")
+        fam._check_fused(where)
         return fam
+
+    def _check_fused(self, where: str) -> None:
+        """Diffusers parameters that one original tensor fuses must all be there and fit together (same
+        columns; q/k/v as wide as the input), or the single file could not hold them."""
+        groups: dict[str, list[tuple[int, Rule, str]]] = {}
+        for name, (stored, k, r) in self.stored_as.items():
+            if r.split is not Split.NONE:
+                groups.setdefault(stored, []).append((k, r, name))
+        for stored, parts in groups.items():
+            parts.sort()
+            r = parts[0][1]
+            names = [n for _, _, n in parts]
+            if [k for k, _, _ in parts] != list(range(len(r.canonical))):
+                raise InputError(f"{where}: {', '.join(names)} are only part of what {stored} fuses "
+                                 f"({', '.join(r.canonical)}); the folder is incomplete")
+            shapes = [self.params[n].shape for n in names]
+            square = len(names) if r.split is Split.SQUARE else len(names) - 1
+            for n, shape in zip(names, shapes):
+                if shape[1:] != shapes[0][1:] or (names.index(n) < square and len(shape) == 2
+                                                  and shape[0] != shape[1]):
+                    raise InputError(f"{where}: {n} has shape {list(shape)}, which does not fit with "
+                                     f"{', '.join(x for x in names if x != n)} ({stored} in the single file)")
 
     def _add_single(self, c: Component, prefix: str, shapes: Mapping[str, Shape], where: str) -> None:
         ignored = set(c.ignored)
