@@ -19,6 +19,7 @@ from torch import nn
 
 from wsurgery.adapters.formats import read_adapter_file
 from wsurgery.errors import InputError, NotInvertibleError, UnsupportedError
+from wsurgery.methods.lycoris_common import LycorisDoraPatch
 
 lycoris_modules = pytest.importorskip("lycoris.modules", reason="needs lycoris-lora==4.1.3 (a test dependency)")
 LoConModule, LohaModule = lycoris_modules.LoConModule, lycoris_modules.LohaModule
@@ -109,6 +110,19 @@ def _conv(cin: int = 8, cout: int = 16, k: int = 3) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, padding=k // 2)
 
 
+def _check_forward(bound, base: dict[str, torch.Tensor]) -> None:
+    """verify's unmerged path (Patch.forward, on activations) gives the merged layer's output; LyCORIS DoRA has none
+    (its norm needs the dense ΔW) and says so."""
+    layer = bound.layer()
+    x = layer.inputs(bound.shapes, 5, torch.Generator().manual_seed(1))
+    if isinstance(bound.patch, LycorisDoraPatch):
+        with pytest.raises(UnsupportedError, match="no forward path"):
+            bound.forward(x, base, layer)
+        return
+    merged = bound.merge({k: v.clone() for k, v in base.items()}, 1.0)
+    _close(bound.forward(x, base, layer), layer(x, merged), rel=1e-5)
+
+
 # id, module class, layer, kwargs, the algo we report, whether LyCORIS 4.1.3's merge_to agrees with its forward
 CASES = [
     ("lora-linear", LoConModule, _lin, dict(lora_dim=4, alpha=2), "lora", True),
@@ -164,6 +178,7 @@ def test_lycoris_algorithm_merges_as_lycoris(case, tmp_path):
     assert module.dora == bool(kwargs.get("weight_decompose"))
     shapes, base = _base(layer, module.patch)
     bound = module.patch.bind(shapes)
+    _check_forward(bound, base)
     for multiplier in (1.0, 0.7):
         merged = bound.merge({k: v.clone() for k, v in base.items()}, multiplier)
         want = lycoris_forward_weights(mod, layer, multiplier)
@@ -204,6 +219,7 @@ def test_lycoris_full_diff(with_bias, tmp_path):
     with torch.no_grad():  # as lycoris.utils.merge loads it
         loaded = FullModule.make_module_from_state_dict(NAME, layer, state["diff"], state.get("diff_b"))
         want_w, want_b = loaded.get_merged_weight(0.6)
+    _check_forward(module.patch.bind(shapes), base)
     merged = module.patch.bind(shapes).merge({k: v.clone() for k, v in base.items()}, 0.6)
     _close(merged["weight"], want_w)
     if with_bias:

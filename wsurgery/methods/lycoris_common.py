@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import InputError, NotInvertibleError
 from .base import AdditivePatch, Patch, Shapes, Tensors
@@ -25,6 +26,16 @@ class LycorisPatch(Patch):
 
     def revert(self, tensors: Tensors) -> Tensors:
         return self.unmerge(tensors, 1.0)
+
+
+def conv_op(w: torch.Tensor) -> Any:
+    """The convolution that applies a kernel of this rank (verify's plain Conv layer: stride 1, no padding)."""
+    return {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[w.dim()]
+
+
+def on_channels(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``y`` scaled per output channel: the last axis of a Linear's output, axis 1 of a convolution's."""
+    return y * (f.view(1, -1, *[1] * (y.dim() - 2)) if y.dim() > 2 else f)
 
 
 def _norm(V: torch.Tensor, on_out: bool) -> torch.Tensor:

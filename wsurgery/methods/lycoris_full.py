@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .base import AdditivePatch, Shapes, Tensors
+from .base import AdditivePatch, Shapes, Tensors, like
+from .layers import Layer
 
 
 class LycorisDiffPatch(AdditivePatch):
@@ -37,6 +38,15 @@ class LycorisDiffPatch(AdditivePatch):
         if self.bias is not None:
             d["bias"] = self.bias.to(torch.float32)
         return d
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """The layer on the base tensors plus the same layer on the saved change (the layer is linear in them)."""
+        own = {"weight": like(self.weight, x)}
+        for role in base:
+            if role != "weight":
+                own[role] = like(self.bias, x) if role == "bias" and self.bias is not None else torch.zeros_like(
+                    base[role])
+        return layer(x, base) + layer(x, own)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.algo, "bias": self.bias is not None}

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from ..errors import InputError, NotInvertibleError
-from .base import Shapes, Tensors, expect_shape
-from .lycoris_common import LycorisPatch
+from .base import Shapes, Tensors, expect_shape, like
+from .layers import Layer
+from .lycoris_common import LycorisPatch, conv_op
 
 
 class LycorisGloraPatch(LycorisPatch):
@@ -85,6 +86,20 @@ class LycorisGloraPatch(LycorisPatch):
         self.notes.append(f"GLoRA unmerge residual {residual:.3g}")
         W = solved.reshape(X.shape).movedim(-1, 1).to(W1.dtype)
         return {**tensors, "weight": W1.copy_(W)}
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """LyCORIS' bypass path: ``W(x + γ·a1(a2(x))) + γ·b1(b2(x))`` (b through the Tucker core where saved)."""
+        a1, a2, b1, b2 = (like(t, x) for t in (self.a1, self.a2, self.b1, self.b2))
+        if x.dim() == 2:
+            ax, bx = x @ a2.T @ a1.T, x @ b2.T @ b1.T
+        else:
+            conv = conv_op(base["weight"])
+            ax = conv(conv(x, a2), a1)
+            bx = conv(x, b2)
+            if self.bm is not None:
+                bx = conv(bx, like(self.bm, x))
+            bx = conv(bx, b1)
+        return layer(x + self.scaling * ax, base) + self.scaling * bx
 
     def why_not_invertible(self) -> str | None:
         return None

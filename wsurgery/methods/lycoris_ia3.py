@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from ..errors import InputError, NotInvertibleError
-from .base import Shapes, Tensors
-from .lycoris_common import LycorisPatch
+from .base import Shapes, Tensors, like
+from .layers import Layer
+from .lycoris_common import LycorisPatch, on_channels
 
 
 class LycorisIa3Patch(LycorisPatch):
@@ -43,6 +44,16 @@ class LycorisIa3Patch(LycorisPatch):
         if bool((f == 0).any()):
             raise NotInvertibleError(f"{self.module}: some 1 + multiplier·w is 0: those channels were zeroed")
         return {**tensors, "weight": W.div_(f)}
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """LyCORIS' bypass path: the input channels scaled before the layer, or its output channels after it
+        (the bias left out of the scaling)."""
+        f = like(self.w, x).flatten() + 1
+        if self.on_input:
+            return layer(on_channels(x, f), base)
+        y = on_channels(layer(x, {"weight": base["weight"]}), f)
+        return y if "bias" not in base else y + layer(torch.zeros_like(x), {"weight": base["weight"],
+                                                                            "bias": base["bias"]})
 
     def why_not_invertible(self) -> str | None:
         return None

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .base import AdditivePatch, Shapes, Tensors
+from .base import AdditivePatch, Shapes, Tensors, like
+from .layers import Layer
+from .lycoris_common import conv_op
 
 
 class LycorisLokrPatch(AdditivePatch):
@@ -71,6 +73,25 @@ class LycorisLokrPatch(AdditivePatch):
         if self.scaling != 1:
             d = d * self.scaling
         return {"weight": d.reshape(self._shape)}
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """kron(w1, w2) on activations: the input channels split as (c, d), w1 (a, c) mixes the c axis, then w2
+        (b, d[, k…]) runs as the layer over the d axis; output channel i·b + j."""
+        t = {n: like(v, x) for n, v in self.t.items()}
+        W = base["weight"]
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        if "lokr_w2" in t:
+            w2 = t["lokr_w2"]
+        elif "lokr_t2" in t:
+            w2 = torch.einsum("ijkl,ip,jq->pqkl", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+        else:
+            w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+        (a, c), b = w1.shape, w2.shape[0]
+        w2 = w2.reshape(b, W.shape[1] // c, *W.shape[2:])
+        n, d, space = x.shape[0], w2.shape[1], x.shape[2:]
+        z = torch.einsum("ac,ncd...->nad...", w1, x.reshape(n, c, d, *space)).reshape(n * a, d, *space)
+        y = z @ w2.T if x.dim() == 2 else conv_op(w2)(z, w2)
+        return layer(x, base) + y.reshape(n, a * b, *y.shape[2:]) * self.scaling
 
     def describe(self) -> dict[str, Any]:
         w1 = "full" if "lokr_w1" in self.t else "decomposed"

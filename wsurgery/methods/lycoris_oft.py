@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .base import Shapes, Tensors
+from .base import Shapes, Tensors, like
+from .layers import Layer
 from .lycoris_common import LycorisPatch
 
 
@@ -94,6 +95,35 @@ class LycorisOftPatch(LycorisPatch):
         else:
             x = torch.linalg.solve(r.transpose(1, 2), x.reshape(-1, b, rest.numel())).reshape(W1.shape)
         return {**tensors, "weight": W1.copy_(x.to(W1.dtype))}
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """LyCORIS' bypass path on the layer's output channels (bias outside): each block of outputs times its
+        rotation (Cayley transform solved here, not inverted), the butterfly stages in turn, then ``rescale``."""
+        W = base["weight"]
+        q = like(self.blocks, x)
+        q = q - q.transpose(-1, -2)
+        limit = self.alpha * W.shape[0]
+        if limit > 0 and float(torch.norm(q) + 1e-8) > limit:
+            q = q * limit / (torch.norm(q) + 1e-8)
+        eye = torch.eye(self.block_size, dtype=q.dtype)
+        r = torch.linalg.solve((eye - q).transpose(-1, -2), (eye + q).transpose(-1, -2)).transpose(-1, -2)
+        y = layer(x, {"weight": W})
+        z = y.movedim(1, -1) if y.dim() > 2 else y
+        b = self.block_size
+        if self.butterfly:
+            for i in range(r.shape[0]):
+                k = 2 ** i * (b // 2)
+                z = z.unflatten(-1, (-1, 2, k)).transpose(-2, -1).flatten(-3).unflatten(-1, (-1, b))
+                z = torch.einsum("b i j, ... b j -> ... b i", r[i], z)
+                z = z.flatten(-2).unflatten(-1, (-1, k, 2)).transpose(-2, -1).flatten(-3)
+        else:
+            z = torch.einsum("... k n, k n m -> ... k m", z.unflatten(-1, (-1, b)), r).flatten(-2)
+        if self.rescale is not None:
+            z = z * like(self.rescale, x).flatten()
+        y = z.movedim(-1, 1) if y.dim() > 2 else z
+        if "bias" in base:
+            y = y + layer(torch.zeros_like(x), {"weight": W, "bias": base["bias"]})
+        return y
 
     def why_not_invertible(self) -> str | None:
         return None

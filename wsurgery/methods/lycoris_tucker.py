@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
-from .base import AdditivePatch, Shapes, Tensors, expect_shape
+from .base import AdditivePatch, Shapes, Tensors, expect_shape, like
+from .layers import Layer
+from .lycoris_common import conv_op
 
 
 class LycorisTuckerPatch(AdditivePatch):
@@ -38,6 +40,12 @@ class LycorisTuckerPatch(AdditivePatch):
         d = self.down.to(torch.float32).reshape(self.rank, -1)  # (r, in)
         w = torch.einsum("i j ..., i p, j r -> p r ...", self.mid.to(torch.float32), u, d)
         return {"weight": w * self.scaling}
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """LyCORIS' bypass path: the 1×1 down, the k×k core and the 1×1 up convolutions on the input."""
+        conv = conv_op(self.mid)
+        z = conv(conv(conv(x, like(self.down, x)), like(self.mid, x)), like(self.up, x))
+        return layer(x, base) + z * self.scaling
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "locon/tucker", "rank": self.rank, "alpha": self.alpha, "scaling": self.scaling}
