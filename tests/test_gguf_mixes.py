@@ -106,27 +106,34 @@ def test_fixture_is_what_llama_quantize_writes_now(model, tmp_path):
 # -- wsurgery quantize --gguf-type MIX --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def llama16(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mix") / "llama16.gguf"
-    script = _script()
-    script.write_model(script.MODELS["llama16"], path)
-    return path
+def models(tmp_path_factory):
+    """The fixtures' source models as GGUF files, written once: name -> path."""
+    folder, script, paths = tmp_path_factory.mktemp("mix"), _script(), {}
+
+    def get(name: str) -> Path:
+        if name not in paths:
+            paths[name] = folder / f"{name}.gguf"
+            script.write_model(script.MODELS[name], paths[name])
+        return paths[name]
+    return get
 
 
-def test_unknown_gguf_type_is_one_line_listing_valid_names(llama16, tmp_path, capsys):
-    code, _, err = run_cli(["quantize", llama16, tmp_path / "out.gguf", "--gguf-type", "q4_k_x"], capsys)
+def test_unknown_gguf_type_is_one_line_listing_valid_names(models, tmp_path, capsys):
+    code, _, err = run_cli(["quantize", models("llama16"), tmp_path / "out.gguf", "--gguf-type", "q4_k_x"], capsys)
     assert code != 0 and len(err.strip().splitlines()) == 1
     assert "q4_k_m" in err and "q8_0" in err
     assert not (tmp_path / "out.gguf").exists()
 
 
-def test_quantize_to_a_mix(llama16, tmp_path, capsys):
-    """Each tensor in the type llama-quantize gives it, file_type and quantization_version as it records them;
-    refused in one line, nothing written, while a K type cannot be encoded."""
-    out = tmp_path / "q4_k_m.gguf"
-    fixture = json.loads((ROOT / "fixtures" / "gguf_mixes" / "llama16.json").read_text())
-    expected = dict(zip([n for n, _, _ in fixture["tensors"]], fixture["file_types"]["q4_k_m"]["types"]))
-    code, _, err = run_cli(["quantize", llama16, out, "--gguf-type", "q4_k_m", "--quiet"], capsys)
+@pytest.mark.parametrize("model, ftype", [("llama16", "q4_k_m"), ("qwen2_odd_rows", "q3_k_m")])
+def test_quantize_to_a_mix(models, tmp_path, capsys, model, ftype):
+    """Each tensor in the type llama-quantize gives it (the layer rules; the fallbacks of rows that do not
+    divide into 256), file_type and quantization_version as it records them, and with LLAMA_QUANTIZE the same
+    bytes as its output; refused in one line, nothing written, while a K type cannot be encoded."""
+    out = tmp_path / f"{ftype}.gguf"
+    fixture = json.loads((ROOT / "fixtures" / "gguf_mixes" / f"{model}.json").read_text())
+    expected = dict(zip([n for n, _, _ in fixture["tensors"]], fixture["file_types"][ftype]["types"]))
+    code, _, err = run_cli(["quantize", models(model), out, "--gguf-type", ftype, "--quiet"], capsys)
     if not all(can_encode(T[t]) for t in expected.values()):
         assert code != 0 and "cannot quantize" in err and len(err.strip().splitlines()) == 1
         assert not out.exists()
@@ -134,14 +141,16 @@ def test_quantize_to_a_mix(llama16, tmp_path, capsys):
     assert code == 0, err
     reader = gguf.GGUFReader(out)
     assert {t.name: T(t.tensor_type).name for t in reader.tensors} == expected
-    assert int(reader.fields["general.file_type"].contents()) == fixture["file_types"]["q4_k_m"]["file_type"]
+    assert int(reader.fields["general.file_type"].contents()) == fixture["file_types"][ftype]["file_type"]
     assert int(reader.fields["general.quantization_version"].contents()) == gguf.GGML_QUANT_VERSION
     if LLAMA_QUANTIZE:  # bytes: llama-quantize without an imatrix runs ggml's reference quantizers
         import subprocess
 
         theirs = tmp_path / "theirs.gguf"
-        subprocess.run([LLAMA_QUANTIZE, str(llama16), str(theirs), "Q4_K_M", "2"], check=True, capture_output=True)
+        subprocess.run([LLAMA_QUANTIZE, str(models(model)), str(theirs), ftype.upper(), "2"], check=True,
+                       capture_output=True)
         ref = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+        assert set(ref) == set(expected)
         for t in reader.tensors:
             assert t.tensor_type == ref[t.name].tensor_type, t.name
             assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(ref[t.name].data).view(np.uint8)), \
