@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
-from .adapters import Adapter, load_adapter
+from .adapters import Adapter
+from .adapters.files import FileAdapter, load_any_adapter
 from .checkpoint.dtypes import parse_user_dtype
 from .checkpoint.formats import file_format, open_checkpoint
 from .checkpoint.writer import parse_size
@@ -64,9 +65,9 @@ def extract(base: str | Path, tuned: str | Path, out: str | Path, **options: Any
 
 
 def _load_adapters(adapter: AdapterSpec | Sequence[AdapterSpec], scale: float, options: dict[str, Any] | None
-                   ) -> list[tuple[Adapter, float]]:
+                   ) -> list[tuple[Adapter | FileAdapter, float]]:
     """Each adapter loaded, with its scale·weight."""
-    return [(load_adapter(_local(a, "adapter"), options), scale * w) for a, w in weighted_specs(adapter)]
+    return [(load_any_adapter(_local(a, "adapter"), options), scale * w) for a, w in weighted_specs(adapter)]
 
 
 def _run(direction: str, base: str | Path, adapter: AdapterSpec | Sequence[AdapterSpec], out: str | Path,

@@ -209,10 +209,16 @@ def merge(base: str, adapters: tuple[str, ...], out: str, dtype, max_shard_size,
 
     ADAPTER:WEIGHT merges W + WEIGHT·ΔW (e.g. style-lora:0.5); a trailing ':<number>' is a weight only
     where what comes before it is an existing path or a Hub repo id. BASE may be a llama.cpp .gguf file;
-    an OUT ending in .gguf is then written as one GGUF file with BASE's metadata and tokenizer."""
-    _folder_for_push(out, push)
+    an OUT ending in .gguf is then written as one GGUF file with BASE's metadata and tokenizer.
+
+    Image models: BASE may be a single-file checkpoint (SD 1.x/2.x, SDXL, SD3, Flux) or a diffusers
+    folder, and ADAPTER a kohya, LyCORIS or diffusers-style .safetensors file; its modules are placed by
+    the model family's key conventions (q/k/v into rows of a fused qkv...). An OUT ending in .safetensors
+    is written as one file."""
+    one_file = Path(out).suffix in (".gguf", ".safetensors")
+    _folder_for_push(out, push, one_file=one_file)
     weighted = [adapter_with_weight(a) for a in adapters]
-    _check_out(out, _local(base, *(a for a, _ in weighted)), overwrite, one_file=Path(out).suffix == ".gguf")
+    _check_out(out, _local(base, *(a for a, _ in weighted)), overwrite, one_file=one_file)
     if then_verify and (requantize or through_nf4):
         raise InputError("--verify compares the merge with the base's own weights; with --requantize or "
                          "--through-nf4 the output holds rounded weights on purpose: verify without them")
@@ -686,7 +692,8 @@ def _gguf_lora(adapter: str, out: str, base: str, gguf_type: str, merge_into: st
 
 
 def _folder_for_push(out: str, push: PushTarget | None, one_file: bool = False) -> None:
-    """--push-to uploads a folder: refuse it, before any work, for an output that is one .gguf file."""
+    """--push-to uploads a folder: refuse it, before any work, for an output that is one file (.gguf,
+    .safetensors)."""
     if push is not None and (one_file or str(out).endswith(".gguf")):
-        raise click.UsageError(f"--push-to uploads a folder; {out} is one .gguf file (upload it with "
+        raise click.UsageError(f"--push-to uploads a folder; {out} is one file (upload it with "
                                "huggingface-cli upload)")

@@ -23,15 +23,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import Adapter, map_modules
+from .adapters.files import FileAdapter
+from .adapters.locate import Place, checkpoint_family, locate, stored_name
 from .checkpoint import (Checkpoint, CheckpointWriter, TensorSpec, atomic_output_dir, check_output_path,
                          copy_side_files, plan_shards)
 from .checkpoint.dtypes import dtype_name
+from .checkpoint.output import atomic_output_file, check_output_file
 from .checkpoint.encodings import check_decoded
 from .checkpoint.formats import CheckpointFormat, file_format
 from .conventions import INPUT_EMBEDDING_SUFFIXES
 from .conventions import tied_heads as tied_head_names
 from .errors import InputError, NotInvertibleError, UnsupportedError, WsurgeryError
-from .methods import AdditivePatch, Bound
+from .families import Family
+from .methods import AdditivePatch, Bound, Patch
 from .quant.encodings import EncodedTensorInfo, Encoding, Rows
 from .workers import run_ordered
 
@@ -51,6 +55,15 @@ class ModuleJob:
     tensors: dict[str, str] = field(default_factory=dict)  # role -> base tensor name
     patches: list[tuple[Bound, float, tuple[str, ...]]] = field(default_factory=list)  # bound patch, scale, roles
     sources: list[str] = field(default_factory=list)  # the adapters' folders, for messages
+    #: Parallel to ``patches``: for a patch placed by a diffusion family's tables, role -> the parts of stored
+    #: tensors it sees (a row slice of a fused qkv, or several tensors a fused adapter module spans); None where
+    #: its roles name the job's tensors directly.
+    views: list[dict[str, Place] | None] = field(default_factory=list)
+
+    @property
+    def placed(self) -> bool:
+        """Whether a patch sees parts of stored tensors (jobs other code paths than the engine refuse)."""
+        return any(v is not None for v in self.views)
 
 
 @dataclass
@@ -79,15 +92,21 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
 
-def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str = "merge") -> Plan:
+def plan(base: Checkpoint, adapters: Sequence[tuple[Adapter | FileAdapter, float]], direction: str = "merge"
+         ) -> Plan:
     """Map every adapter onto the base and check every shape and precondition; write nothing."""
     jobs: dict[str, ModuleJob] = {}
     shapes: dict[str, tuple[int, ...]] = {n: t.shape for n, t in base.tensors.items()}
     base_desc = f"base {base.index_file or (base.shards[0] if len(base.shards) == 1 else base.folder)}"
     tied = tied_heads(base)
+    family = checkpoint_family(base, base_desc)
+    placed = _PlacedJobs(base, family, jobs, shapes, direction) if family is not None else None
     for adapter, scale in adapters:
         check_scale(scale, f"adapter {adapter.folder}")
         patches = sorted(adapter.patches(), key=lambda p: p.priority)
+        if placed is not None:
+            placed.add(adapter, scale, patches)
+            continue
         mapping = map_modules([p.module for p in patches], [*base.tensors, *(f"{h}.weight" for h in tied)],
                               f"adapter {adapter.folder}", base_desc)
         for patch in patches:
@@ -129,6 +148,7 @@ def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str
                 if reason is not None:
                     raise NotInvertibleError(f"cannot unmerge {adapter.folder} at {module}: {reason}")
             job.patches.append((bound, scale, tuple(roles)))
+            job.views.append(None)
             if str(adapter.folder) not in job.sources:
                 job.sources.append(str(adapter.folder))
     owner = {name: job.module for job in jobs.values() for name in job.tensors.values()}
@@ -138,7 +158,96 @@ def plan(base: Checkpoint, adapters: list[tuple[Adapter, float]], direction: str
     if direction == "unmerge":
         for job in jobs.values():
             job.patches.reverse()
+            job.views.reverse()
     return Plan(base, direction, jobs, owner, shapes)
+
+
+class _PlacedJobs:
+    """Jobs of patches placed by a diffusion family's tables: a patch may see a row slice of a stored tensor
+    or the row-wise concatenation of several; patches touching a common stored tensor share one job."""
+
+    def __init__(self, base: Checkpoint, family: Family, jobs: dict[str, ModuleJob],
+                 shapes: dict[str, tuple[int, ...]], direction: str) -> None:
+        self.base, self.family, self.jobs, self.shapes, self.direction = base, family, jobs, shapes, direction
+        self.job_of: dict[str, ModuleJob] = {}  # stored tensor -> its job
+
+    def add(self, adapter: Adapter | FileAdapter, scale: float, patches: list[Patch]) -> None:
+        where = f"adapter {adapter.folder}"
+        places = locate([p.module for p in patches], self.family, where)
+        for patch in patches:
+            views = self._views(patch, places[patch.module], where)
+            roles = tuple(views)
+            role_shapes = {r: self._shape(views[r], where) for r in roles}
+            first = views[roles[0]][0][0]
+            try:
+                bound = patch.bind(role_shapes, {r: self.base.tensors[views[r][0][0]].dtype for r in roles})
+            except WsurgeryError as e:
+                raise type(e)(f"{where}: {e}") from None
+            changed = {r: s for r, s in bound.output_shapes().items() if r in roles and s != role_shapes[r]}
+            if changed:
+                raise UnsupportedError(f"{where}: {patch.module} would change the shape of {first}, which holds "
+                                       "other modules too; such a change cannot be merged in place")
+            if self.direction == "unmerge":
+                reason = patch.why_not_invertible()
+                if reason is None and scale != 1.0 and not isinstance(patch, AdditivePatch):
+                    reason = "--scale other than 1 can only be unmerged for additive changes"
+                if reason is not None:
+                    raise NotInvertibleError(f"cannot unmerge {adapter.folder} at {patch.module}: {reason}")
+            job = self._job([name for parts in views.values() for name, _ in parts])
+            job.patches.append((bound, scale, roles))
+            job.views.append(views)
+            if str(adapter.folder) not in job.sources:
+                job.sources.append(str(adapter.folder))
+
+    def _views(self, patch: Patch, place: Place, where: str) -> dict[str, Place]:
+        """role -> the stored parts it sees: the weights of the place, or the biases beside them."""
+        views: dict[str, Place] = {}
+        for role in (*patch.roles, *patch.optional_roles):
+            if role == "weight":
+                views[role] = place
+                continue
+            biases = [loc.bias for _, loc in place] if role == "bias" else []
+            if role == "bias" and all(b is not None for b in biases):
+                views[role] = tuple((stored_name(self.family, loc, b), loc) for (_, loc), b in zip(place, biases)
+                                    if b is not None)
+            elif role not in patch.optional_roles:
+                raise InputError(f"{where}: {patch.module} changes its {role}, which {place[0][0]} has no "
+                                 "counterpart of in this checkpoint")
+        return views
+
+    def _shape(self, parts: Place, where: str) -> tuple[int, ...]:
+        """The shape a patch sees: each part as diffusers shapes it (a bias: its rows), stacked by rows."""
+        shapes = [loc.shape if len(self.shapes[name]) > 1 else (loc.region_shape[0] if loc.slice else
+                                                                  self.shapes[name][0],)
+                  for name, loc in parts]
+        if any(s[1:] != shapes[0][1:] for s in shapes):
+            raise InputError(f"{where}: {', '.join(n for n, _ in parts)} cannot be stacked by rows (shapes "
+                             f"{', '.join(str(list(s)) for s in shapes)})")
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    def _job(self, names: list[str]) -> ModuleJob:
+        """The job of these stored tensors: new, existing, or several existing ones joined."""
+        found: list[ModuleJob] = []
+        for n in names:
+            j = self.job_of.get(n)
+            if j is not None and all(j is not f for f in found):
+                found.append(j)
+        if not found:
+            key = names[0].removesuffix(".weight")
+            job = self.jobs[key] = ModuleJob(key)
+        else:
+            job, *others = found
+            for other in others:
+                job.tensors.update(other.tensors)
+                job.patches += other.patches
+                job.views += other.views
+                job.sources += [s for s in other.sources if s not in job.sources]
+                del self.jobs[other.module]
+        for n in names:
+            job.tensors[n] = n
+        for n in job.tensors:
+            self.job_of[n] = job
+        return job
 
 
 def check_scale(scale: object, where: str) -> None:
@@ -193,7 +302,13 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
         return _execute_file(plan, Path(out), own, gguf, overwrite, progress, extra_inputs, workers)
     base = plan.base
     quantize, through = quantize or {}, through or {}
-    check_output_path(out, [base.folder, *base.shards, *extra_inputs], overwrite)
+    one_file = Path(out).suffix == ".safetensors"
+    if one_file:
+        if max_shard_size is not None:
+            raise InputError(f"{out}: the output is one .safetensors file; --max-shard-size needs an output folder")
+        check_output_file(Path(out), [*base.shards, *extra_inputs], overwrite)
+    else:
+        check_output_path(out, [base.folder, *base.shards, *extra_inputs], overwrite)
     logical_dtype = {n: _output_dtype(t.dtype, dtype) for n, t in base.tensors.items()}
     specs: list[TensorSpec] = []
     assignment, single, index_name = _output_layout(base)
@@ -204,7 +319,7 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
             specs.extend(stored)
         else:
             specs.append(TensorSpec(n, logical_dtype[n], plan.out_shapes[n]))
-    shards = plan_shards(specs, assignment, max_shard_size, single)
+    shards = plan_shards(specs, assignment, max_shard_size, single) if not one_file else [(Path(out).name, specs)]
     sharded = len(shards) > 1
     scratches = _ThreadScratch()
 
@@ -245,8 +360,11 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
             raw = through[name](raw)
         return raw
 
-    with atomic_output_dir(out, overwrite) as tmp:
-        writer = CheckpointWriter(tmp, shards, index_name if sharded else None)
+    output = atomic_output_file(Path(out), overwrite) if one_file else atomic_output_dir(out, overwrite)
+    with output as tmp:
+        if one_file:  # the single shard is the temporary file itself
+            shards = [(tmp.name, specs)]
+        writer = CheckpointWriter(tmp.parent if one_file else tmp, shards, index_name if sharded else None)
         try:
             def unchanged(name: str) -> None:
                 if name in through or not _copy_raw(base, writer, name, quantize.get(name)):
@@ -268,6 +386,9 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
         except BaseException:
             writer.abort()
             raise
+        if one_file:  # a lone weights file: no config or side files travel with it
+            return Result(Path(out), len(base.tensors), len(plan.owner), len(plan.jobs), writer.total_bytes,
+                          [Path(out).name], notes(plan))
         if base.side_files:
             copy_side_files(base.folder, tmp)
         for name, text in base.made_side_files().items():
@@ -363,7 +484,7 @@ class _RowChunks:
 
     def job_in_chunks(self, job: ModuleJob) -> bool:
         """Whether every patch of ``job`` changes rows independently and its large tensors chunk."""
-        return all(b.patch.row_separable for b, _, _ in job.patches) and \
+        return not job.placed and all(b.patch.row_separable for b, _, _ in job.patches) and \
             any(self.spans(n) for n in job.tensors.values())
 
     def read(self, name: str, span: Rows) -> torch.Tensor:
@@ -398,8 +519,6 @@ def _execute_file(plan: Plan, out: Path, fmt: CheckpointFormat, options: object,
                   extra_inputs: Sequence[Path], workers: int | None) -> Result:
     """Write the result as one file of ``fmt``'s own (GGUF: the base's key/values and tensor order, changed
     tensors and those ``options`` retypes re-encoded, the others copied byte for byte)."""
-    from .checkpoint.output import atomic_output_file, check_output_file
-
     base = plan.base
     options = fmt.check_file_output(base, out, options, list(plan.owner), plan.out_shapes)
     check_output_file(out, [*base.shards, *extra_inputs], overwrite)
@@ -532,11 +651,36 @@ def _run_job(job: ModuleJob, direction: str, read: Callable[[str, str], torch.Te
             tensors[role] = scratch.cast(f"work:{role}", raw, torch.promote_types(raw.dtype, torch.float32))
         else:  # an integer buffer a replacement copies (the plan refuses any other change to integers)
             tensors[role] = raw.clone()
-    for patch, scale, roles in job.patches:
-        sub = {r: tensors[r] for r in roles}
+    for (patch, scale, roles), views in zip(job.patches, job.views):
+        if views is None:
+            sub = {r: tensors[r] for r in roles}
+        else:
+            sub = {r: gather(tensors, views[r]) for r in roles}
         sub = patch.merge(sub, scale) if direction == "merge" else patch.unmerge(sub, scale)
-        tensors.update(sub)
+        if views is None:
+            tensors.update(sub)
+        else:
+            for r in roles:
+                _scatter(tensors, views[r], sub[r])
     return {job.tensors[r]: t for r, t in tensors.items()}
+
+
+def gather(tensors: dict[str, torch.Tensor], parts: Place) -> torch.Tensor:
+    """What a placed patch sees: each part as diffusers shapes it, stacked by rows."""
+    pieces = [loc.take(tensors[name]) for name, loc in parts]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _scatter(tensors: dict[str, torch.Tensor], parts: Place, value: torch.Tensor) -> None:
+    """Put a placed patch's result back where ``gather`` took it from."""
+    row = 0
+    for name, loc in parts:
+        region = loc.region(tensors[name])
+        rows = region.shape[0] if value.dim() == 1 else loc.shape[0]
+        piece = value[row:row + rows]
+        row += rows
+        if piece.data_ptr() != region.data_ptr() or loc.transposed or loc.halves_swapped:
+            region.copy_(loc.to_stored(piece))
 
 
 def _update_config(path: Path, plan: Plan, dtype: torch.dtype | None) -> None:

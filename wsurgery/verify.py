@@ -15,6 +15,7 @@ import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeGuard
 
@@ -22,9 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import Adapter
+from .adapters.files import FileAdapter
+from .adapters.locate import Place
 from .checkpoint import Checkpoint
 from .checkpoint.encodings import check_decoded
-from .engine import ModuleJob, Plan, plan
+from .engine import ModuleJob, Plan, gather, plan
 from .errors import InputError, UnsupportedError
 from .methods import AdditivePatch, ReplacePatch
 from .methods.layers import Direct, Layer
@@ -104,7 +107,7 @@ def check_options(tokens: object, seed: object, rtol: object = None, atol: objec
             raise InputError(f"{name} {value!r}: must be a finite number >= 0")
 
 
-def verify_merge(base: Checkpoint, adapters: list[tuple[Adapter, float]], merged: Checkpoint, *,
+def verify_merge(base: Checkpoint, adapters: Sequence[tuple[Adapter | FileAdapter, float]], merged: Checkpoint, *,
                  device: str = "auto", tokens: int = 64, seed: int = 0, rtol: float | None = None,
                  atol: float = 0.0, progress: bool = True, workers: int | None = None) -> Report:
     """Compare ``merged`` with ``base`` + ``adapters`` module by module; nothing is written. ``workers``
@@ -119,8 +122,9 @@ def verify_merge(base: Checkpoint, adapters: list[tuple[Adapter, float]], merged
                   f"merged {merged.folder}")  # first: an encoding's side tensors are not "extra" tensors
     _check_same_tensors(job_plan, merged)
     for job in job_plan.jobs.values():  # known from the plan: refused before the first tensor is read
-        changes = [b.patch for b, _, _ in job.patches if not isinstance(b.patch, ReplacePatch)]
-        if len(changes) > 1 and not all(isinstance(p, AdditivePatch) for p in changes):
+        groups = [steps for _, steps in _regions(job)] if job.placed else [job.patches]
+        if any(len(changes := [b.patch for b, _, _ in steps if not isinstance(b.patch, ReplacePatch)]) > 1
+               and not all(isinstance(p, AdditivePatch) for p in changes) for steps in groups):
             raise UnsupportedError(f"{job.module}: several adapters change this module and not all are additive; "
                                    "verify checks stacked non-additive changes one adapter at a time")
     report = Report([], 0, str(dev), tokens, seed, rtol, atol, modules=len(job_plan.jobs))
@@ -173,12 +177,38 @@ def _check_module(job_plan: Plan, job: ModuleJob, merged: Checkpoint, dev: torch
     after = {role: _read(merged, name, dev) for role, name in job.tensors.items()}
     dtypes = [merged.tensors[n].dtype for n in job.tensors.values() if merged.tensors[n].dtype.is_floating_point]
     out_dtype = max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float32)
+    if not job.placed:
+        return _compare(job.module, base, after, out_dtype, job.patches, dev, tokens, seed, rtol, atol)
+    # Patches placed in parts of stored tensors (q/k/v of a fused qkv): each region checked as its own layer,
+    # with the patches that change exactly that region; the worst result stands for the job.
+    checks = []
+    for views, steps in _regions(job):
+        roles = {r for _, _, rs in steps for r in rs}
+        checks.append(_compare(job.module, {r: gather(base, views[r]) for r in roles},
+                               {r: gather(after, views[r]) for r in roles}, out_dtype, steps, dev, tokens, seed,
+                               rtol, atol))
+    return min(checks, key=lambda c: (c.passed, -c.max_rel))
+
+
+def _regions(job: ModuleJob) -> list[tuple[dict[str, Place], list]]:
+    """A placed job's patches grouped by the parts of stored tensors they see."""
+    regions: dict[str, tuple[dict[str, Place], list]] = {}
+    for step, views in zip(job.patches, job.views):
+        assert views is not None, "a placed job places every patch"
+        key = repr(sorted((r, tuple((n, loc.slice) for n, loc in parts)) for r, parts in views.items()))
+        regions.setdefault(key, (views, []))[1].append(step)
+    return list(regions.values())
+
+
+def _compare(module: str, base: dict[str, torch.Tensor], after: dict[str, torch.Tensor], out_dtype: torch.dtype,
+             steps: list, dev: torch.device, tokens: int, seed: int, rtol: float | None, atol: float) -> Check:
+    """One layer's forward pass with the merged tensors against the unmerged adapters' output."""
     tol = rtol if rtol is not None else DEFAULT_RTOL.get(out_dtype, 1e-5)
     # Replaced tensors (modules_to_save, saved biases) are the base as the adapter's layers see it.
-    for bound, _, _ in job.patches:
+    for bound, _, _ in steps:
         if isinstance(bound.patch, ReplacePatch):
             base[bound.patch.role] = bound.patch.tensor.to(dev, torch.float32)
-    changes = [(b, s) for b, s, _ in job.patches if not isinstance(b.patch, ReplacePatch)]
+    changes = [(b, s) for b, s, _ in steps if not isinstance(b.patch, ReplacePatch)]
     shapes = {r: tuple(t.shape) for r, t in base.items()}
     try:
         layer: Layer = changes[0][0].layer(shapes) if changes else Direct(tuple(base))
@@ -186,7 +216,7 @@ def _check_module(job_plan: Plan, job: ModuleJob, merged: Checkpoint, dev: torch
         x = layer.inputs(shapes, tokens, generator).to(dev)
         expected = _unmerged(layer, x, base, changes)
     except UnsupportedError as e:
-        return Check(job.module, "forward", False, detail=str(e))
+        return Check(module, "forward", False, detail=str(e))
     got = layer(x, after)
     scale = layer.magnitude(x, after)
     err = (got - expected).abs()
@@ -197,7 +227,7 @@ def _check_module(job_plan: Plan, job: ModuleJob, merged: Checkpoint, dev: torch
                                                           dim=0)) if got.numel() else 1.0
     detail = "" if passed else ("non-finite output" if not finite else
                                 f"error exceeds tolerance (rtol {tol:g} of |W'|·|x|, atol {atol:g})")
-    return Check(job.module, "forward", passed, float(err.max()) if err.numel() else 0.0,
+    return Check(module, "forward", passed, float(err.max()) if err.numel() else 0.0,
                  float(rel.max()) if rel.numel() else 0.0, cosine if math.isfinite(cosine) else 0.0, detail)
 
 

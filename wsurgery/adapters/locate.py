@@ -1,0 +1,83 @@
+"""Where each module an adapter names lives in a diffusion checkpoint, through its family's tables.
+
+An image-model adapter names a module in one of several conventions: diffusers' path with its component
+(``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``), kohya's flattened name
+(``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, ``lora_te1_text_model_...``), or the original
+module under a single-file prefix (``diffusion_model.double_blocks.0.img_attn.qkv``). The family
+(``wsurgery.families``) knows where each canonical module is stored: a whole tensor, a row slice of a fused one
+(q of a ``qkv``), and a module that is fused in the adapter but separate in the checkpoint is the row-wise
+concatenation of several. Every module must resolve to exactly one such place; one that resolves to none is an
+error naming it, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..checkpoint import Checkpoint
+from ..errors import InputError
+from ..families import Family, Layout, Location, detect, detect_folder
+
+#: A module's place: its parts in row order, each (the checkpoint's name of the stored weight, where in it).
+Place = tuple[tuple[str, Location], ...]
+
+
+def checkpoint_family(base: Checkpoint, where: str) -> Family | None:
+    """The diffusion family of ``base`` (None for any other model): a diffusers folder opened as one checkpoint
+    names its tensors ``<component>.<param>``."""
+    if base.format.name == "diffusers":
+        components: dict[str, dict[str, tuple[int, ...]]] = {}
+        for name, info in base.tensors.items():
+            component, _, param = name.partition(".")
+            components.setdefault(component, {})[param] = tuple(info.shape)
+        return detect_folder(components, where)
+    return detect({n: tuple(t.shape) for n, t in base.tensors.items()}, where)
+
+
+def stored_name(family: Family, loc: Location, tensor: str) -> str:
+    """The checkpoint's name of ``tensor`` (a Location's weight or bias)."""
+    return f"{loc.component}.{tensor}" if family.layout is Layout.DIFFUSERS else tensor
+
+
+_DENOISER_ALIASES = ("diffusion_model.", "")
+
+
+def _aliases(family: Family) -> dict[str, tuple[str, ...]]:
+    """Every name an adapter may give a module -> the canonical modules it changes, in row order."""
+    modules = family.modules()
+    out: dict[str, tuple[str, ...]] = {m: (m,) for m in modules}
+    out.update(family.kohya_names())
+    # single-file prefixes, and those adapter files use for the denoiser (ai-toolkit, ComfyUI: ``diffusion_model.``)
+    prefixes = {c.name: (*c.prefixes, *(_DENOISER_ALIASES if c.name in ("unet", "transformer") else ()))
+                for c in family.components}
+    for key, members in family.fused().items():
+        component, _, original = key.partition(":")
+        for prefix in prefixes.get(component, ()):
+            out.setdefault(prefix + original, members)
+    for module, original in family.original_names().items():
+        component = module.split(".", 1)[0]
+        if module in {m for members in family.fused().values() for m in members}:
+            continue
+        for prefix in prefixes.get(component, ()):
+            out.setdefault(prefix + original, (module,))
+    return out
+
+
+def locate(modules: Iterable[str], family: Family, adapter_desc: str) -> dict[str, Place]:
+    """``{adapter module: its place}`` for every module, or one ``InputError`` naming those that map to nothing."""
+    aliases = _aliases(family)
+    where = family.modules()
+    out: dict[str, Place] = {}
+    missing: list[str] = []
+    for module in modules:
+        name = module.removeprefix("base_model.model.")
+        members = aliases.get(name)
+        if members is None:
+            missing.append(module)
+            continue
+        out[module] = tuple((stored_name(family, where[m], where[m].weight), where[m]) for m in members)
+    if missing:
+        sample = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise InputError(f"{adapter_desc}: {len(missing)} of its modules map to nothing in this {family.title} "
+                         f"checkpoint ({sample}); is the adapter for another model family?")
+    return out
