@@ -515,3 +515,13 @@ def test_kohya_name_collisions_are_refused():
     fam = Toy.from_diffusers({"unet": {"a_b.weight": (2, 2), "a.b.weight": (2, 2)}}, "toy")
     with pytest.raises(InputError, match="lora_unet_a_b would stand for both"):
         fam.kohya_names()
+
+
+def test_unmapped_tensors_are_listed(single_files):
+    """SD 2's unused last OpenCLIP block and projection, and foreign tensors, are listed, not mapped."""
+    _, sf = single_files["sd2"]
+    fam = detect({**sf, "model_ema.decay": (), "model.diffusion_model.extra.weight": (3,)})
+    assert fam is not None
+    assert set(fam.unmapped()) == {k for k in sf if ".resblocks.23." in k} | {
+        "cond_stage_model.model.text_projection", "model_ema.decay", "model.diffusion_model.extra.weight"}
+    assert not any(".resblocks.23." in loc.weight for loc in fam.parameters().values())

@@ -235,6 +235,7 @@ class Family:
     originals: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     # diffusers layout: canonical parameter -> (single-file name, part index, rule) it is written as
     stored_as: dict[str, tuple[str, int, Rule]] = field(default_factory=dict)
+    skipped: tuple[str, ...] = ()  # single file: stored tensors that are no diffusers parameter
 
     # --- what families declare -------------------------------------------------------------------------------
     @classmethod
@@ -269,6 +270,11 @@ class Family:
         """Canonical parameter name (``...weight``, ``...bias``, ``transformer.pos_embed.pos_embed``) ->
         where it lives; ``Location.weight`` is the stored tensor holding it."""
         return dict(self.params)
+
+    def unmapped(self) -> tuple[str, ...]:
+        """Stored tensors of a single file that hold no diffusers parameter (EMA copies, SD 2's unused last
+        OpenCLIP block, buffers, other models' tensors): left alone by merges, shown by ``inspect``."""
+        return self.skipped
 
     def original_names(self) -> dict[str, str]:
         """Canonical module -> its original (LDM/SGM/BFL/OpenCLIP) module name, without single-file prefix;
@@ -361,6 +367,8 @@ class Family:
             elif c.required:
                 raise InputError(f"{where}: no {c.name} tensors (none under {' or '.join(c.prefixes)}) in what "
                                  f"looks like a {cls.title} single file; the file is incomplete")
+        used = {loc.weight for loc in fam.params.values()}
+        fam.skipped = tuple(k for k in sf if k not in used)
         return fam
 
     @classmethod
