@@ -76,24 +76,38 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     wx = w * x
     lf = levels.astype(F32)
     sumlx, suml2 = seqsum(wx * lf), seqsum(w * lf * lf)
+    # ggml stops a group after a pass that changes nothing; a later pass would change nothing either (same
+    # state, same decisions), so each pass runs on the columns the previous one changed, gathered.
+    active: np.ndarray | None = None  # None: all columns (no gathering)
     for _ in range(5):
-        changed = False
+        if active is None:
+            xa, wa, wxa, la, sx, s2 = x, w, wx, levels, sumlx, suml2
+        else:
+            xa, wa, wxa, la = (np.take(a, active, axis=1) for a in (x, w, wx, levels))
+            sx, s2 = sumlx[active], suml2[active]
+        changed = np.zeros(xa.shape[1], bool)
         for i in range(x.shape[0]):
-            li = levels[i].astype(F32)
-            slx = sumlx - wx[i] * li
-            sl2 = suml2 - w[i] * li * li
-            new = clamp(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1)
+            li = la[i].astype(F32)
+            slx = sx - wxa[i] * li
+            sl2 = s2 - wa[i] * li * li
+            new = clamp(nearest_int(xa[i] * sl2 / slx), -nmax, nmax - 1)
             nf = new.astype(F32)
-            take = (slx > 0) & (new != levels[i])
-            slx = slx + wx[i] * nf
-            sl2 = sl2 + w[i] * nf * nf
-            take &= (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            take = (slx > 0) & (new != la[i])
+            slx = slx + wxa[i] * nf
+            sl2 = sl2 + wa[i] * nf * nf
+            take &= (sl2 > 0) & (slx * slx * s2 > sx * sx * sl2)
             if take.any():
-                changed = True
-                levels[i] = np.where(take, new, levels[i])
-                sumlx = np.where(take, slx, sumlx)
-                suml2 = np.where(take, sl2, suml2)
-        if not changed:  # ggml stops a group once a pass changes nothing: a later pass would not either
+                la[i] = np.where(take, new, la[i])
+                sx = np.where(take, slx, sx)
+                s2 = np.where(take, sl2, s2)
+                changed |= take
+        if active is None:
+            sumlx, suml2 = sx, s2
+            active = np.flatnonzero(changed)
+        else:
+            levels[:, active], sumlx[active], suml2[active] = la, sx, s2
+            active = active[changed]
+        if not active.size:
             break
     zero = amax < GROUP_MAX_EPS
     scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
