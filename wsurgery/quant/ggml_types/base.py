@@ -1,9 +1,10 @@
-"""What every ggml quantizer here shares: the registry, the chunked driver, and ggml's scalar helpers.
+"""What every ggml quantizer here shares: the base class, the registry, and ggml's scalar helpers.
 
 Byte-identity with ggml (``ggml-quants.c``, ``quantize_row_*_ref``) rests on doing its float32
 operations one by one, in its order: numpy float32 ufuncs round each operation as C does on x86-64
-(SSE, no FMA: ggml-base is built that way), and every sum ggml accumulates in a loop is accumulated
-here in the same order (``seqsum``), vectorized across blocks instead of along the block.
+without contracting a*b+c into one FMA (ggml's portable build: the xllamacpp wheel's quantizers use
+SSE only), and every sum ggml accumulates in a loop is accumulated here in the same order
+(``seqsum``; numpy's own reductions may sum pairwise), vectorized across blocks instead of along one.
 """
 
 from __future__ import annotations
