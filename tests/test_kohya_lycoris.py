@@ -421,6 +421,10 @@ def test_format_from_keys_not_file_name(tmp_path):
     save_file({"unet.mid.lora_A.weight": torch.randn(2, 8, generator=g),
                "unet.mid.lora_B.weight": torch.randn(8, 2, generator=g)}, str(diffusers))
     assert read_adapter_file(kohya).format == "kohya"
+    lycoris = tmp_path / "adapter_model.safetensors"  # LyCORIS' own wrapper names modules lycoris_<path>
+    save_file({"lycoris_blocks_0_attn_to_q.lokr_w1": torch.randn(2, 2, generator=g),
+               "lycoris_blocks_0_attn_to_q.lokr_w2": torch.randn(4, 4, generator=g)}, str(lycoris))
+    assert read_adapter_file(lycoris).algos == {"lycoris_blocks_0_attn_to_q": "lokr"}
     assert read_adapter_file(diffusers).format == "diffusers"
 
 
@@ -469,7 +473,7 @@ def test_metadata_that_contradicts_the_tensors(metadata, error, match, tmp_path)
 def test_network_dim_contradiction(tmp_path):
     path = _save_module(tmp_path, _lora_state(rank=2), metadata={"ss_network_module": "networks.lora",
                                                                  "ss_network_dim": "8"})
-    with pytest.raises(InputError, match="ss_network_dim=8 but the linear modules"):
+    with pytest.raises(InputError, match=r"ss_network_dim=8 but the Linear modules have ranks \[2\]"):
         read_adapter_file(path)
     ok = _save_module(tmp_path, _lora_state(rank=2), metadata={"ss_network_module": "networks.lora",
                                                                "ss_network_dim": "2"})

@@ -164,14 +164,13 @@ def _check_metadata(path: Path, modules: dict[str, AdapterModule], metadata: Map
             bad = [n for n, m in modules.items() if m.algo.split("/")[0] != "lora"][:3]
             raise InputError(f"{path}: metadata says ss_network_module={net} (kohya LoRA) but modules {bad} are "
                              f"{other}; the metadata and the tensors disagree")
+        # ss_network_dim is the default rank of Linear modules; block_dims, SD3's emb_dims/in_dims... give some
+        # others theirs, so only a file where no Linear module has it contradicts it.
         dim = metadata.get("ss_network_dim", "")
-        if dim.isdigit():
-            wrong = [n for n, m in modules.items()
-                     if m.rank is not None and m.rank != int(dim) and isinstance(m.patch, LoraPatch)
-                     and m.patch.kind == "linear"][:3]
-            if wrong:
-                raise InputError(f"{path}: metadata says ss_network_dim={dim} but the linear modules {wrong} have "
-                                 f"rank {modules[wrong[0]].rank}; the metadata and the tensors disagree")
+        ranks = {m.rank for m in modules.values() if isinstance(m.patch, LoraPatch) and m.patch.kind == "linear"}
+        if dim.isdigit() and ranks and int(dim) not in ranks:
+            raise InputError(f"{path}: metadata says ss_network_dim={dim} but the Linear modules have ranks "
+                             f"{sorted(r for r in ranks if r is not None)}; the metadata and the tensors disagree")
     elif net == "lycoris.kohya":
         try:
             args = json.loads(metadata.get("ss_network_args") or "{}")
