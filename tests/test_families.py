@@ -200,6 +200,9 @@ def test_locations_take_the_diffusers_tensor(family_case):
         assert torch.equal(loc.to_stored(value), loc.region(sf[loc.weight])), canonical
     fused = [loc for loc in params.values() if loc.slice is not None]
     assert fused or name == "sd1"
+    reshaped = {k for k, loc in fam.modules().items() if loc.reshaped}
+    assert reshaped == {f"vae.{s}.mid_block.attentions.0.{x}" for s in ("encoder", "decoder")
+                        for x in ("to_q", "to_k", "to_v", "to_out.0")}
     for m, loc in fam.modules().items():
         if loc.bias is not None:
             assert torch.equal(loc.take(sf[loc.bias]), expected[m + ".bias"])
@@ -246,12 +249,19 @@ def test_flux_bare_transformer_file(single_files):
     _, sf = single_files["flux"]
     bare = {k[len("model.diffusion_model."):]: s for k, s in sf.items() if k.startswith("model.diffusion_model.")}
     fam = detect(bare)
-    assert fam is not None and fam.name == "flux"
+    assert fam is not None and fam.name == "flux" and fam.prefixes == {"transformer": ""}
     loc = fam.modules()["transformer.single_transformer_blocks.0.proj_mlp"]
     assert loc.weight == "single_blocks.0.linear1.weight" and loc.bias == "single_blocks.0.linear1.bias"
     assert loc.slice == (0, 48, 64) and loc.stored_shape == (112, 16) and loc.shape == (64, 16)
     with pytest.raises(InputError, match="under both"):
         detect({**bare, **{k: s for k, s in sf.items() if k.startswith("model.diffusion_model.")}})
+
+
+def test_prefixes(single_files):
+    fam = detect(single_files["sdxl"][1])
+    assert fam is not None and fam.prefixes == {
+        "unet": "model.diffusion_model.", "text_encoder": "conditioner.embedders.0.transformer.",
+        "text_encoder_2": "conditioner.embedders.1.model.", "vae": "first_stage_model."}
 
 
 def test_sd15_unet_with_sdxl_text_encoders_is_refused(single_files):

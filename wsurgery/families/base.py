@@ -17,6 +17,7 @@ targets, whatever the layout of the checkpoint it is merged into.
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -158,6 +159,11 @@ class Location:
     original: str = ""  # the original (LDM/SGM/BFL/OpenCLIP) module name, without the single-file prefix
 
     @property
+    def reshaped(self) -> bool:
+        """Stored as a 1x1 conv where diffusers has a linear (LDM VAE attention): same numbers, other shape."""
+        return math.prod(self.region_shape) == math.prod(self.shape) and len(self.region_shape) != len(self.shape)
+
+    @property
     def region_shape(self) -> Shape:
         """Shape of the stored region (the slice, or the whole stored tensor)."""
         if self.slice is None:
@@ -236,6 +242,7 @@ class Family:
     # diffusers layout: canonical parameter -> (single-file name, part index, rule) it is written as
     stored_as: dict[str, tuple[str, int, Rule]] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()  # single file: stored tensors that are no diffusers parameter
+    prefixes: dict[str, str] = field(default_factory=dict)  # single file: component -> the prefix it is under
 
     # --- what families declare -------------------------------------------------------------------------------
     @classmethod
@@ -367,6 +374,7 @@ class Family:
             elif c.required:
                 raise InputError(f"{where}: no {c.name} tensors (none under {' or '.join(c.prefixes)}) in what "
                                  f"looks like a {cls.title} single file; the file is incomplete")
+        fam.prefixes = {c: p for c, (p, _) in keys.items()}
         used = {loc.weight for loc in fam.params.values()}
         fam.skipped = tuple(k for k in sf if k not in used)
         return fam
