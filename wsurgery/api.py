@@ -251,9 +251,10 @@ def export_gguf_lora(adapter: str | Path, out: str | Path, base: str | Path, *, 
 def quantize_gguf(src: str | Path, out: str | Path, gguf_type: str, *, overwrite: bool = False,
                   progress: bool = True, workers: int | None = None) -> tuple[Result, list[str]]:
     """Requantize a GGUF file's weight matrices (what llama-quantize re-encodes: 2-D weights, not norms)
-    to ``gguf_type`` (``"q8_0"``, ``"q4_0"``, ``"f16"``...) in the GGUF file ``out``; metadata and
-    tokenizer are kept, ``general.file_type`` follows. Returns the result and the weights left as they
-    were because their rows do not divide into the type's blocks."""
+    to ``gguf_type``: a llama-quantize mix (``"q4_k_m"``...: each tensor's type as llama.cpp chooses it) or
+    one ggml type (``"q8_0"``, ``"f16"``...), in the GGUF file ``out``; metadata and tokenizer are kept,
+    ``general.file_type`` follows. Returns the result and the weights left as they were because their rows
+    do not divide into the type's blocks."""
     from .quant.gguf_jobs import quantize_gguf as run, require_gguf
 
     return run(require_gguf(open_checkpoint(_local(src)), "quantize --gguf-type"), Path(out), gguf_type,

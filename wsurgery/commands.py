@@ -293,8 +293,9 @@ def _command_line() -> str:
 @json_option
 @dtype_option("each tensor's dtype (recorded as the compute dtype of the 4-bit weights)")
 @max_shard_size_option
-@gguf_type_option("SRC is a .gguf file: requantize its weight matrices to this type (q8_0, q4_0, f16...) in the "
-                  "GGUF file OUT instead.")
+@gguf_type_option("SRC is a .gguf file: requantize it into the GGUF file OUT instead: a llama-quantize mix "
+                  "(q4_k_m, q5_k_m, q3_k_s/m/l, q4_k_s, q5_k_s, q2_k, q6_k: each tensor's type as llama.cpp "
+                  "chooses it) or one ggml type for every weight matrix (q8_0, q4_0, f16...).")
 @overwrite_option
 @quiet_option
 @workers_option
