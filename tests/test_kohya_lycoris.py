@@ -129,6 +129,8 @@ CASES = [
     ("locon-conv3x3", LoConModule, _conv, dict(lora_dim=4, alpha=2), "lora", True),
     ("locon-tucker", LoConModule, _conv, dict(lora_dim=4, alpha=3, use_tucker=True), "lora/tucker", True),
     ("lora-no-alpha", LoConModule, _lin, dict(lora_dim=4, alpha=0), "lora", True),
+    ("lora-rs_lora", LoConModule, _lin, dict(lora_dim=4, alpha=2, rs_lora=True), "lora", True),
+    ("lora-use_scalar", LoConModule, _lin, dict(lora_dim=4, alpha=2, use_scalar=True), "lora", True),
     ("dora-out", LoConModule, _lin, dict(lora_dim=4, alpha=2, weight_decompose=True), "lora", True),
     ("dora-in", LoConModule, _lin, dict(lora_dim=4, alpha=2, weight_decompose=True, wd_on_out=False), "lora", True),
     ("dora-conv", LoConModule, _conv, dict(lora_dim=4, alpha=2, weight_decompose=True), "lora", True),

@@ -3,7 +3,9 @@ w1 = ``lokr_w1`` or ``lokr_w1_a @ lokr_w1_b``; w2 = ``lokr_w2``, or ``lokr_w2_a 
 ``w2_b`` spans ``d·k…``), or with the Tucker core ``einsum("i j ..., i p, j r -> p r ...", lokr_t2, w2_a, w2_b)``.
 
 γ is α/r (r: the rank of the factored side, ``w_b.shape[0]``; missing or zero α = r), except that LyCORIS
-trains with γ = 1 when both w1 and w2 are full matrices (its "full-rank factors" rule: α is ignored).
+trains with γ = 1 when both w1 and w2 are full matrices (its "full-rank factors" rule: α is ignored). r is the
+rank LyCORIS trained with (and ComfyUI reads); LyCORIS 4.1.3's own loader takes ``w2_a.shape[1]`` for a Tucker
+``lokr_t2`` file, which is not the rank there.
 Unlike PEFT's LoKr the layout is read from the tensors, not re-derived from a config. Additive: exact unmerge.
 """
 
