@@ -226,3 +226,14 @@ def test_rows_that_do_not_divide_into_super_blocks_are_refused(tmp_path, capsys)
     assert code == 1 and err.count("\n") == 1
     assert "blk.0.attn_q.weight" in err and "rows of 64 values do not divide into q4_k blocks of 256" in err
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_gguf_types_written_are_those_read_back():
+    """Every K-quant is a --gguf-type; Q8_K (quantized here, but no weight type for llama.cpp, and the gguf
+    package cannot dequantize it) is refused by name."""
+    from wsurgery.checkpoint.gguf_format import parse_type
+    from wsurgery.errors import InputError
+
+    assert [parse_type(n) for n in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")] == K_TYPES
+    with pytest.raises(InputError, match="'q8_k'; wsurgery can write .*q4_k, q5_k, q6_k"):
+        parse_type("q8_k")

@@ -79,13 +79,15 @@ def can_decode(t: GgmlType) -> bool:
 
 @functools.cache
 def can_encode(t: GgmlType) -> bool:
-    """Whether ``t`` can be written from floats: plain floats, and the types ``ggml_types`` quantizes."""
+    """Whether ``t`` can be written from floats: plain floats, and the types ``ggml_types`` quantizes that
+    can be read back (not Q8_K: ggml's operand format for dot products, which llama.cpp cannot run as
+    weights and the gguf package cannot dequantize)."""
     from .. import ggml_types
 
     plain = plain_types()
     if t in plain:
         return plain[t].is_floating_point
-    return ggml_types.can_quantize(t, block_sizes(t)[0]) is None
+    return ggml_types.can_quantize(t, block_sizes(t)[0]) is None and can_decode(t)
 
 
 @register
