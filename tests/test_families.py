@@ -283,6 +283,7 @@ def test_sdxl_unet_in_an_sd1_folder_is_refused(single_files):
 @pytest.mark.parametrize("name,tensor,rows", [
     ("flux", "model.diffusion_model.single_blocks.1.linear1.weight", 111),
     ("flux", "model.diffusion_model.double_blocks.0.txt_attn.qkv.weight", 47),
+    ("flux", "model.diffusion_model.single_blocks.0.linear1.bias", 100),
     ("sd3", "model.diffusion_model.joint_blocks.1.x_block.attn.qkv.weight", 40),
     ("sdxl", "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", 32),
 ])
