@@ -1,7 +1,8 @@
-"""LyCORIS GLoRA (``a1/a2/b1/b2``, optional Tucker ``bm``): ΔW = γ·(W·a1·a2 + b1·b2), γ = α/r, so the change
+"""LyCORIS GLoRA (``a1/a2/b1/b2``): ΔW = γ·(W·a1·a2 + b1·b2), γ = α/r, so the change
 depends on W: W' = W + mult·ΔW(W). a1 (in, r), a2 (r, in) act on W's input axis (for a convolution, at every
-kernel position); b1·b2 is a LoCon (Tucker through ``bm``). This is LyCORIS' GLoRA, not PEFT's (wsurgery.methods.
-glora): different tensors and formula.
+kernel position); b1·b2 is a LoCon. LyCORIS 4.1.3 never builds GLoRA's Tucker ``bm`` (its condition
+contradicts itself), so a file with one is refused as unknown keys. This is LyCORIS' GLoRA, not PEFT's
+(wsurgery.methods.glora): different tensors and formula.
 
 Unmerge solves W·(I + mult·γ·a1a2) = W' − mult·γ·b1b2 (float64), so it is approximate where that matrix is
 ill-conditioned; the residual is reported.
@@ -23,9 +24,9 @@ class LycorisGloraPatch(LycorisPatch):
     approximate_inverse = True
 
     def __init__(self, module: str, a1: torch.Tensor, a2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor,
-                 bm: torch.Tensor | None, alpha: float | None):
+                 alpha: float | None):
         super().__init__(module, ("weight",))
-        self.a1, self.a2, self.b1, self.b2, self.bm = a1, a2, b1, b2, bm
+        self.a1, self.a2, self.b1, self.b2 = a1, a2, b1, b2
         self.rank = int(a2.shape[0])
         self.alpha = alpha
         self.scaling = (alpha if alpha else self.rank) / self.rank
@@ -40,20 +41,12 @@ class LycorisGloraPatch(LycorisPatch):
                 self.a2.reshape(self.rank, -1).shape != (self.rank, ins):
             raise InputError(f"{self.module}: GLoRA a1 {list(self.a1.shape)} / a2 {list(self.a2.shape)} do not fit "
                              f"the base weight {list(w)} (expected a1 ({ins}, {self.rank}), a2 ({self.rank}, {ins}))")
-        expect_shape(self.module, "GLoRA's b1·b2", self._b_shape(), w)
+        expect_shape(self.module, "GLoRA's b1·b2", (int(self.b1.shape[0]), *map(int, self.b2.shape[1:])), w)
         self._shape = w
-
-    def _b_shape(self) -> tuple[int, ...]:
-        if self.bm is not None:
-            return (int(self.b1.shape[0]), int(self.b2.shape[1]), *self.bm.shape[2:])
-        return (int(self.b1.shape[0]), *map(int, self.b2.shape[1:]))
 
     def _b(self) -> torch.Tensor:
         assert self._shape is not None
         b1, b2 = self.b1.to(torch.float32), self.b2.to(torch.float32)
-        if self.bm is not None:
-            up, down = b1.reshape(b1.size(0), b1.size(1)), b2.reshape(b2.size(0), b2.size(1))
-            return torch.einsum("m n ..., i m, n j -> i j ...", self.bm.to(torch.float32), up, down)
         return (b1.view(b1.size(0), -1) @ b2.view(b2.size(0), -1)).view(self._shape)
 
     def _a(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,22 +81,19 @@ class LycorisGloraPatch(LycorisPatch):
         return {**tensors, "weight": W1.copy_(W)}
 
     def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
-        """LyCORIS' bypass path: ``W(x + γ·a1(a2(x))) + γ·b1(b2(x))`` (b through the Tucker core where saved)."""
+        """LyCORIS' bypass path: ``W(x + γ·a1(a2(x))) + γ·b1(b2(x))``."""
         a1, a2, b1, b2 = (like(t, x) for t in (self.a1, self.a2, self.b1, self.b2))
         if x.dim() == 2:
             ax, bx = x @ a2.T @ a1.T, x @ b2.T @ b1.T
         else:
             conv = conv_op(base["weight"])
             ax = conv(conv(x, a2), a1)
-            bx = conv(x, b2)
-            if self.bm is not None:
-                bx = conv(bx, like(self.bm, x))
-            bx = conv(bx, b1)
+            bx = conv(conv(x, b2), b1)
         return layer(x + self.scaling * ax, base) + self.scaling * bx
 
     def why_not_invertible(self) -> str | None:
         return None
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "glora" + ("/tucker" if self.bm is not None else ""), "rank": self.rank, "alpha": self.alpha,
+        return {"kind": "glora", "rank": self.rank, "alpha": self.alpha,
                 "scaling": self.scaling}

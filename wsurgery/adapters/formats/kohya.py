@@ -10,7 +10,7 @@ loha       hada_w1_a/b, hada_w2_a/b, [hada_t1, hada_t2], [alpha], [dora_scale]  
 lokr       lokr_w1 | lokr_w1_a/b, lokr_w2 | lokr_w2_a/b [lokr_t2], [alpha], [dora_scale]  γ·kron(w1, w2)
 full       diff, [diff_b]                                                             W + diff
 norm       w_norm, [b_norm]                                                           W + w_norm
-glora      a1/a2/b1/b2.weight, [bm.weight], [alpha]                                   α/r·(W·a1·a2 + b1·b2)
+glora      a1/a2/b1/b2.weight, [alpha]                                               α/r·(W·a1·a2 + b1·b2)
 diag-oft   oft_blocks (n, b, b), [rescale], [alpha]                                   Cayley blocks on the rows
 boft       oft_blocks (m, n, b, b), [rescale], [alpha]                                butterfly of Cayley blocks
 ia3        weight, on_input                                                           W ⊙ (1 + w)
@@ -53,7 +53,7 @@ _ALGOS: dict[str, tuple[str, frozenset[str], frozenset[str]]] = {
     "full": ("diff", frozenset({"diff"}), frozenset({"diff_b"})),
     "norm": ("w_norm", frozenset({"w_norm"}), frozenset({"b_norm"})),
     "glora": ("a1.weight", frozenset({"a1.weight", "a2.weight", "b1.weight", "b2.weight"}),
-              frozenset({"bm.weight", "alpha"})),
+              frozenset({"alpha"})),
     "oft": ("oft_blocks", frozenset({"oft_blocks"}), frozenset({"rescale", "alpha"})),
     "ia3": ("on_input", frozenset({"weight", "on_input"}), frozenset()),
 }
@@ -132,7 +132,7 @@ def lycoris_module(path: Path, name: str, params: dict[str, torch.Tensor], keys:
     elif algo == "glora":
         rank = int(params["a2.weight"].shape[0])
         patch = LycorisGloraPatch(name, params["a1.weight"], params["a2.weight"], params["b1.weight"],
-                                  params["b2.weight"], params.get("bm.weight"), alpha)
+                                  params["b2.weight"], alpha)
     elif algo == "oft":
         blocks = params["oft_blocks"]
         if blocks.dim() not in (3, 4) or blocks.shape[-1] != blocks.shape[-2]:
