@@ -1,10 +1,13 @@
 """Hugging Face -> GGUF, judged by llama.cpp's own converter and by llama.cpp itself.
 
-The reference is ``convert_hf_to_gguf.py`` from llama.cpp's source tree (``LLAMA_CPP_SRC``; without it the
-test fetches the tree with ``scripts/fetch_llama_cpp_src.sh`` where pip reaches PyPI, and skips
-otherwise). Its tokenizer rules name the pre-tokenizer by hashing the token ids of a fixed text, so a
-made-up tokenizer is refused by it; the tests' tokenizers are therefore rebuilt, with ``tokenizers``,
-from the vocabularies llama.cpp ships for its own tokenizer tests (``models/ggml-vocab-*.gguf``:
+The reference is ``convert_hf_to_gguf.py`` from llama.cpp's source tree. CI runs Llama 3 at f16 (and the
+llama.cpp logits check and the hash table check), fetching the tree with ``scripts/fetch_llama_cpp_src.sh``
+where ``LLAMA_CPP_SRC`` is unset and pip reaches PyPI; the other comparisons (each runs the converter,
+tens of seconds) need ``LLAMA_CPP_SRC`` and skip without it.
+
+The converter names the pre-tokenizer by hashing the token ids of a fixed text, so a made-up tokenizer
+is refused by it; the tests' tokenizers are therefore rebuilt, with ``tokenizers``, from the vocabularies
+llama.cpp ships for its own tokenizer tests (``models/ggml-vocab-*.gguf``:
 Llama 3's and Qwen2's tokens and merges), which the converter recognizes as ``llama-bpe`` and ``qwen2``.
 The models are tiny transformers models saved with those tokenizers.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +43,26 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+def _checked(src: str) -> Path:
+    path = Path(src)
+    if not (path / "convert_hf_to_gguf.py").is_file():
+        pytest.skip(f"LLAMA_CPP_SRC={src} has no convert_hf_to_gguf.py")
+    pytest.importorskip("sentencepiece", reason="llama.cpp's converter imports sentencepiece")
+    return path
+
+
 @pytest.fixture(scope="session")
 def llama_cpp_src() -> Path:
+    """llama.cpp's source tree, for the comparisons beyond the one CI runs (each runs the converter, tens of
+    seconds): ``LLAMA_CPP_SRC`` only."""
+    src = os.environ.get("LLAMA_CPP_SRC")
+    if not src:
+        pytest.skip("LLAMA_CPP_SRC (a llama.cpp source tree, scripts/fetch_llama_cpp_src.sh) is not set")
+    return _checked(src)
+
+
+@pytest.fixture(scope="session")
+def fetched_llama_cpp_src() -> Path:
     """llama.cpp's source tree: ``LLAMA_CPP_SRC``, else fetched as CI does (the converter is plain Python)."""
     src = os.environ.get("LLAMA_CPP_SRC")
     if not src:
@@ -53,24 +75,40 @@ def llama_cpp_src() -> Path:
         if done.returncode or not found:
             pytest.skip("LLAMA_CPP_SRC is unset and pip could not fetch llama.cpp's source (no PyPI here)")
         src = found.group(1)
-    path = Path(src)
-    if not (path / "convert_hf_to_gguf.py").is_file():
-        pytest.skip(f"LLAMA_CPP_SRC={src} has no convert_hf_to_gguf.py")
-    pytest.importorskip("sentencepiece", reason="llama.cpp's converter imports sentencepiece")
-    return path
+    return _checked(src)
 
 
 def _vocab(src: Path, name: str) -> tuple[list[str], list[int], list[str]]:
-    """Tokens, token types and merges of llama.cpp's test vocabulary ``name``."""
-    fields = gguf.GGUFReader(src / "models" / f"ggml-vocab-{name}.gguf").fields
+    """Tokens, token types and merges of llama.cpp's test vocabulary ``name`` (a GGUF file of key/values
+    only), parsed directly: gguf's reader takes half a minute over 400k strings."""
+    data = (src / "models" / f"ggml-vocab-{name}.gguf").read_bytes()
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    n_kv = struct.unpack_from("<Q", data, 16)[0]
+    pos, found = 24, {}
 
-    def strings(key: str) -> list[str]:
-        f = fields[key]
-        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+    def string() -> str:
+        nonlocal pos
+        n = struct.unpack_from("<Q", data, pos)[0]
+        pos += 8 + n
+        return data[pos - n:pos].decode("utf-8")
 
-    types = fields["tokenizer.ggml.token_type"]
-    return strings("tokenizer.ggml.tokens"), [int(types.parts[i][0]) for i in types.data], \
-        strings("tokenizer.ggml.merges")
+    for _ in range(n_kv):
+        key = string()
+        kind = struct.unpack_from("<I", data, pos)[0]
+        pos += 4
+        if kind == 8:
+            found[key] = string()
+        elif kind == 9:
+            item, count = struct.unpack_from("<IQ", data, pos)
+            pos += 12
+            if item == 8:
+                found[key] = [string() for _ in range(count)]
+            else:
+                found[key] = np.frombuffer(data, "<i4" if item == 5 else f"u{sizes[item]}", count, pos).tolist()
+                pos += sizes[item] * count
+        else:
+            pos += sizes[kind]
+    return found["tokenizer.ggml.tokens"], found["tokenizer.ggml.token_type"], found["tokenizer.ggml.merges"]
 
 
 def _tokenizer(src: Path, name: str):
@@ -125,7 +163,7 @@ def _save(model, tokenizer, folder: Path, card: bool = False) -> Path:
 
 
 @pytest.fixture(scope="module")
-def llama_dir(llama_cpp_src, tmp_path_factory) -> Path:
+def llama_dir(fetched_llama_cpp_src, tmp_path_factory) -> Path:
     """A tiny Llama 3 (bf16 weights, untied head, sampling defaults and a model card)."""
     import transformers
 
@@ -135,8 +173,8 @@ def llama_dir(llama_cpp_src, tmp_path_factory) -> Path:
                                    eos_token_id=128001, rms_norm_eps=1e-5, rope_theta=500000.0)
     model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     model.generation_config.update(temperature=0.6, top_p=0.9, repetition_penalty=1.1, do_sample=True)
-    return _save(model, _tokenizer(llama_cpp_src, "llama-bpe"), tmp_path_factory.mktemp("hf") / "Tiny-Llama-3-8B",
-                 card=True)
+    folder = tmp_path_factory.mktemp("hf") / "Tiny-Llama-3-8B"
+    return _save(model, _tokenizer(fetched_llama_cpp_src, "llama-bpe"), folder, card=True)
 
 
 @pytest.fixture(scope="module")
@@ -172,10 +210,10 @@ def _same_file(ours: Path, theirs: Path) -> None:
     raise AssertionError(f"{ours} and {theirs} differ ({len(a)} vs {len(b)} bytes)")
 
 
-def test_llama_f16_is_byte_identical_to_convert_hf_to_gguf(llama_cpp_src, llama_dir, tmp_path):
+def test_llama_f16_is_byte_identical_to_convert_hf_to_gguf(fetched_llama_cpp_src, llama_dir, tmp_path):
     """The family CI runs: every key/value (general.* from the card and generation config, hyperparameters,
     Llama 3's tokenizer), the permuted Q/K, the tensor order, the alignment."""
-    done = _reference(llama_cpp_src, llama_dir, tmp_path / "theirs.gguf", "f16")
+    done = _reference(fetched_llama_cpp_src, llama_dir, tmp_path / "theirs.gguf", "f16")
     assert done.returncode == 0, done.stderr[-2000:]
     hf_to_gguf(llama_dir, tmp_path / "ours.gguf", "f16", progress=False)
     _same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
@@ -246,9 +284,9 @@ def test_sentencepiece_models_are_byte_identical(llama_cpp_src, tmp_path, archit
     _same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
 
 
-def test_pre_tokenizer_hashes_and_text_are_the_converters(llama_cpp_src):
+def test_pre_tokenizer_hashes_and_text_are_the_converters(fetched_llama_cpp_src):
     """Our copy of ``get_vocab_base_pre``'s table and check text, against the converter's source."""
-    source = (llama_cpp_src / "conversion" / "base.py").read_text(encoding="utf-8")
+    source = (fetched_llama_cpp_src / "conversion" / "base.py").read_text(encoding="utf-8")
     body = source[source.index("Marker: Start get_vocab_base_pre"):source.index("Marker: End get_vocab_base_pre")]
     table: dict[str, str] = {}
     for chkhsh, name in re.findall(r'if chkhsh == "([0-9a-f]{64})":\n(?:\s*#.*\n)*\s*res = "([^"]+)"', body):
@@ -258,20 +296,23 @@ def test_pre_tokenizer_hashes_and_text_are_the_converters(llama_cpp_src):
     assert chktxt is not None and eval(chktxt.group(1)) == gguf_vocab.CHECK_TEXT
 
 
-@pytest.mark.parametrize("name", ["llama-bpe", "qwen2"])
-def test_our_encoder_encodes_as_tokenizers_does(llama_cpp_src, name, tmp_path):
-    """The encoder behind the pre-tokenizer hash, on llama.cpp's own tokenizer test texts."""
-    tok = _tokenizer(llama_cpp_src, name)
-    tok.save_pretrained(tmp_path)
-    spec = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_our_encoder_encodes_as_tokenizers_does(llama_cpp_src, llama_dir, qwen2_dir, family):
+    """The encoder behind the pre-tokenizer hash, on llama.cpp's own tokenizer test texts, against
+    ``tokenizers`` reading the same tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    folder, name = (llama_dir, "llama-bpe") if family == "llama" else (qwen2_dir, "qwen2")
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    theirs = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ours = gguf_vocab.encoder(spec)
     inp = (llama_cpp_src / "models" / f"ggml-vocab-{name}.gguf.inp").read_text(encoding="utf-8")
     texts = [t for t in inp.split("\n__ggml_vocab_test__\n") if t and not any(
         a["content"] in t for a in spec["added_tokens"])]
     assert len(texts) > 20
     for text in [*texts, gguf_vocab.CHECK_TEXT]:
-        assert gguf_vocab.encode(spec, text) == tok.encode(text), repr(text)
-    expected = {"llama-bpe": "llama-bpe", "qwen2": "qwen2"}[name]
-    assert gguf_vocab.pre_tokenizer_name(spec, tmp_path) == expected
+        assert ours(text) == theirs.encode(text).ids, repr(text)
+    assert gguf_vocab.pre_tokenizer_name(spec, folder) == name
 
 
 def test_llama_cpp_runs_our_f32_file_as_transformers_runs_the_model(llama_dir, tmp_path):
@@ -350,7 +391,13 @@ def test_what_is_not_converted_is_refused_by_name(tmp_path):
         assert "\n" not in str(e.value), what
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "tokenizer.model").write_bytes(b"\x0a")
-    with pytest.raises(UnsupportedError, match="SentencePiece"):
+    with pytest.raises(InputError, match="not a SentencePiece model"):
+        hf_to_gguf(folder, tmp_path / "out.gguf", progress=False)
+    (folder / "tokenizer.model").unlink()
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["model"]["byte_fallback"] = True  # llama.cpp's converter reads this one through transformers
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UnsupportedError, match="byte_fallback"):
         hf_to_gguf(folder, tmp_path / "out.gguf", progress=False)
     with pytest.raises(InputError, match="unknown --gguf-type"):
         hf_to_gguf(folder, tmp_path / "out.gguf", "q4_k_m", progress=False)

@@ -288,33 +288,38 @@ def _post_process(ids: list[int], spec: dict | None) -> list[int]:
     raise _Unsupported(f"post-processor {kind}")
 
 
-def encode(tokenizer: dict, text: str) -> list[int]:
-    """``text``'s token ids as ``tokenizers`` encodes it with special tokens (byte-level BPE only)."""
+def encoder(tokenizer: dict) -> Callable[[str], list[int]]:
+    """A text's token ids as ``tokenizers`` encodes it with special tokens (byte-level BPE only); the
+    merges are ranked once."""
     model = tokenizer.get("model", {})
     if model.get("type") != "BPE" or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise _Unsupported(f"model {model.get('type')}")
-    for added in tokenizer.get("added_tokens", []):
-        if added.get("content") and added["content"] in text:
-            raise _Unsupported(f"added token {added['content']!r} in the check text")
     vocab: dict[str, int] = model.get("vocab", {})
     ranks = _merge_ranks(model.get("merges", []))
-    pieces, mapped = _pre_tokenize([_normalize(text, tokenizer.get("normalizer"))], tokenizer.get("pre_tokenizer"))
-    if not mapped:
-        raise _Unsupported("a BPE without byte-level pre-tokenizer")
-    ids: list[int] = []
-    for piece in pieces:
-        words = [piece] if model.get("ignore_merges") and piece in vocab else _bpe(piece, ranks)
-        for w in words:
-            if w not in vocab:
-                raise _Unsupported(f"symbol {w!r} outside the vocabulary")
-            ids.append(vocab[w])
-    return _post_process(ids, tokenizer.get("post_processor"))
+    added = [a["content"] for a in tokenizer.get("added_tokens", []) if a.get("content")]
+
+    def encode(text: str) -> list[int]:
+        if found := next((a for a in added if a in text), None):
+            raise _Unsupported(f"added token {found!r} in the text")
+        pieces, mapped = _pre_tokenize([_normalize(text, tokenizer.get("normalizer"))],
+                                       tokenizer.get("pre_tokenizer"))
+        if not mapped:
+            raise _Unsupported("a BPE without byte-level pre-tokenizer")
+        ids: list[int] = []
+        for piece in pieces:
+            for w in [piece] if model.get("ignore_merges") and piece in vocab else _bpe(piece, ranks):
+                if w not in vocab:
+                    raise _Unsupported(f"symbol {w!r} outside the vocabulary")
+                ids.append(vocab[w])
+        return _post_process(ids, tokenizer.get("post_processor"))
+
+    return encode
 
 
 def pre_tokenizer_name(tokenizer: dict, where: Path) -> str:
     """``tokenizer.ggml.pre`` as the converter's ``get_vocab_base_pre`` finds it."""
     try:
-        ids = encode(tokenizer, CHECK_TEXT)
+        ids = encoder(tokenizer)(CHECK_TEXT)
     except _Unsupported as e:
         raise UnsupportedError(f"{where}: cannot redo the converter's pre-tokenizer check for this tokenizer "
                                f"({e}); convert it with llama.cpp's convert_hf_to_gguf.py") from None
