@@ -488,6 +488,39 @@ def test_shapes_that_do_not_fit_the_base(tmp_path):
         adapter.modules[NAME].patch.bind({"weight": (16, 8)})
 
 
+BIND_ERRORS = [  # a module made for one layer, bound to a base of another shape
+    ("locon-tucker", LoConModule, _conv, dict(lora_dim=4, use_tucker=True), (16, 8, 5, 5), "another model"),
+    ("loha", LohaModule, _lin, dict(lora_dim=4), (32, 25), "another model"),
+    ("lokr", LokrModule, lambda: nn.Linear(64, 64), dict(lora_dim=2, factor=4), (64, 32), "give a 64x64 change"),
+    ("dora", LoConModule, _lin, dict(lora_dim=4, weight_decompose=True), (24, 24), "another model"),
+    ("glora", GLoRAModule, _lin, dict(lora_dim=4), (32, 20), "do not fit the base weight"),
+    ("diag-oft", DiagOFTModule, _lin, dict(lora_dim=8), (24, 24), "do not tile"),
+    ("boft", ButterflyOFTModule, _lin, dict(lora_dim=4), (48, 24), "do not tile"),
+    ("ia3", IA3Module, _lin, {}, (16, 24), "has 32 entries"),
+    ("norm", NormModule, lambda: nn.LayerNorm(32), {}, (16,), "w_norm is"),
+]
+
+
+@pytest.mark.parametrize("case", BIND_ERRORS, ids=[c[0] for c in BIND_ERRORS])
+def test_module_for_another_layer_refused_at_bind(case, tmp_path):
+    _, cls, make_layer, kwargs, wrong, match = case
+    mod = cls(NAME, _random_base(make_layer()), 1.0, **kwargs)
+    _randomize(mod)
+    patch = read_adapter_file(_save_module(tmp_path, mod.state_dict())).modules[NAME].patch
+    shapes = {"weight": wrong} if not isinstance(mod, NormModule) else {"weight": wrong, "bias": wrong}
+    with pytest.raises(InputError, match=match) as e:
+        patch.bind(shapes)
+    assert "\n" not in str(e.value)
+
+
+def test_bias_change_on_a_base_without_bias(tmp_path):
+    """LyCORIS' merge drops diff_b where the base has no bias; wsurgery refuses instead of losing it silently."""
+    g = torch.Generator().manual_seed(0)
+    path = _save_module(tmp_path, {"diff": torch.randn(8, 4, generator=g), "diff_b": torch.randn(8, generator=g)})
+    with pytest.raises(InputError, match="saves diff_b but the base module has no bias"):
+        read_adapter_file(path).modules[NAME].patch.bind({"weight": (8, 4)})
+
+
 def test_not_safetensors(tmp_path):
     path = tmp_path / "lora.safetensors"
     torch.save(_lora_state(), path)
