@@ -408,10 +408,24 @@ def test_kohya_names_flux():
         f"transformer.transformer_blocks.0.attn.to_{x}" for x in "qkv")
     assert names["lora_unet_single_blocks_1_linear1"] == tuple(
         f"transformer.single_transformer_blocks.1.{x}" for x in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
+    assert names["lora_transformer_single_transformer_blocks_0_attn_to_k"] == (
+        "transformer.single_transformer_blocks.0.attn.to_k",)
     checked = 0
     for k, targets in names.items():
         if k.startswith("lora_te3_"):
             continue  # diffusers' Flux loader drops T5 LoRA keys (returns nothing): no judge there
+        if k.startswith("lora_transformer_"):
+            # diffusers' reader of this flavour knows attention projections and the top-level layers only
+            # (it maps any other block module to the block itself)
+            if ".attn." in targets[0] or not targets[0].startswith(("transformer.transformer_blocks",
+                                                                    "transformer.single_transformer_blocks")):
+                out = lcu._convert_kohya_flux_lora_to_diffusers({
+                    k + ".lora_down.weight": torch.zeros(1, 2), k + ".lora_up.weight": torch.zeros(2, 1),
+                    k + ".alpha": torch.tensor(1.0)})
+                got = {kk.rsplit(".lora_", 1)[0].removeprefix("transformer.") for kk in out}
+                assert got == {t.removeprefix("transformer.") for t in targets}, k
+                checked += 1
+            continue
         rows = 3 * 3072 + 12288 if k.endswith("_linear1") else 3 * len(targets)
         sd = {k + ".lora_down.weight": torch.zeros(1, 2), k + ".alpha": torch.tensor(1.0),
               k + ".lora_up.weight": torch.arange(rows, dtype=torch.float32).reshape(rows, 1)}

@@ -112,6 +112,7 @@ class Component:
     rules: tuple[Rule, ...] = field(repr=False)
     kohya_prefix: str | None = None  # "lora_unet", "lora_te1"...; None: kohya does not train it
     kohya_from: tuple[str, ...] = ("diffusers",)  # kohya names flatten the "diffusers" and/or "original" names
+    kohya_diffusers_prefix: str | None = None  # prefix of the diffusers-flattened names when not kohya_prefix
     required: bool = True  # a single file may leave it out (T5, the VAE of a UNet-only file) when False
     ignored: tuple[str, ...] = field(default=(), repr=False)  # original parameters with no diffusers counterpart
     _orig: _Table[Rule] = field(init=False, repr=False, compare=False)
@@ -325,8 +326,9 @@ class Family:
             if "original" in spec.kohya_from:
                 add(f"{spec.kohya_prefix}_{_flat(orig)}", members)
             if "diffusers" in spec.kohya_from:
+                prefix = spec.kohya_diffusers_prefix or spec.kohya_prefix
                 for m in members:
-                    add(f"{spec.kohya_prefix}_{_flat(m[len(c) + 1:])}", (m,))
+                    add(f"{prefix}_{_flat(m[len(c) + 1:])}", (m,))
         return out
 
     def to_single_file(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -55,7 +55,10 @@ class Flux(Family):
 
     @classmethod
     def build_components(cls, keys: Mapping[str, Mapping[str, Shape]], layout: Layout) -> tuple[Component, ...]:
-        return (Component("transformer", DENOISER_PREFIXES, transformer_rules(), "lora_unet", ("original",)),
+        # sd-scripts names the BFL modules (lora_unet_double_blocks_0_img_attn_qkv); some trainers flatten the
+        # diffusers ones under lora_transformer_ (diffusers' "mixture" kohya format)
+        return (Component("transformer", DENOISER_PREFIXES, transformer_rules(), "lora_unet", ("original", "diffusers"),
+                          kohya_diffusers_prefix="lora_transformer"),
                 Component("text_encoder", ("text_encoders.clip_l.transformer.",), IDENTITY, "lora_te1",
                           required=False),
                 Component("text_encoder_2", ("text_encoders.t5xxl.transformer.",), IDENTITY, "lora_te3",
