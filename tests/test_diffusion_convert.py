@@ -1,0 +1,221 @@
+"""Image-model adapter files: resize (kohya sd-scripts' resize_lora.py), convert kohya <-> diffusers, extract.
+
+Oracles: kohya's ``networks/resize_lora.py`` (sd-scripts is not on PyPI; its rank rules, alpha rule and SVD are
+copied below from commit 063ef100648c016b6b4d804a6de6f5afab7ebd58, ``index_sv_*``, ``rank_resize``,
+``extract_linear``/``extract_conv``, ``merge_linear``/``merge_conv``); diffusers' own loaders
+(``lora_state_dict`` + ``fuse_lora``) on tiny models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from wsurgery.adapters.formats import read_adapter_file
+from wsurgery.convert.resize import resize
+from wsurgery.errors import InputError
+
+# --- kohya sd-scripts networks/resize_lora.py @ 063ef100648c016b6b4d804a6de6f5afab7ebd58 (the oracle) ---------
+MIN_SV = 1e-6
+
+
+def index_sv_cumulative(S, target):
+    original_sum = float(torch.sum(S))
+    cumulative_sums = torch.cumsum(S, dim=0) / original_sum
+    index = int(torch.searchsorted(cumulative_sums, target))
+    index = max(0, min(index, len(S) - 1))
+    return index
+
+
+def index_sv_fro(S, target):
+    S_squared = S.pow(2)
+    S_fro_sq = float(torch.sum(S_squared))
+    sum_S_squared = torch.cumsum(S_squared, dim=0) / S_fro_sq
+    index = int(torch.searchsorted(sum_S_squared, target**2))
+    index = max(0, min(index, len(S) - 1))
+    return index
+
+
+def index_sv_ratio(S, target):
+    max_sv = S[0]
+    min_sv = max_sv / target
+    index = int(torch.sum(S > min_sv).item()) - 1
+    index = max(0, min(index, len(S) - 1))
+    return index
+
+
+def rank_resize(S, rank, dynamic_method, dynamic_param, scale=1):
+    param_dict = {}
+    if dynamic_method == "sv_ratio":
+        new_rank = index_sv_ratio(S, dynamic_param) + 1
+    elif dynamic_method == "sv_cumulative":
+        new_rank = index_sv_cumulative(S, dynamic_param) + 1
+    elif dynamic_method == "sv_fro":
+        new_rank = index_sv_fro(S, dynamic_param) + 1
+    else:
+        new_rank = rank
+    new_alpha = float(scale * new_rank)
+    if S[0] <= MIN_SV:
+        new_rank = 1
+        new_alpha = float(scale * new_rank)
+    elif new_rank > rank:
+        new_rank = rank
+        new_alpha = float(scale * new_rank)
+    s_sum = torch.sum(torch.abs(S))
+    s_rank = torch.sum(torch.abs(S[:new_rank]))
+    S_squared = S.pow(2)
+    s_fro = torch.sqrt(torch.sum(S_squared))
+    s_red_fro = torch.sqrt(torch.sum(S_squared[:new_rank]))
+    param_dict["new_rank"] = new_rank
+    param_dict["new_alpha"] = new_alpha
+    param_dict["sum_retained"] = float(s_rank / s_sum)
+    param_dict["fro_retained"] = float(s_red_fro / s_fro)
+    param_dict["max_ratio"] = float(S[0] / S[new_rank - 1])
+    return param_dict
+
+
+def kohya_resize_module(down, up, alpha, lora_rank, dynamic_method, dynamic_param):
+    """resize_lora_model's body for one module (merge_*, extract_* with full SVD: our matrices are < 2048)."""
+    old_rank = down.size()[0]
+    scale = 1.0 if alpha is None else alpha / old_rank
+    if down.dim() == 4:
+        in_rank, in_size, kernel_size, _ = down.shape
+        out_size = up.shape[0]
+        weight = (up.reshape(out_size, -1) @ down.reshape(in_rank, -1))
+    else:
+        weight = up @ down
+    U, S, Vh = torch.linalg.svd(weight)
+    p = rank_resize(S, lora_rank, dynamic_method, dynamic_param, scale)
+    r = p["new_rank"]
+    U = U[:, :r] @ torch.diag(S[:r])
+    Vh = Vh[:r, :]
+    if down.dim() == 4:
+        p["lora_down"] = Vh.reshape(r, in_size, kernel_size, kernel_size)
+        p["lora_up"] = U.reshape(out_size, r, 1, 1)
+    else:
+        p["lora_down"], p["lora_up"] = Vh, U
+    return p
+# --- end of the copied oracle -------------------------------------------------------------------------------
+
+
+def _decaying(rank: int, out: int, inp: int, decay: float, g: torch.Generator, kernel: int | None = None):
+    """down/up whose product has singular values falling by ``decay`` per index (so dynamic rules differ)."""
+    down = torch.randn((rank, inp) if kernel is None else (rank, inp, kernel, kernel), generator=g) * 0.2
+    up = torch.randn((out, rank) if kernel is None else (out, rank, 1, 1), generator=g) * 0.2
+    scales = decay ** torch.arange(rank, dtype=torch.float32)
+    return down, up * (scales.view(1, rank, 1, 1) if kernel else scales)
+
+
+def kohya_file(path: Path, metadata: dict[str, str] | None = None) -> dict[str, tuple]:
+    """A kohya LoCon file: Linear modules of several ranks/decays, a 3x3 and a 1x1 Conv2d, a zero module, a module
+    without alpha, and a LoHa module (kept as is)."""
+    g = torch.Generator().manual_seed(0)
+    specs = {"lora_unet_mid_block_attentions_0_proj_in": (16, 40, 32, 0.9, None, 8.0),
+             "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q": (8, 32, 32, 0.5, None, 4.0),
+             "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2": (12, 32, 64, 0.98, None, None),
+             "lora_unet_down_blocks_0_resnets_0_conv1": (8, 24, 16, 0.7, 3, 1.0),
+             "lora_unet_down_blocks_0_resnets_0_conv_shortcut": (4, 24, 16, 0.8, 1, 4.0),
+             "lora_te_text_model_encoder_layers_0_mlp_fc1": (8, 48, 32, 0.6, None, 8.0)}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (r, out, inp, decay, k, alpha) in specs.items():
+        down, up = _decaying(r, out, inp, decay, g, k)
+        tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = torch.tensor(alpha)
+    zero = "lora_te_text_model_encoder_layers_0_mlp_fc2"
+    tensors[f"{zero}.lora_down.weight"] = torch.randn(4, 48, generator=g)
+    tensors[f"{zero}.lora_up.weight"] = torch.zeros(32, 4)
+    tensors[f"{zero}.alpha"] = torch.tensor(2.0)
+    specs[zero] = (4, 32, 48, 0.0, None, 2.0)
+    loha = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    for p, shape in (("hada_w1_a", (32, 4)), ("hada_w1_b", (4, 32)), ("hada_w2_a", (32, 4)), ("hada_w2_b", (4, 32))):
+        tensors[f"{loha}.{p}"] = torch.randn(shape, generator=g) * 0.1
+    tensors[f"{loha}.alpha"] = torch.tensor(4.0)
+    save_file(tensors, str(path), metadata=metadata or {})
+    return specs
+
+
+@pytest.mark.parametrize("options, method, param", [
+    ({"rank": 6}, None, None),
+    ({"rank": 6, "conv_rank": 3}, None, None),
+    ({"fro": 0.9}, "sv_fro", 0.9),
+    ({"energy": 0.8, "rank": 10}, "sv_cumulative", 0.8),
+    ({"ratio": 5.0}, "sv_ratio", 5.0),
+])
+def test_resize_matches_kohya(tmp_path, options, method, param):
+    src = tmp_path / "lora.safetensors"
+    specs = kohya_file(src, {"ss_network_module": "lycoris.kohya", "ss_network_dim": "16",
+                             "ss_network_args": json.dumps({"algo": "locon"}),
+                             "ss_network_alpha": "8.0", "sshs_model_hash": "stale", "ss_training_comment": "hi"})
+    out = tmp_path / "small.safetensors"
+    result = resize(src, out, **options)
+    written = load_file(str(out))
+    source = load_file(str(src))
+    by_name = {m.module: m for m in result.modules}
+    ranks = set()
+    for name in specs:
+        down, up = source[f"{name}.lora_down.weight"], source[f"{name}.lora_up.weight"]
+        alpha = float(source[f"{name}.alpha"]) if f"{name}.alpha" in source else None
+        cap = options.get("rank") or down.shape[0]
+        if down.dim() == 4:
+            cap = options.get("conv_rank") or options.get("rank") or down.shape[0]
+        want = kohya_resize_module(down, up, alpha, cap, method, param)
+        got = by_name[name]
+        assert (got.new_rank, got.alpha) == (want["new_rank"], want["new_alpha"]), name
+        for key in ("sum_retained", "fro_retained", "max_ratio"):  # nan for the zero module, as kohya's
+            assert getattr(got, key) == pytest.approx(want[key], rel=1e-6, nan_ok=True), (name, key)
+        torch.testing.assert_close(written[f"{name}.lora_down.weight"], want["lora_down"], rtol=0, atol=0)
+        torch.testing.assert_close(written[f"{name}.lora_up.weight"], want["lora_up"], rtol=0, atol=0)
+        assert float(written[f"{name}.alpha"]) == want["new_alpha"]
+        ranks.add(got.new_rank)
+    if method is not None:
+        assert len(ranks) > 2, f"the dynamic rule should pick several ranks here, got {ranks}"
+    # the LoHa module is copied as it was
+    assert result.kept == ["lora_te_text_model_encoder_layers_0_self_attn_q_proj"]
+    for k, v in source.items():
+        if "hada" in k:
+            assert torch.equal(written[k], v)
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert "sshs_model_hash" not in meta and json.loads(meta["wsurgery"])["operation"] == "resize"
+    if method is None:
+        assert meta["ss_network_dim"] == str(options["rank"])
+        assert meta["ss_training_comment"].startswith("dimension is resized from 16 to 6")
+    else:
+        assert meta["ss_network_dim"] == "Dynamic" and meta["ss_network_alpha"] == "Dynamic"
+        assert meta["ss_training_comment"] == f"Dynamic resize with {method}: {param} from 16; hi"
+    read_adapter_file(out)  # our reader takes what we wrote
+
+
+def test_resize_keeps_the_change_at_full_rank(tmp_path):
+    """At the module's own rank the resized change is the original (truncated SVD loses nothing)."""
+    src = tmp_path / "lora.safetensors"
+    kohya_file(src)
+    out = tmp_path / "same.safetensors"
+    resize(src, out, fro=1.0)
+    before, after = read_adapter_file(src), read_adapter_file(out)
+    for name, m in before.modules.items():
+        if m.algo != "lora":
+            continue  # copied byte for byte (test_resize_matches_kohya)
+        d0 = m.patch.delta()["weight"]
+        d1 = after.modules[name].patch.delta()["weight"]
+        torch.testing.assert_close(d1, d0, rtol=1e-4, atol=1e-5 * float(d0.abs().max()) + 1e-7)
+
+
+def test_resize_bad_options(tmp_path):
+    src = tmp_path / "lora.safetensors"
+    kohya_file(src)
+    with pytest.raises(InputError, match="--rank, or one of"):
+        resize(src, tmp_path / "a.safetensors")
+    with pytest.raises(InputError, match="not several"):
+        resize(src, tmp_path / "a.safetensors", fro=0.9, energy=0.9)
+    with pytest.raises(InputError, match=r"share in \(0, 1\]"):
+        resize(src, tmp_path / "a.safetensors", fro=1.5)
+    with pytest.raises(InputError, match="one .safetensors file"):
+        resize(src, tmp_path / "a", rank=4)
+    assert not list(tmp_path.glob("a*"))
