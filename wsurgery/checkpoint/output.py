@@ -38,7 +38,7 @@ _TEMPORARY = re.compile(r"^\.(?P<out>.+)\.wsurgery-(?P<kind>tmp|old)-(?P<pid>\d+
 # folder of the user's own files.
 _OUTPUT_FILE = re.compile(r"""^(
     .+\.(safetensors|bin) | .+\.index\.json
-    | (generation_|adapter_|preprocessor_|quantize_)?config\.json
+    | (generation_|adapter_|preprocessor_|quantize_|scheduler_)?config\.json | model_index\.json
     | tokenizer.* | special_tokens_map\.json | added_tokens\.json | vocab\.(json|txt) | merges\.txt | .+\.model
     | chat_template\.(jinja|json) | README\.md | \.gitattributes
 )$""", re.X)
@@ -107,15 +107,30 @@ def check_output_path(out: Path, inputs: list[Path], overwrite: bool, whole_fold
         raise InputError(f"{out}: already exists; choose a new folder or pass --overwrite")
     if not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder; --overwrite replaces only an output folder")
-    from_inputs = {p.name for inp in map(Path, inputs) if inp.is_dir() for p in inp.iterdir()}
-    unknown = sorted(p.name + "/" if p.is_dir() and not p.is_symlink() else p.name for p in out.iterdir()
-                     if (p.is_dir() and not p.is_symlink())
-                     or not (_OUTPUT_FILE.match(p.name) or p.name in from_inputs))
+    unknown = _foreign(out, [inp for inp in map(Path, inputs) if inp.is_dir()])
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         raise InputError(f"{out}: holds files wsurgery does not write ({', '.join(unknown[:3])}{more}); --overwrite "
                          "replaces only a folder of checkpoint, adapter, config and tokenizer files: move them away "
                          "or choose another OUT")
+
+
+def _foreign(folder: Path, inputs: list[Path], depth: int = 0) -> list[str]:
+    """What in ``folder`` (an old OUT) wsurgery does not write: files not named as its outputs or as files of
+    the input folders, and sub-folders other than an input folder's own (a diffusers pipeline's ``unet/``...)
+    that hold anything else, or anything below them."""
+    from_inputs = {p.name for inp in inputs for p in inp.iterdir()}
+    unknown = []
+    for p in folder.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            subs = [inp / p.name for inp in inputs if (inp / p.name).is_dir() and not (inp / p.name).is_symlink()]
+            if depth or not subs:
+                unknown.append(p.name + "/")
+            else:
+                unknown += [f"{p.name}/{n}" for n in _foreign(p, subs, depth + 1)]
+        elif not (_OUTPUT_FILE.match(p.name) or p.name in from_inputs):
+            unknown.append(p.name)
+    return sorted(unknown)
 
 
 def check_output_file(out: Path, inputs: list[Path], overwrite: bool, whole_folders: bool = False) -> None:

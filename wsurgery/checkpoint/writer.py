@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,18 +30,39 @@ def parse_size(text: str) -> int:
     return size
 
 
+@dataclass(frozen=True)
+class OutputPart:
+    """One checkpoint of its own inside an output folder (a diffusers pipeline's ``unet/``, ``vae/``...).
+
+    The tensors named ``prefix + key`` go to files in the subfolder ``folder``, stored under ``key``
+    (what that component's own loader reads), sharded and indexed on their own.
+    """
+
+    folder: str  # "unet"
+    prefix: str  # "unet."
+    single: str  # the file name when the part is one file: "diffusion_pytorch_model.safetensors"
+    index: str  # the index name when it is sharded: "diffusion_pytorch_model.safetensors.index.json"
+
+    def owns_file(self, file_name: str) -> bool:
+        return file_name.startswith(self.folder + "/")
+
+
 def plan_shards(
     specs: list[TensorSpec],
     base_assignment: dict[str, str] | None,
     max_shard_size: int | None,
     single_name: str = "model.safetensors",
+    parts: Sequence[OutputPart] = (),
 ) -> list[tuple[str, list[TensorSpec]]]:
     """Decide which output file holds which tensor.
 
     Without ``max_shard_size`` the base's own assignment (tensor -> shard file name) is kept, so the
     output looks like the input. Tensors the base did not have go with the last shard. With
-    ``max_shard_size`` tensors are packed greedily in order, as transformers does.
+    ``max_shard_size`` tensors are packed greedily in order, as transformers does. With ``parts``
+    each part is planned so on its own, in its subfolder (file names then include it: ``unet/...``).
     """
+    if parts:
+        return _plan_parts(specs, base_assignment, max_shard_size, parts)
     if max_shard_size is None and base_assignment is not None:
         groups: dict[str, list[TensorSpec]] = {}
         order = list(dict.fromkeys(base_assignment.values()))
@@ -67,21 +90,56 @@ def plan_shards(
     return [(f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors", c) for i, c in enumerate(chunks)]
 
 
-class CheckpointWriter:
-    """Creates every output shard up front; tensors are then written into place one at a time."""
+def _part_of(name: str, parts: Sequence[OutputPart]) -> OutputPart:
+    """The part a tensor belongs to: the one with the longest prefix of its name."""
+    best = max((p for p in parts if name.startswith(p.prefix)), key=lambda p: len(p.prefix), default=None)
+    if best is None:
+        raise AssertionError(f"tensor {name!r} belongs to none of the output parts {[p.folder for p in parts]}")
+    return best
 
-    def __init__(self, folder: Path, shards: list[tuple[str, list[TensorSpec]]], index_name: str | None):
+
+def _plan_parts(specs: list[TensorSpec], base_assignment: dict[str, str] | None, max_shard_size: int | None,
+                parts: Sequence[OutputPart]) -> list[tuple[str, list[TensorSpec]]]:
+    by_part: dict[OutputPart, list[TensorSpec]] = {}
+    for spec in specs:
+        by_part.setdefault(_part_of(spec.name, parts), []).append(spec)
+    out: list[tuple[str, list[TensorSpec]]] = []
+    for part in parts:
+        if part not in by_part:
+            continue
+        inside = None if base_assignment is None else {
+            n: f.removeprefix(part.folder + "/") for n, f in base_assignment.items() if part.owns_file(f)}
+        out += [(f"{part.folder}/{f}", g) for f, g in plan_shards(by_part[part], inside, max_shard_size, part.single)]
+    return out
+
+
+class CheckpointWriter:
+    """Creates every output shard up front; tensors are then written into place one at a time.
+
+    With ``parts`` (see ``OutputPart``) a tensor is stored under its part's key, and each part that
+    has several shards gets its own index; ``index_name`` is then not used.
+    """
+
+    def __init__(self, folder: Path, shards: list[tuple[str, list[TensorSpec]]], index_name: str | None,
+                 parts: Sequence[OutputPart] = ()):
         self.folder = folder
         self.index_name = index_name
+        self._parts = list(parts)
         self._writers: list[SafetensorsWriter] = []
-        self._where: dict[str, SafetensorsWriter] = {}
+        self._where: dict[str, tuple[SafetensorsWriter, str]] = {}
         self.weight_map: dict[str, str] = {}
+        self._files: dict[str, SafetensorsWriter] = {}
         try:
             for file_name, specs in shards:
-                w = SafetensorsWriter(folder / file_name, specs, {"format": "pt"})
+                part = next((p for p in self._parts if p.owns_file(file_name)), None)
+                keys = [s.name if part is None else s.name.removeprefix(part.prefix) for s in specs]
+                (folder / file_name).parent.mkdir(parents=True, exist_ok=True)
+                w = SafetensorsWriter(folder / file_name, [replace(s, name=k) for s, k in zip(specs, keys)],
+                                      {"format": "pt"})
                 self._writers.append(w)
-                for spec in specs:
-                    self._where[spec.name] = w
+                self._files[file_name] = w
+                for spec, key in zip(specs, keys):
+                    self._where[spec.name] = (w, key)
                     self.weight_map[spec.name] = file_name
         except BaseException:
             self.abort()
@@ -89,22 +147,38 @@ class CheckpointWriter:
         self.total_bytes = sum(w.total_bytes for w in self._writers)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        self._where[name].write(name, tensor)
+        w, key = self._where[name]
+        w.write(key, tensor)
 
     def write_rows(self, name: str, rows: torch.Tensor, first_row: int) -> None:
-        self._where[name].write_rows(name, rows, first_row)
+        w, key = self._where[name]
+        w.write_rows(key, rows, first_row)
 
     def copy_from(self, name: str, src: TensorInfo) -> bool:
         """Copy an unchanged tensor file-to-file in the kernel where possible (see SafetensorsWriter)."""
-        return self._where[name].copy_from(name, src)
+        w, key = self._where[name]
+        return w.copy_from(key, src)
 
     def close(self) -> None:
         for w in self._writers:
             w.close()
         self.total_bytes = sum(w.total_bytes for w in self._writers)
-        if self.index_name is not None:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
-            (self.folder / self.index_name).write_text(json.dumps(index, indent=2) + "\n")
+        if not self._parts:
+            if self.index_name is not None:
+                self._write_index(self.folder / self.index_name, self.weight_map, list(self._files.values()))
+            return
+        for part in self._parts:
+            files = {f: w for f, w in self._files.items() if part.owns_file(f)}
+            if len(files) > 1:
+                cut = len(part.folder) + 1
+                weight_map = {self._where[n][1]: f[cut:] for n, f in self.weight_map.items() if f in files}
+                self._write_index(self.folder / part.folder / part.index, weight_map, list(files.values()))
+
+    @staticmethod
+    def _write_index(path: Path, weight_map: dict[str, str], writers: list[SafetensorsWriter]) -> None:
+        total = sum(w.total_bytes for w in writers)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        path.write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
         for w in self._writers:

@@ -20,7 +20,8 @@ import torch
 
 from ...quant.encodings import EncodedTensorInfo
 from ..reader import SAFETENSORS_INDEX_SUFFIX, Checkpoint
-from ..writer import CheckpointWriter
+from ..output import copy_side_files
+from ..writer import CheckpointWriter, OutputPart
 
 
 class FileWriter(Protocol):
@@ -73,6 +74,17 @@ class CheckpointFormat(ABC):
         by default one ``model.safetensors``, split as ``--max-shard-size`` asks."""
         return ({n: "model.safetensors" for n in ckpt.tensors}, "model.safetensors",
                 "model" + SAFETENSORS_INDEX_SUFFIX)
+
+    def output_parts(self, ckpt: Checkpoint) -> list[OutputPart]:
+        """The checkpoints of their own a safetensors copy of ``ckpt`` is made of, each in a subfolder with
+        its own keys and index (a diffusers pipeline's components); empty (the default): one checkpoint
+        at the top of the folder. ``output_layout``'s file names then include the subfolder."""
+        return []
+
+    def copy_side_files(self, ckpt: Checkpoint, dst: Path) -> list[str]:
+        """Copy the non-weight files that travel with a copy of ``ckpt`` (config, tokenizer...) into the
+        output folder ``dst``; their paths relative to it."""
+        return copy_side_files(ckpt.folder, dst)
 
     def copy_raw(self, ckpt: Checkpoint, writer: CheckpointWriter, name: str, target: Any) -> bool:
         """Copy an untouched tensor's stored bytes into a safetensors output where they are already
