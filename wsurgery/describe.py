@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from .adapters import Adapter, load_adapter, map_modules
+from .adapters.files import is_adapter_file
+from .adapters.formats import AdapterFile, formats, read_adapter_file
+from .adapters.locate import checkpoint_family, place
 from .checkpoint.dtypes import dtype_name
 from .checkpoint.formats import open_checkpoint, registered_formats
 from .checkpoint.reader import Checkpoint
+from .checkpoint.safetensors_file import read_header
+from .errors import InputError
+from .families import families
 from .hub_inputs import resolve
 from .model_card import adapter_record
 
@@ -20,7 +27,23 @@ def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
     if (local / "adapter_config.json").is_file() or local.name == "adapter_config.json":
         base_ckpt = open_checkpoint(resolve(base)) if base is not None else None
         return describe_adapter(load_adapter(local), base_ckpt)
+    if _holds_an_adapter(local):
+        base_ckpt = open_checkpoint(resolve(base)) if base is not None else None
+        return describe_adapter_file(read_adapter_file(local), base_ckpt)
+    if base is not None:
+        raise InputError(f"{path}: --base is for adapters (a PEFT folder or a kohya/LyCORIS/diffusers .safetensors "
+                         "file); this is a checkpoint")
     return describe_checkpoint(open_checkpoint(resolve(path)))
+
+
+def _holds_an_adapter(path: Path) -> bool:
+    """A lone .safetensors file most of whose tensor names an adapter-file format reads (a single-file
+    checkpoint's are no format's; a broken adapter file is read as one, to say what is wrong with it): told by
+    the header, as merge's ADAPTER argument is told by its place."""
+    if not is_adapter_file(path):
+        return False
+    keys = list(read_header(path)[0])
+    return any(2 * len(f.foreign_keys(keys)) < len(keys) for f in formats().values())
 
 
 def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
@@ -84,6 +107,128 @@ def describe_adapter(adapter: Adapter, base: Checkpoint | None = None) -> dict[s
     }
 
 
+# What trainers write for the base model (kohya ``ss_base_model_version``, ``modelspec.architecture``): the
+# first family whose words appear in it, lower-cased.
+_FAMILY_WORDS = (("flux", ("flux",)), ("sd3", ("sd3", "stable-diffusion-3")), ("sdxl", ("sdxl", "-xl-")),
+                 ("sd2", ("sd_v2", "stable-diffusion-v2")), ("sd1", ("sd_v1", "stable-diffusion-v1")))
+# Module names only one family's adapters use (kohya flattened, or dotted under a component).
+_FAMILY_NAMES = (("flux", re.compile(r"^lora_unet_(double|single)_blocks_|single_transformer_blocks\.")),
+                 ("sd3", re.compile(r"^lora_unet_joint_blocks_")),
+                 ("sdxl", re.compile(r"^lora_te[12]_|^lora_unet_(input|middle|output)_blocks_|^lora_unet_label_emb_"
+                                     r"|^text_encoder_2\.")))
+
+
+def adapter_family(adapter: AdapterFile) -> dict[str, Any]:
+    """The family the file says it is for (its metadata), else the one its module names point at; the source
+    is named, for a guess from names is weaker than a statement."""
+    for key in ("ss_base_model_version", "modelspec.architecture"):
+        value = adapter.metadata.get(key)
+        if value:
+            low = value.lower()
+            name = next((f for f, words in _FAMILY_WORDS if any(w in low for w in words)), None)
+            return {"family": name, "title": families()[name].title if name else None, "from": f"{key}={value}"}
+    for name, pattern in _FAMILY_NAMES:
+        hit = next((m for m in adapter.modules if pattern.search(m)), None)
+        if hit is not None:
+            return {"family": name, "title": families()[name].title, "from": f"module names ({hit})"}
+    if any(m.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_", "lora_te_",
+                         "unet.")) for m in adapter.modules):
+        return {"family": "sd1|sd2", "title": "SD 1.x or 2.x",
+                "from": "module names (diffusers UNet, one text encoder)"}
+    return {"family": None, "title": None, "from": None}
+
+
+_KOHYA_PREFIX = re.compile(r"^(lora_(?:unet|transformer|te\d?)|lycoris)_")
+
+
+def _prefix(module: str) -> str:
+    """The part of a module name that says which component it is in (``lora_te2``, ``unet``...)."""
+    kohya = _KOHYA_PREFIX.match(module)
+    return kohya.group(1) if kohya else module.split(".", 1)[0] if "." in module else "(none)"
+
+
+def _counts(values: list[Any]) -> dict[str, int]:
+    """value -> how many modules have it, most common first (JSON keys are strings)."""
+    return {("none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)): n
+            for v, n in Counter(values).most_common()}
+
+
+def describe_adapter_file(adapter: AdapterFile, base: Checkpoint | None = None) -> dict[str, Any]:
+    """A kohya / LyCORIS / diffusers adapter file; with ``base``: where each module lands in it (stored tensor and
+    row slice, through the base's family tables) and which modules land nowhere, with the reason."""
+    tensors = [k for m in adapter.modules.values() for k in m.keys]
+    rows = adapter.table()
+    prefixes = Counter(_prefix(m) for m in adapter.modules)
+    info: dict[str, Any] = {
+        "type": "adapter_file",
+        "file": str(adapter.path),
+        "format": adapter.format,
+        "num_modules": len(adapter.modules),
+        "num_tensors": len(tensors),
+        "algos": _counts([m.algo for m in adapter.modules.values()]),
+        "ranks": _counts([m.rank for m in adapter.modules.values()]),
+        "alphas": _counts([m.alpha for m in adapter.modules.values()]),
+        "dora": sum(m.dora for m in adapter.modules.values()),
+        "prefixes": dict(prefixes),
+        "metadata": adapter.summary,
+        "base_family": adapter_family(adapter),
+        "modules": rows,
+    }
+    if base is None:
+        return info
+    where = f"base {base.shards[0] if len(base.shards) == 1 else base.folder}"
+    family = checkpoint_family(base, where)
+    if family is None:
+        raise InputError(f"{where}: not an image-model checkpoint (SD 1.x/2.x, SDXL, SD3, Flux), which is what "
+                         f"{adapter.path} is placed in; it cannot be merged there")
+    placed, unplaced = place(list(adapter.modules), family)
+    for row in rows:
+        spot = placed.get(row["module"])
+        row["lands"] = None if spot is None else [
+            {"tensor": name, "rows": None if loc.slice is None else [loc.slice[1], loc.slice[1] + loc.slice[2]],
+             "as": list(loc.shape), "module": loc.original or None} for name, loc in spot]
+    info["base"] = {"path": str(base.shards[0] if len(base.shards) == 1 else base.folder), "family": family.name,
+                    "title": family.title, "layout": family.layout.value}
+    info["placed"] = len(placed)
+    info["unplaced"] = [{"module": m, "reason": why} for m, why in unplaced.items()]
+    return info
+
+
+def _format_adapter_file(info: dict[str, Any]) -> list[str]:
+    def counts(d: dict[str, int]) -> str:
+        return ", ".join(f"{k} ({n})" for k, n in d.items())
+
+    fam = info["base_family"]
+    lines = [f"adapter file {info['file']}  ({info['format']})",
+             "made for    " + (f"{fam['title'] or 'unknown family'}  (from {fam['from']})" if fam["from"]
+                               else "not said (no base-model metadata, no family-specific module names)"),
+             f"modules     {info['num_modules']} in {info['num_tensors']} tensors: {counts(info['algos'])}"
+             + (f"; DoRA on {info['dora']}" if info["dora"] else ""),
+             f"ranks       {counts(info['ranks'])}",
+             f"alphas      {counts(info['alphas'])}",
+             f"prefixes    {counts(info['prefixes'])}"]
+    lines += [f"metadata    {k} = {v if len(v) <= 100 else v[:97] + '...'}" for k, v in info["metadata"].items()]
+    base = info.get("base")
+    if base is not None:
+        lines.append(f"base        {base['path']}  ({base['title']}, {base['layout']})")
+        lines.append(f"placed      {info['placed']} of {info['num_modules']} modules"
+                     + (f"; {len(info['unplaced'])} map to nothing (a merge refuses the file)" if info["unplaced"]
+                        else ""))
+    lines.append("")
+    for row in info["modules"]:
+        facts = f"{row['algo']}" + (f" r={row['rank']}" if row["rank"] is not None else "") + (
+            f" alpha={row['alpha']:g}" if row["alpha"] is not None else "") + (" DoRA" if row["dora"] else "")
+        if base is None:
+            lines.append(f"  {row['module']}  {facts}")
+        elif row["lands"] is not None:
+            spots = ", ".join(s["tensor"] + (f"[{s['rows'][0]}:{s['rows'][1]}]" if s["rows"] else "")
+                              for s in row["lands"])
+            lines.append(f"  {row['module']}  {facts}  -> {spots}")
+    for u in info.get("unplaced", []):
+        lines.append(f"  {u['module']}  -> NOTHING: {u['reason']}")
+    return lines
+
+
 def _made_by(made: dict[str, Any]) -> list[str]:
     """The line saying which wsurgery command wrote the folder, where its record tells."""
     if not made.get("operation"):
@@ -95,6 +240,8 @@ def _made_by(made: dict[str, Any]) -> list[str]:
 def format_text(info: dict[str, Any]) -> str:
     """A human-readable summary of ``inspect``'s dict."""
     lines: list[str] = []
+    if info["type"] == "adapter_file":
+        return "\n".join(_format_adapter_file(info))
     if info["type"] == "checkpoint":
         lines.append(f"checkpoint  {info['folder']}  ({info['format']}, {len(info['shards'])} shard(s)"
                      + (f", index {info['index']}" if info["index"] else "") + ")")

@@ -12,6 +12,7 @@ error naming it, never a silent no-op.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from ..checkpoint import Checkpoint
@@ -63,21 +64,57 @@ def _aliases(family: Family) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def locate(modules: Iterable[str], family: Family, adapter_desc: str) -> dict[str, Place]:
-    """``{adapter module: its place}`` for every module, or one ``InputError`` naming those that map to nothing."""
+def place(modules: Iterable[str], family: Family) -> tuple[dict[str, Place], dict[str, str]]:
+    """``({adapter module: its place}, {adapter module: why it maps to nothing})``, never raising: what
+    ``inspect --base`` shows, and what ``locate`` refuses on."""
     aliases = _aliases(family)
     where = family.modules()
-    out: dict[str, Place] = {}
-    missing: list[str] = []
+    placed: dict[str, Place] = {}
+    unplaced: dict[str, str] = {}
     for module in modules:
         name = module.removeprefix("base_model.model.")
         members = aliases.get(name)
         if members is None:
-            missing.append(module)
+            unplaced[module] = _why_unplaced(name, family)
             continue
-        out[module] = tuple((stored_name(family, where[m], where[m].weight), where[m]) for m in members)
-    if missing:
+        placed[module] = tuple((stored_name(family, where[m], where[m].weight), where[m]) for m in members)
+    return placed, unplaced
+
+
+_KOHYA_PREFIX = re.compile(r"^(lora_(?:unet|transformer|te\d?))_")
+
+
+def _why_unplaced(name: str, family: Family) -> str:
+    """Why an adapter module names nothing here: a component the family lacks, one this checkpoint leaves out,
+    or a module name the component does not have."""
+    present = {m.split(".", 1)[0] for m in family.modules()}
+    kohya = _KOHYA_PREFIX.match(name)
+    if kohya:
+        comp = next((c for c in family.components if c.kohya_prefix == kohya.group(1)), None)
+        label = f"kohya prefix {kohya.group(1)}_"
+    else:
+        head = name.split(".", 1)[0]
+        comp = next((c for c in family.components
+                     if head == c.name or any(p and name.startswith(p) for p in c.prefixes)), None)
+        if comp is None and any(name.startswith(p) for p in _DENOISER_ALIASES if p):
+            comp = next((c for c in family.components if c.name in ("unet", "transformer")), None)
+        label = f"component {head}"
+        if comp is None and "." not in name:
+            return f"not a module name of any convention this {family.title} checkpoint is read with"
+    if comp is None:
+        return f"{label} names no part of a {family.title} model; is the adapter for another model family?"
+    if comp.name not in present:
+        return f"{label} is the {comp.name}, which this checkpoint does not hold"
+    return (f"no {comp.name} module of a {family.title} model is named so; is the adapter for another model "
+            "family or another size?")
+
+
+def locate(modules: Iterable[str], family: Family, adapter_desc: str) -> dict[str, Place]:
+    """``{adapter module: its place}`` for every module, or one ``InputError`` naming those that map to nothing."""
+    placed, unplaced = place(modules, family)
+    if unplaced:
+        missing = list(unplaced)
         sample = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise InputError(f"{adapter_desc}: {len(missing)} of its modules map to nothing in this {family.title} "
                          f"checkpoint ({sample}); is the adapter for another model family?")
-    return out
+    return placed
