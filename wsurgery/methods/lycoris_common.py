@@ -13,8 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError, NotInvertibleError
+from ..errors import InputError, NotInvertibleError, UnsupportedError
 from .base import AdditivePatch, Patch, Shapes, Tensors
+from .layers import Layer, Linear
 
 
 class LycorisPatch(Patch):
@@ -76,6 +77,22 @@ class LycorisDoraPatch(LycorisPatch):
         if scale != 1:
             factor = scale * (factor - 1) + 1
         return {**tensors, "weight": V.mul_(factor)}
+
+    def forward(self, x: torch.Tensor, base: Tensors, layer: Layer) -> torch.Tensor:
+        """LyCORIS' DoRA forward on a Linear layer: ΔW read off the inner change's own forward path (its output on
+        the identity with a zero base), V = W + ΔW, then the output (``wd_on_out``) or the input (``wd_on_in``)
+        scaled by m/‖V‖."""
+        W = base["weight"]
+        if W.dim() != 2:
+            raise UnsupportedError(f"{self.module}: verify covers LyCORIS DoRA on Linear layers only")
+        eye = torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
+        V = W + self.inner.forward(eye, {"weight": torch.zeros_like(W)}, Linear()).T
+        f = (self.m.to(device=W.device, dtype=W.dtype) / _norm(V, self.on_out)).flatten()
+        bias = {"bias": base["bias"]} if "bias" in base else {}
+        if self.on_out:
+            return on_channels(layer(x, {"weight": V}), f) + (layer(torch.zeros_like(x), {"weight": V, **bias})
+                                                              if bias else 0)
+        return layer(x * f, {"weight": V, **bias})
 
     def unmerge(self, tensors: Tensors, scale: float) -> Tensors:
         raise NotInvertibleError(f"{self.module}: {self.why_not_invertible()}")
