@@ -56,7 +56,8 @@ class LycorisDoraPatch(LycorisPatch):
     def __init__(self, inner: AdditivePatch, dora_scale: torch.Tensor):
         super().__init__(inner.module, ("weight",))
         self.inner, self.m = inner, dora_scale
-        self.on_out = True
+        # (out, 1, …) or (1, in, …); check() confirms against the base (only a 1-row or 1-column weight is ambiguous)
+        self.on_out = dora_scale.dim() < 2 or dora_scale.shape[0] != 1 or dora_scale.shape[1] == 1
 
     def check(self, shapes: Shapes) -> None:
         self.inner.check(shapes)
