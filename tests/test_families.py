@@ -550,3 +550,22 @@ def test_unmapped_tensors_are_listed(single_files):
     assert set(fam.unmapped()) == {k for k in sf if ".resblocks.23." in k} | {
         "cond_stage_model.model.text_projection", "model_ema.decay", "model.diffusion_model.extra.weight"}
     assert not any(".resblocks.23." in loc.weight for loc in fam.parameters().values())
+
+
+def test_sdxl_refiner_layout():
+    """The SDXL refiner stores its only text encoder (OpenCLIP bigG) as embedder 0; diffusers' converter takes
+    it from there (``is_open_clip_sdxl_refiner_model``) into text_encoder_2."""
+    comps, _, _ = build("sdxl")
+    folder = detect_folder({c: shapes(d) for c, d in comps.items()})
+    assert folder is not None
+    sf = folder.to_single_file({f"{c}.{k}": v for c, d in comps.items() for k, v in d.items()})
+    refiner = {k.replace("conditioner.embedders.1.model.", "conditioner.embedders.0.model."): v
+               for k, v in sf.items() if not k.startswith("conditioner.embedders.0.transformer.")}
+    fam = detect(shapes(refiner))
+    assert fam is not None and fam.name == "sdxl"
+    assert fam.prefixes["text_encoder_2"] == "conditioner.embedders.0.model." and "text_encoder" not in fam.prefixes
+    got = sfu.convert_open_clip_checkpoint(CLIPTextModel(CLIPTextConfig(hidden_size=16)), dict(refiner),
+                                           prefix="conditioner.embedders.0.model.")
+    for k, v in comps["text_encoder_2"].items():
+        loc = fam.parameters()[f"text_encoder_2.{k}"]
+        assert torch.equal(loc.take(refiner[loc.weight]), v) and torch.equal(got[k], v), k

@@ -1,5 +1,6 @@
 """SDXL: SGM UNet (LDM names plus ``label_emb``), CLIP ViT-L (``conditioner.embedders.0.transformer.``) and
-OpenCLIP bigG with projection (``conditioner.embedders.1.model.``)."""
+OpenCLIP bigG with projection (``conditioner.embedders.1.model.``; ``.0.model.`` in the refiner, which has no
+CLIP ViT-L)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ class SDXL(Family):
         return (unet(keys, layout, ("original", "diffusers")),
                 Component("text_encoder", ("conditioner.embedders.0.transformer.",), IDENTITY, "lora_te1",
                           required=False),
-                Component("text_encoder_2", ("conditioner.embedders.1.model.",), open_clip_rules(projection=True),
-                          "lora_te2", required=False),
+                # the refiner has only the OpenCLIP bigG, as embedder 0 (diffusers: text_encoder_2 alone)
+                Component("text_encoder_2", ("conditioner.embedders.1.model.", "conditioner.embedders.0.model."),
+                          open_clip_rules(projection=True), "lora_te2", required=False),
                 vae(keys, layout))
 
     @classmethod
