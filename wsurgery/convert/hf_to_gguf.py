@@ -8,12 +8,16 @@ interface the engine's one-file outputs use):
   the converter writes, in its order (general metadata through ``gguf.Metadata`` as the converter does,
   hyperparameters, the tokenizer: ``convert/gguf_vocab.py``), and each tensor's GGUF name, shape and
   type in the converter's tensor order (parts by file name, tensors by name within a part).
-* ``GgufConversion.convert`` turns one tensor in Hugging Face layout into its GGUF name and bytes
-  (Llama's Q/K rows interleaved, the ggml type chosen as the converter chooses it, encoded with the
-  ``gguf`` package's quantizers as the converter encodes it).
+* ``GgufConversion.convert`` turns one tensor in Hugging Face layout into its GGUF bytes (Llama's
+  Q/K rows interleaved, Gemma's norms + 1, the ggml type chosen as the converter chooses it, encoded
+  with the ``gguf`` package's quantizers as the converter encodes it).
 
-Families whose conversion is more than renames, the Q/K interleave and casts (rope_freqs computed
-from Llama 3's rope scaling, stacked experts, SentencePiece vocabularies...) are refused by name.
+Families: Llama/Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text). What the converter does beyond
+renames, reshapes and these changes (Llama 3's rope scaling computed into a ``rope_freqs`` tensor,
+stacked experts, vision towers, multimodal rope) is refused by name, before anything is written.
+
+The converter's hyperparameters come from ``AutoConfig(...).to_dict()``; without transformers at run
+time, config.json is read with the defaults transformers fills in for these families (``Family.defaults``).
 """
 
 from __future__ import annotations
@@ -89,7 +93,9 @@ _REFUSED = {
     "MixtralForCausalLM": "stacked experts",
     "Qwen2MoeForCausalLM": "stacked experts",
     "Qwen3MoeForCausalLM": "stacked experts",
-    "Gemma3ForConditionalGeneration": "a vision model and a SentencePiece vocabulary",
+    "Gemma3ForConditionalGeneration": "a vision tower (a separate mmproj file) next to the text model",
+    "Mistral3ForConditionalGeneration": "a vision tower (a separate mmproj file) next to the text model",
+    "LlavaForConditionalGeneration": "a vision tower (a separate mmproj file) next to the text model",
 }
 
 
@@ -160,6 +166,8 @@ def _family(config: dict, where: Path) -> Family:
     arches = config.get("architectures") or []
     text = config.get("text_config") or {}
     arch = (text.get("architectures") or arches or [None])[0]
+    if arches and arches[0] in _REFUSED:  # a multimodal model: refused by its own name
+        arch = arches[0]
     if arch in _REFUSED:
         raise UnsupportedError(f"{where}: {arch} is not converted to GGUF by wsurgery: its llama.cpp conversion "
                                f"involves {_REFUSED[arch]}; use llama.cpp's convert_hf_to_gguf.py")
