@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from .base import AdditivePatch, Shapes, Tensors, expect_shape, like
 from .layers import Layer
 from .lycoris_common import conv_op
@@ -25,15 +26,12 @@ class LycorisTuckerPatch(AdditivePatch):
 
     def check(self, shapes: Shapes) -> None:
         want = (int(self.up.shape[0]), int(self.down.shape[1]), *self.mid.shape[2:])
-        r = self.rank
-        if tuple(self.mid.shape[:2]) != (r, r) or self.up.shape[1] != r or self.up[0].numel() != r:
-            raise self._bad()
+        r, ones = self.rank, (1,) * (self.mid.dim() - 2)
+        if (tuple(self.mid.shape[:2]) != (r, r) or tuple(self.up.shape[1:]) != (r, *ones)
+                or tuple(self.down.shape[2:]) != ones):
+            raise InputError(f"{self.module}: lora_down {list(self.down.shape)}, lora_mid {list(self.mid.shape)} and "
+                             f"lora_up {list(self.up.shape)} do not form a rank-{r} Tucker LoCon")
         expect_shape(self.module, "the LoCon (Tucker) change", want, shapes["weight"])
-
-    def _bad(self) -> Exception:
-        from ..errors import InputError
-        return InputError(f"{self.module}: lora_down {list(self.down.shape)}, lora_mid {list(self.mid.shape)} and "
-                          f"lora_up {list(self.up.shape)} do not form a rank-{self.rank} Tucker LoCon")
 
     def delta(self) -> Tensors:
         u = self.up.to(torch.float32).reshape(self.up.shape[0], -1).T  # (r, out)
