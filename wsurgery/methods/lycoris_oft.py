@@ -5,8 +5,8 @@ the constraint. This is LyCORIS' math, not PEFT's OFT/BOFT (wsurgery.methods.oft
 R = (I + Q)(I − Q)⁻¹ per block, Q = B − Bᵀ, with Q scaled down to norm α·out when its (whole-tensor) norm
 exceeds that (α > 0). Diag-OFT: block k of W's rows becomes ``Mᵀ·W_k`` with M = mult·R + (1 − mult)·I.
 BOFT: m butterfly stages, stage i permutes rows in groups of 2^i·b/2, multiplies blocks by M_i, and undoes the
-permutation. Then W' = rescale ⊙ (…) (rescale not scaled by the multiplier). Unmerge solves each block
-(float64): approximate, the residual is reported.
+permutation. Then W' = rescale ⊙ (…) (rescale not scaled by the multiplier). Unmerge divides by rescale and
+solves each block's system in float64: exact up to rounding (the tests recover W to float32 precision).
 """
 
 from __future__ import annotations
