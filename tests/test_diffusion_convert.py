@@ -219,3 +219,88 @@ def test_resize_bad_options(tmp_path):
     with pytest.raises(InputError, match="one .safetensors file"):
         resize(src, tmp_path / "a", rank=4)
     assert not list(tmp_path.glob("a*"))
+
+
+# --- convert ----------------------------------------------------------------------------------------------------
+diffusers = pytest.importorskip("diffusers", reason="needs diffusers==0.42.1 (a test dependency)")
+
+
+def _sd1_unet_and_kohya(tmp_path: Path, algo: str = "lora"):
+    """A tiny SD 1.x single file, its diffusers UNet, and a kohya/LyCORIS file on the UNet (attention and conv)."""
+    pytest.importorskip("lycoris", reason="needs lycoris-lora==4.1.3 (a test dependency)")
+    from diffusers import UNet2DConditionModel
+    from test_diffusion_merge import _single_file, _unet_config
+    from test_families import build
+    from test_kohya_lycoris import _kohya_network
+
+    comps, _, _ = build("sd1")
+    _, ucfg = _unet_config()
+    unet = UNet2DConditionModel(**ucfg)
+    unet.load_state_dict(comps["unet"])
+    meta = {"ss_network_module": "networks.lora" if algo == "lora" else "lycoris.kohya",
+            "ss_network_dim": "4", "ss_network_alpha": "2.0", "ss_base_model_version": "sd_v1"}
+    if algo != "lora":
+        meta["ss_network_args"] = json.dumps({"algo": algo})
+    import copy
+
+    _, lora = _kohya_network(copy.deepcopy(unet), tmp_path, meta, algo=algo, conv_dim="2", conv_alpha="1")
+    return unet, comps, lora, _single_file("sd1", tmp_path, comps)
+
+
+def _diffusers_fused_unet(unet, lora: Path, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """diffusers' own loading of an adapter file into a copy of the UNet, fused (the oracle)."""
+    import copy
+
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    model = copy.deepcopy(unet)
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(lora))
+    StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, model, adapter_name="x")
+    model.fuse_lora(lora_scale=scale)
+    model.unload_lora()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-6) -> None:
+    err = float((got.double() - want.double()).abs().max())
+    assert err <= rel * float(want.double().abs().max()) + 1e-7, err
+
+
+def test_kohya_to_diffusers_sd1_equals_diffusers_loading(tmp_path, capsys):
+    """kohya LoRA (attention + 3x3 conv) -> diffusers file: diffusers fuses both files to the same UNet, and
+    wsurgery merges both to the same single file."""
+    from oracle import run_cli
+
+    from wsurgery.convert.diffusion import convert_adapter_file
+
+    unet, comps, lora, base = _sd1_unet_and_kohya(tmp_path)
+    out = tmp_path / "diffusers.safetensors"
+    result = convert_adapter_file(lora, out, to="diffusers", base=base)
+    assert result.modules and result.max_error < 1e-6
+    keys = load_file(str(out))
+    assert all(k.startswith("unet.") and ".lora_" in k for k in keys)
+    assert any("conv" in k for k in keys)
+    before = _diffusers_fused_unet(unet, lora, 0.8)
+    after = _diffusers_fused_unet(unet, out, 0.8)
+    changed = [k for k in before if not torch.equal(before[k], comps["unet"][k])]
+    assert len(changed) > 10
+    for k, want in before.items():
+        _close(after[k], want)
+    merged = {}
+    for name, adapter in (("a", lora), ("b", out)):
+        status, _, err = run_cli(["merge", base, f"{adapter}:0.8", tmp_path / f"{name}.safetensors", "-q"], capsys)
+        assert status == 0, err
+        merged[name] = load_file(str(tmp_path / f"{name}.safetensors"))
+    for k, want in merged["a"].items():
+        _close(merged["b"][k], want)
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sd_v1"
+    assert json.loads(meta["wsurgery"])["convert"] == {"from": "kohya", "to": "diffusers", "rank": None}
+    # and back: diffusers -> kohya gives kohya's names and the same fused UNet
+    back = tmp_path / "kohya.safetensors"
+    convert_adapter_file(out, back, to="kohya", base=base)
+    assert set(read_adapter_file(back).modules) == set(read_adapter_file(lora).modules)
+    again = _diffusers_fused_unet(unet, back, 0.8)
+    for k, want in before.items():
+        _close(again[k], want)

@@ -34,7 +34,8 @@ from ..model_card import provenance
 MIN_SV = 1e-6
 #: The (down, up) tensor name suffixes of a LoRA module in the formats read (kohya, PEFT, older diffusers).
 _DOWN_UP = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
-            (".lora.down.weight", ".lora.up.weight"), (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"))
+            (".lora.down.weight", ".lora.up.weight"),
+            (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"))
 _DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -161,7 +162,8 @@ def resize(adapter: str | Path, out: str | Path, *, rank: int | None = None, con
         written[up_key] = new_up.to(target).contiguous()
         written[f"{m.name}.alpha"] = torch.tensor(alpha).to(target)
     if not modules:
-        raise InputError(f"{adapter}: no plain LoRA module to resize (modules are {sorted(set(contents.algos.values()))})")
+        algos = sorted(set(contents.algos.values()))
+        raise InputError(f"{adapter}: no plain LoRA module to resize (its modules are {', '.join(algos)})")
     if save_dtype is not None:
         written = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in written.items()}
     old = max(m.old_rank for m in modules)

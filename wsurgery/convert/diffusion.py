@@ -1,0 +1,357 @@
+"""``wsurgery convert LORA OUT --to kohya|diffusers|peft --base BASE``: an image-model adapter file renamed into
+another ecosystem's convention, with the same change on every module of the base.
+
+Names come from the base's family (``wsurgery.families`` via ``adapters.locate``): kohya's flattened names
+(``lora_unet_…``, ``lora_te1_…``; SD3/Flux after the original modules, ``…_img_attn_qkv``) and diffusers' paths
+under the component (``unet.…``, ``transformer.…``, ``text_encoder.…``), the names diffusers' ``load_lora_weights``
+takes.
+
+- kohya -> diffusers: a LoRA on a fused original module (Flux ``img_attn.qkv``, ``linear1`` = [q; k; v; mlp])
+  becomes one LoRA per diffusers module, ``lora_B``'s rows split and ``lora_A`` shared, exactly as diffusers'
+  ``lora_conversion_utils`` does it. The scale ``α/r`` is folded into ``lora_B`` (diffusers loads a file without
+  ``.alpha`` at α = r).
+- diffusers -> kohya: where kohya names a fused original module, its diffusers parts are joined: ``lora_down`` the
+  parts' A concatenated, ``lora_up`` their B block-diagonal (a part the file does not change: zero rows) — the
+  same product, exactly. ``alpha`` keeps each module's scale.
+- diffusers file <-> PEFT folder (``--to peft``; one component per folder, PEFT's keys and ``adapter_config.json``).
+- LoHa, LoKr, Tucker LoCon and full ``diff`` modules (LyCORIS) have no diffusers or PEFT-LoRA form: they are
+  factored into LoRA at the change's own numerical rank (exact), or at ``rank`` (best rank, by SVD); a kohya target
+  holds them as they are. Base-dependent changes (DoRA, OFT, GLoRA, IA3, norms) are refused.
+
+Every module's written change is read back from the written file and measured against the source's:
+``‖ΔW' − ΔW‖_F / ‖ΔW‖_F`` per diffusers module (the report); nothing is written past a non-finite change.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapters.formats import AdapterFile, AdapterModule, read_adapter_file
+from ..adapters.formats.diffusers import Diffusers
+from ..adapters.formats.writer import diffusers_lora, kohya_lora, output_metadata, write_adapter_file
+from ..adapters.locate import checkpoint_family, locate, stored_name
+from ..checkpoint.formats import open_checkpoint
+from ..errors import InputError, UnsupportedError
+from ..families import Family
+from ..methods.lora import LoraPatch
+from ..model_card import provenance
+from .peft_writer import write_adapter
+from .target import ModuleDelta
+from .to_lora import spectrum
+
+TARGETS = ("kohya", "diffusers", "peft")
+#: At or below this relative error a module counts as converted exactly (float32 factors).
+EXACT_ERROR = 1e-5
+
+
+@dataclass
+class ModuleReport:
+    module: str  # the diffusers module (component-qualified)
+    rank: int  # the written rank
+    error: float  # ‖ΔW' − ΔW‖_F / ‖ΔW‖_F
+
+    @property
+    def exact(self) -> bool:
+        return self.error <= EXACT_ERROR
+
+
+@dataclass
+class DiffusionConversion:
+    out: Path
+    source: str  # the source's format: kohya, diffusers
+    target: str
+    modules: list[ModuleReport]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_error(self) -> float:
+        return max((m.error for m in self.modules), default=0.0)
+
+
+@dataclass
+class _Lora:
+    """One diffusers module's LoRA: ΔW = scale·B·A (A (r, in[, k, k]), B (out, r[, 1, 1]))."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    alpha: float | None  # as the source states it, where its scale is α/r
+
+
+def _family(base: str | Path | None, why: str) -> Family:
+    if base is None:
+        raise InputError(f"{why} needs --base BASE (a checkpoint of the model the adapter is for): the names "
+                         "differ per model family and only the base tells which")
+    family = checkpoint_family(open_checkpoint(base), str(base))
+    if family is None:
+        raise InputError(f"{base}: not a diffusion checkpoint of a known family (SD 1.x/2.x, SDXL, SD3, Flux); "
+                         "kohya and diffusers names are mapped through its family")
+    return family
+
+
+def _members(contents: AdapterFile, family: Family) -> dict[str, tuple[str, ...]]:
+    """Each module of the file -> the diffusers modules it changes, in row order (several: a fused original)."""
+    placed = locate(contents.modules, family, str(contents.path))
+    index = {(stored_name(family, loc, loc.weight), loc.slice): name for name, loc in family.modules().items()}
+    return {m: tuple(index[(s, loc.slice)] for s, loc in place) for m, place in placed.items()}
+
+
+def _shape(family: Family, members: tuple[str, ...]) -> tuple[int, ...]:
+    shapes = [family.modules()[c].shape for c in members]
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+def _rows(family: Family, members: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    out, offset = [], 0
+    for c in members:
+        size = family.modules()[c].shape[0]
+        out.append((c, offset, offset + size))
+        offset += size
+    return out
+
+
+def _plain_lora(m: AdapterModule) -> LoraPatch | None:
+    p = m.patch
+    if m.algo == "lora" and not m.dora and isinstance(p, LoraPatch) and p.bias is None:
+        return p
+    return None
+
+
+def _delta(m: AdapterModule, shape: tuple[int, ...], where: Path) -> torch.Tensor:
+    """The module's dense change (float64), or UnsupportedError for a change that depends on the base weight."""
+    if m.dora:
+        raise UnsupportedError(f"{where}: module {m.name} is DoRA, whose change depends on the base weight; convert "
+                               "it by merging instead (wsurgery merge)")
+    delta = m.patch.bind({"weight": shape}).delta()
+    if delta is None or set(delta) != {"weight"}:
+        raise UnsupportedError(f"{where}: module {m.name} is {m.algo}, whose change depends on the base weight (or "
+                               "changes more than the weight); no LoRA or kohya file holds it")
+    return delta["weight"].to(torch.float64).reshape(shape)
+
+
+def _factor(delta: torch.Tensor, name: str, rank: int | None, dtype: torch.dtype) -> _Lora:
+    """LoRA factors of a dense change: its own numerical rank (exact), or ``rank`` (best, by SVD)."""
+    shape = tuple(delta.shape)
+    matrix = delta.reshape(shape[0], -1)
+    spec = spectrum(ModuleDelta(name, "linear", (matrix.shape[0], matrix.shape[1]), matrix=matrix))
+    k = rank if rank is not None else max(spec.exact_rank(), 1)
+    k = min(k, *matrix.shape)
+    B, A = spec.factors(k)
+    if len(shape) > 2:
+        A = A.reshape(k, *shape[1:])
+        B = B.reshape(shape[0], k, *([1] * (len(shape) - 2)))
+    return _Lora(A.to(dtype).contiguous(), B.to(dtype).contiguous(), 1.0, None)
+
+
+def _split(m: AdapterModule, members: tuple[str, ...], family: Family, where: Path,
+           rank: int | None) -> dict[str, _Lora]:
+    """One source module as a LoRA per diffusers module it changes."""
+    lora = _plain_lora(m)
+    rows = _rows(family, members)
+    if lora is not None:
+        scale = float(lora.scaling)
+        alpha = m.alpha if m.alpha is not None and m.alpha / lora.rank == scale else None
+        if len(rows) == 1:
+            return {members[0]: _Lora(lora.A, lora.B, scale, alpha)}
+        return {c: _Lora(lora.A, lora.B[a:b], scale, alpha) for c, a, b in rows}
+    delta = _delta(m, _shape(family, members), where)
+    dtype = next(t for t in (getattr(m.patch, "A", None), *getattr(m.patch, "t", {}).values(), torch.zeros(()))
+                 if isinstance(t, torch.Tensor) and t.is_floating_point()).dtype
+    return {c: _factor(delta[a:b], c, rank, dtype) for c, a, b in rows}
+
+
+def _folded(lora: _Lora) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, s·B): the scale folded into B, in B's dtype."""
+    if lora.scale == 1.0:
+        return lora.A, lora.B
+    return lora.A, (lora.B.to(torch.float32) * lora.scale).to(lora.B.dtype)
+
+
+def _kohya_names(family: Family) -> tuple[dict[tuple[str, ...], str], dict[str, tuple[str, tuple[str, ...]]]]:
+    """(members -> kohya name, the first one kohya's loaders and sd-scripts use; diffusers module -> its fused
+    original's (kohya name, members) where kohya names the fused original)."""
+    by_members: dict[tuple[str, ...], str] = {}
+    fused: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for name, members in family.kohya_names().items():
+        by_members.setdefault(members, name)
+        if len(members) > 1:
+            for c in members:
+                fused.setdefault(c, (name, members))
+    return by_members, fused
+
+
+def _to_kohya(pieces: dict[str, _Lora], whole: dict[tuple[str, ...], AdapterModule], family: Family,
+              where: Path) -> dict[str, torch.Tensor]:
+    by_members, fused = _kohya_names(family)
+    out: dict[str, torch.Tensor] = {}
+    for members, m in whole.items():  # a source module that already is a kohya module: as it is
+        lora = _plain_lora(m)
+        assert lora is not None
+        out.update(kohya_lora(by_members[members], lora.A, lora.B, float(lora.scaling) * lora.rank))
+    groups: dict[str, tuple[tuple[str, ...], dict[str, _Lora]]] = {}
+    for c, lora in pieces.items():
+        name, members = fused.get(c) or (by_members.get((c,), ""), (c,))
+        if not name:
+            raise UnsupportedError(f"{where}: {c} has no kohya name (kohya trains no module of "
+                                   f"{c.split('.', 1)[0]}); it cannot be written as a kohya file")
+        groups.setdefault(name, (members, {}))[1][c] = lora
+    for name, (members, parts) in groups.items():
+        if len(members) == 1:
+            lora = parts[members[0]]
+            out.update(kohya_lora(name, lora.A, lora.B, lora.alpha if lora.alpha is not None
+                                  else lora.scale * lora.A.shape[0]))
+            continue
+        scales = {p.scale for p in parts.values()}
+        common = scales.pop() if len(scales) == 1 else 1.0
+        present = [c for c in members if c in parts]
+        A = torch.cat([parts[c].A for c in present])
+        dtype = A.dtype
+        rows = _rows(family, members)
+        B = torch.zeros(rows[-1][2], A.shape[0], dtype=dtype)
+        col = 0
+        for c, a, b in rows:
+            if c in parts:
+                p = parts[c]
+                r = p.A.shape[0]
+                B[a:b, col:col + r] = p.B if p.scale == common else (p.B.float() * (p.scale / common)).to(dtype)
+                col += r
+        out.update(kohya_lora(name, A, B, common * A.shape[0]))
+    return out
+
+
+def _to_peft_folder(pieces: dict[str, _Lora], where: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    components = sorted({c.split(".", 1)[0] for c in pieces})
+    if len(components) != 1:
+        raise UnsupportedError(f"{where}: changes {', '.join(components)}; a PEFT adapter folder adapts one model: "
+                               "convert to diffusers (one file for the pipeline) instead")
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for c, lora in pieces.items():
+        inner = c.split(".", 1)[1]
+        A, B = _folded(lora)
+        tensors[f"base_model.model.{inner}.lora_A.weight"] = A
+        tensors[f"base_model.model.{inner}.lora_B.weight"] = B
+        ranks[inner] = int(A.shape[0])
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {k: v for k, v in ranks.items() if v != r}
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+              "target_modules": sorted(ranks), "bias": "none", "lora_dropout": 0.0, "use_dora": False,
+              "use_rslora": False, "base_model_name_or_path": None, "init_lora_weights": True}
+    return config, tensors
+
+
+def _canonical_deltas(contents: AdapterFile, members: dict[str, tuple[str, ...]], family: Family
+                      ) -> dict[str, tuple[str, int, int]]:
+    """diffusers module -> (the file's module, rows of its change) for the modules a file changes."""
+    out: dict[str, tuple[str, int, int]] = {}
+    for m, cs in members.items():
+        for c, a, b in _rows(family, cs):
+            if c in out:
+                raise InputError(f"{contents.path}: modules {out[c][0]} and {m} both change {c}")
+            out[c] = (m, a, b)
+    return out
+
+
+def _measure(source: AdapterFile, written: AdapterFile, family: Family) -> list[ModuleReport]:
+    """Per diffusers module, the written change against the source's (float64, read back from the file)."""
+    src_members, out_members = _members(source, family), _members(written, family)
+    src, out = _canonical_deltas(source, src_members, family), _canonical_deltas(written, out_members, family)
+    if set(src) != set(out):
+        missing = sorted(set(src) ^ set(out))
+        raise InputError(f"{written.path}: the written file changes other modules than the source ({missing[:3]})")
+    cache: dict[str, torch.Tensor] = {}
+
+    def delta(contents: AdapterFile, members: dict[str, tuple[str, ...]], name: str) -> torch.Tensor:
+        key = f"{id(contents)}:{name}"
+        if key not in cache:
+            if len(cache) > 4:
+                cache.clear()
+            cache[key] = _delta(contents.modules[name], _shape(family, members[name]), contents.path)
+        return cache[key]
+
+    reports = []
+    for c in sorted(src):
+        m, a, b = src[c]
+        d0 = delta(source, src_members, m)[a:b]
+        w, a2, b2 = out[c]
+        d1 = delta(written, out_members, w)[a2:b2]
+        if not torch.isfinite(d1).all():
+            raise InputError(f"{written.path}: the written change of {c} is not finite; nothing written")
+        norm = float(torch.linalg.vector_norm(d0))
+        err = float(torch.linalg.vector_norm(d1 - d0)) / norm if norm else float(torch.linalg.vector_norm(d1) > 0)
+        rank = written.modules[w].rank or 0
+        reports.append(ModuleReport(c, rank, err))
+    return reports
+
+
+def convert_adapter_file(adapter: str | Path, out: str | Path, *, to: str, base: str | Path | None = None,
+                         rank: int | None = None, overwrite: bool = False,
+                         command: str | None = None) -> DiffusionConversion:
+    """Convert a kohya / LyCORIS / diffusers-style adapter file (see the module docstring)."""
+    adapter, out = Path(adapter), Path(out)
+    if to not in TARGETS:
+        raise InputError(f"--to {to}: one of {', '.join(TARGETS)}")
+    if rank is not None and rank < 1:
+        raise InputError(f"--rank {rank}: a rank is at least 1")
+    if to != "peft" and out.suffix != ".safetensors":
+        raise InputError(f"{out}: a {to} adapter is one .safetensors file; name it so")
+    contents = read_adapter_file(adapter)
+    if to == contents.format:
+        raise InputError(f"{adapter}: is already a {to} adapter file")
+    family = _family(base, f"converting a {contents.format} file to {to}")
+    members = _members(contents, family)
+    by_members, _ = _kohya_names(family)
+    pieces: dict[str, _Lora] = {}
+    whole: dict[tuple[str, ...], AdapterModule] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    notes: list[str] = []
+    for name, m in contents.modules.items():
+        cs = members[name]
+        if to == "kohya" and len(cs) > 1 and cs in by_members and _plain_lora(m) is not None:
+            whole[cs] = m
+            continue
+        if to == "kohya" and _plain_lora(m) is None:
+            raise UnsupportedError(f"{adapter}: module {name} is {m.algo}{' (DoRA)' if m.dora else ''}; only LoRA "
+                                   "modules are converted to kohya names from a diffusers file")
+        for c, lora in _split(m, cs, family, adapter, rank).items():
+            if c in pieces:
+                raise InputError(f"{adapter}: two of its modules change {c}; which one is meant cannot be told")
+            pieces[c] = lora
+        if _plain_lora(m) is None:
+            notes.append(f"{name}: {m.algo} factored into LoRA")
+    record = provenance("convert", command, base=str(base), adapters=[(str(adapter), 1.0)])
+    record["convert"] = {"from": contents.format, "to": to, "rank": rank}
+    drop = {"lora_adapter_metadata": None}  # its alphas are keyed by the source's names and scales
+    if to == "diffusers":
+        for c, lora in pieces.items():
+            A, B = _folded(lora)
+            tensors.update(diffusers_lora(c, A, B, None))
+    elif to == "kohya":
+        tensors = _to_kohya(pieces, whole, family, adapter)
+    reports: list[ModuleReport] = []
+
+    def check(path: Path) -> None:
+        written = read_adapter_file(path) if to != "peft" else _peft_as_file(path, next(iter(pieces)).split(".")[0])
+        reports.extend(_measure(contents, written, family))
+
+    if to == "peft":
+        config, peft_tensors = _to_peft_folder(pieces, adapter)
+        write_adapter(out, config, peft_tensors, overwrite=overwrite, inputs=[adapter], record=record,
+                      check=check)
+    else:
+        write_adapter_file(out, tensors, output_metadata(contents.metadata, record, drop), overwrite=overwrite,
+                           inputs=[adapter], check=check)
+    return DiffusionConversion(out, contents.format, to, reports, notes)
+
+
+def _peft_as_file(folder: Path, component: str) -> AdapterFile:
+    """A written PEFT LoRA folder read back as a diffusers-style file: its keys under ``component``."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    renamed = {f"{component}.{k.removeprefix('base_model.model.')}": v for k, v in tensors.items()}
+    return Diffusers().read(folder, renamed, {})
