@@ -470,17 +470,23 @@ SDXL_UNET = dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 6
                  projection_class_embeddings_input_dim=2816)
 
 
-@pytest.mark.parametrize("name", ["sdxl", "flux"])
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.x's otherwise
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl", "sd3", "flux"])
 def test_real_size_denoisers(name):
-    """SDXL's UNet and Flux.1-dev's transformer at their real sizes: diffusers' unpatched converters read our
-    single-file names and shapes back to the diffusers ones, and detection takes well under a second."""
+    """SD 1.5's and SDXL's UNets, SD3-medium's and Flux.1-dev's transformers at their real sizes: diffusers'
+    unpatched converters read our single-file names and shapes back to the diffusers ones, and detection takes
+    well under a second."""
     import time
     with torch.device("meta"):
-        if name == "sdxl":
-            model: torch.nn.Module = UNet2DConditionModel(**SDXL_UNET)
+        if name in ("sd1", "sdxl"):
+            model: torch.nn.Module = UNet2DConditionModel(**(SDXL_UNET if name == "sdxl" else SD15_UNET))
+        elif name == "sd3":
+            model = SD3Transformer2DModel()
         else:
             model = FluxTransformer2DModel(guidance_embeds=True)
-    comp = "unet" if name == "sdxl" else "transformer"
+    comp = "unet" if name in ("sd1", "sdxl") else "transformer"
     state = model.state_dict()
     folder = detect_folder({comp: shapes(state)})
     assert folder is not None and folder.name == name
@@ -489,8 +495,10 @@ def test_real_size_denoisers(name):
     fam = detect(shapes(sf))
     elapsed = time.perf_counter() - start
     assert fam is not None and fam.name == name and elapsed < 2.0
-    if name == "sdxl":
-        back = sfu.convert_ldm_unet_checkpoint(dict(sf), SDXL_UNET)
+    if name in ("sd1", "sdxl"):
+        back = sfu.convert_ldm_unet_checkpoint(dict(sf), SDXL_UNET if name == "sdxl" else {"layers_per_block": 2})
+    elif name == "sd3":
+        back = sfu.convert_sd3_transformer_checkpoint_to_diffusers(dict(sf))
     else:
         back = sfu.convert_flux_transformer_checkpoint_to_diffusers(dict(sf))
     assert shapes(back) == shapes(state)
