@@ -354,8 +354,7 @@ def test_kohya_lora_matches_diffusers_fuse(tiny_unet, tmp_path):
 def test_diffusers_peft_file_matches_fuse(dora, tiny_unet, tmp_path):
     """A diffusers-format file (save_lora_weights: ``unet.<path>.lora_A/B.weight``, with DoRA
     ``lora_magnitude_vector``, and lora_adapter_metadata with lora_alpha ≠ r and an alpha_pattern), read and merged,
-    equals diffusers' fuse_lora. DoRA at lora_scale 1 only: diffusers scales ΔW inside DoRA's norm, while
-    wsurgery's PEFT DoraPatch interpolates for --scale (see the H18b report)."""
+    equals diffusers' fuse_lora at lora_scale 0.5 (for DoRA: ΔW scaled inside the norm)."""
     import copy
 
     from diffusers import StableDiffusionPipeline
@@ -366,7 +365,7 @@ def test_diffusers_peft_file_matches_fuse(dora, tiny_unet, tmp_path):
     base = {k: v.clone() for k, v in unet.state_dict().items()}
     config = LoraConfig(r=4, lora_alpha=8, alpha_pattern={"to_k": 2}, use_dora=dora,
                         target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"])
-    scale = 1.0 if dora else 0.5
+    scale = 0.5
     unet.add_adapter(config)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():

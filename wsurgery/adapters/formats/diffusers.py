@@ -7,7 +7,8 @@ ai-toolkit).
 
 The scale is α/r where α is the module's ``.alpha`` tensor if saved; else the ``lora_adapter_metadata`` that
 diffusers' ``save_lora_weights`` writes (``<component>.lora_alpha``, ``alpha_pattern``, ``use_rslora``); else
-α = r (scale 1), which is what diffusers loads such a file with. DoRA (``lora_magnitude_vector``) is PEFT's.
+α = r (scale 1), which is what diffusers loads such a file with. DoRA (``lora_magnitude_vector``) is PEFT's, with
+the multiplier inside the norm as diffusers' ``fuse_lora(lora_scale)`` applies it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 
 import torch
 
-from ...errors import InputError, UnsupportedError
+from ...errors import InputError, NotInvertibleError, UnsupportedError
+from ...methods.base import Tensors
 from ...methods.lora import DoraPatch, LoraPatch
 from ..config import match_pattern
 from .base import AdapterFile, AdapterFormat, AdapterModule, describe_keys, register_format, scalar
@@ -75,6 +77,20 @@ def _alpha(path: Path, name: str, rank: int, saved: torch.Tensor | None,
     return alpha, alpha / math.sqrt(rank) if rs else alpha / rank
 
 
+class FusedDoraPatch(DoraPatch):
+    """PEFT's DoRA with the multiplier as diffusers applies it: ``fuse_lora(lora_scale=s)`` scales the layer
+    (``scale_layer``) before merging, so ΔW is scaled inside the norm, W' = m/‖W + s·ΔW‖·(W + s·ΔW), where
+    ``DoraPatch.merge`` interpolates between W and the merge at 1."""
+
+    def merge(self, tensors: Tensors, scale: float) -> Tensors:
+        V = tensors["weight"].add_(self.lora.weight_delta(), alpha=scale)
+        factor = self.magnitude.to(V.dtype).flatten() / torch.linalg.norm(V.flatten(1), dim=1)
+        return {**tensors, "weight": V.mul_(factor.view(-1, *[1] * (V.dim() - 1)))}
+
+    def unmerge(self, tensors: Tensors, scale: float) -> Tensors:
+        raise NotInvertibleError(f"{self.module}: {self.why_not_invertible()}")
+
+
 @register_format
 class Diffusers(AdapterFormat):
     name = "diffusers"
@@ -111,6 +127,6 @@ class Diffusers(AdapterFormat):
             bias = parts["bias"][1] if "bias" in parts else None
             lora = LoraPatch(name, "conv" if A.dim() > 2 else "linear", A, B, float(rank) if alpha is None else alpha,
                              scale, bias)
-            patch = DoraPatch(lora, parts["magnitude"][1]) if "magnitude" in parts else lora
+            patch = FusedDoraPatch(lora, parts["magnitude"][1]) if "magnitude" in parts else lora
             modules[name] = AdapterModule(name, "lora", patch, rank, alpha, keys, dora="magnitude" in parts)
         return AdapterFile(path, self.name, modules, metadata)
