@@ -521,11 +521,3 @@ def _split_components(cls: type[Family], sf: Mapping[str, Shape], where: str,
             claimed_by[prefix + k] = c.name
     return out
 
-
-def component_keys(sf: Mapping[str, Shape], prefixes: Sequence[str]) -> dict[str, Shape]:
-    """The keys of a single file under the first of ``prefixes`` present, prefix removed."""
-    for p in prefixes:
-        found = {k[len(p):]: s for k, s in sf.items() if k.startswith(p)}
-        if found:
-            return found
-    return {}

@@ -145,17 +145,10 @@ def open_clip_rules(projection: bool) -> tuple[Rule, ...]:
 
 
 def open_clip_last_layer(keys: Mapping[str, Shape]) -> tuple[str, ...]:
-    """SD 2.x conditions on the penultimate OpenCLIP layer: its last resblock (and the projection) are stored
-    but are not part of the diffusers text encoder (diffusers' ``SD_2_TEXT_ENCODER_KEYS_TO_IGNORE``)."""
-    layers = _indices(keys, r"transformer\.resblocks\.(\d+)\.")
-    if not layers:
-        return ()
-    last = f"transformer.resblocks.{max(layers)}."
-    return tuple(k for k in keys if k.startswith(last)) + ("text_projection",)
-
-
-def clip_is_open_clip(keys: Mapping[str, Shape]) -> bool:
-    return any(k.startswith("transformer.resblocks.") for k in keys)
+    """SD 2.x conditions on the penultimate layer of OpenCLIP ViT-H: its 24th resblock (index 23) and the
+    projection are stored but are not part of the diffusers text encoder (23 layers). As diffusers'
+    ``SD_2_TEXT_ENCODER_KEYS_TO_IGNORE``: by index, so a text tower stored without it keeps all its layers."""
+    return tuple(k for k in keys if k.startswith("transformer.resblocks.23.")) + ("text_projection",)
 
 
 def unet_kind(keys: Mapping[str, Shape], prefix: str, diffusers: bool) -> str | None:
