@@ -190,6 +190,25 @@ def qwen2_dir(llama_cpp_src, tmp_path_factory) -> Path:
     return _save(model, _tokenizer(llama_cpp_src, "qwen2"), tmp_path_factory.mktemp("hf") / "qwen2-tiny")
 
 
+@pytest.fixture(scope="module")
+def qwen3_dir(qwen2_dir, tmp_path_factory) -> Path:
+    """A tiny Qwen3 (Q/K norms, explicit head_dim) with Qwen2's tokenizer, as Qwen3 ships it."""
+    import shutil
+
+    import transformers
+
+    torch.manual_seed(2)
+    cfg = transformers.Qwen3Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, eos_token_id=151643,
+                                   tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("hf") / "qwen3-tiny"
+    transformers.Qwen3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
+    for f in qwen2_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
 def _reference(src: Path, folder: Path, out: Path, outtype: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(folder), "--outfile", str(out),
                            "--outtype", outtype], capture_output=True, text=True, timeout=600)
@@ -219,17 +238,18 @@ def test_llama_f16_is_byte_identical_to_convert_hf_to_gguf(fetched_llama_cpp_src
     _same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
 
 
-@pytest.mark.parametrize("family, outtype", [("llama", "bf16"), ("qwen2", "f32"), ("qwen2", "q8_0")])
-def test_other_families_and_types_are_byte_identical(llama_cpp_src, llama_dir, qwen2_dir, tmp_path, family,
-                                                     outtype):
-    folder = llama_dir if family == "llama" else qwen2_dir
+@pytest.mark.parametrize("family, outtype", [("llama", "bf16"), ("qwen2", "f32"), ("qwen2", "q8_0"),
+                                             ("qwen3", "f16")])
+def test_other_families_and_types_are_byte_identical(llama_cpp_src, llama_dir, qwen2_dir, qwen3_dir, tmp_path,
+                                                     family, outtype):
+    folder = {"llama": llama_dir, "qwen2": qwen2_dir, "qwen3": qwen3_dir}[family]
     done = _reference(llama_cpp_src, folder, tmp_path / "theirs.gguf", outtype)
     assert done.returncode == 0, done.stderr[-2000:]
     hf_to_gguf(folder, tmp_path / "ours.gguf", outtype, progress=False, workers=2)
     _same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
 
 
-def _sentencepiece_folder(folder: Path, architecture: str = "llama") -> Path:
+def _sentencepiece_folder(folder: Path, architecture: str = "llama", hidden: int = 64) -> Path:
     """A tiny model with a SentencePiece tokenizer trained here (byte fallback, a user-defined and a control
     piece), and added tokens in both places the converter reads them (added_tokens.json, and
     tokenizer_config.json's added_tokens_decoder) past the SentencePiece vocabulary."""
@@ -247,8 +267,8 @@ def _sentencepiece_folder(folder: Path, architecture: str = "llama") -> Path:
         model_writer=model_file, vocab_size=320, hard_vocab_limit=False, model_type="bpe", byte_fallback=True,
         user_defined_symbols=["<tool>"], control_symbols=["<ctl>"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
     torch.manual_seed(0)
-    common = dict(vocab_size=336, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    common = dict(vocab_size=336, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
     if architecture == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     else:
@@ -282,6 +302,23 @@ def test_sentencepiece_models_are_byte_identical(llama_cpp_src, tmp_path, archit
     assert done.returncode == 0, done.stderr[-2000:]
     hf_to_gguf(folder, tmp_path / "ours.gguf", "f16", progress=False)
     _same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
+
+
+def test_a_llama_quantize_mix_in_one_pass(llama_cpp_src, tmp_path):
+    """HF -> Q4_K_M in one pass is the converter's f16 file requantized as llama-quantize does
+    (``quantize_gguf``, whose types and bytes tests/test_gguf_mixes.py and the K-quant tests check against
+    llama.cpp): rows of 256 and 512 values, so that Q4_K, Q6_K and the promoted layers all occur."""
+    import wsurgery.api
+
+    folder = _sentencepiece_folder(tmp_path / "tiny-llama", hidden=256)
+    done = _reference(llama_cpp_src, folder, tmp_path / "theirs-f16.gguf", "f16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    wsurgery.api.quantize_gguf(tmp_path / "theirs-f16.gguf", tmp_path / "theirs-q4_k_m.gguf", "q4_k_m",
+                               progress=False)
+    hf_to_gguf(folder, tmp_path / "ours.gguf", "q4_k_m", progress=False)
+    types = {t.tensor_type for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors}
+    assert {gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K} <= types
+    _same_file(tmp_path / "ours.gguf", tmp_path / "theirs-q4_k_m.gguf")
 
 
 def test_pre_tokenizer_hashes_and_text_are_the_converters(fetched_llama_cpp_src):

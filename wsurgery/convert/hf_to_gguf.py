@@ -16,6 +16,11 @@ Families: Llama/Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text). What the 
 renames, reshapes and these changes (Llama 3's rope scaling computed into a ``rope_freqs`` tensor,
 stacked experts, vision towers, multimodal rope) is refused by name, before anything is written.
 
+A llama-quantize mix (``q4_k_m``, ``q5_k_m``, ``q6_k``...) is the converter's f16 file requantized as
+llama-quantize does, in the same pass: the types ``quant/gguf_mixes.py`` chooses, each weight rounded to
+f16 first (the values that file holds), then quantized with ggml's reference quantizers
+(``quant/ggml_types``); ``general.file_type`` is the mix's. The file keeps the converter's tensor order.
+
 The converter's hyperparameters come from ``AutoConfig(...).to_dict()``; without transformers at run
 time, config.json is read with the defaults transformers fills in for these families (``Family.defaults``).
 """
@@ -109,6 +114,7 @@ class GgufTarget:
     heads: int | None = None  # rows interleaved per head (Llama Q/K)
     shift: float = 0.0  # added to the values (Gemma's norms: llama.cpp multiplies by the weight, not 1 + it)
     rows: int | None = None  # rows kept (Gemma 3's embedding: those of the vocabulary)
+    via: GgmlType | None = None  # a mix: the type of the converter's file that llama-quantize starts from
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,10 @@ class GgufConversion:
         if t.shift:
             tensor = tensor + t.shift
         data = tensor.contiguous().numpy()
+        if t.via is not None:  # llama-quantize: ggml's reference quantizer over the converter's values
+            from ..quant import ggml_types
+
+            return ggml_types.quantize(gguf.quants.dequantize(gguf.quants.quantize(data, t.via), t.via), t.type)
         try:
             return gguf.quants.quantize(data, t.type)
         except gguf.QuantError as e:
@@ -358,10 +368,8 @@ def plan_conversion(ckpt: Any, outtype: str = "f16",
 
     ``shapes`` are the output tensors' shapes where a job changes them (default: the checkpoint's)."""
     folder = Path(ckpt.folder)
-    if outtype not in OUT_TYPES:
-        raise InputError(f"unknown --gguf-type {outtype!r} for a Hugging Face model; choose one of "
-                         f"{', '.join(OUT_TYPES)}")
-    ftype = OUT_TYPES[outtype]
+    mix = None if outtype in OUT_TYPES else _mix_name(outtype)
+    ftype = OUT_TYPES["f16" if mix else outtype]  # a mix: the f16 file llama-quantize would start from
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise InputError(f"{folder}: no config.json; converting to GGUF needs the model's config and tokenizer")
@@ -377,7 +385,7 @@ def plan_conversion(ckpt: Any, outtype: str = "f16",
     n_head, n_kv = h["num_attention_heads"], h["num_key_value_heads"]
     w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[family.arch])
     conv = GgufConversion(folder, w)
-    for name in _ordered(ckpt.tensors):
+    for name in _ordered(ckpt.tensors):  # the converter's targets first, then (a mix) llama-quantize's types
         if name.endswith(_DROPPED) or (family.kind in ("gemma", "gemma2") and name == "lm_head.weight"):
             continue
         info = ckpt.tensors[name]
@@ -395,17 +403,23 @@ def plan_conversion(ckpt: Any, outtype: str = "f16",
             heads = n_head
         elif family.kind == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             heads = n_kv
-        t = _tensor_type(gguf_name, shape, ftype, type_for)
+        kind = _tensor_type(gguf_name, shape, ftype, type_for)
         shift = 1.0 if family.kind.startswith("gemma") and name.endswith("norm.weight") else 0.0
-        conv.targets[name] = GgufTarget(gguf_name, shape, t, heads, shift, rows)
-        np_dtype = {GgmlType.F32: np.float32, GgmlType.F16: np.float16}.get(t, np.uint8)
-        w.add_tensor_info(gguf_name, shape if np_dtype is not np.uint8 else gguf.quant_shape_to_byte_shape(shape, t),
-                          np.dtype(np_dtype), _nbytes(shape, t), raw_dtype=t)
+        conv.targets[name] = GgufTarget(gguf_name, shape, kind, heads, shift, rows)
+    file_type = ftype
+    if mix is not None:
+        file_type = _apply_mix(conv, mix, gguf.MODEL_ARCH_NAMES[family.arch], n_blocks, n_head, n_kv)
+    for target in conv.targets.values():
+        np_dtype = {GgmlType.F32: np.float32, GgmlType.F16: np.float16}.get(target.type, np.uint8)
+        stored = target.shape if np_dtype is not np.uint8 else gguf.quant_shape_to_byte_shape(target.shape,
+                                                                                             target.type)
+        w.add_tensor_info(target.name, stored, np.dtype(np_dtype), _nbytes(target.shape, target.type),
+                          raw_dtype=target.type)
     _add_metadata(w, folder, ftype)
     if family.kind in ("gemma", "gemma2"):
-        _add_gemma_parameters(w, h, family, ftype)
+        _add_gemma_parameters(w, h, family, file_type)
     else:
-        _add_parameters(w, h, family, ftype, folder)
+        _add_parameters(w, h, family, file_type, folder)
     if family.kind == "gemma3":
         _add_gemma3_parameters(w, h)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -428,6 +442,33 @@ def plan_conversion(ckpt: Any, outtype: str = "f16",
     if family.kind == "llama" and h.get("vocab_size") == 49152:  # the converter's rule for small Granite models
         w.add_add_bos_token(False)
     return conv
+
+
+def _mix_name(outtype: str) -> str:
+    from ..quant.gguf_mixes import FILE_TYPES
+
+    name = outtype.strip().lower()
+    if name not in FILE_TYPES:
+        raise InputError(f"unknown --gguf-type {outtype!r} for a Hugging Face model; choose one of "
+                         f"{', '.join(OUT_TYPES)} (the converter's) or a llama-quantize mix: "
+                         f"{', '.join(n for n in FILE_TYPES if n not in OUT_TYPES)}")
+    return name
+
+
+def _apply_mix(conv: GgufConversion, mix: str, arch: str, n_layer: int, n_head: int,
+               n_kv: int) -> gguf.LlamaFileType:
+    """llama-quantize's types for ``mix`` over the converter's f16 file (``quant/gguf_mixes.py``): each weight
+    it quantizes is rounded to f16 first, as that file holds it; returns the file type it records."""
+    from dataclasses import replace
+
+    from ..quant.gguf_mixes import MixModel, mix_types
+
+    types, file_type = mix_types(MixModel(arch, n_layer, n_head, n_kv),
+                                 [(t.name, t.shape) for t in conv.targets.values()], mix)
+    for hf_name, t in conv.targets.items():
+        if t.name in types and types[t.name] != t.type:
+            conv.targets[hf_name] = replace(t, type=types[t.name], via=t.type)
+    return file_type
 
 
 def _add_metadata(w: gguf.GGUFWriter, folder: Path, ftype: gguf.LlamaFileType) -> None:
@@ -509,7 +550,8 @@ def hf_to_gguf(ckpt_folder: str | Path, out: str | Path, outtype: str = "f16",
                type_for: Callable[[str, tuple[int, ...]], GgmlType | None] | None = None, *,
                overwrite: bool = False, progress: bool = True, workers: int | None = None) -> Path:
     """Convert a Hugging Face model folder to ``out`` (a .gguf file) as ``convert_hf_to_gguf.py --outtype
-    OUTTYPE`` does; ``type_for(gguf_name, shape)`` may choose other ggml types for weights."""
+    OUTTYPE`` does (f32, f16, bf16, q8_0), or then ``llama-quantize`` for a mix (q4_k_m...);
+    ``type_for(gguf_name, shape)`` may choose other ggml types for weights."""
     from tqdm import tqdm
 
     from ..checkpoint import open_checkpoint
