@@ -42,14 +42,18 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         diff = scale * lf + mn - x
         return seqsum(w * (np.abs(diff) if use_mad else diff * diff))
 
+    def quants(iscale: np.ndarray, mn: np.ndarray) -> np.ndarray:
+        return clamp(nearest_int(iscale * (x - mn)), 0, nmax)
+
+    # The levels of the best step so far are recomputed once at the end from that step's (iscale, min):
+    # the same operations give the same levels, and no step pays for keeping them.
     iscale = F32(nmax) / (hi - lo)
     scale = F32(1) / iscale
-    levels = clamp(nearest_int(iscale * (x - lo)), 0, nmax)
-    best = error(scale, levels.astype(F32), lo)
+    best_iscale, best_lo = iscale, lo
+    best = error(scale, quants(iscale, lo).astype(F32), lo)
     for step in range(nstep + 1):
         iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (hi - lo)
-        aux = clamp(nearest_int(iscale * (x - lo)), 0, nmax)
-        lf = aux.astype(F32)
+        lf = quants(iscale, lo).astype(F32)
         wl = w * lf
         sum_l, sum_l2, sum_xl = seqsum(wl), seqsum(wl * lf), seqsum(wl * x)
         det = sum_w * sum_l2 - sum_l * sum_l
@@ -60,10 +64,11 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
         this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
         cur = error(this_scale, lf, this_min)
         better = (det > 0) & (cur < best)
-        levels = np.where(better, aux, levels)
+        best_iscale, best_lo = np.where(better, iscale, best_iscale), np.where(better, lo, best_lo)
         best = np.where(better, cur, best)
         scale = np.where(better, this_scale, scale)
         lo = np.where(better, this_min, lo)
+    levels = quants(best_iscale, best_lo)
     return np.where(flat, F32(0), scale), np.where(flat, flat_min, -lo), np.where(flat, 0, levels)
 
 
