@@ -304,3 +304,73 @@ def test_kohya_to_diffusers_sd1_equals_diffusers_loading(tmp_path, capsys):
     again = _diffusers_fused_unet(unet, back, 0.8)
     for k, want in before.items():
         _close(again[k], want)
+
+
+def _tiny_flux_kohya_converter():
+    """diffusers' kohya Flux LoRA converter hard-codes Flux.1's widths for ``linear1`` ([3072]*3 + [12288]); run
+    its own code with the tiny model's widths instead (the only change)."""
+    import inspect
+
+    from diffusers.loaders import lora_conversion_utils as lcu
+
+    src = inspect.getsource(lcu._convert_kohya_flux_lora_to_diffusers)
+    assert src.count("dims=[3072, 3072, 3072, 12288]") == 1
+    ns = dict(vars(lcu))
+    exec(src.replace("dims=[3072, 3072, 3072, 12288]", "dims=[16, 16, 16, 64]"), ns)
+    return ns["_convert_kohya_flux_lora_to_diffusers"]
+
+
+def test_flux_diffusers_to_kohya_fused_names_equals_diffusers_loading(tmp_path, monkeypatch, capsys):
+    """A diffusers Flux LoRA on q, k, v, the single blocks' MLP and (only) add_q_proj -> kohya: sd-scripts' fused
+    names (``img_attn_qkv``, ``txt_attn_qkv`` with zero rows for k/v, ``linear1``); diffusers' kohya Flux loader
+    gives the same fused transformer as the original file, and back to diffusers is exact too."""
+    from diffusers import FluxPipeline
+    from diffusers.loaders import lora_pipeline
+    from oracle import run_cli
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from test_diffusion_merge import _flux, _single_file
+
+    from wsurgery.convert.diffusion import convert_adapter_file
+
+    model, comps = _flux()
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "proj_mlp", "add_q_proj"])
+    model.add_adapter(config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_A" in n or "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(model),
+                                   transformer_lora_adapter_metadata=config.to_dict())
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    model.fuse_lora(lora_scale=1.0)
+    want = {k.replace(".base_layer", ""): v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    base = _single_file("flux", tmp_path, comps)
+    out = tmp_path / "kohya.safetensors"
+    result = convert_adapter_file(lora, out, to="kohya", base=base)
+    assert result.max_error < 1e-6
+    names = set(read_adapter_file(out).modules)
+    assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
+            "lora_unet_single_blocks_0_linear1", "lora_unet_single_blocks_1_linear1"} <= names
+    monkeypatch.setattr(lora_pipeline, "_convert_kohya_flux_lora_to_diffusers", _tiny_flux_kohya_converter())
+    state = FluxPipeline.lora_state_dict(str(out))
+    fresh, _ = _flux()
+    fresh.load_lora_adapter(state, prefix="transformer", adapter_name="k")
+    fresh.fuse_lora(lora_scale=1.0)
+    got = {k.replace(".base_layer", ""): v for k, v in fresh.state_dict().items() if "lora_" not in k}
+    changed = [k for k in want if not torch.equal(want[k], comps["transformer"][k])]
+    assert any("transformer_blocks.0.attn.add_q_proj" in k for k in changed)
+    for k, w in want.items():
+        _close(got[k], w)
+    # back to diffusers names: the same change, and wsurgery merges all three files alike
+    back = tmp_path / "back.safetensors"
+    assert convert_adapter_file(out, back, to="diffusers", base=base).max_error < 1e-6
+    merged = {}
+    for name, adapter in (("a", lora), ("b", out), ("c", back)):
+        status, _, err = run_cli(["merge", base, adapter, tmp_path / f"m{name}.safetensors", "-q"], capsys)
+        assert status == 0, err
+        merged[name] = load_file(str(tmp_path / f"m{name}.safetensors"))
+    for k, w in merged["a"].items():
+        _close(merged["b"][k], w)
+        _close(merged["c"][k], w)

@@ -9,7 +9,8 @@ takes.
 - kohya -> diffusers: a LoRA on a fused original module (Flux ``img_attn.qkv``, ``linear1`` = [q; k; v; mlp])
   becomes one LoRA per diffusers module, ``lora_B``'s rows split and ``lora_A`` shared, exactly as diffusers'
   ``lora_conversion_utils`` does it. The scale ``α/r`` is folded into ``lora_B`` (diffusers loads a file without
-  ``.alpha`` at α = r).
+  ``.alpha`` at α = r). A kohya module that is block-diagonal (written so from separate parts, as below) gives each
+  part only its own rank, and a part with zero rows is not written.
 - diffusers -> kohya: where kohya names a fused original module, its diffusers parts are joined: ``lora_down`` the
   parts' A concatenated, ``lora_up`` their B block-diagonal (a part the file does not change: zero rows) — the
   same product, exactly. ``alpha`` keeps each module's scale.
@@ -157,7 +158,13 @@ def _split(m: AdapterModule, members: tuple[str, ...], family: Family, where: Pa
         alpha = m.alpha if m.alpha is not None and m.alpha / lora.rank == scale else None
         if len(rows) == 1:
             return {members[0]: _Lora(lora.A, lora.B, scale, alpha)}
-        return {c: _Lora(lora.A, lora.B[a:b], scale, alpha) for c, a, b in rows}
+        out = {}
+        for c, a, b in rows:  # a joined module's B is block-diagonal: each part keeps only its own columns
+            cols = lora.B[a:b].reshape(b - a, lora.rank, -1).ne(0).any(dim=2).any(dim=0).nonzero().flatten()
+            if len(cols):
+                A, B = (lora.A, lora.B[a:b]) if len(cols) == lora.rank else (lora.A[cols], lora.B[a:b][:, cols])
+                out[c] = _Lora(A, B, scale, None)
+        return out
     delta = _delta(m, _shape(family, members), where)
     dtype = next(t for t in (getattr(m.patch, "A", None), *getattr(m.patch, "t", {}).values(), torch.zeros(()))
                  if isinstance(t, torch.Tensor) and t.is_floating_point()).dtype
@@ -260,9 +267,6 @@ def _measure(source: AdapterFile, written: AdapterFile, family: Family) -> list[
     """Per diffusers module, the written change against the source's (float64, read back from the file)."""
     src_members, out_members = _members(source, family), _members(written, family)
     src, out = _canonical_deltas(source, src_members, family), _canonical_deltas(written, out_members, family)
-    if set(src) != set(out):
-        missing = sorted(set(src) ^ set(out))
-        raise InputError(f"{written.path}: the written file changes other modules than the source ({missing[:3]})")
     cache: dict[str, torch.Tensor] = {}
 
     def delta(contents: AdapterFile, members: dict[str, tuple[str, ...]], name: str) -> torch.Tensor:
@@ -274,17 +278,24 @@ def _measure(source: AdapterFile, written: AdapterFile, family: Family) -> list[
         return cache[key]
 
     reports = []
-    for c in sorted(src):
+    for c in sorted(set(src) | set(out)):  # a part one file leaves alone must have no change in the other
+        if c not in src:
+            w, a2, b2 = out[c]
+            if delta(written, out_members, w)[a2:b2].any():
+                raise InputError(f"{written.path}: the written file changes {c}, which the source does not")
+            continue
         m, a, b = src[c]
         d0 = delta(source, src_members, m)[a:b]
-        w, a2, b2 = out[c]
-        d1 = delta(written, out_members, w)[a2:b2]
+        if c in out:
+            w, a2, b2 = out[c]
+            d1 = delta(written, out_members, w)[a2:b2]
+        else:
+            d1 = torch.zeros_like(d0)
         if not torch.isfinite(d1).all():
             raise InputError(f"{written.path}: the written change of {c} is not finite; nothing written")
         norm = float(torch.linalg.vector_norm(d0))
         err = float(torch.linalg.vector_norm(d1 - d0)) / norm if norm else float(torch.linalg.vector_norm(d1) > 0)
-        rank = written.modules[w].rank or 0
-        reports.append(ModuleReport(c, rank, err))
+        reports.append(ModuleReport(c, (written.modules[out[c][0]].rank or 0) if c in out else 0, err))
     return reports
 
 

@@ -62,7 +62,9 @@ def write_adapter_file(out: str | Path, tensors: Mapping[str, torch.Tensor], met
     out = Path(out)
     check_output_file(out, list(inputs), overwrite)
     with atomic_output_file(out, overwrite) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
+        # cloned: converted modules share factors (one lora_A for q, k and v), which safetensors refuses to save
+        save_file({k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()},
+                  str(tmp), metadata=dict(metadata))
         if check is not None:
             check(tmp)
     return out
