@@ -145,3 +145,25 @@ def test_adapter_for_another_family_is_refused(tmp_path, capsys):
     assert not out.exists()
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir()))  # no temporary left beside the inputs
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
+
+
+def test_verify_refuses_a_scale_the_change_does_not_follow_linearly(tmp_path, capsys):
+    """LyCORIS OFT puts the multiplier inside the rotation: verify's reference (y₀ + s·(y₁ − y₀)) does not hold at
+    --scale 0.5, so verify refuses it; at --scale 1 the same merge verifies."""
+    comps, _, _ = build("sd1")
+    base = _single_file("sd1", tmp_path, comps)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    rows = comps["unet"]["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"].shape[0]
+    g = torch.Generator().manual_seed(0)
+    lora = tmp_path / "oft.safetensors"
+    save_file({f"{name}.oft_blocks": torch.randn(rows // 4, 4, 4, generator=g) * 0.1,
+               f"{name}.alpha": torch.tensor(1e-3)}, str(lora))
+    for scale in ("1", "0.5"):
+        out = tmp_path / f"merged-{scale}.safetensors"
+        status, _, err = run_cli(["merge", base, lora, out, "--scale", scale, "-q"], capsys)
+        assert status == 0, err
+        status, stdout, err = run_cli(["verify", base, lora, out, "--scale", scale], capsys)
+        if scale == "1":
+            assert status == 0, stdout + err
+        else:
+            assert status == 1 and "does not scale linearly" in err and len(err.strip().splitlines()) == 1

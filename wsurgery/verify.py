@@ -122,6 +122,10 @@ def verify_merge(base: Checkpoint, adapters: Sequence[tuple[Adapter | FileAdapte
                   f"merged {merged.folder}")  # first: an encoding's side tensors are not "extra" tensors
     _check_same_tensors(job_plan, merged)
     for job in job_plan.jobs.values():  # known from the plan: refused before the first tensor is read
+        bent = next((b.patch for b, s, _ in job.patches if s != 1.0 and not b.patch.scales_linearly()), None)
+        if bent is not None:
+            raise UnsupportedError(f"{job.module}: {type(bent).__name__}'s change does not scale linearly with the "
+                                   "multiplier, which verify's reference assumes; verify it at --scale 1")
         groups = [steps for _, steps in _regions(job)] if job.placed else [job.patches]
         if any(len(changes := [b.patch for b, _, _ in steps if not isinstance(b.patch, ReplacePatch)]) > 1
                and not all(isinstance(p, AdditivePatch) for p in changes) for steps in groups):

@@ -102,6 +102,11 @@ class Patch(ABC):
     #: row's index alone, so the engine may merge a tensor too large to hold in chunks of rows.
     row_separable: ClassVar[bool] = False
 
+    def scales_linearly(self) -> bool:
+        """Whether ``merge(W, s) = W + s·(merge(W, 1) − W)``, as ``verify`` assumes for ``--scale s``; False
+        where the ecosystem puts the multiplier inside the change (LyCORIS' DoRA and OFT, diffusers' DoRA)."""
+        return True
+
     def __init__(self, module: str, roles: tuple[str, ...], optional_roles: tuple[str, ...] = ()):
         self.module = module
         self.roles = roles  # base tensors (relative to the module) that must exist

@@ -59,6 +59,9 @@ class LycorisDoraPatch(LycorisPatch):
         # (out, 1, …) or (1, in, …); check() confirms against the base (only a 1-row or 1-column weight is ambiguous)
         self.on_out = dora_scale.dim() < 2 or dora_scale.shape[0] != 1 or dora_scale.shape[1] == 1
 
+    def scales_linearly(self) -> bool:
+        return False  # the multiplier interpolates the magnitude's factor, not W' − W
+
     def check(self, shapes: Shapes) -> None:
         self.inner.check(shapes)
         w = tuple(shapes["weight"])

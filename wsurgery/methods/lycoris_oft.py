@@ -41,6 +41,9 @@ class LycorisOftPatch(LycorisPatch):
         self.butterfly = blocks.dim() == 4
         self.block_size = int(blocks.shape[-1])
 
+    def scales_linearly(self) -> bool:
+        return False  # the multiplier scales the rotation's generator, not the change
+
     def check(self, shapes: Shapes) -> None:
         w = tuple(shapes["weight"])
         b = self.block_size

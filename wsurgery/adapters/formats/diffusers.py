@@ -82,6 +82,9 @@ class FusedDoraPatch(DoraPatch):
     (``scale_layer``) before merging, so ΔW is scaled inside the norm, W' = m/‖W + s·ΔW‖·(W + s·ΔW), where
     ``DoraPatch.merge`` interpolates between W and the merge at 1."""
 
+    def scales_linearly(self) -> bool:
+        return False  # the multiplier scales ΔW inside the norm
+
     def merge(self, tensors: Tensors, scale: float) -> Tensors:
         V = tensors["weight"].add_(self.lora.weight_delta(), alpha=scale)
         factor = self.magnitude.to(V.dtype).flatten() / torch.linalg.norm(V.flatten(1), dim=1)
