@@ -276,8 +276,12 @@ def test_sd15_unet_with_sdxl_text_encoders_is_refused(single_files):
 def test_sdxl_unet_in_an_sd1_folder_is_refused(single_files):
     comps, _ = single_files["sdxl"]
     folder = {c: shapes(d) for c, d in comps.items()}
-    with pytest.raises(InputError, match="StableDiffusionPipeline"):
+    with pytest.raises(InputError, match=r"StableDiffusionPipeline \(SD 1\.x or SD 2\.x\) .* SDXL's"):
         detect_folder(folder, pipeline_class="StableDiffusionPipeline")
+    # SD 2 folders (stable-diffusion-2-1) name the same pipeline class as SD 1.x ones
+    comps, _ = single_files["sd2"]
+    fam = detect_folder({c: shapes(d) for c, d in comps.items()}, pipeline_class="StableDiffusionPipeline")
+    assert fam is not None and fam.name == "sd2"
 
 
 @pytest.mark.parametrize("name,tensor,rows", [

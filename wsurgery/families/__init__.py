@@ -23,8 +23,9 @@ __all__ = ["Component", "Family", "Layout", "Location", "Rule", "Shape", "Split"
 
 #: diffusers pipeline classes (model_index.json ``_class_name``) -> family; a folder whose keys say otherwise
 #: is refused. Pipelines not listed (img2img, inpaint, ControlNet variants...) are judged by their keys alone.
-PIPELINES = {"StableDiffusionPipeline": "sd1", "StableDiffusionXLPipeline": "sdxl",
-             "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+PIPELINES = {"StableDiffusionPipeline": ("sd1", "sd2"), "StableDiffusionXLPipeline": ("sdxl",),
+             "StableDiffusionXLImg2ImgPipeline": ("sdxl",), "StableDiffusion3Pipeline": ("sd3",),
+             "FluxPipeline": ("flux",)}
 
 
 def _pick(found: dict[str, list[str]], where: str) -> type[Family] | None:
@@ -53,10 +54,11 @@ def detect_folder(folder: Mapping[str, Mapping[str, Sequence[int]]], where: str 
     comps = {c: {k: tuple(s) for k, s in keys.items()} for c, keys in folder.items()}
     cls = _pick({name: fam.evidence_folder(comps) for name, fam in families().items()}, where)
     expected = PIPELINES.get(pipeline_class or "")
-    if expected is not None and (cls is None or cls.name != expected):
+    if expected is not None and (cls is None or cls.name not in expected):
         told = "no known family" if cls is None else f"{cls.title}"
-        raise InputError(f"{where}: model_index.json names {pipeline_class} ({families()[expected].title}) but "
-                         f"the component tensors are {told}'s; the folder mixes models")
+        titles = " or ".join(families()[e].title for e in expected)
+        raise InputError(f"{where}: model_index.json names {pipeline_class} ({titles}) but the component tensors "
+                         f"are {told}'s; the folder mixes models")
     return None if cls is None else cls.from_diffusers(comps, where)
 
 
