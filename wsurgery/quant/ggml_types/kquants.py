@@ -125,24 +125,29 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
     w = x * x
     wx = w * x
 
-    def attempt(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        levels = clamp(nearest_int(iscale * x), -nmax, nmax - 1)
-        lf = levels.astype(F32)
-        return levels, seqsum(wx * lf), seqsum(w * lf * lf)
+    def quants(iscale: np.ndarray) -> np.ndarray:
+        return clamp(nearest_int(iscale * x), -nmax, nmax - 1)
 
-    levels, sumlx, suml2 = attempt(F32(-nmax) / mx)
+    def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lf = quants(iscale).astype(F32)
+        return seqsum(wx * lf), seqsum(w * lf * lf)
+
+    # As in make_qkx2_quants: the best attempt's levels are recomputed once, from its iscale.
+    best_iscale = F32(-nmax) / mx
+    sumlx, suml2 = sums(best_iscale)
     scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        aux, sumlx, suml2 = attempt(-(F32(nmax) + F32(0.1) * F32(step)) / mx)
+        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / mx
+        sumlx, suml2 = sums(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        levels = np.where(better, aux, levels)
+        best_iscale = np.where(better, iscale, best_iscale)
         scale = np.where(better, sumlx / suml2, scale)
         best = np.where(better, scale * sumlx, best)
     zero = amax < GROUP_MAX_EPS
-    return np.where(zero, F32(0), scale), np.where(zero, 0, levels + nmax)
+    return np.where(zero, F32(0), scale), np.where(zero, 0, quants(best_iscale) + nmax)
 
 
 def _requantize(x: np.ndarray, levels: np.ndarray, d: np.ndarray, dm: np.ndarray | None, lo: int,
