@@ -27,6 +27,7 @@ class Kept:
     mask_dtype: torch.dtype  # the dtype mergekit's mask (and masked product) is in
     rescale: bool
     as_rows: bool  # DELLA views a 1-D tensor as one row
+    factor: torch.Tensor | None = None  # the L1 rescaling, once computed (the same values give the same factor)
 
     @classmethod
     def of(cls, mask: torch.Tensor, rescale: bool, as_rows: bool = False) -> Kept:
@@ -45,10 +46,11 @@ class Kept:
         work = tensor.to(self.mask_dtype) if self.mask_dtype != dtype else tensor
         mask = self.mask(work.shape)
         masked = work * mask
-        if self.rescale:
+        if self.rescale and self.factor is None:
             before, after = work.abs().sum(), masked.abs().sum()
-            if not (before < 1e-7 or after < 1e-7):
-                masked = masked * (before / after)
+            self.factor = torch.ones(()) if before < 1e-7 or after < 1e-7 else before / after
+        if self.factor is not None and not bool(self.factor == 1):
+            masked = masked * self.factor
         return masked.to(dtype).reshape(shape)
 
 
