@@ -374,3 +374,59 @@ def test_flux_diffusers_to_kohya_fused_names_equals_diffusers_loading(tmp_path, 
     for k, w in merged["a"].items():
         _close(merged["b"][k], w)
         _close(merged["c"][k], w)
+
+
+def test_loha_to_diffusers_is_factored_exactly(tmp_path, capsys):
+    """A LyCORIS LoHa file (no diffusers form) -> diffusers LoRA at each change's own rank: the error report is at
+    rounding level, diffusers fuses the converted file to what wsurgery merges from the LoHa (wsurgery's LoHa merge
+    is checked against LyCORIS in test_kohya_lycoris), and a forced lower rank reports its real error."""
+    from oracle import run_cli
+
+    from wsurgery.convert.diffusion import convert_adapter_file
+
+    unet, comps, lora, base = _sd1_unet_and_kohya(tmp_path, algo="loha")
+    assert {m.algo for m in read_adapter_file(lora).modules.values()} == {"loha"}
+    out = tmp_path / "diffusers.safetensors"
+    result = convert_adapter_file(lora, out, to="diffusers", base=base)
+    assert result.modules and result.max_error < 1e-6 and result.notes
+    assert max(m.rank for m in result.modules) <= 16  # LoHa of rank 4: ΔW has rank <= 4² = 16
+    status, _, err = run_cli(["merge", base, lora, tmp_path / "m.safetensors", "-q"], capsys)
+    assert status == 0, err
+    from test_families import build
+
+    ours = build("sd1")[2]["unet"](load_file(str(tmp_path / "m.safetensors")))
+    fused = _diffusers_fused_unet(unet, out)
+    changed = [k for k in fused if not torch.equal(fused[k], comps["unet"][k])]
+    assert len(changed) > 10
+    for k, want in ours.items():
+        _close(fused[k], want, 1e-5)
+    low = convert_adapter_file(lora, tmp_path / "low.safetensors", to="diffusers", base=base, rank=1)
+    assert all(m.rank == 1 for m in low.modules) and 0.05 < low.max_error < 1
+
+
+def test_diffusers_to_peft_folder_equals_diffusers_loading(tmp_path):
+    """A diffusers-style UNet LoRA file -> PEFT folder: PEFT's own merge into the UNet equals diffusers' fuse of
+    the file."""
+    import copy
+
+    from peft import PeftModel
+
+    from wsurgery.convert.diffusion import convert_adapter_file
+
+    unet, comps, lora, base = _sd1_unet_and_kohya(tmp_path)
+    dfile = tmp_path / "d.safetensors"
+    convert_adapter_file(lora, dfile, to="diffusers", base=base)
+    folder = tmp_path / "peft"
+    result = convert_adapter_file(dfile, folder, to="peft", base=base)
+    assert result.max_error < 1e-6
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    merged = PeftModel.from_pretrained(copy.deepcopy(unet), folder).merge_and_unload().state_dict()
+    want = _diffusers_fused_unet(unet, dfile)
+    for k, w in want.items():
+        _close(merged[k], w)
+    with pytest.raises(InputError, match="needs --base"):
+        convert_adapter_file(lora, tmp_path / "x.safetensors", to="diffusers")
+    with pytest.raises(InputError, match="already a kohya"):
+        convert_adapter_file(lora, tmp_path / "x.safetensors", to="kohya", base=base)
+    assert not (tmp_path / "x.safetensors").exists()
