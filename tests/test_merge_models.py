@@ -13,7 +13,10 @@ from oracle import load_all, save_base, tiny_llama
 from wsurgery.errors import InputError, UnsupportedError
 from wsurgery.merging import merge_models
 
-mergekit = pytest.importorskip("mergekit", reason="needs mergekit==0.1.5 (the oracle)")
+
+
+def _needs_mergekit() -> None:
+    pytest.importorskip("mergekit", reason="needs mergekit==0.1.5 (the oracle)")
 
 
 def _tuned(base, seed: int, sparse: float):
@@ -41,6 +44,7 @@ def models(request, tmp_path_factory) -> dict[str, Path]:
 
 
 def _mergekit(config: dict, out: Path, seed: int | None) -> dict[str, torch.Tensor]:
+    _needs_mergekit()
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
@@ -159,6 +163,7 @@ def _adapter(models: dict[str, Path], tmp_path: Path) -> Path:
 
 def test_lora_adapter_contributes_its_change(models, tmp_path):
     """An adapter is the model PEFT's merge_and_unload makes of the base (mergekit's BASE+LORA syntax)."""
+    _needs_mergekit()
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
