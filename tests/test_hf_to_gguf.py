@@ -269,8 +269,13 @@ def _sentencepiece_folder(folder: Path, architecture: str = "llama", hidden: int
     torch.manual_seed(0)
     common = dict(vocab_size=336, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
-    if architecture == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    plain = {"llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
+             "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig),
+             "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
+             "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config)}
+    if architecture in plain:
+        model_class, config_class = plain[architecture]
+        model = model_class(config_class(**common))
     else:
         gemma = dict(common, head_dim=16, sliding_window=64)
         model = (transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**gemma)) if architecture == "gemma2"
@@ -298,6 +303,24 @@ def test_sentencepiece_models_are_byte_identical(llama_cpp_src, tmp_path, archit
     its own hyperparameters, norms stored + 1 and the tied head dropped; for Gemma 3 TextModel's rules with
     its own over them (q/k norms + 1 too)."""
     folder = _sentencepiece_folder(tmp_path / f"tiny-{architecture}", architecture)
+    done = _reference(llama_cpp_src, folder, tmp_path / "theirs.gguf", "f16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    hf_to_gguf(folder, tmp_path / "ours.gguf", "f16", progress=False)
+    _same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2", "qwen3"])
+def test_a_minimal_config_gets_transformers_defaults(llama_cpp_src, tmp_path, architecture):
+    """The converter reads ``AutoConfig(...).to_dict()``: a config.json of older transformers without
+    head_dim, rope_parameters, max_position_embeddings, rms_norm_eps or num_key_value_heads (with a linear
+    rope scaling) must give what transformers fills in."""
+    folder = _sentencepiece_folder(tmp_path / f"old-{architecture}", architecture)
+    config = json.loads((folder / "config.json").read_text())
+    minimal = {k: config[k] for k in ("architectures", "model_type", "hidden_size", "intermediate_size",
+                                      "num_hidden_layers", "num_attention_heads", "vocab_size", "bos_token_id",
+                                      "eos_token_id", "tie_word_embeddings")}
+    minimal.update(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    (folder / "config.json").write_text(json.dumps(minimal))
     done = _reference(llama_cpp_src, folder, tmp_path / "theirs.gguf", "f16")
     assert done.returncode == 0, done.stderr[-2000:]
     hf_to_gguf(folder, tmp_path / "ours.gguf", "f16", progress=False)
