@@ -430,3 +430,104 @@ def test_diffusers_to_peft_folder_equals_diffusers_loading(tmp_path):
     with pytest.raises(InputError, match="already a kohya"):
         convert_adapter_file(lora, tmp_path / "x.safetensors", to="kohya", base=base)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# --- extract: kohya sd-scripts networks/extract_lora_from_models.py @ 06e8980044a209ebdcce8c78cdd0a7519ef2a965 ----
+def kohya_extract_module(diff, dim, conv_dim, clamp_quantile=0.99):
+    """The body of its ``svd`` loop for one module (copied; ``device`` dropped)."""
+    mat = diff
+    conv2d = len(mat.size()) == 4
+    kernel_size = None if not conv2d else mat.size()[2:4]
+    conv2d_3x3 = conv2d and kernel_size != (1, 1)
+    rank = dim if not conv2d_3x3 or conv_dim is None else conv_dim
+    out_dim, in_dim = mat.size()[0:2]
+    rank = min(rank, in_dim, out_dim)
+    if conv2d:
+        if conv2d_3x3:
+            mat = mat.flatten(start_dim=1)
+        else:
+            mat = mat.squeeze()
+    U, S, Vh = torch.linalg.svd(mat)
+    U = U[:, :rank]
+    S = S[:rank]
+    U = U @ torch.diag(S)
+    Vh = Vh[:rank, :]
+    dist = torch.cat([U.flatten(), Vh.flatten()])
+    hi_val = torch.quantile(dist, clamp_quantile)
+    low_val = -hi_val
+    U = U.clamp(low_val, hi_val)
+    Vh = Vh.clamp(low_val, hi_val)
+    if conv2d:
+        U = U.reshape(out_dim, rank, 1, 1)
+        Vh = Vh.reshape(rank, in_dim, kernel_size[0], kernel_size[1])
+    return U, Vh
+
+
+def kohya_lora_modules(unet, text_encoder, conv_dim):
+    """sd-scripts networks/lora.py ``create_modules``' choice of modules and names: Linear and Conv2d children of
+    Transformer2DModel (plus ResnetBlock2D/Downsample2D/Upsample2D with a conv dim; 3x3 convs only then), of
+    CLIPAttention/CLIPMLP in the text encoder. (transformers 5 names CLIPTextModel's modules without the
+    ``text_model.`` its files and transformers 4 have: put back.)"""
+    out = {}
+    for prefix, root, targets in (("lora_unet", unet, ["Transformer2DModel"] + (
+            ["ResnetBlock2D", "Downsample2D", "Upsample2D"] if conv_dim else [])),
+            ("lora_te", text_encoder, ["CLIPAttention", "CLIPMLP"])):
+        for name, module in root.named_modules():
+            if module.__class__.__name__ not in targets:
+                continue
+            for child_name, child in module.named_modules():
+                is_linear = child.__class__.__name__ == "Linear"
+                is_conv2d = child.__class__.__name__ == "Conv2d"
+                if not (is_linear or is_conv2d):
+                    continue
+                if is_conv2d and child.kernel_size != (1, 1) and not conv_dim:
+                    continue
+                full = (f"text_model.{name}" if prefix == "lora_te" and not name.startswith("text_model") else name)
+                out[(prefix + "." + full + "." + child_name).replace(".", "_")] = (prefix, full + "." + child_name)
+    return out
+# --- end of the copied oracle -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conv_dim, text_delta", [(2, 0.05), (None, 0.001)])
+def test_extract_sd1_matches_kohya(tmp_path, conv_dim, text_delta):
+    """extract from two tiny SD 1.x single files = kohya's extract_lora_from_models.py on the same models: the same
+    module names (LoCon with a conv rank; text encoder only where it differs by > min_diff) and tensors."""
+    from diffusers import UNet2DConditionModel
+    from test_diffusion_merge import _single_file, _unet_config
+    from test_families import build
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from wsurgery.convert.diffusion import extract_diffusion
+
+    comps, _, _ = build("sd1")
+    g = torch.Generator().manual_seed(3)
+    tuned = {c: {k: v + (text_delta if c == "text_encoder" else 0.05) * torch.randn(v.shape, generator=g)
+                 for k, v in d.items()} if c != "vae" else d for c, d in comps.items()}
+    (tmp_path / "b").mkdir()
+    (tmp_path / "t").mkdir()
+    base, tuned_file = _single_file("sd1", tmp_path / "b", comps), _single_file("sd1", tmp_path / "t", tuned)
+    out = tmp_path / "extracted.safetensors"
+    result = extract_diffusion(base, tuned_file, out, rank=4, conv_rank=conv_dim)
+    _, ucfg = _unet_config()
+    unet = UNet2DConditionModel(**ucfg)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      vocab_size=50, max_position_embeddings=8, projection_dim=12))
+    modules = kohya_lora_modules(unet, te, conv_dim)
+    if text_delta * 4 < 0.01:  # |noise| stays under kohya's min_diff: the UNet only
+        modules = {k: v for k, v in modules.items() if v[0] == "lora_unet"}
+    written = load_file(str(out))
+    assert {k.split(".")[0] for k in written} == set(modules)
+    assert result.text_encoders == (text_delta * 4 >= 0.01)
+    for name, (prefix, path) in modules.items():
+        comp = "unet" if prefix == "lora_unet" else "text_encoder"
+        diff = tuned[comp][path + ".weight"] - comps[comp][path + ".weight"]
+        up, down = kohya_extract_module(diff.float(), 4, conv_dim)
+        torch.testing.assert_close(written[f"{name}.lora_up.weight"], up, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(written[f"{name}.lora_down.weight"], down, rtol=1e-6, atol=1e-7)
+        assert float(written[f"{name}.alpha"]) == down.shape[0]
+    if conv_dim:
+        assert any(written[k].dim() == 4 and written[k].shape[-1] == 3 for k in written)
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
+    assert all(0 <= m.error < 1 for m in result.modules)

@@ -25,6 +25,7 @@ Every module's written change is read back from the written file and measured ag
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,3 +367,143 @@ def _peft_as_file(folder: Path, component: str) -> AdapterFile:
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     renamed = {f"{component}.{k.removeprefix('base_model.model.')}": v for k, v in tensors.items()}
     return Diffusers().read(folder, renamed, {})
+
+
+# --- extract ------------------------------------------------------------------------------------------------------
+#: Where kohya's LoRA network (sd-scripts networks/lora.py) puts modules in a UNet family: every Linear and 1x1
+#: Conv2d inside a Transformer2DModel (``attentions.``); with a conv rank also those inside ResnetBlock2D,
+#: Downsample2D and Upsample2D (3x3 convs at the conv rank, Linear/1x1 at the rank); in the CLIP text encoders the
+#: Linear layers of CLIPAttention and CLIPMLP.
+_UNET_ATTENTION = (".attentions.",)
+_UNET_CONV_BLOCKS = (".resnets.", ".downsamplers.", ".upsamplers.")
+_TEXT_LINEARS = (".self_attn.q_proj", ".self_attn.k_proj", ".self_attn.v_proj", ".self_attn.out_proj", ".mlp.fc1",
+                 ".mlp.fc2")
+#: kohya extract's defaults: the quantile the factors are clamped at, and the text encoders' largest difference
+#: below which they count as unchanged (kohya then extracts the UNet only).
+CLAMP_QUANTILE = 0.99
+MIN_DIFF = 0.01
+_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+@dataclass
+class ExtractedModule:
+    module: str  # the name written (kohya or diffusers)
+    rank: int
+    error: float  # ‖ΔW − up·down‖_F / ‖ΔW‖_F, after the clamp
+
+
+@dataclass
+class DiffusionExtract:
+    out: Path
+    modules: list[ExtractedModule]
+    text_encoders: bool  # False: they differed by at most min_diff, so only the denoiser was extracted
+
+
+def _kohya_targets(family: Family, conv_rank: int | None) -> dict[str, str]:
+    """diffusers module -> "rank" or "conv": the modules kohya's LoRA network adapts, in the family's order."""
+    out: dict[str, str] = {}
+    for c, loc in family.modules().items():
+        component, _, inner = c.partition(".")
+        shape = loc.shape
+        one_by_one = len(shape) == 2 or (len(shape) == 4 and tuple(shape[2:]) == (1, 1))
+        if component == "unet":
+            if any(s in c for s in _UNET_ATTENTION) and one_by_one:
+                out[c] = "rank"
+            elif conv_rank is not None and any(s in c for s in _UNET_CONV_BLOCKS) and len(shape) in (2, 4):
+                out[c] = "rank" if one_by_one else "conv"
+        elif component.startswith("text_encoder") and inner.endswith(_TEXT_LINEARS) and len(shape) == 2:
+            out[c] = "rank"
+    return out
+
+
+def _read_module(ckpt, family: Family, module: str) -> torch.Tensor:
+    loc = family.modules()[module]
+    return loc.take(ckpt.read(stored_name(family, loc, loc.weight))).to(torch.float32)
+
+
+def kohya_svd(diff: torch.Tensor, rank: int, clamp_quantile: float = CLAMP_QUANTILE
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) of one module's difference as kohya's extract_lora_from_models.py computes them: rank capped by
+    the out/in channels, 3x3 convs flattened to (out, in·k·k), ``up = U·S``, both clamped at ±(the
+    ``clamp_quantile`` of their values)."""
+    out_dim, in_dim = diff.shape[:2]
+    rank = min(rank, in_dim, out_dim)
+    conv = diff.dim() == 4
+    mat = diff.flatten(start_dim=1) if conv else diff
+    U, S, Vh = torch.linalg.svd(mat)
+    U = U[:, :rank] @ torch.diag(S[:rank])
+    Vh = Vh[:rank, :]
+    hi = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp_quantile)
+    U, Vh = U.clamp(-hi, hi), Vh.clamp(-hi, hi)
+    if conv:
+        U = U.reshape(out_dim, rank, 1, 1)
+        Vh = Vh.reshape(rank, in_dim, *diff.shape[2:])
+    return U.contiguous(), Vh.contiguous()
+
+
+def extract_diffusion(base: str | Path, tuned: str | Path, out: str | Path, *, rank: int = 4,
+                      conv_rank: int | None = None, format: str = "kohya", clamp_quantile: float = CLAMP_QUANTILE,
+                      min_diff: float = MIN_DIFF, dtype: str | None = None, overwrite: bool = False,
+                      command: str | None = None) -> DiffusionExtract:
+    """A LoRA (LoCon with ``conv_rank``) of ``tuned − base``, two single-file checkpoints of one UNet family
+    (SD 1.x/2.x, SDXL), as kohya's extract_lora_from_models.py makes it: its modules, SVD, clamp and alpha = rank;
+    written with kohya's names (``format="kohya"``) or diffusers' (``"diffusers"``, no alpha: it is the rank)."""
+    base, tuned, out = Path(base), Path(tuned), Path(out)
+    if format not in ("kohya", "diffusers"):
+        raise InputError(f"--format {format}: kohya or diffusers")
+    for label, value in (("--rank", rank), ("--conv-rank", conv_rank)):
+        if value is not None and value < 1:
+            raise InputError(f"{label} {value}: a rank is at least 1")
+    if not 0 < clamp_quantile <= 1:
+        raise InputError(f"--clamp-quantile {clamp_quantile}: a quantile in (0, 1]")
+    if out.suffix != ".safetensors":
+        raise InputError(f"{out}: the extracted adapter is one .safetensors file; name it so")
+    save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32, None: None}.get(dtype, "?")
+    if save_dtype == "?":
+        raise InputError(f"--dtype {dtype}: one of float, fp16, bf16")
+    b_ckpt, t_ckpt = open_checkpoint(base), open_checkpoint(tuned)
+    family, t_family = checkpoint_family(b_ckpt, str(base)), checkpoint_family(t_ckpt, str(tuned))
+    if family is None or t_family is None:
+        raise InputError(f"{base if family is None else tuned}: not a diffusion checkpoint of a known family")
+    if family.name != t_family.name:
+        raise InputError(f"{tuned}: is {t_family.title} but {base} is {family.title}; extract compares one model")
+    if family.name not in _MODEL_VERSION:
+        raise UnsupportedError(f"{base}: extract for diffusion models covers the UNet families (SD 1.x/2.x, SDXL); "
+                               f"{family.title} is not supported yet")
+    targets = _kohya_targets(family, conv_rank)
+    shapes, t_shapes = family.modules(), t_family.modules()
+    bad = [c for c in targets if c not in t_shapes or t_shapes[c].shape != shapes[c].shape]
+    if bad:
+        raise InputError(f"{tuned}: modules {bad[:3]} are missing or shaped otherwise than in {base}; the two files "
+                         "are not the same model")
+    by_members, _ = _kohya_names(family)
+    text = [c for c in targets if c.startswith("text_encoder")]
+    text_changed = False
+    for c in text:  # kohya: the text encoders only where one differs by more than min_diff
+        d = _read_module(t_ckpt, family, c) - _read_module(b_ckpt, family, c)
+        text_changed = text_changed or float(d.abs().max()) > min_diff
+    tensors: dict[str, torch.Tensor] = {}
+    reports: list[ExtractedModule] = []
+    for c, kind in targets.items():
+        if c in text and not text_changed:
+            continue
+        diff = _read_module(t_ckpt, family, c) - _read_module(b_ckpt, family, c)
+        up, down = kohya_svd(diff, conv_rank if kind == "conv" and conv_rank else rank, clamp_quantile)
+        r = down.shape[0]
+        approx = up.reshape(up.shape[0], r) @ down.reshape(r, -1)
+        norm = float(torch.linalg.vector_norm(diff))
+        err = float(torch.linalg.vector_norm(diff.reshape(approx.shape) - approx)) / norm if norm else 0.0
+        if save_dtype is not None:
+            up, down = up.to(save_dtype), down.to(save_dtype)
+        name = by_members[(c,)] if format == "kohya" else c
+        tensors.update(kohya_lora(name, down, up, float(r)) if format == "kohya" else diffusers_lora(c, down, up, None))
+        reports.append(ExtractedModule(name, r, err))
+    args = {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_rank))} if conv_rank is not None else {}
+    metadata = {"ss_v2": str(family.name == "sd2"), "ss_base_model_version": _MODEL_VERSION[family.name],
+                "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(float(rank)),
+                "ss_network_args": json.dumps(args)} if format == "kohya" else {}
+    record = provenance("extract", command, base=str(base), tuned=str(tuned))
+    record["extract"] = {"rank": rank, "conv_rank": conv_rank, "clamp_quantile": clamp_quantile, "format": format}
+    write_adapter_file(out, tensors, output_metadata(metadata, record), overwrite=overwrite, inputs=[base, tuned],
+                       check=read_adapter_file)
+    return DiffusionExtract(out, reports, text_changed or not text)
