@@ -132,6 +132,9 @@ class CheckpointWriter:
         try:
             for file_name, specs in shards:
                 part = next((p for p in self._parts if p.owns_file(file_name)), None)
+                if part is None and "/" in file_name:  # keys would keep their component prefix
+                    raise AssertionError(f"output file {file_name} lies in a sub-folder no output part owns: pass "
+                                         "the base format's output_parts")
                 keys = [s.name if part is None else s.name.removeprefix(part.prefix) for s in specs]
                 (folder / file_name).parent.mkdir(parents=True, exist_ok=True)
                 w = SafetensorsWriter(folder / file_name, [replace(s, name=k) for s, k in zip(specs, keys)],
