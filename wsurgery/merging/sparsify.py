@@ -35,8 +35,8 @@ class Kept:
         return cls(bits, mask.numel(), mask.dtype, rescale, as_rows)
 
     def mask(self, shape: torch.Size) -> torch.Tensor:
-        flat = torch.from_numpy(np.unpackbits(self.bits, count=self.numel).view(np.bool_))
-        return flat.to(self.mask_dtype).reshape(shape)
+        """The mask as bools: multiplying by it gives the same numbers as by mergekit's 0/1 floats."""
+        return torch.from_numpy(np.unpackbits(self.bits, count=self.numel).view(np.bool_)).reshape(shape)
 
     def apply(self, tensor: torch.Tensor) -> torch.Tensor:
         """mergekit's ``rescaled_masked_tensor(tensor, mask, l1 if rescale)`` and the casts around it."""
@@ -83,14 +83,20 @@ def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if tensor.dtype == torch.bfloat16 else torch.float32
 
 
-def bernoulli(shape: torch.Size, dtype: torch.dtype, density: float, rescale: bool,
-              generator: torch.Generator) -> Kept | None:
-    """DARE: keep each element of a ``dtype`` tensor of ``shape`` with probability ``density`` (the draw
-    does not depend on the values, so it can be made before they are read)."""
-    if density >= 1:
-        return None
+def bernoulli(shape: torch.Size, dtype: torch.dtype, densities: list[float], rescale: bool,
+              generator: torch.Generator) -> list[Kept | None]:
+    """DARE: keep each element of a ``dtype`` tensor of ``shape`` with probability ``density``, one mask per
+    density, drawn in order (the draws do not depend on the values, so they are made before any is read)."""
     work = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-    return Kept.of(torch.bernoulli(torch.full(shape, density, dtype=work), generator=generator), rescale)
+    probabilities: dict[float, torch.Tensor] = {}
+    kept: list[Kept | None] = []
+    for density in densities:
+        if density >= 1:
+            kept.append(None)
+            continue
+        p = probabilities.setdefault(density, torch.full(shape, density, dtype=work))
+        kept.append(Kept.of(torch.bernoulli(p, generator=generator), rescale))
+    return kept
 
 
 def della_magprune(tensor: torch.Tensor, density: float, epsilon: float, rescale: bool,

@@ -69,7 +69,7 @@ class TaskArithmetic(MergeMethod):
         kept: list[sparsify.Kept | None] = [None] * n
         if self.sparsification == "random":  # DARE's masks do not depend on the values: drawn first
             with draws as generator:
-                kept = [sparsify.bernoulli(base.shape, base.dtype, p["density"], rescale, generator) for p in per_model]
+                kept = sparsify.bernoulli(base.shape, base.dtype, [p["density"] for p in per_model], rescale, generator)
 
         def change(i: int, first: bool, generator: torch.Generator | None = None) -> torch.Tensor:
             """Model i's sparsified, weighted change; its mask is chosen the first time, replayed after."""
