@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as GgmlType
 
-from .base import F32, GgmlQuant, first_absmax, fp16, half_bytes, register, roundf
+from .base import F32, GgmlQuant, fp16, half_bytes, register, roundf
 
 
 def _cvtt(v: np.ndarray) -> np.ndarray:
@@ -46,13 +46,10 @@ def _min_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _signed_absmax(blocks: np.ndarray) -> np.ndarray:
-    """``first_absmax``'s max along rows, from two reductions: order matters only where +m and -m both
-    occur (those rows are redone in order); all-zero rows give +0 as ggml's loop does."""
-    hi, lo = blocks.max(axis=1), blocks.min(axis=1)
-    mx = np.where(hi >= -lo, hi, lo)
-    both = (hi == -lo) & (hi != 0)
-    if both.any():
-        mx[both] = first_absmax(blocks[both].T)[1]
+    """``base.first_absmax``'s max along rows: ``argmax`` returns the first of equal magnitudes as ggml's loop
+    keeps it; all-zero rows give +0 (ggml's start value, never replaced)."""
+    first = np.abs(blocks).argmax(axis=1)[:, None]
+    mx = np.take_along_axis(blocks, first, axis=1)[:, 0]
     return np.where(mx == 0, F32(0), mx)
 
 
