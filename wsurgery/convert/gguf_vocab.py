@@ -373,8 +373,10 @@ class SpecialVocab:
     read from the same files with the same precedence."""
 
     def __init__(self, folder: Path, load_merges: bool, n_vocab: int | None = None,
-                 types: tuple[str, ...] = _SPECIAL_TYPES):
+                 types: tuple[str, ...] = _SPECIAL_TYPES, tokenizer: dict | None = None):
+        """``tokenizer``: ``tokenizer.json`` already parsed (default: read here)."""
         self.folder, self.n_vocab, self.load_merges = folder, n_vocab, load_merges
+        self._tokenizer = tokenizer
         self.merges: list[str] = []
         self.special_token_ids: dict[str, int] = {}
         self.add_special_token: dict[str, bool] = {}
@@ -429,14 +431,14 @@ class SpecialVocab:
         if isinstance(merges[0], str):
             self.merges = merges
         elif isinstance(merges[0], list) and len(merges[0]) == 2 and isinstance(merges[0][0], str):
-            self.merges = [" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in pair)
-                           for pair in merges]
+            # spaces inside a merge's parts as U+0120 (the converter's chr(ord(" ") + 256))
+            self.merges = [" ".join(part.replace(" ", "\u0120") for part in pair) for pair in merges]
         else:
             raise InputError(f"{self.folder / 'tokenizer.json'}: merges in an unknown format")
 
     def _from_tokenizer_json(self) -> None:
         path = self.folder / "tokenizer.json"
-        tokenizer = _load_json(path) if path.is_file() else None
+        tokenizer = self._tokenizer if self._tokenizer is not None else _load_json(path) if path.is_file() else None
         added: list = []
         if tokenizer:
             merges = tokenizer.get("model", {}).get("merges")
@@ -558,20 +560,16 @@ class SpecialVocab:
             self.set_id(typ, tid)
 
 
-def add_gpt2_vocab(w: gguf.GGUFWriter, folder: Path, vocab_size: int | None) -> None:
-    """The converter's ``_set_vocab_gpt2``: a byte-level BPE tokenizer from ``tokenizer.json``."""
+def add_gpt2_vocab(w: gguf.GGUFWriter, folder: Path, vocab_size: int | None, tokenizer: dict) -> None:
+    """The converter's ``_set_vocab_gpt2``: a byte-level BPE tokenizer from ``tokenizer.json`` (parsed)."""
     path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise InputError(f"{folder}: no tokenizer.json; a GGUF file carries the tokenizer, so the model folder "
-                         "needs its tokenizer files")
-    tokenizer = _load_json(path)
     tokens, types = bpe_vocab(tokenizer, vocab_size, path)
     pre = pre_tokenizer_name(tokenizer, path)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    SpecialVocab(folder, load_merges=True).add_to(w)
+    SpecialVocab(folder, load_merges=True, tokenizer=tokenizer).add_to(w)
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -689,10 +687,13 @@ def check_tokenizer_kind(folder: Path, sentencepiece_only: bool = False
         raise InputError(f"{folder}: no tokenizer.model; llama.cpp's converter reads this family's SentencePiece "
                          "tokenizer from it")
     path = folder / "tokenizer.json"
-    if path.is_file():
-        model = _load_json(path).get("model", {})
-        if model.get("type") == "BPE" and model.get("byte_fallback"):
-            raise UnsupportedError(f"{path}: a SentencePiece-style BPE (byte_fallback) without its tokenizer.model, "
-                                   "which llama.cpp's converter reads through transformers; wsurgery does not "
-                                   "convert it (add the model's tokenizer.model)")
-    return lambda w, vocab_size: add_gpt2_vocab(w, folder, vocab_size)
+    if not path.is_file():
+        raise InputError(f"{folder}: no tokenizer.json or tokenizer.model; a GGUF file carries the tokenizer, so "
+                         "the model folder needs its tokenizer files")
+    tokenizer = _load_json(path)
+    model = tokenizer.get("model", {})
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        raise UnsupportedError(f"{path}: a SentencePiece-style BPE (byte_fallback) without its tokenizer.model, "
+                               "which llama.cpp's converter reads through transformers; wsurgery does not "
+                               "convert it (add the model's tokenizer.model)")
+    return lambda w, vocab_size: add_gpt2_vocab(w, folder, vocab_size, tokenizer)
