@@ -278,8 +278,13 @@ def _sentencepiece_folder(folder: Path, architecture: str = "llama", hidden: int
         model = model_class(config_class(**common))
     else:
         gemma = dict(common, head_dim=16, sliding_window=64)
-        model = (transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**gemma)) if architecture == "gemma2"
-                 else transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**gemma)))
+        model_class, config_class = {"gemma": (transformers.GemmaForCausalLM, transformers.GemmaConfig),
+                                     "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config),
+                                     "gemma3": (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig)
+                                     }[architecture]
+        if architecture == "gemma":
+            del gemma["sliding_window"]
+        model = model_class(config_class(**gemma))
         with torch.no_grad():  # norms away from 0, so that a missing +1 shows
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
@@ -297,11 +302,11 @@ def _sentencepiece_folder(folder: Path, architecture: str = "llama", hidden: int
     return folder
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gemma2", "gemma3"])
+@pytest.mark.parametrize("architecture", ["llama", "gemma", "gemma2", "gemma3"])
 def test_sentencepiece_models_are_byte_identical(llama_cpp_src, tmp_path, architecture):
-    """The converter's SentencePiece path (tokenizer.model read without sentencepiece here); for Gemma 2 also
-    its own hyperparameters, norms stored + 1 and the tied head dropped; for Gemma 3 TextModel's rules with
-    its own over them (q/k norms + 1 too)."""
+    """The converter's SentencePiece path (tokenizer.model read without sentencepiece here); for Gemma and
+    Gemma 2 also their own hyperparameters, norms stored + 1, the tied head dropped (and Gemma's CodeGemma
+    infill ids); for Gemma 3 TextModel's rules with its own over them (q/k norms + 1 too)."""
     folder = _sentencepiece_folder(tmp_path / f"tiny-{architecture}", architecture)
     done = _reference(llama_cpp_src, folder, tmp_path / "theirs.gguf", "f16")
     assert done.returncode == 0, done.stderr[-2000:]
