@@ -484,7 +484,7 @@ def test_tensor_types_gguf_cannot_write_or_read(w, tmp_path):
     iq4 = _random_blocks(rng, T.IQ4_NL, 32 * 64 // 32, 18).reshape(32, -1)
     path = write_llama_gguf(model, tmp_path / "f32.gguf")
     _retype(path, tmp_path / "iq4nl.gguf", "blk.0.attn_v.weight", iq4, T.IQ4_NL)
-    with pytest.raises(UnsupportedError, match="IQ4_NL, which the gguf package cannot quantize; pass --type"):
+    with pytest.raises(UnsupportedError, match="IQ4_NL, which wsurgery cannot quantize; pass --gguf-type"):
         wsurgery.merge(tmp_path / "iq4nl.gguf", lora, tmp_path / "out.gguf", progress=False)
     assert not (tmp_path / "out.gguf").exists()
     wsurgery.merge(tmp_path / "iq4nl.gguf", lora, tmp_path / "out.gguf", progress=False, gguf_type="q8_0")

@@ -186,8 +186,8 @@ def check_encodable(source: GgufCheckpoint, types: dict[str, GgmlType], changed:
                                    "package cannot dequantize")
         if not can_encode(target):
             writable = ", ".join(type_name(t) for t in GgmlType if can_encode(t))
-            raise UnsupportedError(f"{info.gguf_name} is {target.name}, which the gguf package cannot quantize; "
-                                   f"pass --type with one it can ({writable})")
+            raise UnsupportedError(f"{info.gguf_name} is {target.name}, which wsurgery cannot quantize; "
+                                   f"pass --gguf-type with one it can ({writable})")
         if not fits_blocks(info.shape, target):
             raise UnsupportedError(f"{info.gguf_name}: rows of {info.shape[-1]} values do not divide into "
                                    f"{type_name(target)} blocks of {gguf.GGML_QUANT_SIZES[target][0]}; choose another "
