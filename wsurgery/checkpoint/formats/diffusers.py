@@ -91,8 +91,9 @@ def _pick_set(sub: Path, variant: str | None) -> tuple[str | None, Path | None, 
         raise InputError(f"{sub}: model_index.json lists a model here, but the folder has no .safetensors weights; "
                          "the pipeline is incomplete")
     names = ", ".join("non-variant" if v is None else v for v in sets)
-    raise InputError(f"{sub}: holds several variants of the weights ({names}); which one to use cannot be told: "
-                     "remove the others (or open the folder with variant=...)")
+    raise InputError(f"{sub}: holds several variants of the weights ({names}); which one is meant cannot be told: "
+                     "move the other variants' files out of the folder (from Python: open_diffusers(folder, "
+                     "variant=...))")
 
 
 def _names(variant: str | None, stem: str) -> tuple[str, str]:
