@@ -432,3 +432,27 @@ def test_a_pipeline_is_not_written_as_one_file(folders, tmp_path, capsys):
         engine.execute(engine.plan(open_checkpoint(folders["sd1", "plain"]), []), tmp_path / "one.safetensors",
                        progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_hub_cache_snapshot_opens_and_a_link_out_is_refused(folders, tmp_path):
+    """In the Hugging Face cache every file of a snapshot links to its repo's blobs/: that is read; a component
+    file linking anywhere else is refused."""
+    src = folders["sd1", "plain"]
+    repo = tmp_path / "models--org--tiny-sd"
+    snap = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    for i, f in enumerate(p for p in sorted(src.rglob("*")) if p.is_file()):
+        blob = repo / "blobs" / f"blob{i}"
+        shutil.copy(f, blob)
+        link = snap / f.relative_to(src)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    ckpt = open_checkpoint(snap)
+    assert ckpt.tensors.keys() == open_checkpoint(src).tensors.keys()
+    assert torch.equal(ckpt.read("unet.conv_in.weight"), open_checkpoint(src).read("unet.conv_in.weight"))
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(src / "vae" / "diffusion_pytorch_model.safetensors", outside)
+    (snap / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    (snap / "vae" / "diffusion_pytorch_model.safetensors").symlink_to(outside)
+    with pytest.raises(InputError, match="is a link to a file outside"):
+        open_checkpoint(snap)
