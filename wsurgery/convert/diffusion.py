@@ -36,9 +36,10 @@ from ..adapters.formats import AdapterFile, AdapterModule, read_adapter_file
 from ..adapters.formats.diffusers import Diffusers
 from ..adapters.formats.writer import diffusers_lora, kohya_lora, output_metadata, write_adapter_file
 from ..adapters.locate import checkpoint_family, locate, stored_name
+from ..checkpoint import Checkpoint
 from ..checkpoint.formats import open_checkpoint
 from ..errors import InputError, UnsupportedError
-from ..families import Family
+from ..families import Family, Location
 from ..methods.lora import LoraPatch
 from ..model_card import provenance
 from .peft_writer import write_adapter
@@ -102,15 +103,15 @@ def _members(contents: AdapterFile, family: Family) -> dict[str, tuple[str, ...]
     return {m: tuple(index[(s, loc.slice)] for s, loc in place) for m, place in placed.items()}
 
 
-def _shape(family: Family, members: tuple[str, ...]) -> tuple[int, ...]:
-    shapes = [family.modules()[c].shape for c in members]
+def _shape(mods: dict[str, Location], members: tuple[str, ...]) -> tuple[int, ...]:
+    shapes = [mods[c].shape for c in members]
     return (sum(s[0] for s in shapes), *shapes[0][1:])
 
 
-def _rows(family: Family, members: tuple[str, ...]) -> list[tuple[str, int, int]]:
+def _rows(mods: dict[str, Location], members: tuple[str, ...]) -> list[tuple[str, int, int]]:
     out, offset = [], 0
     for c in members:
-        size = family.modules()[c].shape[0]
+        size = mods[c].shape[0]
         out.append((c, offset, offset + size))
         offset += size
     return out
@@ -149,11 +150,11 @@ def _factor(delta: torch.Tensor, name: str, rank: int | None, dtype: torch.dtype
     return _Lora(A.to(dtype).contiguous(), B.to(dtype).contiguous(), 1.0, None)
 
 
-def _split(m: AdapterModule, members: tuple[str, ...], family: Family, where: Path,
+def _split(m: AdapterModule, members: tuple[str, ...], mods: dict[str, Location], where: Path,
            rank: int | None) -> dict[str, _Lora]:
     """One source module as a LoRA per diffusers module it changes."""
     lora = _plain_lora(m)
-    rows = _rows(family, members)
+    rows = _rows(mods, members)
     if lora is not None:
         scale = float(lora.scaling)
         alpha = m.alpha if m.alpha is not None and m.alpha / lora.rank == scale else None
@@ -166,7 +167,7 @@ def _split(m: AdapterModule, members: tuple[str, ...], family: Family, where: Pa
                 A, B = (lora.A, lora.B[a:b]) if len(cols) == lora.rank else (lora.A[cols], lora.B[a:b][:, cols])
                 out[c] = _Lora(A, B, scale, None)
         return out
-    delta = _delta(m, _shape(family, members), where)
+    delta = _delta(m, _shape(mods, members), where)
     dtype = next(t for t in (getattr(m.patch, "A", None), *getattr(m.patch, "t", {}).values(), torch.zeros(()))
                  if isinstance(t, torch.Tensor) and t.is_floating_point()).dtype
     return {c: _factor(delta[a:b], c, rank, dtype) for c, a, b in rows}
@@ -195,11 +196,12 @@ def _kohya_names(family: Family) -> tuple[dict[tuple[str, ...], str], dict[str, 
 def _to_kohya(pieces: dict[str, _Lora], whole: dict[tuple[str, ...], AdapterModule], family: Family,
               where: Path) -> dict[str, torch.Tensor]:
     by_members, fused = _kohya_names(family)
+    mods = family.modules()
     out: dict[str, torch.Tensor] = {}
     for members, m in whole.items():  # a source module that already is a kohya module: as it is
-        lora = _plain_lora(m)
-        assert lora is not None
-        out.update(kohya_lora(by_members[members], lora.A, lora.B, float(lora.scaling) * lora.rank))
+        patch = _plain_lora(m)
+        assert patch is not None
+        out.update(kohya_lora(by_members[members], patch.A, patch.B, float(patch.scaling) * patch.rank))
     groups: dict[str, tuple[tuple[str, ...], dict[str, _Lora]]] = {}
     for c, lora in pieces.items():
         name, members = fused.get(c) or (by_members.get((c,), ""), (c,))
@@ -218,7 +220,7 @@ def _to_kohya(pieces: dict[str, _Lora], whole: dict[tuple[str, ...], AdapterModu
         present = [c for c in members if c in parts]
         A = torch.cat([parts[c].A for c in present])
         dtype = A.dtype
-        rows = _rows(family, members)
+        rows = _rows(mods, members)
         B = torch.zeros(rows[-1][2], A.shape[0], dtype=dtype)
         col = 0
         for c, a, b in rows:
@@ -252,12 +254,12 @@ def _to_peft_folder(pieces: dict[str, _Lora], where: Path) -> tuple[dict, dict[s
     return config, tensors
 
 
-def _canonical_deltas(contents: AdapterFile, members: dict[str, tuple[str, ...]], family: Family
+def _canonical_deltas(contents: AdapterFile, members: dict[str, tuple[str, ...]], mods: dict[str, Location]
                       ) -> dict[str, tuple[str, int, int]]:
     """diffusers module -> (the file's module, rows of its change) for the modules a file changes."""
     out: dict[str, tuple[str, int, int]] = {}
     for m, cs in members.items():
-        for c, a, b in _rows(family, cs):
+        for c, a, b in _rows(mods, cs):
             if c in out:
                 raise InputError(f"{contents.path}: modules {out[c][0]} and {m} both change {c}")
             out[c] = (m, a, b)
@@ -267,7 +269,8 @@ def _canonical_deltas(contents: AdapterFile, members: dict[str, tuple[str, ...]]
 def _measure(source: AdapterFile, written: AdapterFile, family: Family) -> list[ModuleReport]:
     """Per diffusers module, the written change against the source's (float64, read back from the file)."""
     src_members, out_members = _members(source, family), _members(written, family)
-    src, out = _canonical_deltas(source, src_members, family), _canonical_deltas(written, out_members, family)
+    mods = family.modules()
+    src, out = _canonical_deltas(source, src_members, mods), _canonical_deltas(written, out_members, mods)
     cache: dict[str, torch.Tensor] = {}
 
     def delta(contents: AdapterFile, members: dict[str, tuple[str, ...]], name: str) -> torch.Tensor:
@@ -275,7 +278,7 @@ def _measure(source: AdapterFile, written: AdapterFile, family: Family) -> list[
         if key not in cache:
             if len(cache) > 4:
                 cache.clear()
-            cache[key] = _delta(contents.modules[name], _shape(family, members[name]), contents.path)
+            cache[key] = _delta(contents.modules[name], _shape(mods, members[name]), contents.path)
         return cache[key]
 
     reports = []
@@ -317,6 +320,7 @@ def convert_adapter_file(adapter: str | Path, out: str | Path, *, to: str, base:
     family = _family(base, f"converting a {contents.format} file to {to}")
     members = _members(contents, family)
     by_members, _ = _kohya_names(family)
+    mods = family.modules()
     pieces: dict[str, _Lora] = {}
     whole: dict[tuple[str, ...], AdapterModule] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -329,7 +333,7 @@ def convert_adapter_file(adapter: str | Path, out: str | Path, *, to: str, base:
         if to == "kohya" and _plain_lora(m) is None:
             raise UnsupportedError(f"{adapter}: module {name} is {m.algo}{' (DoRA)' if m.dora else ''}; only LoRA "
                                    "modules are converted to kohya names from a diffusers file")
-        for c, lora in _split(m, cs, family, adapter, rank).items():
+        for c, lora in _split(m, cs, mods, adapter, rank).items():
             if c in pieces:
                 raise InputError(f"{adapter}: two of its modules change {c}; which one is meant cannot be told")
             pieces[c] = lora
@@ -358,6 +362,11 @@ def convert_adapter_file(adapter: str | Path, out: str | Path, *, to: str, base:
         write_adapter_file(out, tensors, output_metadata(contents.metadata, record, drop), overwrite=overwrite,
                            inputs=[adapter], check=check)
     return DiffusionConversion(out, contents.format, to, reports, notes)
+
+
+def _readable(path: Path) -> None:
+    """The written file must read back as an adapter (a check before it becomes OUT)."""
+    read_adapter_file(path)
 
 
 def _peft_as_file(folder: Path, component: str) -> AdapterFile:
@@ -416,8 +425,8 @@ def _kohya_targets(family: Family, conv_rank: int | None) -> dict[str, str]:
     return out
 
 
-def _read_module(ckpt, family: Family, module: str) -> torch.Tensor:
-    loc = family.modules()[module]
+def _read_module(ckpt: Checkpoint, family: Family, mods: dict[str, Location], module: str) -> torch.Tensor:
+    loc = mods[module]
     return loc.take(ckpt.read(stored_name(family, loc, loc.weight))).to(torch.float32)
 
 
@@ -480,14 +489,14 @@ def extract_diffusion(base: str | Path, tuned: str | Path, out: str | Path, *, r
     text = [c for c in targets if c.startswith("text_encoder")]
     text_changed = False
     for c in text:  # kohya: the text encoders only where one differs by more than min_diff
-        d = _read_module(t_ckpt, family, c) - _read_module(b_ckpt, family, c)
+        d = _read_module(t_ckpt, t_family, t_shapes, c) - _read_module(b_ckpt, family, shapes, c)
         text_changed = text_changed or float(d.abs().max()) > min_diff
     tensors: dict[str, torch.Tensor] = {}
     reports: list[ExtractedModule] = []
     for c, kind in targets.items():
         if c in text and not text_changed:
             continue
-        diff = _read_module(t_ckpt, family, c) - _read_module(b_ckpt, family, c)
+        diff = _read_module(t_ckpt, t_family, t_shapes, c) - _read_module(b_ckpt, family, shapes, c)
         up, down = kohya_svd(diff, conv_rank if kind == "conv" and conv_rank else rank, clamp_quantile)
         r = down.shape[0]
         approx = up.reshape(up.shape[0], r) @ down.reshape(r, -1)
@@ -505,5 +514,5 @@ def extract_diffusion(base: str | Path, tuned: str | Path, out: str | Path, *, r
     record = provenance("extract", command, base=str(base), tuned=str(tuned))
     record["extract"] = {"rank": rank, "conv_rank": conv_rank, "clamp_quantile": clamp_quantile, "format": format}
     write_adapter_file(out, tensors, output_metadata(metadata, record), overwrite=overwrite, inputs=[base, tuned],
-                       check=read_adapter_file)
+                       check=_readable)
     return DiffusionExtract(out, reports, text_changed or not text)

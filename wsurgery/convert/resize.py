@@ -115,6 +115,10 @@ def _method(rank: int | None, energy: float | None, fro: float | None, ratio: fl
     return method, value
 
 
+def _readable(path: Path) -> None:
+    read_adapter_file(path)
+
+
 def resize(adapter: str | Path, out: str | Path, *, rank: int | None = None, conv_rank: int | None = None,
            energy: float | None = None, fro: float | None = None, ratio: float | None = None,
            dtype: str | None = None, overwrite: bool = False, command: str | None = None) -> Resize:
@@ -180,5 +184,5 @@ def resize(adapter: str | Path, out: str | Path, *, rank: int | None = None, con
     record = provenance("resize", command, adapters=[(str(adapter), 1.0)])
     record["resize"] = {"method": method, "param": param, "rank": rank, "conv_rank": conv_rank}
     write_adapter_file(out, written, output_metadata(contents.metadata, record, updates), overwrite=overwrite,
-                       inputs=[adapter], check=read_adapter_file)
+                       inputs=[adapter], check=_readable)
     return Resize(out, method, modules, kept)
