@@ -122,6 +122,7 @@ def test_sdxl_kohya_file_lands_where_diffusers_puts_it(sdxl, capsys):
     assert info["prefixes"] == {"lora_unet": 5, "lora_te1": 2, "lora_te2": 3}
     info = _inspect([lora, "--base", base], capsys)
     assert info["base"]["family"] == "sdxl" and info["base"]["layout"] == "single-file"
+    assert info["base"]["same_family"] is True and info["base_family"]["conflict"] is None
     assert info["placed"] == len(SDXL_NAMES) and info["unplaced"] == []
     stored = load_file(base)
     sliced = 0
@@ -175,8 +176,10 @@ def test_modules_that_land_nowhere_are_listed_with_the_reason(tmp_path, capsys):
     shapes = {ok: (16, 16), "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (8, 8),
               "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (16, 16),
               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (16, 16)}
-    lora = kohya_file(tmp_path / "mixed.safetensors", shapes)
+    lora = kohya_file(tmp_path / "mixed.safetensors", shapes, metadata={"ss_base_model_version": "sd_v1"})
     info = _inspect([lora, "--base", base], capsys)
+    assert info["base"]["same_family"] is False and info["base_family"]["family"] == "sd1"
+    assert "the metadata says SD 1.x but the module names (lora_te2_" in info["base_family"]["conflict"]
     assert info["placed"] == 1 and [r["module"] for r in info["modules"] if r["lands"]] == [ok]
     reasons = {u["module"]: u["reason"] for u in info["unplaced"]}
     assert "no unet module of a SDXL model is named so" in reasons[
@@ -186,6 +189,7 @@ def test_modules_that_land_nowhere_are_listed_with_the_reason(tmp_path, capsys):
         "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"]
     status, text, _ = run_cli(["inspect", lora, "--base", base], capsys)
     assert status == 0 and "3 map to nothing" in text and text.count("-> NOTHING:") == 3
+    assert "NOT the family the adapter is for" in text and "WARNING     the metadata says SD 1.x" in text
     out = tmp_path / "merged.safetensors"
     status, _, err = run_cli(["merge", base, lora, out, "-q"], capsys)
     assert status == 1 and "3 of its modules map to nothing" in err and not out.exists()
@@ -209,7 +213,7 @@ def test_diffusers_format_file(tmp_path, capsys):
     n_q = sum(1 for r in info["modules"] if r["module"].endswith("to_q"))
     assert info["format"] == "diffusers" and info["prefixes"] == {"unet": 2 * n_q}
     assert info["ranks"] == {"4": 2 * n_q} and info["alphas"] == {"8": n_q, "2": n_q}
-    assert info["base_family"]["family"] == "sd1|sd2"
+    assert info["base_family"]["family"] == "sd1|sd2|sdxl" and info["base_family"]["conflict"] is None
 
 
 def test_single_file_checkpoint_is_no_adapter(tmp_path, capsys):

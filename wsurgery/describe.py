@@ -118,24 +118,39 @@ _FAMILY_NAMES = (("flux", re.compile(r"^lora_unet_(double|single)_blocks_|single
                                      r"|^text_encoder_2\.")))
 
 
+def _family_from_names(adapter: AdapterFile) -> tuple[str, str, str] | None:
+    """(family, or several joined by ``|``; title; why) from module names only some families' adapters use."""
+    for name, pattern in _FAMILY_NAMES:
+        hit = next((m for m in adapter.modules if pattern.search(m)), None)
+        if hit is not None:
+            return name, families()[name].title, f"module names ({hit})"
+    hit = next((m for m in adapter.modules if m.startswith("lora_te_")), None)
+    if hit is not None:
+        return "sd1|sd2", "SD 1.x or 2.x", f"module names (one text encoder: {hit})"
+    hit = next((m for m in adapter.modules if m.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_",
+                                                             "lora_unet_mid_block_", "unet."))), None)
+    if hit is not None:
+        return "sd1|sd2|sdxl", "an SD UNet (1.x, 2.x or SDXL)", f"module names (diffusers UNet names: {hit})"
+    return None
+
+
 def adapter_family(adapter: AdapterFile) -> dict[str, Any]:
     """The family the file says it is for (its metadata), else the one its module names point at; the source
-    is named, for a guess from names is weaker than a statement."""
+    is named, for a guess from names is weaker than a statement. Metadata that the names contradict is told
+    (``conflict``): a file relabelled, or merged from another family's."""
+    guess = _family_from_names(adapter)
     for key in ("ss_base_model_version", "modelspec.architecture"):
         value = adapter.metadata.get(key)
         if value:
             low = value.lower()
             name = next((f for f, words in _FAMILY_WORDS if any(w in low for w in words)), None)
-            return {"family": name, "title": families()[name].title if name else None, "from": f"{key}={value}"}
-    for name, pattern in _FAMILY_NAMES:
-        hit = next((m for m in adapter.modules if pattern.search(m)), None)
-        if hit is not None:
-            return {"family": name, "title": families()[name].title, "from": f"module names ({hit})"}
-    if any(m.startswith(("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_", "lora_te_",
-                         "unet.")) for m in adapter.modules):
-        return {"family": "sd1|sd2", "title": "SD 1.x or 2.x",
-                "from": "module names (diffusers UNet, one text encoder)"}
-    return {"family": None, "title": None, "from": None}
+            conflict = (f"the metadata says {families()[name].title} but the {guess[2]} are {guess[1]}'s"
+                        if name and guess and name not in guess[0].split("|") else None)
+            return {"family": name, "title": families()[name].title if name else None, "from": f"{key}={value}",
+                    "conflict": conflict}
+    if guess is not None:
+        return {"family": guess[0], "title": guess[1], "from": guess[2], "conflict": None}
+    return {"family": None, "title": None, "from": None, "conflict": None}
 
 
 _KOHYA_PREFIX = re.compile(r"^(lora_(?:unet|transformer|te\d?)|lycoris)_")
@@ -187,8 +202,10 @@ def describe_adapter_file(adapter: AdapterFile, base: Checkpoint | None = None) 
         row["lands"] = None if spot is None else [
             {"tensor": name, "rows": None if loc.slice is None else [loc.slice[1], loc.slice[1] + loc.slice[2]],
              "as": list(loc.shape), "module": loc.original or None} for name, loc in spot]
+    said = info["base_family"]["family"]
     info["base"] = {"path": str(base.shards[0] if len(base.shards) == 1 else base.folder), "family": family.name,
-                    "title": family.title, "layout": family.layout.value}
+                    "title": family.title, "layout": family.layout.value,
+                    "same_family": None if said is None else family.name in said.split("|")}
     info["placed"] = len(placed)
     info["unplaced"] = [{"module": m, "reason": why} for m, why in unplaced.items()]
     return info
@@ -201,7 +218,8 @@ def _format_adapter_file(info: dict[str, Any]) -> list[str]:
     fam = info["base_family"]
     lines = [f"adapter file {info['file']}  ({info['format']})",
              "made for    " + (f"{fam['title'] or 'unknown family'}  (from {fam['from']})" if fam["from"]
-                               else "not said (no base-model metadata, no family-specific module names)"),
+                               else "not said (no base-model metadata, no family-specific module names)")
+             + (f"\nWARNING     {fam['conflict']}" if fam["conflict"] else ""),
              f"modules     {info['num_modules']} in {info['num_tensors']} tensors: {counts(info['algos'])}"
              + (f"; DoRA on {info['dora']}" if info["dora"] else ""),
              f"ranks       {counts(info['ranks'])}",
@@ -210,7 +228,8 @@ def _format_adapter_file(info: dict[str, Any]) -> list[str]:
     lines += [f"metadata    {k} = {v if len(v) <= 100 else v[:97] + '...'}" for k, v in info["metadata"].items()]
     base = info.get("base")
     if base is not None:
-        lines.append(f"base        {base['path']}  ({base['title']}, {base['layout']})")
+        lines.append(f"base        {base['path']}  ({base['title']}, {base['layout']})"
+                     + ("  -- NOT the family the adapter is for" if base["same_family"] is False else ""))
         lines.append(f"placed      {info['placed']} of {info['num_modules']} modules"
                      + (f"; {len(info['unplaced'])} map to nothing (a merge refuses the file)" if info["unplaced"]
                         else ""))
