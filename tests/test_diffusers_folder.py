@@ -36,6 +36,7 @@ from oracle import run_cli
 from wsurgery import engine
 from wsurgery.checkpoint import CheckpointWriter, TensorSpec, open_checkpoint, plan_shards
 from wsurgery.checkpoint.formats.diffusers import DIFFUSERS, open_diffusers
+from wsurgery.checkpoint.formats.safetensors import SAFETENSORS
 from wsurgery.errors import InputError, UnsupportedError
 from wsurgery.families import detect_folder, read_folder
 
@@ -241,7 +242,10 @@ def test_a_chosen_variant_opens_a_folder_holding_both(folders, tmp_path):
     ckpt = open_diffusers(both, DIFFUSERS, variant="fp16")
     assert {t.dtype for t in ckpt.tensors.values()} == {torch.float16}
     assert all(".fp16." in t.file.name for t in ckpt.tensors.values())
-    assert open_diffusers(both, DIFFUSERS, variant="").tensors["unet.conv_in.weight"].dtype == torch.float32
+    plain = DIFFUSERS.open_variant(both / "model_index.json", "")  # what a --variant option calls
+    assert plain.tensors["unet.conv_in.weight"].dtype == torch.float32
+    with pytest.raises(InputError, match="a variant applies to diffusers pipeline folders"):
+        SAFETENSORS.open_variant(both / "unet" / "diffusion_pytorch_model.safetensors", "fp16")
 
 
 def test_inspect_shows_the_components(folders, capsys):

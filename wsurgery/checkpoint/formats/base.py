@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 
+from ...errors import InputError
 from ...quant.encodings import EncodedTensorInfo
 from ..reader import SAFETENSORS_INDEX_SUFFIX, Checkpoint
 from ..output import copy_side_files
@@ -74,6 +75,12 @@ class CheckpointFormat(ABC):
         by default one ``model.safetensors``, split as ``--max-shard-size`` asks."""
         return ({n: "model.safetensors" for n in ckpt.tensors}, "model.safetensors",
                 "model" + SAFETENSORS_INDEX_SUFFIX)
+
+    def open_variant(self, path: Path, variant: str) -> Checkpoint:
+        """Open ``path`` reading the weight files of ``variant`` ("fp16"; "" for the files without one), where
+        the format may hold several sets of the same weights (a diffusers pipeline's components)."""
+        raise InputError(f"{path}: {self.name} checkpoints have no weight variants; a variant applies to diffusers "
+                         "pipeline folders")
 
     def output_parts(self, ckpt: Checkpoint) -> list[OutputPart]:
         """The checkpoints of their own a safetensors copy of ``ckpt`` is made of, each in a subfolder with

@@ -92,8 +92,8 @@ def _pick_set(sub: Path, variant: str | None) -> tuple[str | None, Path | None, 
                          "the pipeline is incomplete")
     names = ", ".join("non-variant" if v is None else v for v in sets)
     raise InputError(f"{sub}: holds several variants of the weights ({names}); which one is meant cannot be told: "
-                     "move the other variants' files out of the folder (from Python: open_diffusers(folder, "
-                     "variant=...))")
+                     "move the other variants' files out of the folder (or choose a variant: fp16..., \"\" for the files "
+                     "without one)")
 
 
 def _names(variant: str | None, stem: str) -> tuple[str, str]:
@@ -220,6 +220,9 @@ class DiffusersFormat(CheckpointFormat):
 
     def open(self, path: Path) -> Checkpoint:
         return open_diffusers(path.parent, self)
+
+    def open_variant(self, path: Path, variant: str) -> Checkpoint:
+        return open_diffusers(path.parent, self, variant)
 
     def pushed(self, name: str) -> bool:
         return False  # model_index.json is no weights file; the weights lie in the component folders
