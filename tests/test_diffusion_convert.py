@@ -531,3 +531,36 @@ def test_extract_sd1_matches_kohya(tmp_path, conv_dim, text_delta):
         meta = f.metadata()
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
     assert all(0 <= m.error < 1 for m in result.modules)
+
+
+def test_peft_folder_to_diffusers_and_kohya_equals_peft_merge(tmp_path):
+    """A PEFT LoRA folder on the UNet (rsLoRA scaling, Linear and 3x3 Conv2d targets) -> diffusers file and kohya
+    file: diffusers fuses each to what PEFT's own merge_and_unload gives."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from wsurgery.convert.diffusion import convert_adapter_file
+
+    unet, comps, _, base = _sd1_unet_and_kohya(tmp_path)
+    model = get_peft_model(copy.deepcopy(unet), LoraConfig(r=3, lora_alpha=5, use_rslora=True,
+                                                           target_modules=["to_q", "to_v", "conv1", "proj_in"]))
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    folder = tmp_path / "peft"
+    model.save_pretrained(folder)
+    want = model.merge_and_unload().state_dict()
+    for to in ("diffusers", "kohya"):
+        out = tmp_path / f"{to}.safetensors"
+        result = convert_adapter_file(folder, out, to=to, base=base)
+        assert result.max_error < 1e-6 and len(result.modules) > 10
+        got = _diffusers_fused_unet(unet, out)
+        changed = [k for k in want if not torch.equal(want[k], comps["unet"][k])]
+        assert any("conv1" in k for k in changed)
+        for k, w in want.items():
+            _close(got[k], w)
+    with pytest.raises(InputError, match="already a PEFT"):
+        convert_adapter_file(folder, tmp_path / "p2", to="peft", base=base)

@@ -40,7 +40,8 @@ from ..checkpoint import Checkpoint
 from ..checkpoint.formats import open_checkpoint
 from ..errors import InputError, UnsupportedError
 from ..families import Family, Location
-from ..methods.lora import LoraPatch
+from ..adapters.loader import load_adapter
+from ..methods.lora import DoraPatch, LoraPatch
 from ..model_card import provenance
 from .peft_writer import write_adapter
 from .target import ModuleDelta
@@ -304,9 +305,10 @@ def _measure(source: AdapterFile, written: AdapterFile, family: Family) -> list[
 
 
 def convert_adapter_file(adapter: str | Path, out: str | Path, *, to: str, base: str | Path | None = None,
-                         rank: int | None = None, overwrite: bool = False,
+                         rank: int | None = None, component: str | None = None, overwrite: bool = False,
                          command: str | None = None) -> DiffusionConversion:
-    """Convert a kohya / LyCORIS / diffusers-style adapter file (see the module docstring)."""
+    """Convert a kohya / LyCORIS / diffusers-style adapter file, or a PEFT folder of one pipeline component (which
+    one: ``component``, else the one whose modules it names), see the module docstring."""
     adapter, out = Path(adapter), Path(out)
     if to not in TARGETS:
         raise InputError(f"--to {to}: one of {', '.join(TARGETS)}")
@@ -314,10 +316,16 @@ def convert_adapter_file(adapter: str | Path, out: str | Path, *, to: str, base:
         raise InputError(f"--rank {rank}: a rank is at least 1")
     if to != "peft" and out.suffix != ".safetensors":
         raise InputError(f"{out}: a {to} adapter is one .safetensors file; name it so")
-    contents = read_adapter_file(adapter)
-    if to == contents.format:
-        raise InputError(f"{adapter}: is already a {to} adapter file")
-    family = _family(base, f"converting a {contents.format} file to {to}")
+    if adapter.is_dir():
+        family = _family(base, f"converting a PEFT adapter folder to {to}")
+        if to == "peft":
+            raise InputError(f"{adapter}: is already a PEFT adapter folder")
+        contents = _peft_source(adapter, family, component)
+    else:
+        contents = read_adapter_file(adapter)
+        if to == contents.format:
+            raise InputError(f"{adapter}: is already a {to} adapter file")
+        family = _family(base, f"converting a {contents.format} file to {to}")
     members = _members(contents, family)
     by_members, _ = _kohya_names(family)
     mods = family.modules()
@@ -362,6 +370,34 @@ def convert_adapter_file(adapter: str | Path, out: str | Path, *, to: str, base:
         write_adapter_file(out, tensors, output_metadata(contents.metadata, record, drop), overwrite=overwrite,
                            inputs=[adapter], check=check)
     return DiffusionConversion(out, contents.format, to, reports, notes)
+
+
+def _peft_source(folder: Path, family: Family, component: str | None) -> AdapterFile:
+    """A PEFT adapter folder of one pipeline component as a diffusers-style file (its modules under the component)."""
+    ad = load_adapter(folder)
+    if ad.replacements or ad.tokens:
+        raise UnsupportedError(f"{folder}: saves whole modules or token rows (modules_to_save, trainable tokens), "
+                               "which kohya and diffusers LoRA files cannot hold")
+    patches = ad.method_patches
+    mods = family.modules()
+    names = [c.name for c in family.components]
+    if component is None:
+        fits = [c for c in names if all(f"{c}.{p.module}" in mods for p in patches)]
+        if len(fits) != 1:
+            told = f"fits {', '.join(fits)}" if fits else f"fits none of {', '.join(names)}"
+            raise InputError(f"{folder}: its modules' names {told} of this {family.title} base; "
+                             "name the component (--component)")
+        component = fits[0]
+    elif component not in names:
+        raise InputError(f"--component {component}: a {family.title} pipeline has {', '.join(names)}")
+    modules = {}
+    for p in patches:
+        name = f"{component}.{p.module}"
+        algo = "lora" if isinstance(p, LoraPatch) else ad.config.peft_type.lower()
+        rank = int(p.rank) if isinstance(p, LoraPatch) else None
+        alpha = float(p.alpha) if isinstance(p, LoraPatch) else None
+        modules[name] = AdapterModule(name, algo, p, rank, alpha, (), dora=isinstance(p, DoraPatch))
+    return AdapterFile(folder, "peft", modules, {})
 
 
 def _readable(path: Path) -> None:
