@@ -214,6 +214,10 @@ def test_flux_kohya_lora_on_bfl_names(tmp_path, capsys):
     model.fuse_lora(lora_scale=0.9)
     ours = conv["transformer"](load_file(out))
     _check(ours, _fused(model), comps["transformer"], 20)
+    status, stdout, err = run_cli(["verify", base, lora, out, "--scale", "0.9"], capsys)
+    assert status == 0, stdout + err
+    status, stdout, _ = run_cli(["verify", base, lora, out, "--scale", "0.8"], capsys)  # not what was merged
+    assert status != 0 and "FAIL" in stdout
 
 
 # --- two weighted adapters; unmerge ------------------------------------------------------------------------------
