@@ -92,8 +92,8 @@ def _pick_set(sub: Path, variant: str | None) -> tuple[str | None, Path | None, 
                          "the pipeline is incomplete")
     names = ", ".join("non-variant" if v is None else v for v in sets)
     raise InputError(f"{sub}: holds several variants of the weights ({names}); which one is meant cannot be told: "
-                     "move the other variants' files out of the folder (or choose a variant: fp16..., \"\" for the files "
-                     "without one)")
+                     "move the other variants' files out of the folder (or choose a variant: fp16..., \"\" for the "
+                     "files without one)")
 
 
 def _names(variant: str | None, stem: str) -> tuple[str, str]:
