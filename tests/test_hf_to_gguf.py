@@ -317,19 +317,25 @@ def test_sentencepiece_models_are_byte_identical(llama_cpp_src, tmp_path, archit
 @pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2", "qwen3"])
 def test_a_minimal_config_gets_transformers_defaults(llama_cpp_src, tmp_path, architecture):
     """The converter reads ``AutoConfig(...).to_dict()``: a config.json of older transformers without
-    head_dim, rope_parameters, max_position_embeddings, rms_norm_eps or num_key_value_heads (with a linear
-    rope scaling) must give what transformers fills in."""
+    head_dim, rope_parameters, max_position_embeddings, rms_norm_eps or num_key_value_heads must give what
+    transformers fills in. Llama with Llama 3's rope scaling (the converter computes a rope_freqs tensor),
+    the others with a linear one."""
     folder = _sentencepiece_folder(tmp_path / f"old-{architecture}", architecture)
     config = json.loads((folder / "config.json").read_text())
     minimal = {k: config[k] for k in ("architectures", "model_type", "hidden_size", "intermediate_size",
                                       "num_hidden_layers", "num_attention_heads", "vocab_size", "bos_token_id",
                                       "eos_token_id", "tie_word_embeddings")}
     minimal.update(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    if architecture == "llama":
+        minimal["rope_scaling"] = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     (folder / "config.json").write_text(json.dumps(minimal))
     done = _reference(llama_cpp_src, folder, tmp_path / "theirs.gguf", "f16")
     assert done.returncode == 0, done.stderr[-2000:]
     hf_to_gguf(folder, tmp_path / "ours.gguf", "f16", progress=False)
     _same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
+    names = [t.name for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors]
+    assert ("rope_freqs.weight" in names) == (architecture == "llama")
 
 
 def test_a_llama_quantize_mix_in_one_pass(llama_cpp_src, tmp_path):
@@ -443,9 +449,8 @@ def test_what_is_not_converted_is_refused_by_name(tmp_path):
     cases = {
         "GPT2LMHeadModel": ({"architectures": ["GPT2LMHeadModel"]}, "architecture 'GPT2LMHeadModel'"),
         "Mixtral": ({"architectures": ["MixtralForCausalLM"]}, "stacked experts"),
-        "llama3 rope": ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5,
-                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                             "original_max_position_embeddings": 8192}}, "rope type 'llama3'"),
+        "longrope": ({"rope_parameters": {"rope_type": "longrope", "factor": 8.0, "rope_theta": 5e5}},
+                     "rope type 'longrope'"),
         "quantized": ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
                       "quantized checkpoint"),
     }

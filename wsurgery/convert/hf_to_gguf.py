@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -133,6 +134,8 @@ class GgufConversion:
     folder: Path
     writer: gguf.GGUFWriter  # holds the key/values and tensor infos; writes only the header
     targets: dict[str, GgufTarget] = field(default_factory=dict)  # Hugging Face name -> target, file order
+    #: tensors the converter computes (Llama 3's rope_freqs), under their GGUF names; written with the header
+    generated: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def convert(self, name: str, tensor: torch.Tensor) -> np.ndarray:
         """``name``'s bytes in the GGUF file (as the converter encodes them)."""
@@ -269,7 +272,7 @@ def _add_parameters(w: gguf.GGUFWriter, h: dict, family: Family, ftype: gguf.Lla
                     w.add_rope_scaling_yarn_attn_factor(attn)
                 if (value := rope.get(key)) is not None:
                     add(value)
-        elif kind not in ("default", "linear", "yarn"):
+        elif kind.lower() not in ("default", "linear", "yarn", "llama3"):  # llama3: a rope_freqs tensor
             raise UnsupportedError(f"{where}: rope type {kind!r}; llama.cpp's converter computes more for it than "
                                    "wsurgery redoes (a rope_freqs tensor or per-model settings)")
     if "mrope_section" in rope_all:
@@ -333,6 +336,33 @@ def _add_gemma3_parameters(w: gguf.GGUFWriter, h: dict) -> None:
     w.add_head_count_kv(h.get("num_key_value_heads", 4))
 
 
+def _llama3_rope_freqs(h: dict) -> torch.Tensor | None:
+    """``LlamaModel.generate_extra_tensors``: Llama 3's rope scaling as per-frequency factors (float32 torch
+    arithmetic, as the converter computes them)."""
+    rope_all = _rope_parameters(h)
+    rope = rope_all.get("full_attention", rope_all)
+    if not rope or str(rope.get("rope_type", "")).lower() != "llama3":
+        return None
+    base = rope.get("rope_theta", 10000.0)
+    dim = h.get("head_dim") or h["hidden_size"] // h["num_attention_heads"]
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    factors: list = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
 def _tensor_type(gguf_name: str, shape: tuple[int, ...], ftype: gguf.LlamaFileType,
                  type_for: Callable[[str, tuple[int, ...]], GgmlType | None] | None) -> GgmlType:
     """The converter's choice (``prepare_tensors``): norms, 1-D tensors and non-weights F32, the rest the
@@ -385,6 +415,9 @@ def plan_conversion(ckpt: Any, outtype: str = "f16",
     n_head, n_kv = h["num_attention_heads"], h["num_key_value_heads"]
     w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[family.arch])
     conv = GgufConversion(folder, w)
+    if family.kind == "llama" and (rope_freqs := _llama3_rope_freqs(h)) is not None:
+        conv.generated["rope_freqs.weight"] = rope_freqs
+        conv.targets["rope_freqs.weight"] = GgufTarget("rope_freqs.weight", tuple(rope_freqs.shape), GgmlType.F32)
     for name in _ordered(ckpt.tensors):  # the converter's targets first, then (a mix) llama-quantize's types
         if name.endswith(_DROPPED) or (family.kind in ("gemma", "gemma2") and name == "lm_head.weight"):
             continue
@@ -514,6 +547,8 @@ class HfToGgufWriter:
         self._fd = os.open(path, os.O_WRONLY)
         try:
             os.ftruncate(self._fd, self.total_bytes)
+            for name, tensor in conversion.generated.items():
+                self.write(name, tensor)
         except BaseException:
             os.close(self._fd)
             raise
@@ -564,7 +599,7 @@ def hf_to_gguf(ckpt_folder: str | Path, out: str | Path, outtype: str = "f16",
     ckpt = open_checkpoint(Path(ckpt_folder))
     conversion = plan_conversion(ckpt, outtype, type_for)
     check_output_file(out, [*ckpt.shards], overwrite)
-    names = list(conversion.targets)
+    names = [n for n in conversion.targets if n not in conversion.generated]
     with atomic_output_file(out, overwrite) as tmp:
         writer = HfToGgufWriter(tmp, conversion)
         try:
