@@ -12,9 +12,10 @@ interface the engine's one-file outputs use):
   Q/K rows interleaved, Gemma's norms + 1, the ggml type chosen as the converter chooses it, encoded
   with the ``gguf`` package's quantizers as the converter encodes it).
 
-Families: Llama/Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text). What the converter does beyond
-renames, reshapes and these changes (Llama 3's rope scaling computed into a ``rope_freqs`` tensor,
-stacked experts, vision towers, multimodal rope) is refused by name, before anything is written.
+Families: Llama/Mistral (Llama 3's rope scaling as the ``rope_freqs`` tensor the converter computes),
+Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text). What the converter does beyond renames, reshapes and these
+changes (stacked experts, vision towers, multimodal rope, longrope...) is refused by name, before
+anything is written.
 
 A llama-quantize mix (``q4_k_m``, ``q5_k_m``, ``q6_k``...) is the converter's f16 file requantized as
 llama-quantize does, in the same pass: the types ``quant/gguf_mixes.py`` chooses, each weight rounded to
