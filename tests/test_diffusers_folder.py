@@ -341,6 +341,8 @@ def test_overwrite_replaces_a_pipeline_output_but_not_foreign_folders(folders, t
     with pytest.raises(InputError, match=r"holds files wsurgery does not write \(unet/notes/\)"):
         engine.execute(engine.plan(open_checkpoint(src), []), out, progress=False, overwrite=True)
     assert os.path.isdir(out / "unet" / "notes")
+    with pytest.raises(InputError, match="is inside the input .* and would change it"):  # a pipeline is a model
+        engine.execute(engine.plan(open_checkpoint(src), []), src / "merged", progress=False)
 
 
 def test_merge_a_diffusers_lora_into_a_pipeline_folder_equals_fuse_lora(folders, tmp_path, capsys):

@@ -62,7 +62,7 @@ def _changes_input_folder(folder: Path, out: Path, whole: bool) -> bool:
     given as an input (``whole``); else (it may be only the folder of a lone weights file) where it is a
     model or adapter folder, or where ``out`` takes a name the folder's reader would pick up."""
     first = out.relative_to(folder).parts[0]
-    return (whole or any((folder / n).is_file() for n in ("config.json", "adapter_config.json"))
+    return (whole or any((folder / n).is_file() for n in ("config.json", "adapter_config.json", "model_index.json"))
             or any(folder.glob("*.index.json")) or bool(_OUTPUT_FILE.match(first)) or first.endswith(_WEIGHT_SUFFIXES))
 
 
