@@ -374,6 +374,25 @@ def test_flux_diffusers_to_kohya_fused_names_equals_diffusers_loading(tmp_path, 
     for k, w in merged["a"].items():
         _close(merged["b"][k], w)
         _close(merged["c"][k], w)
+    # resize of this diffusers file (α = 4, r = 2 in its lora_adapter_metadata) at full rank: diffusers' own
+    # loading (metadata honoured) fuses the same transformer
+    resized = tmp_path / "resized.safetensors"
+    resize(lora, resized, fro=1.0)
+    state, meta = FluxPipeline.lora_state_dict(str(resized), return_lora_metadata=True)
+    fresh, _ = _flux()
+    fresh.load_lora_adapter(state, prefix="transformer", adapter_name="r", metadata=meta)
+    fresh.fuse_lora(lora_scale=1.0)
+    got = {k.replace(".base_layer", ""): v for k, v in fresh.state_dict().items() if "lora_" not in k}
+    for k, w in want.items():
+        _close(got[k], w)
+    # an adapter for another family: refused, nothing written
+    from test_families import build
+
+    (tmp_path / "sd1").mkdir()
+    sd1 = _single_file("sd1", tmp_path / "sd1", build("sd1")[0])
+    with pytest.raises(InputError, match="map to nothing"):
+        convert_adapter_file(lora, tmp_path / "other.safetensors", to="kohya", base=sd1)
+    assert not (tmp_path / "other.safetensors").exists()
 
 
 def test_loha_to_diffusers_is_factored_exactly(tmp_path, capsys):

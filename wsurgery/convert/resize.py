@@ -10,7 +10,9 @@ rank is fixed (``rank``; ``conv_rank`` for Conv2d modules) or chosen per module 
 
 capped at ``rank`` (``conv_rank``), or at the module's own rank when none is given; a zero change gets rank 1.
 ``up = U·diag(S)``, ``down = Vh`` (Conv2d: ``down`` (r, in, k, k), ``up`` (out, r, 1, 1)) and ``alpha = s·r'``
-where ``s`` is the module's scale (kohya: ``alpha / r``), so the change is the truncated SVD of the old one.
+where ``s`` is the module's scale (kohya: ``alpha / r``), so the change is the truncated SVD of the old one. In a
+diffusers-style file ``s`` is folded into ``up`` instead and no alpha written (its ``lora_adapter_metadata``
+alphas, which would no longer fit, are dropped): diffusers loads such a file at α = r.
 Modules that are not plain LoRA (LoHa, LoKr, Tucker ``lora_mid``, DoRA...) are written unchanged and listed.
 kohya's ``svd_lowrank`` shortcut for matrices over 2048 on both sides is random, so it is not taken: full SVD.
 """
@@ -162,9 +164,13 @@ def resize(adapter: str | Path, out: str | Path, *, rank: int | None = None, con
         if conv:
             new_down = new_down.reshape(r, *down.shape[1:])
             new_up = new_up.reshape(up.shape[0], r, 1, 1)
+        if contents.format == "diffusers":  # no alpha: the scale folded into up, which every loader takes alike
+            new_up = new_up * patch.scaling
+            written.pop(f"{m.name}.alpha", None)
+        else:
+            written[f"{m.name}.alpha"] = torch.tensor(alpha).to(target)
         written[down_key] = new_down.to(target).contiguous()
         written[up_key] = new_up.to(target).contiguous()
-        written[f"{m.name}.alpha"] = torch.tensor(alpha).to(target)
     if not modules:
         algos = sorted(set(contents.algos.values()))
         raise InputError(f"{adapter}: no plain LoRA module to resize (its modules are {', '.join(algos)})")
@@ -181,8 +187,9 @@ def resize(adapter: str | Path, out: str | Path, *, rank: int | None = None, con
                    "ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic"}
     if "ss_network_module" not in contents.metadata:
         updates = {}  # not a kohya-trained file: no kohya training metadata to keep in step
+    drop: dict[str, str | None] = {"lora_adapter_metadata": None} if contents.format == "diffusers" else {}
     record = provenance("resize", command, adapters=[(str(adapter), 1.0)])
     record["resize"] = {"method": method, "param": param, "rank": rank, "conv_rank": conv_rank}
-    write_adapter_file(out, written, output_metadata(contents.metadata, record, updates), overwrite=overwrite,
-                       inputs=[adapter], check=_readable)
+    metadata = output_metadata(contents.metadata, record, {**updates, **drop})
+    write_adapter_file(out, written, metadata, overwrite=overwrite, inputs=[adapter], check=_readable)
     return Resize(out, method, modules, kept)
