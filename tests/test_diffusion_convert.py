@@ -620,3 +620,38 @@ def test_cli_resize_convert_extract(tmp_path, capsys):
                                 "--conv-rank", "2"], capsys)
     assert status == 0, err  # BASE against itself: zero factors, as kohya writes them
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_peft_loha_folder_to_kohya_is_kept_as_loha(tmp_path, capsys):
+    """A PEFT LoHa folder (Linear and 3x3 Conv2d) -> kohya: LyCORIS LoHa modules with the same tensors, and
+    wsurgery's merge of the kohya file (LoHa merge checked against LyCORIS in test_kohya_lycoris) equals PEFT's own
+    merge_and_unload."""
+    import copy
+
+    from oracle import run_cli
+    from peft import LoHaConfig, get_peft_model
+    from test_families import build
+
+    from wsurgery.convert.diffusion import convert_adapter_file
+
+    unet, comps, _, base = _sd1_unet_and_kohya(tmp_path)
+    model = get_peft_model(copy.deepcopy(unet), LoHaConfig(r=2, alpha=3, target_modules=["to_k", "conv2"]))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "hada_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    folder = tmp_path / "loha"
+    model.save_pretrained(folder)
+    want = model.merge_and_unload().state_dict()
+    out = tmp_path / "kohya.safetensors"
+    result = convert_adapter_file(folder, out, to="kohya", base=base)
+    assert result.max_error == 0.0
+    assert {m.algo for m in read_adapter_file(out).modules.values()} == {"loha"}
+    status, _, err = run_cli(["merge", base, out, tmp_path / "m.safetensors", "-q"], capsys)
+    assert status == 0, err
+    ours = build("sd1")[2]["unet"](load_file(str(tmp_path / "m.safetensors")))
+    changed = [k for k in want if not torch.equal(want[k], comps["unet"][k])]
+    assert any("conv2" in k for k in changed) and any("to_k" in k for k in changed)
+    for k, w in want.items():
+        _close(ours[k], w, 1e-5)

@@ -17,7 +17,8 @@ takes.
 - diffusers file <-> PEFT folder (``--to peft``; one component per folder, PEFT's keys and ``adapter_config.json``).
 - LoHa, LoKr, Tucker LoCon and full ``diff`` modules (LyCORIS) have no diffusers or PEFT-LoRA form: they are
   factored into LoRA at the change's own numerical rank (exact), or at ``rank`` (best rank, by SVD); a kohya target
-  holds them as they are. Base-dependent changes (DoRA, OFT, GLoRA, IA3, norms) are refused.
+  holds them as they are (a PEFT LoHa folder becomes LyCORIS LoHa modules: the same tensors and α/r).
+  Base-dependent changes (DoRA, OFT, GLoRA, IA3, norms) are refused.
 
 Every module's written change is read back from the written file and measured against the source's:
 ``‖ΔW' − ΔW‖_F / ‖ΔW‖_F`` per diffusers module (the report); nothing is written past a non-finite change.
@@ -41,6 +42,7 @@ from ..checkpoint.formats import open_checkpoint
 from ..errors import InputError, UnsupportedError
 from ..families import Family, Location
 from ..adapters.loader import load_adapter
+from ..methods.loha import LohaPatch
 from ..methods.lora import DoraPatch, LoraPatch
 from ..model_card import provenance
 from .peft_writer import write_adapter
@@ -332,15 +334,22 @@ def convert_adapter_file(adapter: str | Path, out: str | Path, *, to: str, base:
     pieces: dict[str, _Lora] = {}
     whole: dict[tuple[str, ...], AdapterModule] = {}
     tensors: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}  # LoHa modules written as they are (kohya target)
     notes: list[str] = []
     for name, m in contents.modules.items():
         cs = members[name]
         if to == "kohya" and len(cs) > 1 and cs in by_members and _plain_lora(m) is not None:
             whole[cs] = m
             continue
+        if to == "kohya" and isinstance(m.patch, LohaPatch) and not m.dora and cs in by_members:
+            # a PEFT LoHa is LyCORIS' (same tensors, names and α/r): kept as it is, under kohya's name
+            kname = by_members[cs]
+            kept.update({f"{kname}.{k}": v for k, v in m.patch.t.items()})
+            kept[f"{kname}.alpha"] = torch.tensor(float(m.patch.alpha))
+            continue
         if to == "kohya" and _plain_lora(m) is None:
             raise UnsupportedError(f"{adapter}: module {name} is {m.algo}{' (DoRA)' if m.dora else ''}; only LoRA "
-                                   "modules are converted to kohya names from a diffusers file")
+                                   "and LoHa modules are converted to kohya names")
         for c, lora in _split(m, cs, mods, adapter, rank).items():
             if c in pieces:
                 raise InputError(f"{adapter}: two of its modules change {c}; which one is meant cannot be told")
@@ -355,7 +364,7 @@ def convert_adapter_file(adapter: str | Path, out: str | Path, *, to: str, base:
             A, B = _folded(lora)
             tensors.update(diffusers_lora(c, A, B, None))
     elif to == "kohya":
-        tensors = _to_kohya(pieces, whole, family, adapter)
+        tensors = {**_to_kohya(pieces, whole, family, adapter), **kept}
     reports: list[ModuleReport] = []
 
     def check(path: Path) -> None:
