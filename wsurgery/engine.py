@@ -26,7 +26,7 @@ from .adapters import Adapter, map_modules
 from .adapters.files import FileAdapter
 from .adapters.locate import Place, checkpoint_family, locate, stored_name
 from .checkpoint import (Checkpoint, CheckpointWriter, TensorSpec, atomic_output_dir, check_output_path,
-                         copy_side_files, plan_shards)
+                         plan_shards)
 from .checkpoint.dtypes import dtype_name
 from .checkpoint.output import atomic_output_file, check_output_file
 from .checkpoint.encodings import check_decoded
@@ -306,12 +306,16 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
     if one_file:
         if max_shard_size is not None:
             raise InputError(f"{out}: the output is one .safetensors file; --max-shard-size needs an output folder")
+        if base.format.output_parts(base):
+            raise InputError(f"{out}: {base.folder} is a pipeline of several models, written back as a folder like "
+                             "it; name an output folder")
         check_output_file(Path(out), [*base.shards, *extra_inputs], overwrite)
     else:
         check_output_path(out, [base.folder, *base.shards, *extra_inputs], overwrite)
     logical_dtype = {n: _output_dtype(t.dtype, dtype) for n, t in base.tensors.items()}
     specs: list[TensorSpec] = []
     assignment, single, index_name = _output_layout(base)
+    parts = base.format.output_parts(base)  # empty for a one-file output (refused above otherwise)
     for n in base.tensors:
         if n in quantize:
             stored = quantize[n].stored_specs(n, plan.out_shapes[n], logical_dtype[n])
@@ -319,7 +323,8 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
             specs.extend(stored)
         else:
             specs.append(TensorSpec(n, logical_dtype[n], plan.out_shapes[n]))
-    shards = plan_shards(specs, assignment, max_shard_size, single) if not one_file else [(Path(out).name, specs)]
+    shards = ([(Path(out).name, specs)] if one_file
+              else plan_shards(specs, assignment, max_shard_size, single, parts))
     sharded = len(shards) > 1
     scratches = _ThreadScratch()
 
@@ -364,7 +369,7 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
     with output as tmp:
         if one_file:  # the single shard is the temporary file itself
             shards = [(tmp.name, specs)]
-        writer = CheckpointWriter(tmp.parent if one_file else tmp, shards, index_name if sharded else None)
+        writer = CheckpointWriter(tmp.parent if one_file else tmp, shards, index_name if sharded else None, parts)
         try:
             def unchanged(name: str) -> None:
                 if name in through or not _copy_raw(base, writer, name, quantize.get(name)):
@@ -390,7 +395,7 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
             return Result(Path(out), len(base.tensors), len(plan.owner), len(plan.jobs), writer.total_bytes,
                           [Path(out).name], notes(plan))
         if base.side_files:
-            copy_side_files(base.folder, tmp)
+            base.format.copy_side_files(base, tmp)
         for name, text in base.made_side_files().items():
             (tmp / name).write_text(text)
         _update_config(tmp / "config.json", plan, dtype)
