@@ -145,6 +145,9 @@ def _factor(delta: torch.Tensor, name: str, rank: int | None, dtype: torch.dtype
     matrix = delta.reshape(shape[0], -1)
     spec = spectrum(ModuleDelta(name, "linear", (matrix.shape[0], matrix.shape[1]), matrix=matrix))
     k = rank if rank is not None else max(spec.exact_rank(), 1)
+    if rank is None and k >= min(matrix.shape):
+        raise UnsupportedError(f"{name}: the change has full rank ({k}) and no LoRA of lower rank holds it exactly; "
+                               "pass --rank R for the best rank-R approximation (the error is reported)")
     k = min(k, *matrix.shape)
     B, A = spec.factors(k)
     if len(shape) > 2:
