@@ -168,9 +168,20 @@ def test_resize_matches_kohya(tmp_path, options, method, param):
         got = by_name[name]
         assert (got.new_rank, got.alpha) == (want["new_rank"], want["new_alpha"]), name
         for key in ("sum_retained", "fro_retained", "max_ratio"):  # nan for the zero module, as kohya's
-            assert getattr(got, key) == pytest.approx(want[key], rel=1e-6, nan_ok=True), (name, key)
-        torch.testing.assert_close(written[f"{name}.lora_down.weight"], want["lora_down"], rtol=0, atol=0)
-        torch.testing.assert_close(written[f"{name}.lora_up.weight"], want["lora_up"], rtol=0, atol=0)
+            if key == "max_ratio" and want[key] > 1e5:  # kept past the old rank: kohya divides by rounding noise,
+                assert got.max_ratio > 1e5  # we by an exact zero (inf)
+                continue
+            assert getattr(got, key) == pytest.approx(want[key], rel=1e-4, nan_ok=True), (name, key)
+        # the same truncated SVD: its product, and each component's singular value (up's column norms); the
+        # singular vectors' signs are LAPACK's choice
+        up_w, down_w = written[f"{name}.lora_up.weight"], written[f"{name}.lora_down.weight"]
+        r = down_w.shape[0]
+        assert up_w.shape == want["lora_up"].shape and down_w.shape == want["lora_down"].shape
+        product, expected = up_w.reshape(-1, r) @ down_w.reshape(r, -1), want["lora_up"].reshape(-1, r) @ \
+            want["lora_down"].reshape(r, -1)
+        torch.testing.assert_close(product, expected, rtol=0, atol=1e-5 * float(expected.abs().max()) + 1e-7)
+        torch.testing.assert_close(up_w.reshape(-1, r).norm(dim=0), want["lora_up"].reshape(-1, r).norm(dim=0),
+                                   rtol=1e-4, atol=1e-6)
         assert float(written[f"{name}.alpha"]) == want["new_alpha"]
         ranks.add(got.new_rank)
     if method is not None:
