@@ -533,6 +533,8 @@ def test_cli_gguf_commands(w, tmp_path, capsys):
     assert code == 0 and "adapter.lora.alpha" in err
     code, _, err = run_cli(["dequantize", tmp_path / "q.gguf", tmp_path / "deq", "-q"], capsys)
     assert code == 0 and (tmp_path / "deq" / "model.safetensors").is_file()
+    # a Hugging Face base is converted as convert_hf_to_gguf.py does, which needs the tokenizer files
     code, _, err = run_cli(["merge", root / "hf", lora, tmp_path / "x.gguf"], capsys)
-    assert code == 1 and "needs a GGUF base" in err
+    assert code == 1 and "no tokenizer.json or tokenizer.model" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.gguf").exists()
     assert VOCAB == open_checkpoint(files[T.F32]).tensors["model.embed_tokens.weight"].shape[0]

@@ -32,6 +32,8 @@ import numpy as np
 import pytest
 import torch
 
+from oracle import run_cli
+
 from wsurgery.convert import gguf_vocab
 from wsurgery.convert.hf_to_gguf import hf_to_gguf
 from wsurgery.errors import InputError, UnsupportedError
@@ -229,13 +231,16 @@ def _same_file(ours: Path, theirs: Path) -> None:
     raise AssertionError(f"{ours} and {theirs} differ ({len(a)} vs {len(b)} bytes)")
 
 
-def test_llama_f16_is_byte_identical_to_convert_hf_to_gguf(fetched_llama_cpp_src, llama_dir, tmp_path):
+def test_llama_f16_is_byte_identical_to_convert_hf_to_gguf(fetched_llama_cpp_src, llama_dir, tmp_path, capsys):
     """The family CI runs: every key/value (general.* from the card and generation config, hyperparameters,
     Llama 3's tokenizer), the permuted Q/K, the tensor order, the alignment."""
     done = _reference(fetched_llama_cpp_src, llama_dir, tmp_path / "theirs.gguf", "f16")
     assert done.returncode == 0, done.stderr[-2000:]
     hf_to_gguf(llama_dir, tmp_path / "ours.gguf", "f16", progress=False)
     _same_file(tmp_path / "ours.gguf", tmp_path / "theirs.gguf")
+    status, _, err = run_cli(["quantize", llama_dir, tmp_path / "cli.gguf", "--gguf-type", "f16", "-q"], capsys)
+    assert status == 0, err
+    _same_file(tmp_path / "cli.gguf", tmp_path / "theirs.gguf")
 
 
 @pytest.mark.parametrize("family, outtype", [("llama", "bf16"), ("qwen2", "f32"), ("qwen2", "q8_0"),

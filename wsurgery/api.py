@@ -254,11 +254,12 @@ def quantize_gguf(src: str | Path, out: str | Path, gguf_type: str, *, overwrite
     to ``gguf_type``: a llama-quantize mix (``"q4_k_m"``...: each tensor's type as llama.cpp chooses it) or
     one ggml type (``"q8_0"``, ``"f16"``...), in the GGUF file ``out``; metadata and tokenizer are kept,
     ``general.file_type`` follows. Returns the result and the weights left as they were because their rows
-    do not divide into the type's blocks."""
-    from .quant.gguf_jobs import quantize_gguf as run, require_gguf
+    do not divide into the type's blocks. ``src`` may also be a Hugging Face model folder: it is converted
+    as llama.cpp's ``convert_hf_to_gguf.py`` (f32, f16, bf16, q8_0), then ``llama-quantize`` (a mix), would."""
+    from .quant.gguf_jobs import quantize_gguf as run
 
-    return run(require_gguf(open_checkpoint(_local(src)), "quantize --gguf-type"), Path(out), gguf_type,
-               overwrite=overwrite, progress=progress, workers=workers)
+    return run(open_checkpoint(_local(src)), Path(out), gguf_type, overwrite=overwrite, progress=progress,
+               workers=workers)
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -293,9 +293,10 @@ def _command_line() -> str:
 @json_option
 @dtype_option("each tensor's dtype (recorded as the compute dtype of the 4-bit weights)")
 @max_shard_size_option
-@gguf_type_option("SRC is a .gguf file: requantize it into the GGUF file OUT instead: a llama-quantize mix "
-                  "(q4_k_m, q5_k_m, q3_k_s/m/l, q4_k_s, q5_k_s, q2_k, q6_k: each tensor's type as llama.cpp "
-                  "chooses it) or one ggml type for every weight matrix (q8_0, q4_0, f16...).")
+@gguf_type_option("Write the GGUF file OUT instead: a llama-quantize mix (q4_k_m, q5_k_m, q3_k_s/m/l, q4_k_s, "
+                  "q5_k_s, q2_k, q6_k: each tensor's type as llama.cpp chooses it) or one ggml type for every "
+                  "weight matrix (q8_0, q4_0, f16...). SRC is a .gguf file (requantized) or a Hugging Face model "
+                  "folder (converted as llama.cpp's convert_hf_to_gguf.py does: f32, f16, bf16, q8_0, or a mix).")
 @overwrite_option
 @quiet_option
 @workers_option

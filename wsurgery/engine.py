@@ -41,6 +41,7 @@ from .workers import run_ordered
 
 if TYPE_CHECKING:  # imported where a GGUF is written: plain jobs never load the gguf package
     from .checkpoint.gguf_format import GgufOutput
+    from .convert.hf_to_gguf import HfGgufOutput
 
 def tied_heads(base: Checkpoint) -> dict[str, str]:
     """``{head module: input-embedding module}`` for heads a tied checkpoint does not store."""
@@ -281,7 +282,7 @@ def execute(plan: Plan, out: Path, *, dtype: torch.dtype | None = None, max_shar
             overwrite: bool = False, progress: bool = True, extra_inputs: Sequence[Path] = (),
             quantize: dict[str, Encoding] | None = None,
             through: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-            config_update: Callable[[dict], None] | None = None, gguf: GgufOutput | None = None,
+            config_update: Callable[[dict], None] | None = None, gguf: GgufOutput | HfGgufOutput | None = None,
             workers: int | None = None) -> Result:
     """Write the planned result to ``out`` atomically.
 

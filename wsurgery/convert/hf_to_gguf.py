@@ -28,7 +28,6 @@ time, config.json is read with the defaults transformers fills in for these fami
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -587,33 +586,14 @@ def hf_to_gguf(ckpt_folder: str | Path, out: str | Path, outtype: str = "f16",
                overwrite: bool = False, progress: bool = True, workers: int | None = None) -> Path:
     """Convert a Hugging Face model folder to ``out`` (a .gguf file) as ``convert_hf_to_gguf.py --outtype
     OUTTYPE`` does (f32, f16, bf16, q8_0), or then ``llama-quantize`` for a mix (q4_k_m...);
-    ``type_for(gguf_name, shape)`` may choose other ggml types for weights."""
-    from tqdm import tqdm
-
+    ``type_for(gguf_name, shape)`` may choose other ggml types for weights. The engine's path with no
+    adapter: the same as ``wsurgery quantize FOLDER OUT.gguf --gguf-type OUTTYPE``."""
     from ..checkpoint import open_checkpoint
-    from ..checkpoint.output import atomic_output_file, check_output_file
-    from ..workers import run_ordered
+    from ..engine import execute, plan
 
     out = Path(out)
     if out.suffix != ".gguf":
         raise InputError(f"{out}: a GGUF output is one file; name it *.gguf")
-    ckpt = open_checkpoint(Path(ckpt_folder))
-    conversion = plan_conversion(ckpt, outtype, type_for)
-    check_output_file(out, [*ckpt.shards], overwrite)
-    names = [n for n in conversion.targets if n not in conversion.generated]
-    with atomic_output_file(out, overwrite) as tmp:
-        writer = HfToGgufWriter(tmp, conversion)
-        try:
-            def one(name: str) -> int:
-                writer.write(name, ckpt.read(name))
-                return ckpt.tensors[name].nbytes
-
-            with tqdm(total=sum(ckpt.tensors[n].nbytes for n in names), unit="B", unit_scale=True,
-                      disable=not progress, desc="convert", leave=False) as bar:
-                for done in run_ordered([functools.partial(one, n) for n in names], workers):
-                    bar.update(done)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+    execute(plan(open_checkpoint(Path(ckpt_folder)), []), out, overwrite=overwrite, progress=progress,
+            gguf=HfGgufOutput(outtype, type_for), workers=workers)
     return out

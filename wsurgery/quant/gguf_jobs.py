@@ -12,6 +12,7 @@ written plain by ``api.dequantize``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
 
@@ -31,24 +32,25 @@ from ..errors import InputError, UnsupportedError
 from .encodings.ggml import can_encode
 from .gguf_mixes import FILE_TYPES, mix_types, model_from_kv
 
+if TYPE_CHECKING:  # imported where a Hugging Face model is converted
+    from ..convert.hf_to_gguf import HfGgufOutput
+
 #: The names ``--gguf-type`` takes as llama-quantize's mixes: its K-quant file types. Its other names
 #: (q4_0, q8_0, f16...) are also ggml types, and stay what they were before mixes: that type throughout.
 MIXES = [name for name in FILE_TYPES if "_k" in name]
 
 
-def require_gguf(ckpt: Checkpoint, what: str) -> GgufCheckpoint:
-    if not isinstance(ckpt, GgufCheckpoint):
-        raise InputError(f"{ckpt.shards[0] if len(ckpt.shards) == 1 else ckpt.folder}: {what} needs a GGUF file "
-                         "(.gguf); this checkpoint is " + ckpt.format.name)
-    return ckpt
-
-
-def merge_output(base: Checkpoint, changed: list[str], gguf_type: str | None, out: Path) -> GgufOutput | None:
+def merge_output(base: Checkpoint, changed: list[str], gguf_type: str | None,
+                 out: Path) -> GgufOutput | HfGgufOutput | None:
     """The GGUF output of a merge into ``out``: changed tensors in ``gguf_type``, else their own type."""
     if out.suffix != ".gguf":
         if gguf_type is not None:
             raise InputError(f"{out}: --type chooses a GGUF tensor type; the output is not a .gguf file")
         return None
+    if not isinstance(base, GgufCheckpoint):  # Hugging Face base: converted as convert_hf_to_gguf.py does
+        from ..convert.hf_to_gguf import HfGgufOutput
+
+        return HfGgufOutput(gguf_type or "f16")
     if gguf_type is None:
         return GgufOutput()
     target = parse_type(gguf_type)
@@ -88,13 +90,19 @@ def _mix(src: GgufCheckpoint, name: str) -> tuple[dict[str, GgmlType], list[KeyV
     return {logical[g]: t for g, t in chosen.items()}, updates
 
 
-def quantize_gguf(src: GgufCheckpoint, out: Path, target_name: str, *, overwrite: bool = False,
+def quantize_gguf(src: Checkpoint, out: Path, target_name: str, *, overwrite: bool = False,
                   progress: bool = True, workers: int | None = None) -> tuple[Result, list[str]]:
     """Re-encode ``src``'s weight matrices as ``target_name`` (a mix or a ggml type, see the module
     docstring); returns the result and the weights kept as they were because their rows do not divide
-    into the type's blocks (none for a mix: llama-quantize's fallbacks choose another type)."""
+    into the type's blocks (none for a mix: llama-quantize's fallbacks choose another type). A Hugging
+    Face model is converted as ``convert_hf_to_gguf.py`` (then ``llama-quantize``) would."""
     if out.suffix != ".gguf":
         raise InputError(f"{out}: --gguf-type writes a GGUF file; name the output *.gguf")
+    if not isinstance(src, GgufCheckpoint):
+        from ..convert.hf_to_gguf import HfGgufOutput
+
+        return execute(plan(src, []), out, overwrite=overwrite, progress=progress, gguf=HfGgufOutput(target_name),
+                       workers=workers), []
     name = target_name.strip().lower()
     if name in MIXES:
         types, updates = _mix(src, name)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from ...errors import InputError, UnsupportedError
+from ...errors import InputError
 from ..reader import Checkpoint
 from .base import CheckpointFormat, FileWriter, register_format
 
@@ -74,25 +74,36 @@ class GgufFormat(CheckpointFormat):
                           out_shapes: dict[str, tuple[int, ...]]) -> Any:
         from ..gguf_format import GgufCheckpoint, GgufOutput, check_encodable
 
-        if not isinstance(base, GgufCheckpoint):
-            raise UnsupportedError(f"{out}: writing GGUF needs a GGUF base (its tokenizer and hyperparameters go into "
-                                   "the file); convert the model with llama.cpp's convert_hf_to_gguf.py first, or "
-                                   "write a folder")
+        if not isinstance(base, GgufCheckpoint):  # a Hugging Face model: converted as convert_hf_to_gguf.py does
+            from ...convert.hf_to_gguf import HfGgufOutput, plan_conversion
+
+            if options is None or options == GgufOutput():
+                options = HfGgufOutput()
+            if not isinstance(options, HfGgufOutput):
+                raise InputError(f"{out}: --type retypes a GGUF base's tensors; a Hugging Face base is converted "
+                                 "with --gguf-type")
+            return plan_conversion(base, options.outtype, options.type_for, out_shapes)
         options = options or GgufOutput()
         check_encodable(base, options.types, changed, out_shapes)
         return options
 
     def file_writer(self, path: Path, base: Checkpoint, options: Any) -> FileWriter:
+        from ...convert.hf_to_gguf import GgufConversion, HfToGgufWriter
         from ..gguf_format import GgufWriter
 
+        if isinstance(options, GgufConversion):
+            return HfToGgufWriter(path, options)
         return GgufWriter(path, cast("GgufCheckpoint", base), options.types, options.updates)
 
     def file_rounding(self, base: Checkpoint, options: Any, name: str,
                       changed: bool) -> tuple[torch.dtype, str | None] | None:
         """The writer rounds changed and retyped tensors: checked against what it rounds to. Block types
         store float16 scales (absmax / 127 for Q8_0...): |x| must round to a finite float16."""
+        from ...convert.hf_to_gguf import GgufConversion
         from ...quant.encodings.ggml import plain_types, type_name
 
+        if isinstance(options, GgufConversion):
+            return options.rounding(name, changed)
         if not changed and name not in options.types:
             return None
         target = options.types.get(name, cast("GgufTensorInfo", base.tensors[name]).type)
