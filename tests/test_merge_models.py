@@ -179,12 +179,39 @@ def test_lora_adapter_contributes_its_change(models, tmp_path):
     _assert_identical(_ours(config, tmp_path / "ours2", seed=None), theirs)
 
 
+def test_merge_with_method_mixes_adapters_and_fine_tunes(models, tmp_path):
+    """`wsurgery merge BASE ADAPTER TUNED:W OUT --method ties --density 0.5`: an adapter's change and a fine-tune's
+    TUNED − BASE combined as mergekit combines BASE+LORA and TUNED."""
+    from click.testing import CliRunner
+
+    from wsurgery.commands import cli
+
+    lora = _adapter(models, tmp_path)
+    config = _config(models, "ties", {"density": 0.5}, [{"weight": 0.3}])
+    config["models"] = [config["models"][0],
+                        {"model": f"{models['base']}+{lora}", "parameters": {"weight": 1.0}}]
+    _needs_mergekit()
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "mergekit"),
+              MergeOptions(lora_merge_cache=str(tmp_path / "cache"), copy_tokenizer=False, write_model_card=False,
+                           quiet=True))
+    args = ["merge", models["base"], f"{models['a']}:0.3", lora, tmp_path / "ours", "--method", "ties",
+            "--density", "0.5", "-q"]
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    _assert_identical(load_all(tmp_path / "ours"), load_all(tmp_path / "mergekit"))
+    r = CliRunner().invoke(cli, [str(a) for a in [*args[:5], tmp_path / "x", "--method", "ties", "--scale", "0.5"]])
+    assert r.exit_code != 0 and "--method combines changes as mergekit does" in r.output
+
+
 def _cli(args: list) -> object:
     from click.testing import CliRunner
 
-    from wsurgery.merging.command import merge_models_command
+    from wsurgery.commands import cli
 
-    return CliRunner().invoke(merge_models_command, [str(a) for a in args])
+    return CliRunner().invoke(cli, ["merge-models", *[str(a) for a in args]])
 
 
 def test_cli(models, tmp_path):

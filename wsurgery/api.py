@@ -24,6 +24,7 @@ from .convert import extract as _extract
 from .convert.combine import AdapterSpec, weighted_specs
 from .convert.convert import Conversion
 from .errors import InputError
+from .merging import merge_models as merge_models  # the API of `wsurgery merge-models`
 from .model_card import provenance
 from .quant.checkpoints import describe_encoding, requantize_targets, through_targets
 from .quant.encodings.bnb4bit import Bnb4bit

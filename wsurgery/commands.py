@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -28,6 +29,7 @@ from .engine import Result
 from .errors import InputError, NotExpressible, fail, one_line
 from .hub import PushTarget, push_after, push_options, redacted_command, report_push
 from .hub_inputs import looks_like_repo_id
+from .merging.base import method_names as merge_method_names
 from .methods import Option, not_mergeable, registered
 from .support import support_markdown, support_rows
 
@@ -200,10 +202,16 @@ def methods(as_json: bool) -> None:
 @click.option("--verify", "then_verify", is_flag=True, help="Run `wsurgery verify` on the result.")
 @gguf_type_option("GGUF output (OUT ends in .gguf): store the changed tensors in this type (f16, q8_0, q4_0...). "
                   "Default: each tensor's own type.")
+@click.option("--method", "merge_method", type=click.Choice(merge_method_names()), default=None,
+              help="Combine the changes as mergekit does (as `wsurgery merge-models`): ADAPTERs may then be whole "
+                   "fine-tunes of BASE too (their change is TUNED − BASE), each ADAPTER:WEIGHT a model's weight.")
+@click.option("--density", type=float, default=None, help="With --method: share of each change kept (0 < d ≤ 1).")
+@click.option("--seed", "merge_seed", type=int, default=None,
+              help="With --method: seed of DARE's/DELLA's random masks (mergekit's --random-seed).")
 @push_options
 def merge(base: str, adapters: tuple[str, ...], out: str, dtype, max_shard_size, scale, overwrite, quiet,
           workers: int | None, options: dict, requantize: bool, through_nf4: bool, then_verify: bool,
-          gguf_type: str | None,
+          gguf_type: str | None, merge_method: str | None, density: float | None, merge_seed: int | None,
           push: PushTarget | None) -> None:
     """Merge the ADAPTERs into BASE, in order, and write the merged model to the new folder OUT.
 
@@ -215,6 +223,14 @@ def merge(base: str, adapters: tuple[str, ...], out: str, dtype, max_shard_size,
     folder, and ADAPTER a kohya, LyCORIS or diffusers-style .safetensors file; its modules are placed by
     the model family's key conventions (q/k/v into rows of a fused qkv...). An OUT ending in .safetensors
     is written as one file."""
+    if merge_method is not None:
+        _merge_by_method(base, adapters, out, merge_method, density, merge_seed, dtype, max_shard_size, scale,
+                         overwrite, quiet, workers, options, requantize or through_nf4 or then_verify or
+                         gguf_type is not None)
+        push_after(Path(out), push, progress=not quiet)
+        return
+    if density is not None or merge_seed is not None:
+        raise click.UsageError("--density and --seed go with --method")
     one_file = Path(out).suffix in (".gguf", ".safetensors")
     _folder_for_push(out, push, one_file=one_file)
     weighted = [adapter_with_weight(a) for a in adapters]
@@ -232,6 +248,21 @@ def merge(base: str, adapters: tuple[str, ...], out: str, dtype, max_shard_size,
             report = api.verify(base, weighted, out, scale=scale, progress=not quiet, options=options)
         _show_verify(report, None, False)
     push_after(r.out, push, progress=not quiet)  # the card reads config.json's "wsurgery" record
+
+
+def _merge_by_method(base: str, inputs: tuple[str, ...], out: str, method: str, density: float | None,
+                     seed: int | None, dtype: str | None, max_shard_size: str | None, scale: float, overwrite: bool,
+                     quiet: bool, workers: int | None, options: dict, other_options: bool) -> None:
+    """``merge --method``: the inputs (adapters and fine-tunes alike) combined as ``merge-models`` does."""
+    if other_options or scale != 1.0 or any(v is not None for v in options.values()):
+        raise click.UsageError("--method combines changes as mergekit does; --scale, method options, --requantize, "
+                               "--through-nf4, --verify and --gguf-type do not apply to it")
+    parameters = {"density": density} if density is not None else {}
+    r = api.merge_models(out, base, list(inputs), method=method, parameters=parameters, seed=seed, dtype=dtype,
+                         max_shard_size=max_shard_size, overwrite=overwrite, progress=not quiet, workers=workers)
+    if not quiet:
+        click.echo(f"merged {r.models} models with {r.method} into {r.out}: {r.tensors} tensors, "
+                   f"{r.bytes_written / 1e6:.1f} MB")
 
 
 @cli.command()
@@ -699,3 +730,57 @@ def _folder_for_push(out: str, push: PushTarget | None, one_file: bool = False) 
     if push is not None and (one_file or str(out).endswith(".gguf")):
         raise click.UsageError(f"--push-to uploads a folder; {out} is one file (upload it with "
                                "huggingface-cli upload)")
+
+
+_MERGE_PARAMETERS = ("density", "epsilon", "gamma", "lambda_", "t", "normalize", "rescale", "int8_mask", "filter_wise")
+
+
+@cli.command("merge-models")
+@click.argument("args", nargs=-1, required=True, metavar="[BASE MODEL[:WEIGHT]...] OUT")
+@click.option("--config", "config", default=None, metavar="YAML",
+              help="A mergekit YAML file (merge_method, base_model, models, parameters, dtype, out_dtype), read "
+                   "as mergekit reads it; then give only OUT.")
+@click.option("--method", type=click.Choice(merge_method_names()), default="task_arithmetic", show_default=True,
+              help="mergekit's merge method.")
+@click.option("--density", type=float, default=None, help="Share of each change kept (0 < density ≤ 1).")
+@click.option("--epsilon", type=float, default=None, help="DELLA: spread of keep probabilities around density.")
+@click.option("--gamma", type=float, default=None, help="Breadcrumbs: share of largest changes dropped.")
+@click.option("--lambda", "lambda_", type=float, default=None, help="Scale of the merged change.")
+@click.option("--t", "t", type=float, default=None, help="slerp: position from BASE (0) to the model (1); "
+                                                          "nearswap: the distance threshold.")
+@click.option("--normalize/--no-normalize", default=None, help="Divide by the sum of weights (method's default).")
+@click.option("--rescale/--no-rescale", default=None, help="Rescale what DARE/DELLA keep to the change's L1 norm.")
+@click.option("--int8-mask", is_flag=True, default=None, help="Accepted as in mergekit (changes no number).")
+@click.option("--filter-wise", is_flag=True, default=None, help="model_stock: one angle per row.")
+@click.option("--seed", type=int, default=None, help="Seed of DARE's/DELLA's random masks (mergekit's "
+                                                    "--random-seed): the same seed gives mergekit's masks.")
+@dtype_option("the dtype the merge is computed in (the models' own, or the YAML's dtype); --dtype is "
+              "mergekit's out_dtype")
+@max_shard_size_option
+@overwrite_option
+@quiet_option
+@workers_option
+def merge_models(args: tuple[str, ...], config: str | None, method: str, seed: int | None, dtype: str | None,
+                 max_shard_size: str | None, overwrite: bool, quiet: bool, workers: int | None,
+                 **values: Any) -> None:
+    """Merge whole models that share BASE (fine-tunes, or LoRA adapters of BASE, which contribute their
+    change) into the new folder OUT, exactly as mergekit 0.1.5 does: each MODEL:WEIGHT's change from BASE
+    combined by --method. `linear` averages the MODELs themselves (BASE only lends config and tokenizer);
+    slerp and nearswap take one MODEL. Each output tensor is computed from the matching tensors of every
+    input, one at a time."""
+    parameters = {k.rstrip("_"): v for k, v in values.items() if k in _MERGE_PARAMETERS and v is not None}
+    *inputs, out = args
+    if config is not None:
+        if inputs or parameters or method != "task_arithmetic":
+            raise InputError("with --config, give only OUT: the YAML names the models, method and parameters")
+        r = api.merge_models(out, config=config, seed=seed, dtype=dtype, max_shard_size=max_shard_size,
+                         overwrite=overwrite, progress=not quiet, workers=workers)
+    else:
+        if len(inputs) < 2:
+            raise InputError("give BASE, at least one MODEL and OUT (or --config mergekit.yml OUT)")
+        r = api.merge_models(out, inputs[0], inputs[1:], method=method, parameters=parameters, seed=seed, dtype=dtype,
+                         max_shard_size=max_shard_size, overwrite=overwrite, progress=not quiet, workers=workers)
+    if not quiet:
+        seed_note = f", seed {r.seed}" if r.seed is not None else ""
+        click.echo(f"merged {r.models} models with {r.method} into {r.out}: {r.tensors} tensors, "
+                   f"{r.bytes_written / 1e6:.1f} MB{seed_note}")

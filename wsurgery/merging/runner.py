@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import load_adapter
 from ..checkpoint import Checkpoint, CheckpointWriter, TensorSpec, atomic_output_dir, check_output_path
-from ..checkpoint import copy_side_files, open_checkpoint, plan_shards
+from ..checkpoint import open_checkpoint, plan_shards
 from ..checkpoint.dtypes import dtype_name, parse_user_dtype
 from ..engine import Plan, plan
 from ..errors import InputError, UnsupportedError
@@ -220,10 +220,11 @@ def run_merge(p: MergePlan, out: str | Path, *, max_shard_size: int | None = Non
     check_output_path(out, p.paths, overwrite, whole_folders=True)
     donor = p.donor
     assignment, single, index_name = donor.format.output_layout(donor)
+    parts = donor.format.output_parts(donor)
     by_name = {j.name: j for j in p.jobs}
     specs = [TensorSpec(n, by_name[n].out if n in by_name else donor.tensors[n].dtype, tuple(donor.tensors[n].shape))
              for n in donor.tensors]
-    shards = plan_shards(specs, assignment, max_shard_size, single)
+    shards = plan_shards(specs, assignment, max_shard_size, single, parts)
     generator = torch.Generator()
     if p.seed is not None:
         generator.manual_seed(p.seed)
@@ -256,7 +257,7 @@ def run_merge(p: MergePlan, out: str | Path, *, max_shard_size: int | None = Non
     tasks: list[Callable[[], tuple[str, torch.Tensor]]] = [functools.partial(merged, i) for i in range(len(p.jobs))]
     tasks += [functools.partial(copied, n) for n in p.copied]
     with atomic_output_dir(out, overwrite) as tmp:
-        writer = CheckpointWriter(tmp, shards, index_name if len(shards) > 1 else None)
+        writer = CheckpointWriter(tmp, shards, index_name if len(shards) > 1 else None, parts)
         try:
             total = sum(math_bytes(s) for s in specs)
             with tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="merge-models") as bar:
@@ -268,7 +269,7 @@ def run_merge(p: MergePlan, out: str | Path, *, max_shard_size: int | None = Non
             writer.abort()
             raise
         if donor.side_files:
-            copy_side_files(donor.folder, tmp)
+            donor.format.copy_side_files(donor, tmp)
         _update_config(tmp / "config.json", donor, p)
     return MergeResult(out, p.method.name, len(specs), len(p.models) + (p.base is not None), writer.total_bytes,
                        p.seed, [s[0] for s in shards])
