@@ -337,7 +337,8 @@ def quantize_cmd(src: str, out: str, quant_type: str, no_double_quant: bool, blo
                  max_shard_size: str | None, gguf_type: str | None, overwrite: bool, quiet: bool,
                  workers: int | None, push: PushTarget | None) -> None:
     """Store SRC's Linear weights in bitsandbytes 4-bit (loadable by transformers) in the new folder OUT;
-    with --gguf-type, requantize the GGUF file SRC into the GGUF file OUT."""
+    with --gguf-type, write the GGUF file OUT from SRC (a GGUF file, requantized, or a Hugging Face folder,
+    converted)."""
     _folder_for_push(out, push)
     _check_out(out, _local(src), overwrite, one_file=gguf_type is not None)
     if gguf_type is not None and (report_path or as_json):

@@ -1,4 +1,5 @@
-"""Reading adapter folders and mapping their keys to base tensor names."""
+"""Reading adapters (PEFT folders; kohya, LyCORIS and diffusers files in ``formats/``) and mapping their modules
+onto base tensors (``mapping``; for image models, through the model family: ``locate``)."""
 
 from .config import AdapterConfig, load_config, match_pattern
 from .loader import Adapter, load_adapter
