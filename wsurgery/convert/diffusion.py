@@ -272,39 +272,53 @@ def _canonical_deltas(contents: AdapterFile, members: dict[str, tuple[str, ...]]
     return out
 
 
-def _measure(source: AdapterFile, written: AdapterFile, family: Family) -> list[ModuleReport]:
+#: A module's change as ``B·A`` (float64 (out, r), (r, fan_in)), or dense (out, fan_in) with ``A`` None.
+_Change = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _change(m: AdapterModule, shape: tuple[int, ...], where: Path) -> _Change:
+    """A plain LoRA's change kept factored (no dense (out, in) matrix per module); anything else dense."""
+    lora = _plain_lora(m)
+    if lora is not None:
+        r = lora.rank
+        return (lora.B.reshape(-1, r).double() * float(lora.scaling), lora.A.reshape(r, -1).double())
+    return _delta(m, shape, where).reshape(shape[0], -1), None
+
+
+def _frobenius(parts: list[tuple[float, _Change]]) -> float:
+    """‖Σ sign·change‖_F; of products through their small Gram matrices: ‖B·A‖² = Σ (BᵀB) ∘ (A·Aᵀ)."""
+    if all(A is not None for _, (_, A) in parts):
+        B = torch.cat([sign * Bi for sign, (Bi, _) in parts], 1)
+        A = torch.cat([Ai for _, (_, Ai) in parts if Ai is not None])
+        return float(((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt())
+    total = sum(sign * (Bi @ Ai if Ai is not None else Bi) for sign, (Bi, Ai) in parts)
+    return float(torch.linalg.vector_norm(torch.as_tensor(total)))
+
+
+def _measure(source: AdapterFile, written: AdapterFile, family: Family,
+             src_members: dict[str, tuple[str, ...]]) -> list[ModuleReport]:
     """Per diffusers module, the written change against the source's (float64, read back from the file)."""
-    src_members, out_members = _members(source, family), _members(written, family)
+    out_members = _members(written, family)
     mods = family.modules()
     src, out = _canonical_deltas(source, src_members, mods), _canonical_deltas(written, out_members, mods)
-    cache: dict[str, torch.Tensor] = {}
 
-    def delta(contents: AdapterFile, members: dict[str, tuple[str, ...]], name: str) -> torch.Tensor:
-        key = f"{id(contents)}:{name}"
-        if key not in cache:
-            if len(cache) > 4:
-                cache.clear()
-            cache[key] = _delta(contents.modules[name], _shape(mods, members[name]), contents.path)
-        return cache[key]
+    def change(contents: AdapterFile, members: dict[str, tuple[str, ...]], name: str, a: int, b: int) -> _Change:
+        B, A = _change(contents.modules[name], _shape(mods, members[name]), contents.path)
+        return B[a:b], A
 
     reports = []
     for c in sorted(set(src) | set(out)):  # a part one file leaves alone must have no change in the other
+        written_change = change(written, out_members, *out[c]) if c in out else None
+        if written_change is not None and not all(torch.isfinite(t).all() for t in written_change if t is not None):
+            raise InputError(f"{written.path}: the written change of {c} is not finite; nothing written")
         if c not in src:
-            w, a2, b2 = out[c]
-            if delta(written, out_members, w)[a2:b2].any():
+            if written_change is not None and _frobenius([(1.0, written_change)]) > 0:
                 raise InputError(f"{written.path}: the written file changes {c}, which the source does not")
             continue
-        m, a, b = src[c]
-        d0 = delta(source, src_members, m)[a:b]
-        if c in out:
-            w, a2, b2 = out[c]
-            d1 = delta(written, out_members, w)[a2:b2]
-        else:
-            d1 = torch.zeros_like(d0)
-        if not torch.isfinite(d1).all():
-            raise InputError(f"{written.path}: the written change of {c} is not finite; nothing written")
-        norm = float(torch.linalg.vector_norm(d0))
-        err = float(torch.linalg.vector_norm(d1 - d0)) / norm if norm else float(torch.linalg.vector_norm(d1) > 0)
+        d0 = change(source, src_members, *src[c])
+        norm = _frobenius([(1.0, d0)])
+        diff = _frobenius([(1.0, d0)] + ([(-1.0, written_change)] if written_change is not None else []))
+        err = diff / norm if norm else float(diff > 0)
         reports.append(ModuleReport(c, (written.modules[out[c][0]].rank or 0) if c in out else 0, err))
     return reports
 
@@ -372,7 +386,7 @@ def convert_adapter_file(adapter: str | Path, out: str | Path, *, to: str, base:
 
     def check(path: Path) -> None:
         written = read_adapter_file(path) if to != "peft" else _peft_as_file(path, next(iter(pieces)).split(".")[0])
-        reports.extend(_measure(contents, written, family))
+        reports.extend(_measure(contents, written, family, members))
 
     if to == "peft":
         config, peft_tensors = _to_peft_folder(pieces, adapter)
