@@ -20,6 +20,11 @@ Each variant runs in a fresh process, interleaved, ``--repeats`` times (median r
 
 Sampled check: a few changed weights of our output (read through the family's Locations) against diffusers'.
 
+Measured 2026-12-03 (2 shared cores, 23 GB; medians of 3; base 6.94 GB, 2513 tensors; LoRA 221 MB, 947 modules):
+safetensors 21.7 s / 7.2 GB (the mapped file's pages), wsurgery 65.0 s / 17.2 GB, diffusers 126.1 s / 8.4 GB;
+agreement within 2 fp16 ulps. wsurgery's RSS is an engine defect (scratch buffers named per stored tensor in
+``_run_job``): with the one-line fix of the H18d report the same merge takes 46 s and 0.9 GB, byte-identical.
+
     python scripts/bench_diffusion_merge.py            # real SDXL shapes (~6.9 GB base; needs ~25 GB of disk)
     python scripts/bench_diffusion_merge.py --quick    # tiny shapes, one repeat: checks that it all runs
 """
