@@ -8,7 +8,6 @@ folders; safetensors' reader says what each component file holds; ``DiffusionPip
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -174,13 +173,7 @@ def _copy_by_writer(ckpt, out: Path, max_shard_size: int | None = None) -> None:
     fmt.copy_side_files(ckpt, out)
 
 
-def _engine_writes_parts() -> bool:
-    return "output_parts" in inspect.getsource(engine.execute)
-
-
 def _copy_by_engine(ckpt, out: Path, max_shard_size: int | None = None) -> None:
-    if not _engine_writes_parts():
-        pytest.xfail("engine.execute does not pass the format's output parts yet (H18c asks for that diff)")
     engine.execute(engine.plan(ckpt, []), out, progress=False, max_shard_size=max_shard_size)
 
 
@@ -332,8 +325,6 @@ def test_bad_folders_are_refused_in_one_line_before_any_output(folders, tmp_path
 def test_overwrite_replaces_a_pipeline_output_but_not_foreign_folders(folders, tmp_path):
     src = folders["sd1", "plain"]
     out = tmp_path / "out"
-    if not _engine_writes_parts():
-        pytest.xfail("engine.execute does not pass the format's output parts yet (H18c asks for that diff)")
     for _ in range(2):
         engine.execute(engine.plan(open_checkpoint(src), []), out, progress=False, overwrite=True)
     assert _all_files(out) == _all_files(src)
@@ -350,9 +341,6 @@ def test_merge_a_diffusers_lora_into_a_pipeline_folder_equals_fuse_lora(folders,
     ``save_lora_weights``; the judge is diffusers' ``load_lora_weights`` + ``fuse_lora`` on the same pipeline."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-
-    if not _engine_writes_parts():
-        pytest.xfail("engine.execute does not pass the format's output parts yet (H18c asks for that diff)")
     src = folders["sd1", "plain"]
     pipe = StableDiffusionPipeline.from_pretrained(src)
     pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v", "to_out.0", "proj_in",
@@ -397,9 +385,6 @@ def test_merge_a_kohya_lora_into_an_sdxl_folder_equals_fuse_lora(folders, tmp_pa
     judges."""
     pytest.importorskip("lycoris", reason="needs lycoris-lora==4.1.3 (a test dependency)")
     from test_kohya_lycoris import _kohya_network
-
-    if not _engine_writes_parts():
-        pytest.xfail("engine.execute does not pass the format's output parts yet (H18c asks for that diff)")
     src = folders["sdxl", "plain"]
     _, lora = _kohya_network(UNet2DConditionModel.from_pretrained(src / "unet"), tmp_path,
                              {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "2.0",
@@ -432,8 +417,6 @@ def test_merge_a_kohya_lora_into_an_sdxl_folder_equals_fuse_lora(folders, tmp_pa
 def test_a_pipeline_is_not_written_as_one_file(folders, tmp_path, capsys):
     """One .safetensors file cannot hold a pipeline as diffusers reads it (each model has its own keys and
     config): refused in one line, nothing written."""
-    if not _engine_writes_parts():
-        pytest.xfail("engine.execute does not pass the format's output parts yet (H18c asks for that diff)")
     with pytest.raises(InputError, match="is a pipeline of several models, written back as a folder"):
         engine.execute(engine.plan(open_checkpoint(folders["sd1", "plain"]), []), tmp_path / "one.safetensors",
                        progress=False)

@@ -305,10 +305,6 @@ def test_lycoris_network_into_sd1_single_file(algo, kwargs, tmp_path, capsys):
 
 # --- memory: a merge into a single file holds one job's tensors at a time ------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="engine._run_job names its scratch buffers after the job's roles, which for "
-                                       "placed (diffusion) jobs are stored tensor names: one buffer per changed "
-                                       "tensor, kept to the end (17 GB peak RSS on a real SDXL; fix in the H18d "
-                                       "report)")
 def test_placed_merge_reuses_its_buffers(tmp_path, capsys, monkeypatch):
     """The engine's reusable buffers are per use, so their number does not grow with the number of changed
     tensors; with one per changed tensor a real SDXL merge holds every changed weight in fp16 and fp32."""

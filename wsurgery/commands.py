@@ -170,10 +170,12 @@ def cli(debug: bool) -> None:
 
 @cli.command("inspect")
 @click.argument("path")
-@click.option("--base", default=None, help="With an adapter: the base checkpoint, to show the exact tensors changed.")
+@click.option("--base", default=None, help="With an adapter: the base checkpoint, to show the exact tensors changed "
+                                          "(image models: each module's tensor and rows, and why any lands nowhere).")
 @json_option
 def inspect_cmd(path: str, base: str | None, as_json: bool) -> None:
-    """Show what is in a checkpoint (PATH: folder, file or repo id) or a PEFT adapter."""
+    """Show what is in a checkpoint (PATH: folder, file or repo id) or an adapter: a PEFT folder, or a kohya /
+    LyCORIS / diffusers .safetensors file (algorithms, ranks, alphas, metadata, the model family it is for)."""
     info = inspect(path, base=base)
     click.echo(json.dumps(info, indent=2) if as_json else format_text(info))
 
@@ -478,6 +480,14 @@ def _show_verify(report, report_path: str | None, show_all: bool, as_json: bool 
               help="auto: randomized (torch.svd_lowrank) for --rank on large matrices, exact otherwise.")
 @click.option("--plot", default=None, metavar="PNG", help="Draw the singular-value spectra of a few modules "
                                                           "(needs matplotlib: pip install 'wsurgery[plot]').")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]), default="peft", show_default=True,
+              help="kohya/diffusers: BASE and TUNED are single-file SD 1.x/2.x/SDXL checkpoints and OUT one "
+                   ".safetensors LoRA made as kohya's extract_lora_from_models.py makes it (its modules, SVD, "
+                   "clamp, alpha = rank; --rank default 4).")
+@click.option("--conv-rank", type=int, default=None,
+              help="--format kohya/diffusers: also the 3x3 convolutions of the ResNet blocks (LoCon), at this rank.")
+@click.option("--clamp-quantile", type=float, default=0.99, show_default=True,
+              help="--format kohya/diffusers: clamp the factors at this quantile of their values, as kohya does.")
 @report_option("the per-module report")
 @json_option
 @overwrite_option
@@ -485,9 +495,19 @@ def _show_verify(report, report_path: str | None, show_all: bool, as_json: bool 
 @workers_option
 @push_options
 def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | None, max_error: float | None,
-            targets: str | None, device: str, svd: str, plot: str | None, report_path: str | None, as_json: bool,
-            overwrite: bool, quiet: bool, workers: int | None, push: PushTarget | None) -> None:
-    """Extract the PEFT LoRA closest to TUNED − BASE (truncated SVD per weight) into the new folder OUT."""
+            targets: str | None, device: str, svd: str, plot: str | None, fmt: str, conv_rank: int | None,
+            clamp_quantile: float, report_path: str | None, as_json: bool, overwrite: bool, quiet: bool,
+            workers: int | None, push: PushTarget | None) -> None:
+    """Extract the PEFT LoRA closest to TUNED − BASE (truncated SVD per weight) into the new folder OUT.
+
+    With --format kohya or diffusers: a kohya LoRA/LoCon of two single-file diffusion checkpoints, one file."""
+    if fmt != "peft":
+        _extract_diffusion(base, tuned, out, fmt, rank, conv_rank, clamp_quantile, as_json, overwrite, quiet,
+                           {"--energy": energy, "--max-error": max_error, "--targets": targets, "--plot": plot,
+                            "--report": report_path, "--push-to": push})
+        return
+    if conv_rank is not None:
+        raise click.UsageError("--conv-rank goes with --format kohya or diffusers")
     inputs = _local(base, tuned)
     _check_out(out, inputs, overwrite)
     for path, option in ((plot, "--plot"), (report_path, "--report")):
@@ -518,6 +538,71 @@ def extract(base: str, tuned: str, out: str, rank: int | None, energy: float | N
                    f"{max(m.rank for m in r.lora)}, largest relative error {max(errors):.3g}), "
                    f"{len(r.saved_whole)} stored whole; wrote {r.out}", err=True)
     push_after(r.out, push, progress=not quiet)
+
+
+def _extract_diffusion(base: str, tuned: str, out: str, fmt: str, rank: int | None, conv_rank: int | None,
+                       clamp_quantile: float, as_json: bool, overwrite: bool, quiet: bool,
+                       unused: dict[str, object]) -> None:
+    from .convert.diffusion import extract_diffusion
+
+    given = [k for k, v in unused.items() if v is not None]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} go(es) with --format peft, not --format {fmt}")
+    _check_out(out, _local(base, tuned), overwrite, one_file=True)
+    r = extract_diffusion(base, tuned, out, rank=rank or 4, conv_rank=conv_rank, format=fmt,
+                          clamp_quantile=clamp_quantile, overwrite=overwrite, command=_command_line())
+    rows = [{"module": m.module, "rank": m.rank, "rel_error": m.error} for m in r.modules]
+    if as_json:
+        click.echo(json.dumps({"out": str(r.out), "text_encoders": r.text_encoders, "modules": rows}, indent=2))
+    else:
+        click.echo(_table(["module", "rank", "rel_error"], [[m.module, m.rank, f"{m.error:.3e}"] for m in r.modules]))
+    if not r.text_encoders:
+        click.echo("wsurgery: note: the text encoders differ by at most 0.01 (kohya's min_diff): the UNet only",
+                   err=True)
+    if not quiet:
+        click.echo(f"extracted {len(r.modules)} LoRA module(s); wrote {r.out}", err=True)
+
+
+@cli.command()
+@click.argument("adapter")
+@click.argument("out")
+@click.option("--rank", type=int, default=None,
+              help="The new rank of every module; with --energy/--fro/--ratio the largest rank (default: each "
+                   "module's own).")
+@click.option("--conv-rank", type=int, default=None, help="The rank of Conv2d modules (default: --rank).")
+@click.option("--energy", type=float, default=None,
+              help="Per module, the fewest singular values whose sum keeps this share of the total (kohya's "
+                   "sv_cumulative).")
+@click.option("--fro", type=float, default=None,
+              help="Per module, the fewest singular values that keep this share of the Frobenius norm (sv_fro).")
+@click.option("--ratio", type=float, default=None,
+              help="Per module, the singular values above the largest over RATIO (sv_ratio).")
+@click.option("--dtype", "dtype", type=click.Choice(["float", "fp16", "bf16"]), default=None,
+              help="The dtype written (default: the file's own).")
+@json_option
+@overwrite_option
+@quiet_option
+def resize(adapter: str, out: str, rank: int | None, conv_rank: int | None, energy: float | None, fro: float | None,
+           ratio: float | None, dtype: str | None, as_json: bool, overwrite: bool, quiet: bool) -> None:
+    """Resize the LoRA modules of a kohya / diffusers-style file ADAPTER into the new file OUT, per module, as
+    kohya's resize_lora.py does (its ranks, alphas and report); other modules are copied."""
+    from .convert.resize import resize as resize_file
+
+    _check_out(out, _local(adapter), overwrite, one_file=True)
+    r = resize_file(adapter, out, rank=rank, conv_rank=conv_rank, energy=energy, fro=fro, ratio=ratio, dtype=dtype,
+                    overwrite=overwrite, command=_command_line())
+    if as_json:
+        click.echo(json.dumps({"out": str(r.out), "method": r.method, "kept": r.kept,
+                               "modules": [dataclasses.asdict(m) for m in r.modules]}, indent=2))
+    else:
+        for m in r.modules:
+            click.echo(m.line(r.method != "fixed"))
+        click.echo(f"Average Frobenius norm retention: {r.fro_mean:.2%} | std: {r.fro_std:0.3f}")
+    if r.kept:
+        click.echo(f"wsurgery: note: {len(r.kept)} module(s) are not plain LoRA and were copied as they are "
+                   f"({', '.join(r.kept[:3])}{' ...' if len(r.kept) > 3 else ''})", err=True)
+    if not quiet:
+        click.echo(f"resized {len(r.modules)} module(s); wrote {r.out}", err=True)
 
 
 @cli.command()
@@ -642,12 +727,18 @@ def _report(verb: str, r: Result, quiet: bool) -> None:
         click.echo(f"{verb} {what}; wrote {r.out} ({len(r.shards)} shard(s), {r.bytes_written:,} bytes)", err=True)
 
 
+#: convert's targets for image-model adapters: one-file formats first.
+_FILE_TARGETS = ("kohya", "diffusers", "peft")
+
+
 @cli.command("convert")
 @click.argument("adapter")
 @click.argument("out")
-@click.option("--to", "to", required=True, type=click.Choice(sorted([*TARGETS, "gguf-lora"])),
+@click.option("--to", "to", required=True, type=click.Choice(sorted([*TARGETS, "gguf-lora", *_FILE_TARGETS])),
               help="The PEFT method to write, or gguf-lora: a llama.cpp LoRA adapter (.gguf) for --base (the .gguf "
-                   "file it will run on, or the Hugging Face checkpoint that file was converted from).")
+                   "file it will run on, or the Hugging Face checkpoint that file was converted from), or for an "
+                   "image-model adapter (kohya/LyCORIS/diffusers file, PEFT folder of one pipeline component): "
+                   "kohya or diffusers (one .safetensors file) or peft (a folder), named after --base's family.")
 @click.option("--base", default=None,
               help="The base checkpoint: needed where the change depends on W (DoRA, OFT, BOFT, HRA, IA3, MiSS "
                    "bat...), for --to oft/boft, and for adapters that do not record their layers' shapes (all but "
@@ -659,6 +750,9 @@ def _report(verb: str, r: Result, quiet: bool) -> None:
               help="BOFT butterfly factors (default 1; PEFT keeps more only where its CUDA extension builds).")
 @click.option("--force", is_flag=True, help="Write even where a module's relative error reaches 0.99.")
 @gguf_type_option("--to gguf-lora: the tensor type of the adapter (f32, f16, bf16, q8_0).", default="f32")
+@click.option("--component", default=None, help="A PEFT folder converted to kohya/diffusers: the pipeline component "
+                                                "it adapts (unet, transformer, text_encoder...; default: the one "
+                                                "whose modules it names).")
 @click.option("--merge-into", default=None, metavar="MERGED",
               help="--to gguf-lora: where llama.cpp's LoRA format cannot carry the adapter (DoRA, modules_to_save, "
                    "biases...), merge it into --base and write the model MERGED (a .gguf file) instead of OUT.")
@@ -667,20 +761,32 @@ def _report(verb: str, r: Result, quiet: bool) -> None:
 @workers_option
 @push_options
 def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | None, block_size: int | None,
-                butterfly_factors: int | None, force: bool, gguf_type: str, merge_into: str | None, overwrite: bool,
-                quiet: bool, workers: int | None, push: PushTarget | None) -> None:
+                butterfly_factors: int | None, force: bool, gguf_type: str, component: str | None,
+                merge_into: str | None, overwrite: bool, quiet: bool, workers: int | None,
+                push: PushTarget | None) -> None:
     """Rewrite ADAPTER as another PEFT method in the new folder OUT: exact where the method can express the
     change, its best approximation otherwise. Prints every module's relative error.
 
-    --to gguf-lora writes a PEFT LoRA as the llama.cpp LoRA adapter file OUT (.gguf) for --base."""
-    _folder_for_push(out, push, one_file=to == "gguf-lora")
+    --to gguf-lora writes a PEFT LoRA as the llama.cpp LoRA adapter file OUT (.gguf) for --base.
+
+    --to kohya|diffusers|peft renames an image-model adapter into that ecosystem's convention for --base's family
+    (fused kohya modules split or joined exactly; LyCORIS changes factored into LoRA where the target has no form
+    for them)."""
+    one_file = to == "gguf-lora" or to in _FILE_TARGETS[:2]
+    _folder_for_push(out, push, one_file=one_file)
     if to == "gguf-lora" and base is None:
         raise click.UsageError("--to gguf-lora needs --base: the .gguf file the adapter will run on, or the "
                                "Hugging Face checkpoint it was converted from")
     if to != "gguf-lora" and merge_into is not None:
         raise click.UsageError("--merge-into goes with --to gguf-lora")
     inputs = _local(adapter, base)
-    _check_out(out, inputs, overwrite, one_file=to == "gguf-lora")
+    _check_out(out, inputs, overwrite, one_file=one_file)
+    if component is not None and to not in _FILE_TARGETS:
+        raise click.UsageError("--component goes with --to kohya, diffusers or peft")
+    if to in _FILE_TARGETS:
+        _convert_adapter_file(adapter, out, to, base, rank, component, overwrite, quiet)
+        push_after(Path(out), push, progress=not quiet)
+        return
     if merge_into is not None:
         _check_out(merge_into, inputs, overwrite, one_file=Path(merge_into).suffix == ".gguf")
     if to == "gguf-lora":
@@ -702,6 +808,21 @@ def convert_cmd(adapter: str, out: str, to: str, base: str | None, rank: int | N
         click.echo(f"converted {len(c.modules)} module(s) from {c.source} to {c.method}, {exact} exactly; max relative "
                    f"error {c.max_error:.3g}; wrote {c.out}", err=True)
     push_after(c.out, push, progress=not quiet)
+
+
+def _convert_adapter_file(adapter: str, out: str, to: str, base: str | None, rank: int | None,
+                          component: str | None, overwrite: bool, quiet: bool) -> None:
+    from .convert.diffusion import convert_adapter_file
+
+    c = convert_adapter_file(adapter, out, to=to, base=base, rank=rank, component=component, overwrite=overwrite,
+                             command=_command_line())
+    click.echo(_table(["module", "rank", "relative error"],
+                      [[m.module, m.rank, f"{m.error:.3g}{' (exact)' if m.exact else ''}"] for m in c.modules]))
+    _notes(c.notes)
+    if not quiet:
+        exact = sum(m.exact for m in c.modules)
+        click.echo(f"converted {len(c.modules)} module(s) from {c.source} to {c.target}, {exact} exactly; max "
+                   f"relative error {c.max_error:.3g}; wrote {c.out}", err=True)
 
 
 def _gguf_lora(adapter: str, out: str, base: str, gguf_type: str, merge_into: str | None, overwrite: bool,

@@ -651,10 +651,12 @@ def _not_finite(plan: Plan, name: str, tensor: torch.Tensor, fits: torch.dtype, 
 def _run_job(job: ModuleJob, direction: str, read: Callable[[str, str], torch.Tensor],
              scratch: _Scratch) -> dict[str, torch.Tensor]:
     tensors = {}
-    for role, name in job.tensors.items():
-        raw = read(name, f"read:{role}")
+    # buffers by position in the job, not by role: a placed job's roles are stored tensor names, and a buffer
+    # per name would keep every changed tensor of the model (read + float32 work) to the end of the run
+    for i, (role, name) in enumerate(job.tensors.items()):
+        raw = read(name, f"read:{i}")
         if raw.is_floating_point():
-            tensors[role] = scratch.cast(f"work:{role}", raw, torch.promote_types(raw.dtype, torch.float32))
+            tensors[role] = scratch.cast(f"work:{i}", raw, torch.promote_types(raw.dtype, torch.float32))
         else:  # an integer buffer a replacement copies (the plan refuses any other change to integers)
             tensors[role] = raw.clone()
     for (patch, scale, roles), views in zip(job.patches, job.views):

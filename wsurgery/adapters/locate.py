@@ -55,9 +55,10 @@ def _aliases(family: Family) -> dict[str, tuple[str, ...]]:
         component, _, original = key.partition(":")
         for prefix in prefixes.get(component, ()):
             out.setdefault(prefix + original, members)
+    fused = {m for members in family.fused().values() for m in members}
     for module, original in family.original_names().items():
         component = module.split(".", 1)[0]
-        if module in {m for members in family.fused().values() for m in members}:
+        if module in fused:
             continue
         for prefix in prefixes.get(component, ()):
             out.setdefault(prefix + original, (module,))
