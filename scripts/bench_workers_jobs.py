@@ -48,7 +48,8 @@ def main() -> None:
     shutil.rmtree(q, ignore_errors=True)
     if "dequantize" in wanted.jobs:
         subprocess.run(["wsurgery", "quantize", str(base), str(q), "-q"], check=True)  # dequantize's input
-    probe = ("import subprocess, sys, time; t = time.perf_counter(); r = subprocess.run(sys.argv[1:]); "
+    probe = ("import subprocess, sys, time; t = time.perf_counter(); "
+             "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
              "print(time.perf_counter() - t, r.returncode)")
     jobs = {"merge lora": ["merge", str(base), str(adapter)], "merge oft": ["merge", str(base), str(oft)],
             "merge boft": ["merge", str(base), str(boft)], "quantize --nf4": ["quantize", str(base)],
