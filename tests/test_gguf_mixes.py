@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from tests.oracle import run_cli
+from oracle import run_cli
 from wsurgery.errors import InputError, UnsupportedError
 from wsurgery.quant.encodings.ggml import can_encode
 from wsurgery.quant.gguf_mixes import FILE_TYPES, MixModel, file_type, mix_types
