@@ -8,10 +8,12 @@ at multiplier 1 and ``‖V‖`` per output row (``wd_on_out``) or per input colu
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 
 from ..errors import InputError, NotInvertibleError, UnsupportedError
 from .base import AdditivePatch, Patch, Shapes, Tensors
@@ -21,6 +23,10 @@ from .layers import Layer, Linear
 class LycorisPatch(Patch):
     """A LyCORIS change ``W -> f(W, multiplier)``; subclasses implement ``merge`` with LyCORIS' multiplier rule
     (which is not ``lerp``) and ``apply`` as merge at 1."""
+
+    @abstractmethod
+    def merge(self, tensors: Tensors, scale: float) -> Tensors:
+        """W' at this multiplier, by LyCORIS' rule."""
 
     def apply(self, tensors: Tensors) -> Tensors:
         return self.merge(tensors, 1.0)
