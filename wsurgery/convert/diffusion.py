@@ -45,24 +45,12 @@ from ..adapters.loader import load_adapter
 from ..methods.loha import LohaPatch
 from ..methods.lora import DoraPatch, LoraPatch
 from ..model_card import provenance
+from .convert import ModuleReport
 from .peft_writer import write_adapter
 from .target import ModuleDelta
 from .to_lora import spectrum
 
 TARGETS = ("kohya", "diffusers", "peft")
-#: At or below this relative error a module counts as converted exactly (float32 factors).
-EXACT_ERROR = 1e-5
-
-
-@dataclass
-class ModuleReport:
-    module: str  # the diffusers module (component-qualified)
-    rank: int  # the written rank
-    error: float  # ‖ΔW' − ΔW‖_F / ‖ΔW‖_F
-
-    @property
-    def exact(self) -> bool:
-        return self.error <= EXACT_ERROR
 
 
 @dataclass
